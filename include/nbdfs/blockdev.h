@@ -1,0 +1,127 @@
+/* blockdev.h: one block-device interface for NBD exports, partitions and
+ * in-memory devices (the C form of Mirage_block.S), plus byte I/O on top.
+ *
+ * A Blockdev is reference counted.  Requests are in whole sectors; the
+ * device's last sector may be partial (an export whose size is not a multiple
+ * of the sector size): reading it gives zeros past the end and writing it
+ * stores only the bytes inside the device.
+ *
+ * Completion: every asynchronous call calls @done exactly once, with 0 or a
+ * negative errno (byte calls: a byte count or a negative errno).  @done may
+ * run before the call returns (immediate errors, in-memory devices) or later
+ * on another thread (an NBD reader), so a caller must not hold a lock that
+ * @done takes.  Callbacks must not block for long.  Buffers (and iov arrays)
+ * must stay valid until @done.
+ *
+ * Errors: -EINVAL out of bounds or misaligned, -ENOSPC write at/after the
+ * end (byte calls), -EROFS write to a read-only device, -ENOTCONN after
+ * disconnect, -EIO when an export stayed unreachable past its timeout,
+ * -EOPNOTSUPP for an operation the device cannot do.
+ */
+#pragma once
+
+#include <glib.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+G_BEGIN_DECLS
+
+typedef struct blockdev Blockdev;
+
+struct blockdev_info {
+	uint32_t sector_size;      /* 512 or 4096 (any power of two >= 512) */
+	uint64_t size;             /* bytes; may end with a partial sector */
+	uint64_t sectors;          /* whole sectors: size / sector_size */
+	uint64_t offset;           /* first sector within the root export, however deep */
+	gboolean read_write;
+	uint32_t pref_block;       /* preferred I/O size for st_blksize; 4096 if none */
+	uint32_t max_request;      /* bytes: largest efficient single read/write */
+	gboolean can_flush, can_fua, can_trim, can_zero, can_block_status;
+	const char *export_name;   /* the root export's name; borrowed, valid while @dev lives */
+	const char *uri;           /* the root export's URI without secrets; borrowed */
+};
+
+typedef void (*blockdev_done_fn)(void *opaque, int err);
+/* An extent of base:allocation state, in bytes relative to the device start. */
+typedef void (*blockdev_extent_fn)(void *opaque, uint64_t offset, uint64_t length, uint32_t flags);
+enum { BLOCKDEV_STATE_HOLE = 1 << 0, BLOCKDEV_STATE_ZERO = 1 << 1 };
+
+/* Request flags. */
+enum {
+	BLOCKDEV_FUA      = 1 << 0,   /* write/zero: durable on completion */
+	BLOCKDEV_MAY_TRIM = 1 << 1,   /* zero: may deallocate (punch hole) */
+};
+
+Blockdev *blockdev_ref(Blockdev *dev);
+void blockdev_unref(Blockdev *dev);          /* NULL is a no-op */
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Blockdev, blockdev_unref)
+
+void blockdev_get_info(Blockdev *dev, struct blockdev_info *info);
+
+/* The root device (the export) under any partition; borrowed. */
+Blockdev *blockdev_get_root(Blockdev *dev);
+
+/* Sector I/O: iov lengths must add up to a whole number of sectors. */
+void blockdev_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+		   blockdev_done_fn done, void *opaque);
+void blockdev_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+		    uint32_t flags, blockdev_done_fn done, void *opaque);
+/* Without a server flush: completes with 0. */
+void blockdev_flush(Blockdev *dev, blockdev_done_fn done, void *opaque);
+/* Reads back as zeros afterwards; BLOCKDEV_MAY_TRIM lets it deallocate. */
+void blockdev_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
+			   blockdev_done_fn done, void *opaque);
+/* Advisory discard (NBD TRIM); contents are undefined afterwards. */
+void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count,
+		      blockdev_done_fn done, void *opaque);
+/* Extents covering [sector, sector+count) in order (possibly fewer bytes,
+ * never more); -EOPNOTSUPP where the device has no block status. */
+void blockdev_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
+			   blockdev_extent_fn extent, blockdev_done_fn done, void *opaque);
+
+/* Marks this device disconnected: later requests fail with -ENOTCONN.  For
+ * an export also flushes and sends NBD_CMD_DISC.  A partition's disconnect
+ * never touches its parent or siblings.  Never fails, idempotent. */
+void blockdev_disconnect(Blockdev *dev);
+
+/* Blocking wrappers: return 0 or a negative errno. */
+int blockdev_read_sync(Blockdev *dev, uint64_t sector, void *buf, size_t len);
+int blockdev_write_sync(Blockdev *dev, uint64_t sector, const void *buf, size_t len, uint32_t flags);
+int blockdev_flush_sync(Blockdev *dev);
+
+/* An in-memory device of @size bytes (zero-filled), for tests.  @data (may
+ * be NULL) is copied in, at most @size bytes of it.  Supports every op,
+ * including block status (all data).  read_write unless @read_only. */
+Blockdev *blockdev_mem_new(uint32_t sector_size, uint64_t size, const void *data, size_t data_len,
+			   gboolean read_only);
+/* Borrowed pointer to the memory device's bytes (tests only). */
+uint8_t *blockdev_mem_data(Blockdev *dev);
+
+/* ---- Byte I/O ------------------------------------------------------------
+ * The one place that turns a file's (offset, length) into sector I/O.  The
+ * aligned middle goes straight through with no copy; an unaligned head or
+ * tail is read-modify-written under a lock on those sectors of the root
+ * export (shared by every partition of it), so concurrent writers sharing
+ * an edge sector never lose each other's bytes.  Large requests are split at
+ * max_request.  @done gets the byte count or a negative errno:
+ *   read:  short at the end, 0 at or past the end;
+ *   write: -ENOSPC at or past the end, short when straddling it;
+ *   zero:  0 or -errno (clipped to the end). */
+
+typedef void (*blockdev_bytes_fn)(void *opaque, ssize_t result);
+
+void blockdev_pread_bytes(Blockdev *dev, void *buf, size_t len, uint64_t offset,
+			  blockdev_bytes_fn done, void *opaque);
+void blockdev_pwrite_bytes(Blockdev *dev, const void *buf, size_t len, uint64_t offset,
+			   uint32_t flags, blockdev_bytes_fn done, void *opaque);
+/* flags: BLOCKDEV_MAY_TRIM (punch hole), BLOCKDEV_FUA. */
+void blockdev_zero_bytes(Blockdev *dev, uint64_t offset, uint64_t len, uint32_t flags,
+			 blockdev_bytes_fn done, void *opaque);
+
+/* Blocking byte wrappers. */
+ssize_t blockdev_pread_bytes_sync(Blockdev *dev, void *buf, size_t len, uint64_t offset);
+ssize_t blockdev_pwrite_bytes_sync(Blockdev *dev, const void *buf, size_t len, uint64_t offset,
+				   uint32_t flags);
+
+G_END_DECLS
