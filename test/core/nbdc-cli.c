@@ -1,0 +1,1262 @@
+/* nbdc-cli.c: a command-line driver for the NBD client core (public nbd.h API
+ * only), used by the integration tests in test/core/test_*.py.
+ *
+ *   nbdc-cli [OPTIONS] URI CMD [ARGS...] [CMD [ARGS...]]...
+ *
+ * Commands run in order on one handle (connected on first need); `list` uses
+ * its own short-lived connection.  `repl` reads one command line at a time
+ * from stdin and answers "OK" or "ERR <status>" after each, so a test can act
+ * on the server between two requests.
+ *
+ * Exit status: 0 success, 1 an error (I/O: the errno name on stderr; setup:
+ * the NbdcError kind and the GError message on stderr), 2 `list` refused with
+ * POLICY or UNSUPPORTED, 3 a request that never completed (watchdog).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nbdfs/nbd.h"
+
+#define MAX_BUFFER (256u << 20)   /* largest read/write buffer we allocate */
+#define CHUNK (1u << 20)          /* verify/fill/expect work in these steps */
+#define WATCHDOG_US (120 * G_USEC_PER_SEC)
+
+static struct {
+	gint connections;
+	char *tls_psk;
+	char *tls_certificates;
+	char *tls_username;
+	char *tls_hostname;
+	gboolean no_verify;
+	gint timeout_ms;
+	gint handshake_timeout_ms;
+	gboolean no_sr;
+	gboolean no_block_status;
+	gboolean details;
+	gboolean hex;
+	gboolean keep_going;
+	gboolean fua;
+	gboolean fast_zero;
+	gboolean debug;
+	gboolean quiet_log;
+} opt = { .timeout_ms = -1, .handshake_timeout_ms = -1 };
+
+static GOptionEntry entries[] = {
+	{ "connections", 0, 0, G_OPTION_ARG_INT, &opt.connections, "Connections (multi-conn)", "N" },
+	{ "tls-psk", 0, 0, G_OPTION_ARG_FILENAME, &opt.tls_psk, "PSK key file", "FILE" },
+	{ "tls-certificates", 0, 0, G_OPTION_ARG_FILENAME, &opt.tls_certificates, "X.509 dir", "DIR" },
+	{ "tls-username", 0, 0, G_OPTION_ARG_STRING, &opt.tls_username, "PSK identity", "NAME" },
+	{ "tls-hostname", 0, 0, G_OPTION_ARG_STRING, &opt.tls_hostname, "TLS peer name", "NAME" },
+	{ "no-verify", 0, 0, G_OPTION_ARG_NONE, &opt.no_verify, "Do not verify the TLS peer", NULL },
+	{ "timeout-ms", 0, 0, G_OPTION_ARG_INT, &opt.timeout_ms, "Request timeout", "MS" },
+	{ "handshake-timeout-ms", 0, 0, G_OPTION_ARG_INT, &opt.handshake_timeout_ms, "Handshake timeout", "MS" },
+	{ "no-sr", 0, 0, G_OPTION_ARG_NONE, &opt.no_sr, "Do not ask for structured replies", NULL },
+	{ "no-block-status", 0, 0, G_OPTION_ARG_NONE, &opt.no_block_status, "Do not ask for base:allocation", NULL },
+	{ "details", 0, 0, G_OPTION_ARG_NONE, &opt.details, "list: ask NBD_OPT_INFO per export", NULL },
+	{ "hex", 0, 0, G_OPTION_ARG_NONE, &opt.hex, "read: print hex instead of raw bytes", NULL },
+	{ "keep-going", 'k', 0, G_OPTION_ARG_NONE, &opt.keep_going, "Run later commands after an error", NULL },
+	{ "fua", 0, 0, G_OPTION_ARG_NONE, &opt.fua, "write/trim/zero with FUA", NULL },
+	{ "fast-zero", 0, 0, G_OPTION_ARG_NONE, &opt.fast_zero, "zero with FAST_ZERO", NULL },
+	{ "debug", 0, 0, G_OPTION_ARG_NONE, &opt.debug, "Core debug log", NULL },
+	{ "quiet-log", 0, 0, G_OPTION_ARG_NONE, &opt.quiet_log, "Drop core log lines", NULL },
+	{ NULL }
+};
+
+struct ctx {
+	const char *uri_str;
+	NbdcUri *uri;
+	struct nbdc_config cfg;
+	Nbdc *c;
+	gboolean connect_failed;
+};
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static const char *errname(int e)
+{
+	static __thread char buf[32];
+	const char *n;
+
+	if (e < 0)
+		e = -e;
+	n = strerrorname_np(e);
+	if (n)
+		return n;
+	snprintf(buf, sizeof(buf), "E%d", e);
+	return buf;
+}
+
+static const char *kind_name(int code)
+{
+	switch (code) {
+	case NBDC_ERROR_URI: return "URI";
+	case NBDC_ERROR_CONNECT: return "CONNECT";
+	case NBDC_ERROR_HANDSHAKE: return "HANDSHAKE";
+	case NBDC_ERROR_TLS: return "TLS";
+	case NBDC_ERROR_TLS_REQUIRED: return "TLS_REQUIRED";
+	case NBDC_ERROR_NO_EXPORT: return "NO_EXPORT";
+	case NBDC_ERROR_POLICY: return "POLICY";
+	case NBDC_ERROR_UNSUPPORTED: return "UNSUPPORTED";
+	case NBDC_ERROR_SERVER: return "SERVER";
+	case NBDC_ERROR_TIMEOUT: return "TIMEOUT";
+	case NBDC_ERROR_INVALID: return "INVALID";
+	default: return "UNKNOWN";
+	}
+}
+
+static void print_gerror(const char *what, const GError *err)
+{
+	if (err && err->domain == NBDC_ERROR)
+		fprintf(stderr, "nbdc-cli: %s: %s: %s\n", what, kind_name(err->code), err->message);
+	else
+		fprintf(stderr, "nbdc-cli: %s: OTHER: %s\n", what, err ? err->message : "(no GError)");
+}
+
+static int io_fail(const char *cmd, uint64_t off, uint64_t len, int r)
+{
+	fprintf(stderr, "nbdc-cli: %s %" PRIu64 " %" PRIu64 ": %s (%s)\n", cmd, off, len,
+		errname(r), g_strerror(-r));
+	return 1;
+}
+
+/* Parses a byte count or offset: decimal or 0x hex, optional k/K, M, G suffix. */
+static gboolean parse_u64(const char *s, uint64_t *out)
+{
+	char *end = NULL;
+	guint64 v, mul = 1;
+
+	if (!s || !*s || *s == '-')
+		return FALSE;
+	errno = 0;
+	v = g_ascii_strtoull(s, &end, 0);
+	if (errno || end == s)
+		return FALSE;
+	if (*end == 'k' || *end == 'K')
+		mul = 1024, end++;
+	else if (*end == 'M')
+		mul = 1024 * 1024, end++;
+	else if (*end == 'G')
+		mul = 1024 * 1024 * 1024, end++;
+	if (*end)
+		return FALSE;
+	if (v > G_MAXUINT64 / mul)
+		return FALSE;
+	*out = v * mul;
+	return TRUE;
+}
+
+static void log_cb(void *opaque, enum nbdc_log_level level, const char *msg)
+{
+	static const char *names[] = { "debug", "info", "warning" };
+
+	if (opt.quiet_log)
+		return;
+	fprintf(stderr, "nbdc-cli: core %s: %s\n",
+		(unsigned)level < G_N_ELEMENTS(names) ? names[level] : "?", msg);
+}
+
+static Nbdc *get_handle(struct ctx *x)
+{
+	g_autoptr(GError) err = NULL;
+
+	if (x->c)
+		return x->c;
+	if (x->connect_failed)
+		return NULL;
+	x->c = nbdc_connect(&x->cfg, &err);
+	if (!x->c) {
+		x->connect_failed = TRUE;
+		print_gerror("connect", err);
+	}
+	return x->c;
+}
+
+/* ---- synchronous commands ---------------------------------------------- */
+
+static int cmd_info(struct ctx *x, char **a)
+{
+	struct nbdc_info i;
+	g_autofree char *name = NULL, *desc = NULL;
+	Nbdc *c = get_handle(x);
+
+	if (!c)
+		return 1;
+	nbdc_get_info(c, &i);
+	name = g_strescape(i.export_name ? i.export_name : "(null)", NULL);
+	desc = g_strescape(i.description ? i.description : "(null)", NULL);
+	printf("size=%" PRIu64 "\n", i.size);
+	printf("sector_size=%u\n", i.sector_size);
+	printf("size_sectors=%" PRIu64 "\n", i.size_sectors);
+	printf("read_write=%d\n", !!i.read_write);
+	printf("eflags=0x%04x\n", i.eflags);
+	printf("can_flush=%d\n", !!i.can_flush);
+	printf("can_fua=%d\n", !!i.can_fua);
+	printf("can_trim=%d\n", !!i.can_trim);
+	printf("can_zero=%d\n", !!i.can_zero);
+	printf("can_fast_zero=%d\n", !!i.can_fast_zero);
+	printf("can_multi_conn=%d\n", !!i.can_multi_conn);
+	printf("can_block_status=%d\n", !!i.can_block_status);
+	printf("structured_replies=%d\n", !!i.structured_replies);
+	printf("tls=%d\n", !!i.tls);
+	printf("block_min=%u\n", i.block_min);
+	printf("block_pref=%u\n", i.block_pref);
+	printf("block_max=%u\n", i.block_max);
+	printf("max_request=%u\n", i.max_request);
+	printf("connections=%u\n", i.connections);
+	printf("protocol=%s\n", i.protocol ? i.protocol : "(null)");
+	printf("export_name=%s\n", name);
+	printf("description=%s\n", desc);
+	printf("alive=%d\n", !!nbdc_is_alive(c));
+	fflush(stdout);
+	return 0;
+}
+
+static int cmd_list(struct ctx *x, char **a)
+{
+	g_autoptr(GError) err = NULL;
+	g_autoptr(GPtrArray) list = nbdc_list_exports(&x->cfg, opt.details, &err);
+
+	if (!list) {
+		print_gerror("list", err);
+		if (err && err->domain == NBDC_ERROR &&
+		    (err->code == NBDC_ERROR_POLICY || err->code == NBDC_ERROR_UNSUPPORTED))
+			return 2;
+		return 1;
+	}
+	for (guint n = 0; n < list->len; n++) {
+		const struct nbdc_export *e = g_ptr_array_index(list, n);
+		g_autofree char *name = g_strescape(e->name ? e->name : "(null)", NULL);
+		g_autofree char *desc = g_strescape(e->description ? e->description : "(null)", NULL);
+
+		printf("%s\t%s", name, desc);
+		if (opt.details) {
+			if (e->has_info)
+				printf("\tsize=%" PRIu64 " eflags=0x%04x read_only=%d block_min=%u"
+				       " block_pref=%u block_max=%u", e->size, e->eflags,
+				       !!e->read_only, e->block_min, e->block_pref, e->block_max);
+			else
+				printf("\tnoinfo");
+		}
+		printf("\n");
+	}
+	fflush(stdout);
+	return 0;
+}
+
+static gboolean get_range(char **a, uint64_t *off, uint64_t *len)
+{
+	if (!parse_u64(a[0], off) || !parse_u64(a[1], len)) {
+		fprintf(stderr, "nbdc-cli: bad offset/length '%s' '%s'\n", a[0], a[1]);
+		return FALSE;
+	}
+	return TRUE;
+}
+
+static int cmd_read(struct ctx *x, char **a)
+{
+	uint64_t off, len;
+	g_autofree uint8_t *buf = NULL;
+	Nbdc *c;
+	int r;
+
+	if (!get_range(a, &off, &len))
+		return 1;
+	if (len > MAX_BUFFER) {
+		fprintf(stderr, "nbdc-cli: read: length too large\n");
+		return 1;
+	}
+	if (!(c = get_handle(x)))
+		return 1;
+	buf = g_malloc(len ? len : 1);
+	r = nbdc_pread(c, buf, len, off, 0);
+	if (r < 0)
+		return io_fail("read", off, len, r);
+	if (opt.hex) {
+		for (uint64_t n = 0; n < len; n++)
+			printf("%02x", buf[n]);
+		printf("\n");
+	} else {
+		fwrite(buf, 1, len, stdout);
+	}
+	fflush(stdout);
+	return 0;
+}
+
+static int cmd_write(struct ctx *x, char **a)
+{
+	uint64_t off, len, got = 0;
+	g_autofree uint8_t *buf = NULL;
+	Nbdc *c;
+	int r;
+
+	if (!get_range(a, &off, &len))
+		return 1;
+	if (len > MAX_BUFFER) {
+		fprintf(stderr, "nbdc-cli: write: length too large\n");
+		return 1;
+	}
+	buf = g_malloc(len ? len : 1);
+	while (got < len) {
+		ssize_t n = read(STDIN_FILENO, buf + got, len - got);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			fprintf(stderr, "nbdc-cli: write: stdin gave %" PRIu64 " of %" PRIu64 " bytes\n",
+				got, len);
+			return 1;
+		}
+		got += n;
+	}
+	if (!(c = get_handle(x)))
+		return 1;
+	r = nbdc_pwrite(c, buf, len, off, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+	if (r < 0)
+		return io_fail("write", off, len, r);
+	return 0;
+}
+
+static int cmd_flush(struct ctx *x, char **a)
+{
+	Nbdc *c = get_handle(x);
+	int r;
+
+	if (!c)
+		return 1;
+	r = nbdc_flush(c);
+	if (r < 0)
+		return io_fail("flush", 0, 0, r);
+	return 0;
+}
+
+static int cmd_trim(struct ctx *x, char **a)
+{
+	uint64_t off, len;
+	Nbdc *c;
+	int r;
+
+	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
+		return 1;
+	r = nbdc_trim(c, len, off, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+	if (r < 0)
+		return io_fail("trim", off, len, r);
+	return 0;
+}
+
+static int cmd_zero(struct ctx *x, char **a)
+{
+	uint64_t off, len;
+	uint32_t flags = 0;
+	Nbdc *c;
+	int r;
+
+	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
+		return 1;
+	if (opt.fua)
+		flags |= NBDC_CMD_FLAG_FUA;
+	if (opt.fast_zero)
+		flags |= NBDC_CMD_FLAG_FAST_ZERO;
+	r = nbdc_zero(c, len, off, flags);
+	if (r < 0)
+		return io_fail("zero", off, len, r);
+	return 0;
+}
+
+struct extent_list {
+	GArray *a;   /* of uint64_t triples */
+	gboolean bad_order;
+	uint64_t next;
+};
+
+static void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
+{
+	struct extent_list *l = opaque;
+	uint64_t t[3] = { offset, length, flags };
+
+	if (l->a->len && offset != l->next)
+		l->bad_order = TRUE;
+	l->next = offset + length;
+	g_array_append_vals(l->a, t, 3);
+}
+
+static int cmd_extents(struct ctx *x, char **a)
+{
+	uint64_t off, len;
+	struct extent_list l = { 0 };
+	Nbdc *c;
+	int r;
+
+	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
+		return 1;
+	l.a = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+	r = nbdc_block_status(c, len, off, 0, extent_cb, &l);
+	if (r < 0) {
+		g_array_unref(l.a);
+		return io_fail("extents", off, len, r);
+	}
+	for (guint n = 0; n + 2 < l.a->len; n += 3) {
+		uint64_t *t = &g_array_index(l.a, uint64_t, n);
+
+		printf("%" PRIu64 " %" PRIu64 " %" PRIu64 "%s%s\n", t[0], t[1], t[2],
+		       (t[2] & NBDC_STATE_HOLE) ? " hole" : "",
+		       (t[2] & NBDC_STATE_ZERO) ? " zero" : "");
+	}
+	if (l.bad_order)
+		printf("NONCONTIGUOUS\n");
+	fflush(stdout);
+	g_array_unref(l.a);
+	return 0;
+}
+
+static uint8_t pattern_byte(uint64_t pos)
+{
+	uint64_t word = pos & ~(uint64_t)7;
+
+	return (uint8_t)(word >> (8 * (7 - (pos & 7))));
+}
+
+static int cmd_verify_pattern(struct ctx *x, char **a)
+{
+	uint64_t off, len, done = 0;
+	g_autofree uint8_t *buf = NULL;
+	Nbdc *c;
+
+	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
+		return 1;
+	buf = g_malloc(CHUNK);
+	while (done < len) {
+		uint64_t n = MIN(len - done, CHUNK);
+		int r = nbdc_pread(c, buf, n, off + done, 0);
+
+		if (r < 0)
+			return io_fail("verify-pattern", off + done, n, r);
+		for (uint64_t i = 0; i < n; i++) {
+			if (buf[i] != pattern_byte(off + done + i)) {
+				fprintf(stderr, "nbdc-cli: verify-pattern: mismatch at %" PRIu64
+					": got 0x%02x, want 0x%02x\n", off + done + i, buf[i],
+					pattern_byte(off + done + i));
+				return 1;
+			}
+		}
+		done += n;
+	}
+	printf("pattern ok %" PRIu64 " %" PRIu64 "\n", off, len);
+	fflush(stdout);
+	return 0;
+}
+
+static gboolean parse_byte(const char *s, uint8_t *b)
+{
+	uint64_t v;
+
+	if (!parse_u64(s, &v) || v > 255) {
+		fprintf(stderr, "nbdc-cli: bad byte '%s'\n", s);
+		return FALSE;
+	}
+	*b = (uint8_t)v;
+	return TRUE;
+}
+
+static int cmd_fill(struct ctx *x, char **a)
+{
+	uint64_t off, len, done = 0;
+	uint8_t b;
+	g_autofree uint8_t *buf = NULL;
+	Nbdc *c;
+
+	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
+		return 1;
+	buf = g_malloc(CHUNK);
+	memset(buf, b, CHUNK);
+	while (done < len) {
+		uint64_t n = MIN(len - done, CHUNK);
+		int r = nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+
+		if (r < 0)
+			return io_fail("fill", off + done, n, r);
+		done += n;
+	}
+	return 0;
+}
+
+static int cmd_expect(struct ctx *x, char **a)
+{
+	uint64_t off, len, done = 0;
+	uint8_t b;
+	g_autofree uint8_t *buf = NULL;
+	Nbdc *c;
+
+	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
+		return 1;
+	buf = g_malloc(CHUNK);
+	while (done < len) {
+		uint64_t n = MIN(len - done, CHUNK);
+		int r = nbdc_pread(c, buf, n, off + done, 0);
+
+		if (r < 0)
+			return io_fail("expect", off + done, n, r);
+		for (uint64_t i = 0; i < n; i++) {
+			if (buf[i] != b) {
+				fprintf(stderr, "nbdc-cli: expect: byte at %" PRIu64
+					" is 0x%02x, want 0x%02x\n", off + done + i, buf[i], b);
+				return 1;
+			}
+		}
+		done += n;
+	}
+	return 0;
+}
+
+static int cmd_alive(struct ctx *x, char **a)
+{
+	Nbdc *c = get_handle(x);
+	const char *why;
+
+	if (!c)
+		return 1;
+	why = nbdc_get_error(c);
+	printf("alive=%d\n", !!nbdc_is_alive(c));
+	if (why) {
+		g_autofree char *e = g_strescape(why, NULL);
+
+		printf("error=%s\n", e);
+	}
+	fflush(stdout);
+	return 0;
+}
+
+static int cmd_disconnect(struct ctx *x, char **a)
+{
+	Nbdc *c = get_handle(x);
+
+	if (!c)
+		return 1;
+	nbdc_disconnect(c);
+	return 0;
+}
+
+/* ---- aio-reads: N concurrent reads, reported in completion order ------- */
+
+struct aread {
+	uint64_t off;
+	uint8_t *buf;
+	int err;
+	gboolean done;
+};
+
+struct aread_set {
+	GMutex lock;
+	GCond cond;
+	guint pending;
+	GPtrArray *order;   /* struct aread * in completion order */
+	guint64 len;
+};
+
+struct aread_op {
+	struct aread_set *set;
+	struct aread *r;
+};
+
+static void aread_done(void *opaque, int err)
+{
+	struct aread_op *op = opaque;
+	struct aread_set *s = op->set;
+
+	g_mutex_lock(&s->lock);
+	op->r->err = err;
+	op->r->done = TRUE;
+	g_ptr_array_add(s->order, op->r);
+	s->pending--;
+	g_cond_broadcast(&s->cond);
+	g_mutex_unlock(&s->lock);
+}
+
+/* aio-reads LEN N OFF1 ... OFFN: prints "done OFF ERR SHA256" per read. */
+static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
+{
+	uint64_t len, n;
+	struct aread_set s = { 0 };
+	g_autofree struct aread *rs = NULL;
+	g_autofree struct aread_op *ops = NULL;
+	gint64 deadline;
+	int status = 0;
+	Nbdc *c;
+
+	*consumed = 2;
+	if (!a[0] || !a[1] || !parse_u64(a[0], &len) || !parse_u64(a[1], &n) || n == 0 ||
+	    n > 1024 || len == 0 || len > (16u << 20)) {
+		fprintf(stderr, "nbdc-cli: aio-reads LEN N OFF...: bad LEN or N\n");
+		return 1;
+	}
+	for (uint64_t i = 0; i < n; i++) {
+		if (!a[2 + i]) {
+			fprintf(stderr, "nbdc-cli: aio-reads: missing offsets\n");
+			return 1;
+		}
+	}
+	*consumed = 2 + n;
+	if (!(c = get_handle(x)))
+		return 1;
+	rs = g_new0(struct aread, n);
+	ops = g_new0(struct aread_op, n);
+	g_mutex_init(&s.lock);
+	g_cond_init(&s.cond);
+	s.order = g_ptr_array_new();
+	s.len = len;
+	for (uint64_t i = 0; i < n; i++) {
+		struct iovec iov;
+		int r;
+
+		if (!parse_u64(a[2 + i], &rs[i].off)) {
+			fprintf(stderr, "nbdc-cli: aio-reads: bad offset '%s'\n", a[2 + i]);
+			status = 1;
+			break;
+		}
+		rs[i].buf = g_malloc(len);
+		iov.iov_base = rs[i].buf;
+		iov.iov_len = len;
+		ops[i].set = &s;
+		ops[i].r = &rs[i];
+		g_mutex_lock(&s.lock);
+		s.pending++;
+		g_mutex_unlock(&s.lock);
+		r = nbdc_aio_preadv(c, &iov, 1, rs[i].off, 0, aread_done, &ops[i]);
+		if (r < 0) {
+			g_mutex_lock(&s.lock);
+			s.pending--;
+			g_mutex_unlock(&s.lock);
+			io_fail("aio-reads", rs[i].off, len, r);
+			status = 1;
+			break;
+		}
+	}
+	deadline = g_get_monotonic_time() + WATCHDOG_US;
+	g_mutex_lock(&s.lock);
+	while (s.pending) {
+		if (!g_cond_wait_until(&s.cond, &s.lock, deadline)) {
+			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n", s.pending);
+			fflush(stderr);
+			_exit(3);   /* callbacks still reference our stack: cannot return */
+		}
+	}
+	g_mutex_unlock(&s.lock);
+	for (guint i = 0; i < s.order->len; i++) {
+		struct aread *r = g_ptr_array_index(s.order, i);
+		g_autofree char *sum = NULL;
+
+		if (!r->err)
+			sum = g_compute_checksum_for_data(G_CHECKSUM_SHA256, r->buf, len);
+		printf("done %" PRIu64 " %s %s\n", r->off, r->err ? errname(r->err) : "0",
+		       sum ? sum : "-");
+		if (r->err)
+			status = 1;
+	}
+	fflush(stdout);
+	for (uint64_t i = 0; i < n; i++)
+		g_free(rs[i].buf);
+	g_ptr_array_unref(s.order);
+	g_mutex_clear(&s.lock);
+	g_cond_clear(&s.cond);
+	return status;
+}
+
+/* ---- stress -------------------------------------------------------------
+ * THREADS threads each run OPS operations (reads, writes, zeroes; async in
+ * batches of up to four, plus synchronous ones while the batch is in flight)
+ * on random ranges aligned to the export's unit.  The export is cut into
+ * REGION-sized regions with one mutex each; a batch takes the mutexes of every
+ * region it touches, in ascending order (no deadlock), and the ranges inside
+ * one batch never share a region.  So every byte has one writer at a time and
+ * the in-memory model is exact.  At the end everything is re-read.
+ */
+#define REGION (64u << 10)
+#define STRESS_MAX_LEN (128u << 10)
+#define BATCH 4
+
+enum { OP_READ, OP_WRITE, OP_ZERO };
+
+struct stress {
+	Nbdc *c;
+	uint64_t size;      /* the part of the export we use (whole units) */
+	uint32_t unit;
+	uint8_t *model;
+	GMutex *locks;
+	guint nregions;
+	guint ops;
+	guint32 seed;
+	gboolean writable, can_flush;
+	gint failures, reentrant, double_done, mismatches;
+	gint64 nreads, nwrites, nzeroes, nsync, nflush, bytes;
+};
+
+static __thread gboolean in_submit;
+
+struct sop {
+	struct stress *st;
+	struct sbatch *b;
+	int kind;
+	gboolean sync;
+	uint64_t off;
+	uint32_t len;
+	uint8_t *buf;
+	struct iovec iov[3];
+	int iovcnt;
+	int err;
+	gint done_count;
+};
+
+struct sbatch {
+	GMutex lock;
+	GCond cond;
+	int pending;
+};
+
+static void stress_fail(struct stress *st, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+static void stress_fail(struct stress *st, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (g_atomic_int_add(&st->failures, 1) >= 20)
+		return;
+	va_start(ap, fmt);
+	fprintf(stderr, "nbdc-cli: stress: ");
+	vfprintf(stderr, fmt, ap);
+	fprintf(stderr, "\n");
+	va_end(ap);
+}
+
+static void stress_done(void *opaque, int err)
+{
+	struct sop *op = opaque;
+	struct sbatch *b = op->b;
+
+	if (in_submit)
+		g_atomic_int_inc(&op->st->reentrant);
+	if (g_atomic_int_add(&op->done_count, 1) != 0) {
+		g_atomic_int_inc(&op->st->double_done);
+		return;
+	}
+	op->err = err;
+	g_mutex_lock(&b->lock);
+	b->pending--;
+	g_cond_broadcast(&b->cond);
+	g_mutex_unlock(&b->lock);
+}
+
+static guint64 xorshift(guint64 *s)
+{
+	guint64 v = *s;
+
+	v ^= v << 13;
+	v ^= v >> 7;
+	v ^= v << 17;
+	*s = v;
+	return v;
+}
+
+static void fill_random(uint8_t *buf, size_t len, guint64 *s)
+{
+	size_t i = 0;
+
+	for (; i + 8 <= len; i += 8) {
+		guint64 v = xorshift(s);
+
+		memcpy(buf + i, &v, 8);
+	}
+	for (; i < len; i++)
+		buf[i] = (uint8_t)xorshift(s);
+}
+
+static void make_iov(struct sop *op, GRand *rnd)
+{
+	op->iovcnt = g_rand_int_range(rnd, 1, 4);
+	if (op->len < 3)
+		op->iovcnt = 1;
+	if (op->iovcnt == 1) {
+		op->iov[0].iov_base = op->buf;
+		op->iov[0].iov_len = op->len;
+		return;
+	}
+	{
+		uint32_t cut1 = g_rand_int_range(rnd, 1, op->len - 1);
+		uint32_t cut2 = op->iovcnt == 3 ? (uint32_t)g_rand_int_range(rnd, cut1 + 1, op->len) : op->len;
+
+		op->iov[0].iov_base = op->buf;
+		op->iov[0].iov_len = cut1;
+		op->iov[1].iov_base = op->buf + cut1;
+		op->iov[1].iov_len = cut2 - cut1;
+		if (op->iovcnt == 3) {
+			op->iov[2].iov_base = op->buf + cut2;
+			op->iov[2].iov_len = op->len - cut2;
+		}
+	}
+}
+
+static int stress_submit(struct stress *st, struct sop *op)
+{
+	int r;
+
+	in_submit = TRUE;
+	switch (op->kind) {
+	case OP_READ:
+		r = nbdc_aio_preadv(st->c, op->iov, op->iovcnt, op->off, 0, stress_done, op);
+		break;
+	case OP_WRITE:
+		r = nbdc_aio_pwritev(st->c, op->iov, op->iovcnt, op->off, 0, stress_done, op);
+		break;
+	default:
+		r = nbdc_aio_zero(st->c, op->len, op->off, 0, stress_done, op);
+		break;
+	}
+	in_submit = FALSE;
+	return r;
+}
+
+static int stress_sync(struct stress *st, struct sop *op)
+{
+	switch (op->kind) {
+	case OP_READ:
+		return nbdc_pread(st->c, op->buf, op->len, op->off, 0);
+	case OP_WRITE:
+		return nbdc_pwrite(st->c, op->buf, op->len, op->off, 0);
+	default:
+		return nbdc_zero(st->c, op->len, op->off, 0);
+	}
+}
+
+static const char *op_name(int kind)
+{
+	return kind == OP_READ ? "read" : kind == OP_WRITE ? "write" : "zero";
+}
+
+static void stress_check(struct stress *st, struct sop *op)
+{
+	if (op->err) {
+		stress_fail(st, "%s %s %" PRIu64 "+%u: %s", op->sync ? "sync" : "async",
+			    op_name(op->kind), op->off, op->len, errname(op->err));
+		return;
+	}
+	g_atomic_pointer_add(&st->bytes, op->len);
+	switch (op->kind) {
+	case OP_READ:
+		g_atomic_pointer_add(&st->nreads, 1);
+		if (memcmp(op->buf, st->model + op->off, op->len) != 0) {
+			uint32_t i = 0;
+
+			while (i < op->len && op->buf[i] == st->model[op->off + i])
+				i++;
+			g_atomic_int_inc(&st->mismatches);
+			stress_fail(st, "%s read %" PRIu64 "+%u: data differs from the model at %"
+				    PRIu64, op->sync ? "sync" : "async", op->off, op->len, op->off + i);
+		}
+		break;
+	case OP_WRITE:
+		g_atomic_pointer_add(&st->nwrites, 1);
+		memcpy(st->model + op->off, op->buf, op->len);
+		break;
+	default:
+		g_atomic_pointer_add(&st->nzeroes, 1);
+		memset(st->model + op->off, 0, op->len);
+		break;
+	}
+}
+
+static gpointer stress_thread(gpointer data)
+{
+	struct stress *st = ((struct stress **)data)[0];
+	guint idx = GPOINTER_TO_UINT(((gpointer *)data)[1]);
+	g_autoptr(GRand) rnd = g_rand_new_with_seed(st->seed * 7919u + idx);
+	guint64 xs = ((guint64)st->seed << 32) ^ (idx + 1) ^ 0x9e3779b97f4a7c15ull;
+	g_autofree gboolean *want = g_new0(gboolean, st->nregions);
+	uint64_t nunits = st->size / st->unit;
+	uint64_t maxunits = MAX(1, MIN(STRESS_MAX_LEN, st->size) / st->unit);
+	guint done = 0;
+
+	while (done < st->ops && g_atomic_int_get(&st->failures) == 0) {
+		struct sop ops[BATCH];
+		struct sbatch b;
+		int k = g_rand_int_range(rnd, 1, BATCH + 1), nops = 0;
+		gint64 deadline;
+
+		if ((guint)k > st->ops - done)
+			k = st->ops - done;
+		memset(want, 0, st->nregions * sizeof(gboolean));
+		for (int i = 0; i < k; i++) {
+			for (int tries = 0; tries < 8; tries++) {
+				uint64_t lu = 1 + (uint64_t)(g_rand_double(rnd) * maxunits);
+				uint64_t off, len, r0, r1;
+				gboolean clash = FALSE;
+
+				if (lu > maxunits)
+					lu = maxunits;
+				if (lu > nunits)
+					lu = nunits;
+				off = (uint64_t)(g_rand_double(rnd) * (nunits - lu + 1));
+				if (off > nunits - lu)
+					off = nunits - lu;
+				off *= st->unit;
+				len = lu * st->unit;
+				r0 = off / REGION;
+				r1 = (off + len - 1) / REGION;
+				for (uint64_t r = r0; r <= r1; r++)
+					clash |= want[r];
+				if (clash)
+					continue;
+				for (uint64_t r = r0; r <= r1; r++)
+					want[r] = TRUE;
+				memset(&ops[nops], 0, sizeof(ops[nops]));
+				ops[nops].st = st;
+				ops[nops].b = &b;
+				ops[nops].off = off;
+				ops[nops].len = (uint32_t)len;
+				nops++;
+				break;
+			}
+		}
+		if (nops == 0)
+			continue;
+		for (guint r = 0; r < st->nregions; r++)
+			if (want[r])
+				g_mutex_lock(&st->locks[r]);
+
+		g_mutex_init(&b.lock);
+		g_cond_init(&b.cond);
+		b.pending = 0;
+		for (int i = 0; i < nops; i++) {
+			struct sop *op = &ops[i];
+			guint p = g_rand_int_range(rnd, 0, 100);
+
+			op->kind = !st->writable ? OP_READ : p < 45 ? OP_READ : p < 92 ? OP_WRITE : OP_ZERO;
+			op->sync = g_rand_int_range(rnd, 0, 100) < 20;
+			op->buf = g_malloc(op->len);
+			if (op->kind == OP_WRITE)
+				fill_random(op->buf, op->len, &xs);
+			else
+				memset(op->buf, 0xa5, op->len);
+			make_iov(op, rnd);
+		}
+		/* Submit every async op first, then run the sync ones meanwhile. */
+		for (int i = 0; i < nops; i++) {
+			struct sop *op = &ops[i];
+			int r;
+
+			if (op->sync)
+				continue;
+			g_mutex_lock(&b.lock);
+			b.pending++;
+			g_mutex_unlock(&b.lock);
+			r = stress_submit(st, op);
+			if (r < 0) {
+				g_mutex_lock(&b.lock);
+				b.pending--;
+				g_mutex_unlock(&b.lock);
+				op->err = r;
+				g_atomic_int_inc(&op->done_count);
+			}
+		}
+		for (int i = 0; i < nops; i++) {
+			if (ops[i].sync) {
+				ops[i].err = stress_sync(st, &ops[i]);
+				g_atomic_pointer_add(&st->nsync, 1);
+			}
+		}
+		deadline = g_get_monotonic_time() + WATCHDOG_US;
+		g_mutex_lock(&b.lock);
+		while (b.pending) {
+			if (!g_cond_wait_until(&b.cond, &b.lock, deadline)) {
+				fprintf(stderr, "nbdc-cli: stress: %d requests never completed\n",
+					b.pending);
+				fflush(stderr);
+				_exit(3);   /* callbacks still reference our stack */
+			}
+		}
+		g_mutex_unlock(&b.lock);
+		for (int i = 0; i < nops; i++) {
+			stress_check(st, &ops[i]);
+			g_free(ops[i].buf);
+		}
+		for (guint r = st->nregions; r-- > 0;)
+			if (want[r])
+				g_mutex_unlock(&st->locks[r]);
+		g_mutex_clear(&b.lock);
+		g_cond_clear(&b.cond);
+		done += nops;
+
+		if (st->can_flush && g_rand_int_range(rnd, 0, 64) == 0) {
+			int r = nbdc_flush(st->c);
+
+			g_atomic_pointer_add(&st->nflush, 1);
+			if (r < 0)
+				stress_fail(st, "flush: %s", errname(r));
+		}
+	}
+	return NULL;
+}
+
+static int stress_read_all(struct stress *st, uint8_t *dst)
+{
+	for (uint64_t off = 0; off < st->size; off += CHUNK) {
+		uint64_t n = MIN(CHUNK, st->size - off);
+		int r = nbdc_pread(st->c, dst + off, n, off, 0);
+
+		if (r < 0) {
+			io_fail("stress: read-all", off, n, r);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int cmd_stress(struct ctx *x, char **a)
+{
+	uint64_t nthreads, nops, seed;
+	struct stress st = { 0 };
+	struct nbdc_info info;
+	g_autofree GThread **threads = NULL;
+	g_autofree gpointer *args = NULL;
+	g_autofree uint8_t *check = NULL;
+	int status = 0;
+
+	if (!parse_u64(a[0], &nthreads) || !parse_u64(a[1], &nops) || !parse_u64(a[2], &seed) ||
+	    nthreads == 0 || nthreads > 64 || nops > 10000000) {
+		fprintf(stderr, "nbdc-cli: stress THREADS OPS SEED: bad arguments\n");
+		return 1;
+	}
+	if (!(st.c = get_handle(x)))
+		return 1;
+	nbdc_get_info(st.c, &info);
+	st.unit = info.block_min ? info.block_min : 512;
+	if (st.unit > REGION) {
+		fprintf(stderr, "nbdc-cli: stress: block_min %u too large\n", st.unit);
+		return 1;
+	}
+	st.size = info.size / st.unit * st.unit;
+	if (st.size == 0 || st.size > (64u << 20)) {
+		fprintf(stderr, "nbdc-cli: stress: export size %" PRIu64 " unsuitable\n", info.size);
+		return 1;
+	}
+	st.writable = info.read_write;
+	st.can_flush = info.can_flush;
+	st.ops = nops;
+	st.seed = (guint32)seed;
+	st.nregions = (st.size + REGION - 1) / REGION;
+	st.locks = g_new0(GMutex, st.nregions);
+	for (guint r = 0; r < st.nregions; r++)
+		g_mutex_init(&st.locks[r]);
+	st.model = g_malloc(st.size);
+	if (stress_read_all(&st, st.model) < 0) {
+		status = 1;
+		goto out;
+	}
+
+	threads = g_new0(GThread *, nthreads);
+	args = g_new0(gpointer, 2 * nthreads);
+	for (uint64_t t = 0; t < nthreads; t++) {
+		args[2 * t] = &st;
+		args[2 * t + 1] = GUINT_TO_POINTER((guint)t);
+		threads[t] = g_thread_new("stress", stress_thread, &args[2 * t]);
+	}
+	for (uint64_t t = 0; t < nthreads; t++)
+		g_thread_join(threads[t]);
+
+	if (st.can_flush && st.writable) {
+		int r = nbdc_flush(st.c);
+
+		if (r < 0)
+			stress_fail(&st, "final flush: %s", errname(r));
+	}
+	check = g_malloc(st.size);
+	if (stress_read_all(&st, check) < 0) {
+		status = 1;
+	} else if (memcmp(check, st.model, st.size) != 0) {
+		uint64_t i = 0;
+
+		while (check[i] == st.model[i])
+			i++;
+		stress_fail(&st, "final re-read differs from the model at %" PRIu64, i);
+	}
+	printf("stress threads=%" PRIu64 " reads=%" G_GINT64_FORMAT " writes=%" G_GINT64_FORMAT
+	       " zeroes=%" G_GINT64_FORMAT " sync=%" G_GINT64_FORMAT " flushes=%" G_GINT64_FORMAT
+	       " bytes=%" G_GINT64_FORMAT " failures=%d mismatches=%d reentrant=%d double_done=%d\n",
+	       nthreads, st.nreads, st.nwrites, st.nzeroes, st.nsync, st.nflush, st.bytes,
+	       st.failures, st.mismatches, st.reentrant, st.double_done);
+	fflush(stdout);
+	if (st.failures || st.reentrant || st.double_done)
+		status = 1;
+out:
+	for (guint r = 0; r < st.nregions; r++)
+		g_mutex_clear(&st.locks[r]);
+	g_free(st.locks);
+	g_free(st.model);
+	return status;
+}
+
+/* ---- command dispatch ---------------------------------------------------- */
+
+struct command {
+	const char *name;
+	int nargs;
+	int (*fn)(struct ctx *x, char **a);
+};
+
+static const struct command commands[] = {
+	{ "info", 0, cmd_info },
+	{ "list", 0, cmd_list },
+	{ "read", 2, cmd_read },
+	{ "write", 2, cmd_write },
+	{ "flush", 0, cmd_flush },
+	{ "trim", 2, cmd_trim },
+	{ "zero", 2, cmd_zero },
+	{ "extents", 2, cmd_extents },
+	{ "verify-pattern", 2, cmd_verify_pattern },
+	{ "fill", 3, cmd_fill },
+	{ "expect", 3, cmd_expect },
+	{ "alive", 0, cmd_alive },
+	{ "disconnect", 0, cmd_disconnect },
+	{ "stress", 3, cmd_stress },
+};
+
+static int run_commands(struct ctx *x, char **argv, int argc, gboolean in_repl);
+
+static int cmd_repl(struct ctx *x)
+{
+	char line[4096];
+	int status = 0;
+
+	while (fgets(line, sizeof(line), stdin)) {
+		g_auto(GStrv) av = NULL;
+		int ac = 0, r;
+
+		g_strstrip(line);
+		if (!*line || *line == '#')
+			continue;
+		if (!g_shell_parse_argv(line, &ac, &av, NULL)) {
+			printf("ERR parse\n");
+			fflush(stdout);
+			continue;
+		}
+		r = run_commands(x, av, ac, TRUE);
+		if (r)
+			printf("ERR %d\n", r);
+		else
+			printf("OK\n");
+		fflush(stdout);
+		fflush(stderr);
+		if (r)
+			status = r;
+	}
+	return status;
+}
+
+static int run_commands(struct ctx *x, char **argv, int argc, gboolean in_repl)
+{
+	int status = 0;
+	int i = 0;
+
+	while (i < argc) {
+		const char *name = argv[i];
+		const struct command *cmd = NULL;
+		int r;
+
+		if (strcmp(name, "repl") == 0 && !in_repl) {
+			r = cmd_repl(x);
+			i++;
+		} else if (strcmp(name, "aio-reads") == 0) {
+			int used = 0;
+
+			r = cmd_aio_reads(x, argv + i + 1, &used);
+			i += 1 + used;
+			if (i > argc)
+				i = argc;
+		} else {
+			for (size_t n = 0; n < G_N_ELEMENTS(commands); n++)
+				if (strcmp(commands[n].name, name) == 0)
+					cmd = &commands[n];
+			if (!cmd) {
+				fprintf(stderr, "nbdc-cli: unknown command '%s'\n", name);
+				return 1;
+			}
+			if (cmd->nargs > argc - i - 1) {
+				fprintf(stderr, "nbdc-cli: %s needs %d arguments\n", name, cmd->nargs);
+				return 1;
+			}
+			r = cmd->fn(x, argv + i + 1);
+			i += 1 + cmd->nargs;
+		}
+		if (r) {
+			if (!status || r > status)
+				status = r;
+			if (!opt.keep_going || x->connect_failed)
+				return status;
+		}
+	}
+	return status;
+}
+
+int main(int argc, char **argv)
+{
+	g_autoptr(GOptionContext) oc = g_option_context_new("URI CMD [ARGS]... [CMD [ARGS]...]...");
+	g_autoptr(GError) err = NULL;
+	struct ctx x = { 0 };
+	int status;
+
+	g_option_context_add_main_entries(oc, entries, NULL);
+	g_option_context_set_summary(oc,
+		"Commands: info | list [--details] | read OFF LEN | write OFF LEN (<data) | flush |\n"
+		"  trim OFF LEN | zero OFF LEN | extents OFF LEN | verify-pattern OFF LEN |\n"
+		"  fill OFF LEN BYTE | expect OFF LEN BYTE | alive | disconnect |\n"
+		"  aio-reads LEN N OFF... | stress THREADS OPS SEED | repl (commands from stdin)");
+	if (!g_option_context_parse(oc, &argc, &argv, &err)) {
+		fprintf(stderr, "nbdc-cli: %s\n", err->message);
+		return 1;
+	}
+	if (argc < 3) {
+		fprintf(stderr, "usage: nbdc-cli [OPTIONS] URI CMD [ARGS]...\n");
+		return 1;
+	}
+	x.uri_str = argv[1];
+	x.uri = nbdc_uri_parse(x.uri_str, &err);
+	if (!x.uri) {
+		print_gerror("uri", err);
+		return 1;
+	}
+	nbdc_config_init(&x.cfg);
+	nbdc_config_set_uri(&x.cfg, x.uri);
+	if (opt.connections > 0)
+		x.cfg.connections = opt.connections;
+	if (opt.tls_psk)
+		x.cfg.tls_psk_file = opt.tls_psk;
+	if (opt.tls_certificates)
+		x.cfg.tls_certificates = opt.tls_certificates;
+	if (opt.tls_username)
+		x.cfg.tls_username = opt.tls_username;
+	if (opt.tls_hostname)
+		x.cfg.tls_hostname = opt.tls_hostname;
+	if (opt.no_verify)
+		x.cfg.tls_verify_peer = FALSE;
+	if (opt.timeout_ms >= 0)
+		x.cfg.request_timeout_ms = opt.timeout_ms;
+	if (opt.handshake_timeout_ms >= 0)
+		x.cfg.handshake_timeout_ms = opt.handshake_timeout_ms;
+	if (opt.no_sr)
+		x.cfg.structured_replies = FALSE;
+	if (opt.no_block_status)
+		x.cfg.block_status = FALSE;
+	x.cfg.log = log_cb;
+	x.cfg.debug = opt.debug;
+
+	status = run_commands(&x, argv + 2, argc - 2, FALSE);
+
+	nbdc_free(x.c);
+	nbdc_uri_free(x.uri);
+	g_free(opt.tls_psk);
+	g_free(opt.tls_certificates);
+	g_free(opt.tls_username);
+	g_free(opt.tls_hostname);
+	return status;
+}
