@@ -1,0 +1,213 @@
+/* table.c: part_table_read(): finds the MBR or GPT of a Blockdev and hands it
+ * to mbr.c or gpt.c; the shared helpers (sector reads, warnings, entries). */
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+#include "nbdfs/partition.h"
+#include "ondisk.h"
+#include "part-private.h"
+
+const char *part_table_kind_name(enum part_table_kind kind)
+{
+	switch (kind) {
+	case PART_TABLE_MBR:
+		return "mbr";
+	case PART_TABLE_GPT:
+		return "gpt";
+	case PART_TABLE_NONE:
+		break;
+	}
+	return "none";
+}
+
+static void entry_free(gpointer p)
+{
+	struct part_entry *e = p;
+
+	g_free(e->label);
+	g_free(e);
+}
+
+void part_table_free(struct part_table *table)
+{
+	if (!table)
+		return;
+	g_ptr_array_unref(table->entries);
+	g_ptr_array_unref(table->warnings);
+	g_free(table);
+}
+
+gboolean part_read_sectors(struct part_reader *r, uint64_t lba, uint64_t count, void *buf,
+			   GError **error)
+{
+	int err;
+
+	g_assert(lba <= r->sectors && count <= r->sectors - lba);
+	g_assert(count <= SIZE_MAX / r->sector_size);
+	err = blockdev_read_sync(r->dev, lba, buf, (size_t)(count * r->sector_size));
+	if (err < 0) {
+		g_set_error(error, PART_ERROR, PART_ERROR_IO,
+			    "partition table: reading %" PRIu64 " sector(s) at %" PRIu64 ": %s",
+			    count, lba, g_strerror(-err));
+		return FALSE;
+	}
+	return TRUE;
+}
+
+void part_warn(struct part_reader *r, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (r->table->warnings->len >= PART_MAX_WARNINGS) {
+		r->suppressed++;
+		return;
+	}
+	va_start(ap, fmt);
+	g_ptr_array_add(r->table->warnings, g_strdup_vprintf(fmt, ap));
+	va_end(ap);
+}
+
+struct part_entry *part_entry_add(struct part_reader *r, guint number, uint64_t start,
+				  uint64_t sectors)
+{
+	struct part_entry *e = g_new0(struct part_entry, 1);
+
+	e->number = number;
+	e->start = start;
+	e->sectors = sectors;
+	g_ptr_array_add(r->table->entries, e);
+	return e;
+}
+
+static gint cmp_start(gconstpointer a, gconstpointer b)
+{
+	const struct part_entry *x = *(struct part_entry *const *)a;
+	const struct part_entry *y = *(struct part_entry *const *)b;
+
+	if (x->start != y->start)
+		return x->start < y->start ? -1 : 1;
+	return x->number < y->number ? -1 : x->number > y->number;
+}
+
+/* Sorted by start, an entry overlaps an earlier one exactly when it starts
+ * before the furthest end seen so far: one warning per overlapping entry,
+ * so a hostile table cannot make this quadratic. */
+void part_check_overlaps(struct part_reader *r, const char *what)
+{
+	GPtrArray *entries = r->table->entries;
+	g_autofree struct part_entry **sorted = NULL;
+	const struct part_entry *furthest = NULL;
+	uint64_t furthest_end = 0;
+
+	if (entries->len < 2)
+		return;
+	sorted = g_memdup2(entries->pdata, entries->len * sizeof(gpointer));
+	qsort(sorted, entries->len, sizeof(gpointer), cmp_start);
+	for (guint i = 0; i < entries->len; i++) {
+		const struct part_entry *e = sorted[i];
+		uint64_t end = e->start + e->sectors;
+
+		if (furthest && e->start < furthest_end)
+			part_warn(r, "%s %u (sectors %" PRIu64 "..%" PRIu64 ") overlaps %s %u "
+				  "(sectors %" PRIu64 "..%" PRIu64 "); both are kept",
+				  what, e->number, e->start, end - 1, what, furthest->number,
+				  furthest->start, furthest_end - 1);
+		if (!furthest || end > furthest_end) {
+			furthest = e;
+			furthest_end = end;
+		}
+	}
+}
+
+/* Is there a GPT header signature at LBA 1?  (Only to explain a refusal.) */
+static gboolean gpt_signature_at_lba1(struct part_reader *r)
+{
+	g_autofree uint8_t *buf = NULL;
+
+	if (r->sectors < 2)
+		return FALSE;
+	buf = g_malloc(r->sector_size);
+	if (!part_read_sectors(r, 1, 1, buf, NULL))
+		return FALSE;
+	return memcmp(buf, GPT_SIGNATURE, 8) == 0;
+}
+
+struct part_table *part_table_read(Blockdev *dev, GError **error)
+{
+	struct blockdev_info info;
+	struct part_reader r = { .dev = dev };
+	g_autoptr(PartTable) table = NULL;
+	g_autofree uint8_t *sector0 = NULL;
+	struct mbr_sector mbr;
+	gboolean protective = FALSE;
+	gboolean ok;
+
+	blockdev_get_info(dev, &info);
+	if (info.sector_size < 512 || info.sector_size > 65536 ||
+	    (info.sector_size & (info.sector_size - 1))) {
+		g_set_error(error, PART_ERROR, PART_ERROR_IO,
+			    "partition table: unsupported sector size %" PRIu32, info.sector_size);
+		return NULL;
+	}
+	r.sector_size = info.sector_size;
+	r.sectors = info.sectors;
+
+	table = g_new0(struct part_table, 1);
+	table->kind = PART_TABLE_NONE;
+	table->sector_size = info.sector_size;
+	table->entries = g_ptr_array_new_with_free_func(entry_free);
+	table->warnings = g_ptr_array_new_with_free_func(g_free);
+	r.table = table;
+
+	if (r.sectors == 0) {
+		g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
+			    "partition table: device too small (%" PRIu64
+			    " bytes, not one whole %" PRIu32 "-byte sector)",
+			    info.size, info.sector_size);
+		return NULL;
+	}
+
+	sector0 = g_malloc(r.sector_size);
+	if (!part_read_sectors(&r, 0, 1, sector0, error))
+		return NULL;
+	memcpy(&mbr, sector0, sizeof(mbr));
+	if (mbr.signature[0] != MBR_SIG0 || mbr.signature[1] != MBR_SIG1) {
+		gboolean gpt = gpt_signature_at_lba1(&r);
+
+		g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
+			    "partition table: no MBR signature (0x55AA) in sector 0%s",
+			    gpt ? " (a GPT header is at LBA 1, but without a protective MBR)"
+				: "");
+		return NULL;
+	}
+	/* As the kernel does: boot flags other than 0x00/0x80 mean sector 0 is
+	 * something else with 0x55AA (a FAT or NTFS boot sector, say). */
+	for (int i = 0; i < 4; i++) {
+		uint8_t boot = mbr.part[i].boot;
+
+		if (boot != 0x00 && boot != 0x80) {
+			g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
+				    "partition table: sector 0 has 0x55AA but MBR slot %d has boot "
+				    "flag 0x%02x (not 0x00 or 0x80): not a partition table",
+				    i + 1, boot);
+			return NULL;
+		}
+		if (mbr.part[i].type == MBR_TYPE_GPT_PROTECTIVE)
+			protective = TRUE;
+	}
+
+	if (protective) {
+		table->kind = PART_TABLE_GPT;
+		ok = part_gpt_read(&r, sector0, error);
+	} else {
+		table->kind = PART_TABLE_MBR;
+		ok = part_mbr_read(&r, sector0, error);
+	}
+	if (!ok)
+		return NULL;
+	if (r.suppressed)
+		g_ptr_array_add(table->warnings,
+				g_strdup_printf("%u more warnings not shown", r.suppressed));
+	return g_steal_pointer(&table);
+}
