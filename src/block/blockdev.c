@@ -1,0 +1,472 @@
+/* blockdev.c: the Blockdev base: reference counting, checked dispatch of the
+ * sector calls to a device's ops, and the blocking wrappers.
+ *
+ * Public writes (write, write_zeroes, discard) register their absolute sector
+ * range as a shared entry in the root's sector lock table, so they wait for
+ * any read-modify-write of the byte layer in progress on those sectors (and
+ * vice versa).  Reads take no lock.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "blockdev-impl.h"
+
+void blockdev_init_root(Blockdev *dev, const struct blockdev_ops *ops,
+			const char *export_name, const char *uri)
+{
+	dev->ops = ops;
+	dev->refcount = 1;
+	dev->disconnected = 0;
+	dev->root = dev;
+	dev->locks = sector_locks_new();
+	dev->export_name = g_strdup(export_name ? export_name : "");
+	dev->uri = g_strdup(uri ? uri : "");
+	dev->info.export_name = dev->export_name;
+	dev->info.uri = dev->uri;
+	dev->info.offset = 0;
+}
+
+void blockdev_init_child(Blockdev *dev, const struct blockdev_ops *ops, Blockdev *parent)
+{
+	dev->ops = ops;
+	dev->refcount = 1;
+	dev->disconnected = 0;
+	dev->root = parent->root;
+	dev->locks = NULL;
+	dev->export_name = NULL;
+	dev->uri = NULL;
+	dev->info.export_name = parent->root->export_name;
+	dev->info.uri = parent->root->uri;
+}
+
+void blockdev_finish_info(Blockdev *dev)
+{
+	uint32_t ss = dev->info.sector_size;
+
+	g_assert(ss >= 512 && (ss & (ss - 1)) == 0);
+	dev->info.sectors = dev->info.size / ss;
+	dev->addr_sectors = dev->info.sectors + (dev->info.size % ss ? 1 : 0);
+	if (dev->info.pref_block == 0)
+		dev->info.pref_block = 4096;
+	if (dev->info.max_request < ss)
+		dev->info.max_request = ss;
+	dev->info.max_request -= dev->info.max_request % ss;
+}
+
+void blockdev_fini(Blockdev *dev)
+{
+	if (dev->locks)
+		sector_locks_free(dev->locks);
+	dev->locks = NULL;
+	g_clear_pointer(&dev->export_name, g_free);
+	g_clear_pointer(&dev->uri, g_free);
+}
+
+Blockdev *blockdev_ref(Blockdev *dev)
+{
+	g_assert(dev && g_atomic_int_get(&dev->refcount) > 0);
+	g_atomic_int_inc(&dev->refcount);
+	return dev;
+}
+
+void blockdev_unref(Blockdev *dev)
+{
+	if (!dev)
+		return;
+	if (g_atomic_int_dec_and_test(&dev->refcount))
+		dev->ops->destroy(dev);
+}
+
+void blockdev_get_info(Blockdev *dev, struct blockdev_info *info)
+{
+	*info = dev->info;
+}
+
+Blockdev *blockdev_get_root(Blockdev *dev)
+{
+	return dev->root;
+}
+
+int bdev_check_range(Blockdev *dev, uint64_t sector, uint64_t count)
+{
+	if (sector > dev->addr_sectors || count > dev->addr_sectors - sector)
+		return -EINVAL;
+	return 0;
+}
+
+/* Sectors covered by @iov, or -EINVAL (negative count, overflow, not a whole
+ * number of sectors). */
+static int64_t iov_sectors(Blockdev *dev, const struct iovec *iov, int iovcnt)
+{
+	uint64_t total = 0;
+
+	if (iovcnt < 0 || (iovcnt > 0 && !iov))
+		return -EINVAL;
+	for (int i = 0; i < iovcnt; i++) {
+		if (iov[i].iov_len > 0 && !iov[i].iov_base)
+			return -EINVAL;
+		if (g_uint64_checked_add(&total, total, iov[i].iov_len) == FALSE)
+			return -EINVAL;
+	}
+	if (total % dev->info.sector_size)
+		return -EINVAL;
+	return (int64_t)(total / dev->info.sector_size);
+}
+
+/* Common checks; returns 0 to proceed, 1 when there is nothing to do, or a
+ * negative errno.  A disconnected window only refuses requests made to it
+ * directly (@forwarded FALSE); its own children keep working.  A
+ * disconnected root refuses everything. */
+static int check_req_full(Blockdev *dev, gboolean forwarded, gboolean write, uint64_t sector,
+			  uint64_t count)
+{
+	if ((!forwarded || dev->root == dev) && blockdev_is_disconnected(dev))
+		return -ENOTCONN;
+	if (write && !dev->info.read_write)
+		return -EROFS;
+	if (bdev_check_range(dev, sector, count) < 0)
+		return -EINVAL;
+	return count == 0 ? 1 : 0;
+}
+
+static int check_req(Blockdev *dev, gboolean write, uint64_t sector, uint64_t count)
+{
+	return check_req_full(dev, FALSE, write, sector, count);
+}
+
+static int check_fwd(Blockdev *dev, gboolean write, uint64_t sector, uint64_t count)
+{
+	return check_req_full(dev, TRUE, write, sector, count);
+}
+
+void bdev_submit_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+		      blockdev_done_fn done, void *opaque)
+{
+	int64_t n = iov_sectors(dev, iov, iovcnt);
+	int r = n < 0 ? (int)n : check_fwd(dev, FALSE, sector, (uint64_t)n);
+
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->read(dev, sector, iov, iovcnt, done, opaque);
+}
+
+void bdev_submit_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+		       uint32_t flags, blockdev_done_fn done, void *opaque)
+{
+	int64_t n = iov_sectors(dev, iov, iovcnt);
+	int r = n < 0 ? (int)n : check_fwd(dev, TRUE, sector, (uint64_t)n);
+
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->write(dev, sector, iov, iovcnt, flags, done, opaque);
+}
+
+void bdev_submit_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
+			      blockdev_done_fn done, void *opaque)
+{
+	int r = check_fwd(dev, TRUE, sector, count);
+
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->write_zeroes(dev, sector, count, flags, done, opaque);
+}
+
+void bdev_submit_discard(Blockdev *dev, uint64_t sector, uint64_t count,
+			 blockdev_done_fn done, void *opaque)
+{
+	int r = check_fwd(dev, TRUE, sector, count);
+
+	if (r == 0 && !dev->info.can_trim)
+		r = -EOPNOTSUPP;
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->discard(dev, sector, count, done, opaque);
+}
+
+void bdev_submit_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
+			      blockdev_extent_fn extent, blockdev_done_fn done, void *opaque)
+{
+	int r = check_fwd(dev, FALSE, sector, count);
+
+	if (r == 0 && !dev->info.can_block_status)
+		r = -EOPNOTSUPP;
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->block_status(dev, sector, count, extent, done, opaque);
+}
+
+/* ---- Public calls --------------------------------------------------------- */
+
+void blockdev_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+		   blockdev_done_fn done, void *opaque)
+{
+	int64_t n = iov_sectors(dev, iov, iovcnt);
+	int r = n < 0 ? (int)n : check_req(dev, FALSE, sector, (uint64_t)n);
+
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->read(dev, sector, iov, iovcnt, done, opaque);
+}
+
+/* A public write-like call holding a shared entry in the root's lock table. */
+enum locked_kind { LOCKED_WRITE, LOCKED_ZERO, LOCKED_DISCARD };
+
+struct locked_req {
+	struct sector_lock lock;
+	Blockdev *dev;
+	enum locked_kind kind;
+	uint64_t sector, count;
+	const struct iovec *iov;
+	int iovcnt;
+	uint32_t flags;
+	blockdev_done_fn done;
+	void *opaque;
+};
+
+static void locked_done(void *opaque, int err)
+{
+	struct locked_req *req = opaque;
+	Blockdev *dev = req->dev;
+	blockdev_done_fn done = req->done;
+	void *done_opaque = req->opaque;
+
+	sector_lock_release(dev->root->locks, &req->lock);
+	g_free(req);
+	done(done_opaque, err);
+	blockdev_unref(dev);
+}
+
+static void locked_granted(void *opaque)
+{
+	struct locked_req *req = opaque;
+	Blockdev *dev = req->dev;
+
+	switch (req->kind) {
+	case LOCKED_WRITE:
+		dev->ops->write(dev, req->sector, req->iov, req->iovcnt, req->flags,
+				locked_done, req);
+		break;
+	case LOCKED_ZERO:
+		dev->ops->write_zeroes(dev, req->sector, req->count, req->flags, locked_done, req);
+		break;
+	case LOCKED_DISCARD:
+		dev->ops->discard(dev, req->sector, req->count, locked_done, req);
+		break;
+	}
+}
+
+static void submit_locked(Blockdev *dev, enum locked_kind kind, uint64_t sector, uint64_t count,
+			  const struct iovec *iov, int iovcnt, uint32_t flags,
+			  blockdev_done_fn done, void *opaque)
+{
+	struct locked_req *req = g_new0(struct locked_req, 1);
+	uint64_t abs = dev->info.offset + sector;   /* in bounds: cannot overflow */
+
+	req->dev = blockdev_ref(dev);
+	req->kind = kind;
+	req->sector = sector;
+	req->count = count;
+	req->iov = iov;
+	req->iovcnt = iovcnt;
+	req->flags = flags;
+	req->done = done;
+	req->opaque = opaque;
+	sector_lock_init(&req->lock, abs, abs + count, FALSE, FALSE, locked_granted, req);
+	sector_lock_acquire(dev->root->locks, &req->lock);
+}
+
+void blockdev_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+		    uint32_t flags, blockdev_done_fn done, void *opaque)
+{
+	int64_t n = iov_sectors(dev, iov, iovcnt);
+	int r = n < 0 ? (int)n : check_req(dev, TRUE, sector, (uint64_t)n);
+
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	submit_locked(dev, LOCKED_WRITE, sector, (uint64_t)n, iov, iovcnt, flags, done, opaque);
+}
+
+void blockdev_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
+			   blockdev_done_fn done, void *opaque)
+{
+	int r = check_req(dev, TRUE, sector, count);
+
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	submit_locked(dev, LOCKED_ZERO, sector, count, NULL, 0, flags, done, opaque);
+}
+
+void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count,
+		      blockdev_done_fn done, void *opaque)
+{
+	int r = check_req(dev, TRUE, sector, count);
+
+	if (r == 0 && !dev->info.can_trim)
+		r = -EOPNOTSUPP;
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	submit_locked(dev, LOCKED_DISCARD, sector, count, NULL, 0, 0, done, opaque);
+}
+
+void blockdev_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
+{
+	if (blockdev_is_disconnected(dev)) {
+		done(opaque, -ENOTCONN);
+		return;
+	}
+	if (!dev->info.can_flush) {
+		done(opaque, 0);
+		return;
+	}
+	dev->ops->flush(dev, done, opaque);
+}
+
+void blockdev_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
+			   blockdev_extent_fn extent, blockdev_done_fn done, void *opaque)
+{
+	int r = check_req(dev, FALSE, sector, count);
+
+	if (r == 0 && !dev->info.can_block_status)
+		r = -EOPNOTSUPP;
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return;
+	}
+	dev->ops->block_status(dev, sector, count, extent, done, opaque);
+}
+
+void blockdev_disconnect(Blockdev *dev)
+{
+	if (!g_atomic_int_compare_and_exchange(&dev->disconnected, 0, 1))
+		return;
+	if (dev->ops->disconnect)
+		dev->ops->disconnect(dev);
+}
+
+/* ---- Blocking wrappers ----------------------------------------------------- */
+
+struct sync_wait {
+	GMutex mu;
+	GCond cond;
+	gboolean finished;
+	int err;
+};
+
+static void sync_init(struct sync_wait *w)
+{
+	g_mutex_init(&w->mu);
+	g_cond_init(&w->cond);
+	w->finished = FALSE;
+	w->err = 0;
+}
+
+static void sync_done(void *opaque, int err)
+{
+	struct sync_wait *w = opaque;
+
+	g_mutex_lock(&w->mu);
+	w->err = err;
+	w->finished = TRUE;
+	g_cond_signal(&w->cond);
+	g_mutex_unlock(&w->mu);
+}
+
+static int sync_wait(struct sync_wait *w)
+{
+	int err;
+
+	g_mutex_lock(&w->mu);
+	while (!w->finished)
+		g_cond_wait(&w->cond, &w->mu);
+	err = w->err;
+	g_mutex_unlock(&w->mu);
+	g_mutex_clear(&w->mu);
+	g_cond_clear(&w->cond);
+	return err;
+}
+
+int blockdev_read_sync(Blockdev *dev, uint64_t sector, void *buf, size_t len)
+{
+	struct iovec iov = { .iov_base = buf, .iov_len = len };
+	struct sync_wait w;
+
+	sync_init(&w);
+	blockdev_read(dev, sector, &iov, 1, sync_done, &w);
+	return sync_wait(&w);
+}
+
+int blockdev_write_sync(Blockdev *dev, uint64_t sector, const void *buf, size_t len, uint32_t flags)
+{
+	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+	struct sync_wait w;
+
+	sync_init(&w);
+	blockdev_write(dev, sector, &iov, 1, flags, sync_done, &w);
+	return sync_wait(&w);
+}
+
+int blockdev_flush_sync(Blockdev *dev)
+{
+	struct sync_wait w;
+
+	sync_init(&w);
+	blockdev_flush(dev, sync_done, &w);
+	return sync_wait(&w);
+}
+
+struct sync_bytes {
+	struct sync_wait w;
+	ssize_t result;
+};
+
+static void sync_bytes_done(void *opaque, ssize_t result)
+{
+	struct sync_bytes *s = opaque;
+
+	g_mutex_lock(&s->w.mu);
+	s->result = result;
+	s->w.finished = TRUE;
+	g_cond_signal(&s->w.cond);
+	g_mutex_unlock(&s->w.mu);
+}
+
+ssize_t blockdev_pread_bytes_sync(Blockdev *dev, void *buf, size_t len, uint64_t offset)
+{
+	struct sync_bytes s;
+
+	sync_init(&s.w);
+	blockdev_pread_bytes(dev, buf, len, offset, sync_bytes_done, &s);
+	sync_wait(&s.w);
+	return s.result;
+}
+
+ssize_t blockdev_pwrite_bytes_sync(Blockdev *dev, const void *buf, size_t len, uint64_t offset,
+				   uint32_t flags)
+{
+	struct sync_bytes s;
+
+	sync_init(&s.w);
+	blockdev_pwrite_bytes(dev, buf, len, offset, flags, sync_bytes_done, &s);
+	sync_wait(&s.w);
+	return s.result;
+}
