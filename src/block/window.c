@@ -15,8 +15,6 @@
 #include "nbdfs/partition.h"
 #include "blockdev-impl.h"
 
-G_DEFINE_QUARK(nbdfs-part-error-quark, part_error)
-
 struct window {
 	struct blockdev base;
 	Blockdev *parent;             /* owned reference */
