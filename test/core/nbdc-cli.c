@@ -394,10 +394,20 @@ static int cmd_extents(struct ctx *x, char **a)
 	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
 		return 1;
 	l.a = g_array_new(FALSE, FALSE, sizeof(uint64_t));
-	r = nbdc_block_status(c, len, off, 0, extent_cb, &l);
-	if (r < 0) {
-		g_array_unref(l.a);
-		return io_fail("extents", off, len, r);
+	/* The server may describe only a prefix: ask again from where it stopped. */
+	for (uint64_t pos = off; pos < off + len;) {
+		guint before = l.a->len;
+
+		r = nbdc_block_status(c, off + len - pos, pos, 0, extent_cb, &l);
+		if (r < 0) {
+			g_array_unref(l.a);
+			return io_fail("extents", pos, off + len - pos, r);
+		}
+		if (l.a->len == before || l.next <= pos) {
+			printf("NOPROGRESS %" PRIu64 "\n", pos);
+			break;
+		}
+		pos = l.next;
 	}
 	for (guint n = 0; n + 2 < l.a->len; n += 3) {
 		uint64_t *t = &g_array_index(l.a, uint64_t, n);
@@ -675,7 +685,7 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
  * the in-memory model is exact.  At the end everything is re-read.
  */
 #define REGION (64u << 10)
-#define STRESS_MAX_LEN (128u << 10)
+#define STRESS_MAX_LEN (32u << 10)
 #define BATCH 4
 
 enum { OP_READ, OP_WRITE, OP_ZERO };

@@ -1,0 +1,171 @@
+"""NBD client core vs nbdkit: server errors, slow servers, servers that die,
+request timeouts and out-of-order replies."""
+import hashlib
+import os
+import re
+import signal
+
+import pytest
+
+from nbdc_helpers import pattern_bytes, run_cli, wait_for
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+def io_err(lines_or_text, cmd, name):
+    text = lines_or_text if isinstance(lines_or_text, str) else "\n".join(lines_or_text)
+    return re.search(rf"nbdc-cli: {re.escape(cmd)} [0-9]+ [0-9]+: {name} ", text) is not None
+
+
+@pytest.mark.parametrize("sr", [True, False], ids=["structured", "simple"])
+def test_error_filter_eio(nbdkit, repl, tmp_path, sr):
+    """EIO from the server surfaces as EIO; the connection survives and works
+    once the errors stop."""
+    inject = tmp_path / "inject"
+    inject.write_text("")
+    srv = nbdkit("--filter=error", "pattern", "1M", "error-rate=100%", f"error-file={inject}")
+    r = repl(srv.uri(), opts=[] if sr else ["--no-sr"])
+    ok, _ = r.run("read 4096 4096")
+    assert not ok
+    assert io_err(r.drain_stderr(), "read", "EIO"), r.stderr
+    ok, out = r.run("alive")
+    assert ok and "alive=1" in out, out
+    inject.unlink()
+    ok, out = r.run("read 4096 4096")
+    assert ok, r.stderr
+    assert bytes.fromhex(out[0]) == pattern_bytes(4096, 4096)
+    ok, out = r.run("verify-pattern 0 1M")
+    assert ok, r.stderr
+    r.close()
+
+
+def test_error_filter_write_enospc(nbdkit):
+    srv = nbdkit("--filter=error", "memory", "1M", "error-pwrite-rate=100%",
+                 "error-pwrite=ENOSPC")
+    res = run_cli(srv.uri(), "write", 0, 4096, "fill", 0, 512, 1, "read", 0, 512, "alive",
+                  input=bytes(4096), opts=["-k"])
+    assert res.returncode == 1, res
+    assert io_err(res.stderr, "write", "ENOSPC"), res
+    assert io_err(res.stderr, "fill", "ENOSPC"), res
+    assert "alive=1" in res.text
+
+
+def test_error_filter_random(nbdkit):
+    """10% of reads fail: every failure is EIO, every success has the right
+    data, the handle stays alive."""
+    srv = nbdkit("--filter=error", "pattern", "1M", "error-pread-rate=10%")
+    args = []
+    for i in range(40):
+        args += ["verify-pattern", i * 4096, 4096]
+    res = run_cli(srv.uri(), *args, "alive", opts=["-k"])
+    fails = re.findall(r"nbdc-cli: verify-pattern \d+ \d+: (\w+)", res.stderr)
+    assert set(fails) <= {"EIO"}, res.stderr
+    assert "mismatch" not in res.stderr
+    assert res.text.count("pattern ok") + len(fails) == 40
+    assert "alive=1" in res.text
+
+
+def test_delay_filter(nbdkit):
+    srv = nbdkit("--filter=delay", "pattern", "1M", "delay-read=300ms", "delay-write=300ms")
+    offs = [i * 65536 for i in range(8)]
+    res = run_cli(srv.uri(), "aio-reads", 4096, len(offs), *offs, "verify-pattern", 0, 65536)
+    assert res.returncode == 0, res
+    done = [line.split() for line in res.text.splitlines() if line.startswith("done ")]
+    assert sorted(int(d[1]) for d in done) == offs
+    for d in done:
+        assert d[2] == "0"
+        assert d[3] == hashlib.sha256(pattern_bytes(int(d[1]), 4096)).hexdigest()
+
+
+def test_slow_server_within_timeout(nbdkit):
+    """A slow but connected server is not an error when the timeout is longer."""
+    srv = nbdkit("--filter=delay", "pattern", "1M", "delay-read=500ms")
+    res = run_cli(srv.uri(), "verify-pattern", 0, 8192, opts=["--timeout-ms", "20000"])
+    assert res.returncode == 0, res
+
+
+def test_request_timeout(nbdkit, repl):
+    """A request the server never answers fails with ETIMEDOUT after
+    request_timeout_ms, the connection is dropped, later requests ENOTCONN."""
+    srv = nbdkit("eval", "get_size=echo 1M", "pread=sleep 3600")
+    r = repl(srv.uri(), opts=["--timeout-ms", "1000"])
+    ok, _ = r.run("read 0 4096", timeout=60)
+    assert not ok
+    assert io_err(r.drain_stderr(), "read", "ETIMEDOUT"), r.stderr
+    ok, out = r.run("alive")
+    assert ok and "alive=0" in out, out
+    ok, _ = r.run("read 0 4096", timeout=30)
+    assert not ok
+    assert io_err(r.drain_stderr(), "read", "ENOTCONN"), r.stderr
+
+
+def test_server_killed_mid_transfer_eval(nbdkit, repl):
+    """The server dies while answering (eval kills nbdkit): the request fails
+    with ENOTCONN, no hang, later requests fail at once."""
+    srv = nbdkit("eval", "get_size=echo 4M",
+                 "pread=if [ $4 -ge 2097152 ]; then kill -9 $PPID; sleep 1; fi; "
+                 "head -c $3 /dev/zero")
+    r = repl(srv.uri(), opts=["--connections", "1"])
+    ok, out = r.run("read 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("read 2097152 4096", timeout=60)
+    assert not ok
+    err = r.drain_stderr()
+    assert io_err(err, "read", "ENOTCONN"), err
+    ok, out = r.run("alive")
+    assert ok and "alive=0" in out, out
+    ok, _ = r.run("read 0 4096", timeout=10)
+    assert not ok
+    assert io_err(r.drain_stderr(), "read", "ENOTCONN"), r.stderr
+    assert r.close() != 0
+
+
+def test_server_killed_with_requests_in_flight(nbdkit, repl, tmp_path):
+    """SIGKILL of the server while requests wait in the delay filter: every
+    in-flight request completes with ENOTCONN."""
+    log = tmp_path / "log"
+    srv = nbdkit("--filter=log", "--filter=delay", "memory", "1M", "delay-read=30",
+                 f"logfile={log}")
+    r = repl(srv.uri(), opts=["--connections", "1"])
+    ok, out = r.run("info")
+    assert ok, r.stderr
+    r.send("aio-reads 4096 4 0 4096 8192 12288")
+    wait_for(lambda: log.exists() and len(re.findall(r" Read id=", log.read_text())) >= 4,
+             timeout=30, what="4 reads to reach the server")
+    srv.kill(signal.SIGKILL)
+    ok, out = r.result(timeout=20)
+    assert not ok
+    done = [line.split() for line in out if line.startswith("done ")]
+    assert len(done) == 4, out
+    assert all(d[2] == "ENOTCONN" for d in done), out
+    ok, out = r.run("alive")
+    assert ok and "alive=0" in out
+
+
+def test_out_of_order_replies(nbdkit, tmp_path):
+    """Parallel server, slow low offsets: replies overtake each other and each
+    lands in its own buffer."""
+    backing = tmp_path / "disk"
+    content = os.urandom(MiB)
+    backing.write_bytes(content)
+    srv = nbdkit("eval", "thread_model=echo parallel", "get_size=echo 1M",
+                 "pread=if [ $4 -lt 65536 ]; then sleep 3; fi; "
+                 f"dd if={backing} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none")
+    offs = [0, 4096, 524288, 528384, 600000 // 4096 * 4096, 917504]
+    res = run_cli(srv.uri(), "aio-reads", 4096, len(offs), *offs, opts=["--connections", "1"])
+    assert res.returncode == 0, res
+    done = [line.split() for line in res.text.splitlines() if line.startswith("done ")]
+    order = [int(d[1]) for d in done]
+    assert sorted(order) == sorted(offs)
+    # The fast (high) offsets complete before the slow ones.
+    assert set(order[:4]) == {o for o in offs if o >= 65536}, order
+    for d in done:
+        off = int(d[1])
+        assert d[3] == hashlib.sha256(content[off:off + 4096]).hexdigest(), d
+
+
+def test_serialized_server(nbdkit):
+    srv = nbdkit("--filter=noparallel", "memory", "1M", "serialize=requests")
+    res = run_cli(srv.uri(), "stress", 4, 300, 3)
+    assert res.returncode == 0, res
