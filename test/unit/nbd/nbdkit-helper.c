@@ -52,7 +52,10 @@ struct nbdkit *nbdkit_start_unix(const char *const *args)
 	k->dir = g_dir_make_tmp("nbdc-test-XXXXXX", &err);
 	g_assert_no_error(err);
 	k->socket = g_build_filename(k->dir, "sock", NULL);
+	g_autofree char *pidfile = g_build_filename(k->dir, "pid", NULL);
 	g_ptr_array_add(argv, "nbdkit");
+	g_ptr_array_add(argv, "-P");
+	g_ptr_array_add(argv, pidfile);
 	g_ptr_array_add(argv, "-f");
 	g_ptr_array_add(argv, "--exit-with-parent");
 	g_ptr_array_add(argv, "-U");
@@ -64,7 +67,8 @@ struct nbdkit *nbdkit_start_unix(const char *const *args)
 			   G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, NULL, NULL, &k->pid, &err))
 		g_error("spawn nbdkit: %s", err->message);
 	gint64 until = g_get_monotonic_time() + 20 * G_USEC_PER_SEC;
-	while (!g_file_test(k->socket, G_FILE_TEST_EXISTS)) {
+	/* nbdkit writes the pid file once it listens. */
+	while (!g_file_test(pidfile, G_FILE_TEST_EXISTS)) {
 		int status;
 		if (waitpid(k->pid, &status, WNOHANG) == k->pid)
 			g_error("nbdkit exited early (status %d)", status);
@@ -87,8 +91,12 @@ void nbdkit_stop(struct nbdkit *k)
 	while (waitpid(k->pid, &status, 0) < 0 && errno == EINTR)
 		;
 	g_spawn_close_pid(k->pid);
-	if (k->socket)
+	if (k->socket) {
+		g_autofree char *pidfile = g_build_filename(k->dir, "pid", NULL);
+
 		unlink(k->socket);
+		unlink(pidfile);
+	}
 	if (k->dir)
 		rmdir(k->dir);
 	g_free(k->socket);

@@ -197,7 +197,8 @@ static void test_unix_multiconn_async(void)
 int main(int argc, char **argv)
 {
 	g_test_init(&argc, &argv, NULL);
-	if (!g_find_program_in_path("nbdkit")) {
+	g_autofree char *nbdkit = g_find_program_in_path("nbdkit");
+	if (!nbdkit) {
 		g_test_skip("nbdkit not installed");
 		return 0;
 	}
