@@ -132,10 +132,15 @@ static gboolean parse_authority(struct nbdc_uri *u, const char *a, size_t len, c
 			pp = after + 1;
 			plen = left - 1;
 		}
-		for (const char *q = hs; q < he; q++)
-			if (!g_ascii_isxdigit(*q) && *q != ':' && *q != '.' && *q != '%')
+		gboolean zone = FALSE;  /* after '%': a zone id such as "eth0" */
+		for (const char *q = hs; q < he; q++) {
+			if (*q == '%')
+				zone = TRUE;
+			else if (zone ? !(g_ascii_isalnum(*q) || strchr("-._~", *q))
+				      : !(g_ascii_isxdigit(*q) || *q == ':' || *q == '.'))
 				return uri_fail(error, uri, "bad IPv6 address '%.*s'",
 						(int)(he - hs), hs);
+		}
 	} else {
 		const char *colon = memchr(a, ':', len);
 
