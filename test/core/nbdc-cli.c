@@ -384,8 +384,64 @@ static void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t f
 	g_array_append_vals(l->a, t, 3);
 }
 
-static int cmd_extents(struct ctx *x, char **a)
+/* The aio path: one opaque for the extents and the completion. */
+struct extent_wait {
+	struct extent_list l;
+	GMutex lock;
+	GCond cond;
+	gboolean done;
+	int err;
+};
+
+static void aio_extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
 {
+	struct extent_wait *w = opaque;
+
+	extent_cb(&w->l, offset, length, flags);
+}
+
+static void aio_extent_done(void *opaque, int err)
+{
+	struct extent_wait *w = opaque;
+
+	g_mutex_lock(&w->lock);
+	w->err = err;
+	w->done = TRUE;
+	g_cond_broadcast(&w->cond);
+	g_mutex_unlock(&w->lock);
+}
+
+static int aio_block_status(Nbdc *c, uint64_t count, uint64_t offset, struct extent_list *l)
+{
+	struct extent_wait w = { .l = *l };
+	gint64 deadline = g_get_monotonic_time() + WATCHDOG_US;
+	int r;
+
+	g_mutex_init(&w.lock);
+	g_cond_init(&w.cond);
+	r = nbdc_aio_block_status(c, count, offset, 0, aio_extent_cb, aio_extent_done, &w);
+	if (r == 0) {
+		g_mutex_lock(&w.lock);
+		while (!w.done) {
+			if (!g_cond_wait_until(&w.cond, &w.lock, deadline)) {
+				fprintf(stderr, "nbdc-cli: aio-extents: request never completed\n");
+				fflush(stderr);
+				_exit(3);   /* the callback still references our stack */
+			}
+		}
+		g_mutex_unlock(&w.lock);
+		r = w.err;
+	}
+	g_mutex_clear(&w.lock);
+	g_cond_clear(&w.cond);
+	*l = w.l;
+	return r;
+}
+
+/* extents OFF LEN (the synchronous wrapper) / aio-extents OFF LEN (aio). */
+static int do_extents(struct ctx *x, char **a, gboolean aio)
+{
+	const char *name = aio ? "aio-extents" : "extents";
 	uint64_t off, len;
 	struct extent_list l = { 0 };
 	Nbdc *c;
@@ -398,10 +454,13 @@ static int cmd_extents(struct ctx *x, char **a)
 	for (uint64_t pos = off; pos < off + len;) {
 		guint before = l.a->len;
 
-		r = nbdc_block_status(c, off + len - pos, pos, 0, extent_cb, &l);
+		if (aio)
+			r = aio_block_status(c, off + len - pos, pos, &l);
+		else
+			r = nbdc_block_status(c, off + len - pos, pos, 0, extent_cb, &l);
 		if (r < 0) {
 			g_array_unref(l.a);
-			return io_fail("extents", pos, off + len - pos, r);
+			return io_fail(name, pos, off + len - pos, r);
 		}
 		if (l.a->len == before || l.next <= pos) {
 			printf("NOPROGRESS %" PRIu64 "\n", pos);
@@ -421,6 +480,16 @@ static int cmd_extents(struct ctx *x, char **a)
 	fflush(stdout);
 	g_array_unref(l.a);
 	return 0;
+}
+
+static int cmd_extents(struct ctx *x, char **a)
+{
+	return do_extents(x, a, FALSE);
+}
+
+static int cmd_aio_extents(struct ctx *x, char **a)
+{
+	return do_extents(x, a, TRUE);
 }
 
 static uint8_t pattern_byte(uint64_t pos)
@@ -555,6 +624,7 @@ static int cmd_disconnect(struct ctx *x, char **a)
 struct aread {
 	uint64_t off;
 	uint8_t *buf;
+	struct iovec iov;   /* must stay valid until the completion */
 	int err;
 	gboolean done;
 };
@@ -619,7 +689,6 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 	s.order = g_ptr_array_new();
 	s.len = len;
 	for (uint64_t i = 0; i < n; i++) {
-		struct iovec iov;
 		int r;
 
 		if (!parse_u64(a[2 + i], &rs[i].off)) {
@@ -628,14 +697,14 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 			break;
 		}
 		rs[i].buf = g_malloc(len);
-		iov.iov_base = rs[i].buf;
-		iov.iov_len = len;
+		rs[i].iov.iov_base = rs[i].buf;
+		rs[i].iov.iov_len = len;
 		ops[i].set = &s;
 		ops[i].r = &rs[i];
 		g_mutex_lock(&s.lock);
 		s.pending++;
 		g_mutex_unlock(&s.lock);
-		r = nbdc_aio_preadv(c, &iov, 1, rs[i].off, 0, aread_done, &ops[i]);
+		r = nbdc_aio_preadv(c, &rs[i].iov, 1, rs[i].off, 0, aread_done, &ops[i]);
 		if (r < 0) {
 			g_mutex_lock(&s.lock);
 			s.pending--;
@@ -1123,6 +1192,7 @@ static const struct command commands[] = {
 	{ "trim", 2, cmd_trim },
 	{ "zero", 2, cmd_zero },
 	{ "extents", 2, cmd_extents },
+	{ "aio-extents", 2, cmd_aio_extents },
 	{ "verify-pattern", 2, cmd_verify_pattern },
 	{ "fill", 3, cmd_fill },
 	{ "expect", 3, cmd_expect },
@@ -1218,7 +1288,7 @@ int main(int argc, char **argv)
 	g_option_context_add_main_entries(oc, entries, NULL);
 	g_option_context_set_summary(oc,
 		"Commands: info | list [--details] | read OFF LEN | write OFF LEN (<data) | flush |\n"
-		"  trim OFF LEN | zero OFF LEN | extents OFF LEN | verify-pattern OFF LEN |\n"
+		"  trim OFF LEN | zero OFF LEN | [aio-]extents OFF LEN | verify-pattern OFF LEN |\n"
 		"  fill OFF LEN BYTE | expect OFF LEN BYTE | alive | disconnect |\n"
 		"  aio-reads LEN N OFF... | stress THREADS OPS SEED | repl (commands from stdin)");
 	if (!g_option_context_parse(oc, &argc, &argv, &err)) {

@@ -271,12 +271,13 @@ class _Daemon:
 
 @pytest.fixture
 def nbd_server(tmp_path):
-    """Factory: nbd_server({name: image_path}, extra_export_lines=()) starts
-    nbd-server with a config file, a Unix socket and a private localhost port;
-    returns an NbdServer (sock set, port in .tcp_port)."""
+    """Factory: nbd_server({name: image_path}, export_lines=(), tcp=False)
+    starts nbd-server (it daemonizes; we kill it by its pid file) with a config
+    file, on a Unix socket, or with tcp=True on a private 127.0.0.1 port (it
+    does not listen on TCP once unixsock is set).  Returns an NbdServer."""
     daemons = []
 
-    def start(exports, export_lines=()):
+    def start(exports, export_lines=(), tcp=False):
         if shutil.which("nbd-server") is None:
             pytest.fail("nbd-server is not installed")
         n = len(daemons)
@@ -284,8 +285,11 @@ def nbd_server(tmp_path):
         pidfile = str(tmp_path / f"nbd-server{n}.pid")
         cfg = tmp_path / f"nbd-server{n}.conf"
         port = free_tcp_port()
-        text = ["[generic]", f"    unixsock = {sock}", f"    port = {port}",
-                "    allowlist = true"]
+        text = ["[generic]", f"    port = {port}", "    allowlist = true"]
+        if tcp:
+            text += ["    listenaddr = 127.0.0.1"]
+        else:
+            text += [f"    unixsock = {sock}"]
         for name, path in exports.items():
             text += [f"[{name}]", f"    exportname = {path}"] + [f"    {x}" for x in export_lines]
         cfg.write_text("\n".join(text) + "\n")
@@ -297,9 +301,17 @@ def nbd_server(tmp_path):
                  timeout=30, what="nbd-server pid file")
         d = _Daemon(int(open(pidfile).read().strip()))
         daemons.append(d)
-        _wait_socket(sock, None, "nbd-server")
-        srv = NbdServer(None, sock=sock, export=next(iter(exports)))
-        srv.tcp_port = port
+        if tcp:
+            def listening():
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        return True
+                except OSError:
+                    return False
+            wait_for(listening, timeout=30, what="nbd-server to listen")
+        else:
+            _wait_socket(sock, None, "nbd-server")
+        srv = NbdServer(None, sock=None if tcp else sock, port=port, export=next(iter(exports)))
         srv.daemon = d
         return srv
 

@@ -213,8 +213,9 @@ def test_simple_replies(nbdkit, where):
     assert i["structured_replies"] == "0"
     assert i["can_block_status"] == "0"
     assert res.stdout.endswith(data)
-    res = run_cli(srv.uri(), "extents", 0, 4096, opts=opts)
-    assert res.returncode == 1 and errno_in(res, "extents", "EOPNOTSUPP"), res
+    for cmd in ("extents", "aio-extents"):
+        res = run_cli(srv.uri(), cmd, 0, 4096, opts=opts)
+        assert res.returncode == 1 and errno_in(res, cmd, "EOPNOTSUPP"), res
 
 
 def _file_eval(path, *extra):
@@ -302,9 +303,14 @@ def _merge(extents):
     return merged
 
 
-def test_block_status_memory(nbdkit):
+EXTENTS = pytest.mark.parametrize("cmd", ["extents", "aio-extents"],
+                                  ids=["sync", "aio"])
+
+
+@EXTENTS
+def test_block_status_memory(nbdkit, cmd):
     srv = nbdkit("memory", "1M")
-    res = run_cli(srv.uri(), "fill", 65536, 65536, 1, "extents", 0, MiB)
+    res = run_cli(srv.uri(), "fill", 65536, 65536, 1, cmd, 0, MiB)
     assert res.returncode == 0, res
     ext = _extents(res)
     assert ext[0][0] == 0
@@ -315,18 +321,19 @@ def test_block_status_memory(nbdkit):
         if off >= 262144:
             assert flags & 1, f"untouched range reported as data: {ext}"
     # A sub-range: extents stay inside the request.
-    res = run_cli(srv.uri(), "extents", 60000, 10000)
+    res = run_cli(srv.uri(), cmd, 60000, 10000)
     assert res.returncode == 0, res
     ext = _extents(res)
     assert ext[0][0] == 60000 and sum(e[1] for e in ext) == 10000, ext
 
 
-def test_block_status_sparse_random(nbdkit):
+@EXTENTS
+def test_block_status_sparse_random(nbdkit, cmd):
     """Our extents agree with nbdinfo --map (libnbd as the oracle)."""
     import json
     import subprocess
     srv = nbdkit("sparse-random", "4M", "seed=42", "percent=30", "runlength=65536")
-    res = run_cli(srv.uri(), "extents", 0, 4 * MiB)
+    res = run_cli(srv.uri(), cmd, 0, 4 * MiB)
     assert res.returncode == 0, res
     ours = _merge([(o, l, f & 3) for o, l, f in _extents(res)])
     m = subprocess.run(["nbdinfo", "--map", "--json", srv.uri()], stdout=subprocess.PIPE,

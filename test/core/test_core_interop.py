@@ -2,6 +2,8 @@
 Round trip (write/read/flush/list) checked against the backing file."""
 import os
 
+import pytest
+
 from nbdc_helpers import run_cli
 
 KiB = 1024
@@ -60,14 +62,15 @@ def test_qemu_nbd_roundtrip(qemu_nbd, tmp_path):
     assert res.info()["export_name"] == "disk"
 
 
-def test_qemu_nbd_block_status_and_stress(qemu_nbd, tmp_path):
+@pytest.mark.parametrize("cmd", ["extents", "aio-extents"], ids=["sync", "aio"])
+def test_qemu_nbd_block_status_and_stress(qemu_nbd, tmp_path, cmd):
     img = tmp_path / "sparse.img"
     with open(img, "wb") as f:
         f.truncate(2 * MiB)
         f.seek(MiB)
         f.write(os.urandom(64 * KiB))
     srv = qemu_nbd(img, name="sparse")
-    res = run_cli(srv.uri(), "extents", 0, 2 * MiB)
+    res = run_cli(srv.uri(), cmd, 0, 2 * MiB)
     assert res.returncode == 0, res
     ext = [tuple(int(x) for x in line.split()[:3]) for line in res.text.splitlines()
            if line[:1].isdigit()]
@@ -109,8 +112,8 @@ def test_nbd_server_tcp_and_several_exports(nbd_server, tmp_path):
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     da = make_image(a, MiB)
     db = make_image(b, 2 * MiB)
-    srv = nbd_server({"first": a, "second": b})
-    res = run_cli(f"nbd://127.0.0.1:{srv.tcp_port}/second", "info", "read", 0, 4096)
+    srv = nbd_server({"first": a, "second": b}, tcp=True)
+    res = run_cli(srv.uri("second"), "info", "read", 0, 4096)
     assert res.returncode == 0, res
     assert res.info()["size"] == str(2 * MiB)
     assert res.stdout.endswith(bytes(db[:4096]))
