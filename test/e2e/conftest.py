@@ -220,6 +220,32 @@ def sparse_file(path, size):
     return str(path)
 
 
+def sfdisk(path, script):
+    """Writes a partition table with sfdisk (script on stdin) into a file."""
+    r = subprocess.run(["sfdisk", "-q", "--wipe", "always", str(path)], input=script.encode(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    if r.returncode != 0:
+        pytest.fail(f"sfdisk {path} failed: {r.stderr.decode(errors='replace')}\n{script}")
+
+
+def sfdisk_json(path):
+    """The table as sfdisk --json sees it: {'label':..., 'partitions': [{'node', 'start',
+    'size', 'type', 'uuid', 'name'}...]} with 'number' added (the node's suffix)."""
+    import json
+    t = json.loads(run(["sfdisk", "--json", str(path)], timeout=60).stdout)["partitiontable"]
+    for p in t.get("partitions", []):
+        p["number"] = int(re.search(r"(\d+)$", p["node"]).group(1))
+    return t
+
+
+def image(path, size, table=None):
+    """A sparse image file of size bytes, with an sfdisk table if given."""
+    sparse_file(path, size)
+    if table:
+        sfdisk(path, table)
+    return str(path)
+
+
 class NbdLog:
     """The requests nbdkit's log filter (`--filter=log logfile=F`) recorded.
     requests(kind) gives one dict per request of that kind (Read, Write, Zero,
