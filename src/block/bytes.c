@@ -84,18 +84,29 @@ static size_t tail_pos(struct bytes_req *req)
 	return (size_t)((req->ls - 1) * req->ss - (req->fs * req->ss + req->head_off));
 }
 
+/* The two iovecs for the bounce sectors, in the request's own storage
+ * (an iov must stay valid until its request completes). */
+static struct iovec *edge_iov(struct bytes_req *req)
+{
+	return &req->mid[req->nmid];
+}
+
 static void submit_edge_reads(struct bytes_req *req)
 {
-	struct iovec hv = { req->bounce, req->ss }, tv = { tail_bounce(req), req->ss };
+	struct iovec *hv = edge_iov(req), *tv = hv + 1;
 
+	hv->iov_base = req->bounce;
+	hv->iov_len = req->ss;
+	tv->iov_base = tail_bounce(req);
+	tv->iov_len = req->ss;
 	g_atomic_int_set(&req->pending, 1);
 	if (req->need_head) {
 		g_atomic_int_inc(&req->pending);
-		bdev_submit_read(req->dev, req->fs, &hv, 1, piece_done, req);
+		bdev_submit_read(req->dev, req->fs, hv, 1, piece_done, req);
 	}
 	if (req->need_tail) {
 		g_atomic_int_inc(&req->pending);
-		bdev_submit_read(req->dev, req->ls - 1, &tv, 1, piece_done, req);
+		bdev_submit_read(req->dev, req->ls - 1, tv, 1, piece_done, req);
 	}
 }
 
@@ -125,10 +136,7 @@ static void submit_middle(struct bytes_req *req)
 /* Stage 1 of a write or zero: patch the bounce sectors, write everything. */
 static void submit_writes(struct bytes_req *req)
 {
-	/* The bounce iovecs must live until the writes complete: keep them
-	 * in the request's own storage. */
-	struct iovec *hv = (struct iovec *)&req->mid[req->nmid];
-	struct iovec *tv = hv + 1;
+	struct iovec *hv = edge_iov(req), *tv = hv + 1;
 	uint32_t ss = req->ss;
 
 	req->stage = 1;
@@ -210,7 +218,7 @@ static struct bytes_req *req_new(Blockdev *dev, enum bytes_kind kind, void *buf,
 	uint64_t fs = offset / ss, ls = (end + ss - 1) / ss;
 	gboolean need_head = offset % ss != 0, need_tail = end % ss != 0;
 	uint64_t mid_s, mid_e, mid_bytes;
-	size_t nmid = 0, extra_iov, bounce_len, total;
+	size_t nmid = 0, extra_iov, bounce_len, total;   /* extra_iov: edge_iov() */
 	struct bytes_req *req;
 
 	if (need_head && need_tail && ls - fs == 1)
@@ -222,7 +230,7 @@ static struct bytes_req *req_new(Blockdev *dev, enum bytes_kind kind, void *buf,
 	mid_bytes = (mid_e - mid_s) * ss;
 	if (kind != BYTES_ZERO && mid_bytes > 0)
 		nmid = (size_t)((mid_bytes + max - 1) / max);
-	extra_iov = kind == BYTES_READ ? 0 : 2;
+	extra_iov = 2;
 	bounce_len = need_head || need_tail ? 2 * (size_t)ss : 0;
 	total = sizeof(*req) + (nmid + extra_iov) * sizeof(struct iovec) + bounce_len;
 

@@ -1,0 +1,373 @@
+/* test-nbd-dev.c: the NBD Blockdev against a real nbdkit: I/O, a size that
+ * is not a sector multiple, sector sizes, read-only, and reconnection
+ * (server restarted on the same socket; server gone for good). */
+#include "config.h"
+
+#include <errno.h>
+#include <gio/gio.h>
+#include <glib/gstdio.h>
+#include <string.h>
+
+#include "nbdfs/blockdev-nbd.h"
+#include "nbdfs/partition.h"
+
+#define DEADLINE_US (30 * G_USEC_PER_SEC)
+
+struct server {
+	char *dir;
+	char *sock;
+	GSubprocess *proc;
+};
+
+static void server_start(struct server *s, const char *const *args)
+{
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GPtrArray) argv = g_ptr_array_new();
+	gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+
+	g_ptr_array_add(argv, (char *)"nbdkit");
+	g_ptr_array_add(argv, (char *)"-f");
+	g_ptr_array_add(argv, (char *)"--exit-with-parent");
+	g_ptr_array_add(argv, (char *)"-U");
+	g_ptr_array_add(argv, s->sock);
+	for (; *args; args++)
+		g_ptr_array_add(argv, (char *)*args);
+	g_ptr_array_add(argv, NULL);
+	g_unlink(s->sock);
+	s->proc = g_subprocess_newv((const char *const *)argv->pdata, G_SUBPROCESS_FLAGS_NONE, &error);
+	g_assert_no_error(error);
+	while (!g_file_test(s->sock, G_FILE_TEST_EXISTS)) {
+		g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+		g_assert_nonnull(g_subprocess_get_identifier(s->proc));
+		g_usleep(10000);
+	}
+}
+
+static void server_kill(struct server *s)
+{
+	if (!s->proc)
+		return;
+	g_subprocess_force_exit(s->proc);
+	g_subprocess_wait(s->proc, NULL, NULL);
+	g_clear_object(&s->proc);
+}
+
+static void server_init(struct server *s)
+{
+	g_autoptr(GError) error = NULL;
+
+	s->dir = g_dir_make_tmp("nbdfs-block-XXXXXX", &error);
+	g_assert_no_error(error);
+	s->sock = g_build_filename(s->dir, "sock", NULL);
+	s->proc = NULL;
+}
+
+static void server_fini(struct server *s)
+{
+	server_kill(s);
+	g_unlink(s->sock);
+	g_free(s->sock);
+	{
+		g_autofree char *f = g_build_filename(s->dir, "disk", NULL);
+
+		g_unlink(f);
+	}
+	g_rmdir(s->dir);
+	g_free(s->dir);
+}
+
+static Blockdev *connect_dev(struct server *s, struct nbdc_config *cfg, guint timeout_s,
+			     uint32_t sector_size, gboolean read_only, GError **error)
+{
+	struct blockdev_nbd_opts opts = {
+		.sector_size = sector_size,
+		.timeout_s = timeout_s,
+		.read_only = read_only,
+		.uri = "nbd+unix:///?socket=test",
+	};
+
+	nbdc_config_init(cfg);
+	cfg->socket_path = s->sock;
+	return blockdev_nbd_new(cfg, &opts, error);
+}
+
+static void test_nbd_basic(void)
+{
+	const char *args[] = { "memory", "1M", NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(Blockdev) dev = NULL;
+	struct blockdev_info info;
+	uint8_t wbuf[3000], rbuf[3000];
+	Blockdev *a, *b;
+
+	server_init(&s);
+	server_start(&s, args);
+	dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
+	g_assert_no_error(error);
+	blockdev_get_info(dev, &info);
+	g_assert_cmpuint(info.size, ==, 1024 * 1024);
+	g_assert_cmpuint(info.sector_size, ==, 512);
+	g_assert_cmpuint(info.sectors, ==, 2048);
+	g_assert_true(info.read_write);
+	g_assert_cmpstr(info.uri, ==, "nbd+unix:///?socket=test");
+
+	for (size_t i = 0; i < sizeof(wbuf); i++)
+		wbuf[i] = (uint8_t)(i * 7 + 3);
+	g_assert_cmpint(blockdev_write_sync(dev, 10, wbuf, 1024, BLOCKDEV_FUA), ==, 0);
+	g_assert_cmpint(blockdev_read_sync(dev, 10, rbuf, 1024), ==, 0);
+	g_assert_cmpmem(rbuf, 1024, wbuf, 1024);
+	g_assert_cmpint(blockdev_flush_sync(dev), ==, 0);
+	g_assert_cmpint(blockdev_read_sync(dev, 2048, rbuf, 512), ==, -EINVAL);
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, wbuf, 3000, 100001, 0), ==, 3000);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 3000, 100001), ==, 3000);
+	g_assert_cmpmem(rbuf, 3000, wbuf, 3000);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 3000, 1024 * 1024 - 10), ==, 10);
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, wbuf, 3000, 1024 * 1024, 0), ==, -ENOSPC);
+
+	/* Through a partition. */
+	g_assert_true(part_split(dev, 100, &a, &b, &error));
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(b, wbuf, 700, 50, 0), ==, 700);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 700, 100 * 512 + 50), ==, 700);
+	g_assert_cmpmem(rbuf, 700, wbuf, 700);
+	blockdev_disconnect(b);
+	g_assert_cmpint(blockdev_read_sync(a, 0, rbuf, 512), ==, 0);
+	blockdev_unref(a);
+	blockdev_unref(b);
+
+	blockdev_disconnect(dev);
+	g_assert_cmpint(blockdev_read_sync(dev, 0, rbuf, 512), ==, -ENOTCONN);
+	g_clear_pointer(&dev, blockdev_unref);
+	server_fini(&s);
+}
+
+static void test_nbd_partial(void)
+{
+	const char *args[] = { "memory", "1000", NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(Blockdev) dev = NULL;
+	struct blockdev_info info;
+	uint8_t buf[1024], rbuf[1100];
+
+	server_init(&s);
+	server_start(&s, args);
+	dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
+	g_assert_no_error(error);
+	blockdev_get_info(dev, &info);
+	g_assert_cmpuint(info.size, ==, 1000);
+	g_assert_cmpuint(info.sectors, ==, 1);
+	memset(buf, 0x6b, sizeof(buf));
+	/* The partial sector: only the inside is written, the rest reads 0. */
+	g_assert_cmpint(blockdev_write_sync(dev, 0, buf, 1024, 0), ==, 0);
+	memset(rbuf, 0xff, sizeof(rbuf));
+	g_assert_cmpint(blockdev_read_sync(dev, 1, rbuf, 512), ==, 0);
+	for (int i = 0; i < 512; i++)
+		g_assert_cmpint(rbuf[i], ==, i < 488 ? 0x6b : 0);
+	g_assert_cmpint(blockdev_read_sync(dev, 2, rbuf, 512), ==, -EINVAL);
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, "xyz", 3, 998, 0), ==, 2);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 1100, 0), ==, 1000);
+	g_assert_cmpint(rbuf[997], ==, 0x6b);
+	g_assert_cmpint(rbuf[998], ==, 'x');
+	g_assert_cmpint(rbuf[999], ==, 'y');
+	g_clear_pointer(&dev, blockdev_unref);
+	server_fini(&s);
+}
+
+static void test_nbd_sector_size(void)
+{
+	const char *args[] = { "--filter=blocksize-policy", "memory", "1001K",
+			       "blocksize-minimum=4096", "blocksize-error-policy=error", NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(Blockdev) dev = NULL;
+	struct blockdev_info info;
+	g_autofree uint8_t *buf = g_malloc(8192);
+
+	server_init(&s);
+	server_start(&s, args);
+	dev = connect_dev(&s, &cfg, 5, 512, FALSE, &error);
+	g_assert_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+	g_assert_null(dev);
+	g_clear_error(&error);
+	dev = connect_dev(&s, &cfg, 5, 3000, FALSE, &error);
+	g_assert_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+	g_clear_error(&error);
+	dev = connect_dev(&s, &cfg, 5, 0, TRUE, &error);
+	g_assert_no_error(error);
+	blockdev_get_info(dev, &info);
+	g_assert_cmpuint(info.sector_size, ==, 4096);
+	g_assert_cmpuint(info.sectors, ==, 250);
+	g_assert_false(info.read_write);
+	memset(buf, 1, 8192);
+	g_assert_cmpint(blockdev_write_sync(dev, 0, buf, 4096, 0), ==, -EROFS);
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, buf, 1, 0, 0), ==, -EROFS);
+	g_assert_cmpint(blockdev_read_sync(dev, 249, buf, 4096), ==, 0);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, buf, 100, 5), ==, 100);
+	g_clear_pointer(&dev, blockdev_unref);
+	server_fini(&s);
+}
+
+/* An asynchronous byte request whose completion we can wait for. */
+struct pending {
+	GMutex mu;
+	GCond cond;
+	gboolean finished;
+	ssize_t result;
+};
+
+static void pending_done(void *opaque, ssize_t result)
+{
+	struct pending *p = opaque;
+
+	g_mutex_lock(&p->mu);
+	p->result = result;
+	p->finished = TRUE;
+	g_cond_signal(&p->cond);
+	g_mutex_unlock(&p->mu);
+}
+
+static ssize_t pending_wait(struct pending *p)
+{
+	gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+	ssize_t r;
+
+	g_mutex_lock(&p->mu);
+	while (!p->finished)
+		g_assert_true(g_cond_wait_until(&p->cond, &p->mu, deadline));
+	r = p->result;
+	g_mutex_unlock(&p->mu);
+	return r;
+}
+
+static void test_nbd_reconnect(void)
+{
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(Blockdev) dev = NULL;
+	g_autofree char *file = NULL;
+	const char *args[4] = { "file", NULL, NULL, NULL };
+	g_autofree char *filearg = NULL;
+	uint8_t wbuf[1500], rbuf[1500];
+	struct pending p = { 0 }, q = { 0 };
+
+	server_init(&s);
+	file = g_build_filename(s.dir, "disk", NULL);
+	{
+		g_autofree char *zeros = g_malloc0(256 * 1024);
+
+		g_assert_true(g_file_set_contents(file, zeros, 256 * 1024, &error));
+	}
+	filearg = g_strdup_printf("file=%s", file);
+	args[1] = filearg;
+	server_start(&s, args);
+	dev = connect_dev(&s, &cfg, 30, 0, FALSE, &error);
+	g_assert_no_error(error);
+	for (size_t i = 0; i < sizeof(wbuf); i++)
+		wbuf[i] = (uint8_t)(i * 13 + 1);
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, wbuf, 1500, 777, 0), ==, 1500);
+	g_assert_cmpint(blockdev_flush_sync(dev), ==, 0);
+
+	/* Outage: requests issued now complete after the restart. */
+	server_kill(&s);
+	g_mutex_init(&p.mu);
+	g_cond_init(&p.cond);
+	g_mutex_init(&q.mu);
+	g_cond_init(&q.cond);
+	blockdev_pread_bytes(dev, rbuf, 1500, 777, pending_done, &p);
+	blockdev_pwrite_bytes(dev, wbuf, 100, 5000, 0, pending_done, &q);
+	server_start(&s, args);
+	g_assert_cmpint(pending_wait(&p), ==, 1500);
+	g_assert_cmpmem(rbuf, 1500, wbuf, 1500);
+	g_assert_cmpint(pending_wait(&q), ==, 100);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 100, 5000), ==, 100);
+	g_assert_cmpmem(rbuf, 100, wbuf, 100);
+
+	/* A second outage, noticed by a request in flight: still fine. */
+	server_kill(&s);
+	server_start(&s, args);
+	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 1500, 777), ==, 1500);
+	g_assert_cmpmem(rbuf, 1500, wbuf, 1500);
+
+	blockdev_disconnect(dev);
+	g_clear_pointer(&dev, blockdev_unref);
+	g_mutex_clear(&p.mu);
+	g_cond_clear(&p.cond);
+	g_mutex_clear(&q.mu);
+	g_cond_clear(&q.cond);
+	server_fini(&s);
+}
+
+static void test_nbd_gone(gconstpointer data)
+{
+	guint timeout_s = GPOINTER_TO_UINT(data);
+	const char *args[] = { "memory", "64K", NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	Blockdev *dev;
+	uint8_t buf[512];
+	struct pending p = { 0 };
+
+	server_init(&s);
+	server_start(&s, args);
+	dev = connect_dev(&s, &cfg, timeout_s, 0, FALSE, &error);
+	g_assert_no_error(error);
+	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, 0);
+	server_kill(&s);
+	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, -EIO);
+	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, buf, 10, 3, 0), ==, -EIO);
+	/* A pending request when the device is disconnected fails promptly. */
+	g_mutex_init(&p.mu);
+	g_cond_init(&p.cond);
+	blockdev_pread_bytes(dev, buf, 10, 0, pending_done, &p);
+	blockdev_disconnect(dev);
+	g_assert_cmpint(pending_wait(&p), <, 0);
+	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, -ENOTCONN);
+	blockdev_unref(dev);
+	g_mutex_clear(&p.mu);
+	g_cond_clear(&p.cond);
+	server_fini(&s);
+}
+
+/* A restarted server with another size is refused until the timeout. */
+static void test_nbd_size_changed(void)
+{
+	const char *args1[] = { "memory", "64K", NULL };
+	const char *args2[] = { "memory", "128K", NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	Blockdev *dev;
+	uint8_t buf[512];
+
+	server_init(&s);
+	server_start(&s, args1);
+	dev = connect_dev(&s, &cfg, 2, 0, FALSE, &error);
+	g_assert_no_error(error);
+	server_kill(&s);
+	server_start(&s, args2);
+	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, -EIO);
+	blockdev_disconnect(dev);
+	blockdev_unref(dev);
+	server_fini(&s);
+}
+
+int main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+	/* Reconnection logs warnings on purpose. */
+	g_log_set_always_fatal(G_LOG_FATAL_MASK | G_LOG_LEVEL_CRITICAL);
+	g_test_add_func("/block/nbd/basic", test_nbd_basic);
+	g_test_add_func("/block/nbd/partial", test_nbd_partial);
+	g_test_add_func("/block/nbd/sector-size", test_nbd_sector_size);
+	g_test_add_func("/block/nbd/reconnect", test_nbd_reconnect);
+	g_test_add_data_func("/block/nbd/gone/0", GUINT_TO_POINTER(0), test_nbd_gone);
+	g_test_add_data_func("/block/nbd/gone/1", GUINT_TO_POINTER(1), test_nbd_gone);
+	g_test_add_func("/block/nbd/size-changed", test_nbd_size_changed);
+	return g_test_run();
+}
