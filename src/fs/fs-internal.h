@@ -66,6 +66,7 @@ struct fs {
 	struct timespec mount_time;
 
 	GMutex lock;               /* the tree lock */
+	GCond closed_cond;         /* signalled (under lock) when a file is released */
 	GMutex part_lock;
 	GHashTable *inodes;        /* fuse_ino_t -> struct fs_node * (ref) */
 	GHashTable *names;         /* name -> struct fs_node * (borrowed; in-tree nodes) */

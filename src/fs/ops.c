@@ -592,6 +592,7 @@ static void handle_free(Fs *fs, struct fs_handle *h)
 	g_mutex_lock(&fs->lock);
 	g_assert(h->node->open_count > 0);
 	h->node->open_count--;
+	g_cond_broadcast(&fs->closed_cond);
 	g_mutex_unlock(&fs->lock);
 	fs_node_unref(h->node);
 	g_free(h);

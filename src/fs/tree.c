@@ -18,6 +18,9 @@
 
 G_DEFINE_QUARK(nbdfs-fs-error-quark, fs_error)
 
+/* How long partitioning waits for a just-closed partition file's release. */
+#define FS_RELEASE_GRACE_US (500 * 1000)
+
 /* ---- Names ------------------------------------------------------------- */
 
 /* Shortens @s in place to at most FS_NAME_MAX bytes: a prefix, '~' and a
@@ -199,6 +202,7 @@ Fs *fs_new(const struct fs_config *cfg)
 	fs->cfg = *cfg;
 	clock_gettime(CLOCK_REALTIME, &fs->mount_time);
 	g_mutex_init(&fs->lock);
+	g_cond_init(&fs->closed_cond);
 	g_mutex_init(&fs->part_lock);
 	g_mutex_init(&fs->inflight_lock);
 	g_cond_init(&fs->inflight_cond);
@@ -228,6 +232,7 @@ void fs_free(Fs *fs)
 	g_cond_clear(&fs->inflight_cond);
 	g_mutex_clear(&fs->inflight_lock);
 	g_mutex_clear(&fs->part_lock);
+	g_cond_clear(&fs->closed_cond);
 	g_mutex_clear(&fs->lock);
 	g_free(fs);
 }
@@ -295,8 +300,14 @@ gboolean fs_apply_partition(Fs *fs, struct fs_node *node, const char *value, siz
 {
 	g_autoptr(GMutexLocker) pl = g_mutex_locker_new(&fs->part_lock);
 
-	/* Busy first, before the value is even looked at. */
+	/* Busy first, before the value is even looked at.  The kernel sends
+	 * RELEASE asynchronously after close(2), so a file closed just before
+	 * gets a moment to be released before it counts as open. */
 	g_mutex_lock(&fs->lock);
+	gint64 deadline = g_get_monotonic_time() + FS_RELEASE_GRACE_US;
+	while (node->in_tree && subtree_busy(node) &&
+	       g_cond_wait_until(&fs->closed_cond, &fs->lock, deadline))
+		;
 	gboolean gone = !node->in_tree, busy = subtree_busy(node);
 	g_mutex_unlock(&fs->lock);
 	if (gone) {
