@@ -573,7 +573,8 @@ def mount(e2e_stack, nbdfs_bin, tmp_path):
 
     Background (default): nbdfs must return once the mount is ready; with check
     (default) the test fails unless it exits 0 and MNT is a mount point.
-    foreground=True adds -f and waits for the mount to appear.
+    foreground=True adds -f and waits for the mount to appear (a string, e.g.
+    "-d", is added instead of -f: the process must stay in the foreground).
     Returns a Mount (.path, .pid, .unmount()). check=False returns the Mount
     with .rc and .stderr set even when nbdfs failed (for start-up failure tests).
     Teardown: fusermount3 -u (then -uz), wait for the daemon pid to exit."""
@@ -592,7 +593,7 @@ def mount(e2e_stack, nbdfs_bin, tmp_path):
         pf = str(tmp_path / f"nbdfs{i}.pid") if pidfile else None
         cmd = [nbdfs_bin] + [str(o) for o in opts]
         if foreground:
-            cmd.append("-f")
+            cmd.append("-f" if foreground is True else foreground)
         if pf:
             cmd += ["--pidfile", pf]
         cmd += [str(s) for s in sources] + [mnt]
@@ -652,6 +653,22 @@ def mount(e2e_stack, nbdfs_bin, tmp_path):
                     m.pid = pids[0] if pids else None
         return m
 
+    def adopt(mnt, pid=None):
+        """Registers a mount made some other way (e.g. mount -t fuse.nbdfs)
+        for the same teardown; pid found by its mountpoint when not given."""
+        m = Mount(do_mount, str(mnt), None, str(tmp_path / "adopted.err"), pid=pid)
+        if m.pid is None:
+            pids = find_daemon_pids(nbdfs_bin, mnt)
+            m.pid = pids[0] if pids else None
+        e2e_stack.push(f"nbdfs mount {mnt}", lambda: _cleanup_mount(e2e_stack, m, nbdfs_bin))
+        return m
+
+    def nothing_left(mnt):
+        """True when mnt is not mounted and no nbdfs runs for it."""
+        return not is_mounted(mnt) and not find_daemon_pids(nbdfs_bin, mnt)
+
+    do_mount.adopt = adopt
+    do_mount.nothing_left = nothing_left
     return do_mount
 
 

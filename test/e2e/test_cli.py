@@ -1,0 +1,529 @@
+"""SPEC §2, the command line: naming of files, several servers, -a, --list,
+start-up failures, background/foreground, --pidfile, signals, mount -t
+fuse.nbdfs, and the -o option table."""
+import os
+import signal
+import stat
+import subprocess
+
+import pytest
+
+from nbdfs_e2e import (MiB, find_daemon_pids, getx, is_mounted, mount_entry, pattern_bytes,
+                       read_file, run, wait_for, wait_pid_exit)
+
+
+def nbdfs(binary, *args, timeout=60):
+    """Runs nbdfs to completion (for --list and start-up failures)."""
+    r = subprocess.run([binary] + [str(a) for a in args], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+
+
+# ---------------------------------------------------------------- naming
+
+def test_name_from_name_equals_uri(nbdkit, mount):
+    srv = nbdkit("pattern", "1M")
+    m = mount(f"mydisk={srv.uri()}")
+    assert m.files() == ["mydisk"]
+    assert read_file(m / "mydisk", 0, 64) == pattern_bytes(0, 64)
+
+
+def test_name_from_export_name(nbdkit, mount):
+    srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true",
+                 "exportname=vol1")
+    m = mount(srv.uri("vol1"))
+    assert m.files() == ["vol1"]
+    assert getx(m / "vol1", "user.nbdfs.export") == "vol1"
+
+
+def test_empty_export_name_is_disk(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(""))
+    assert m.files() == ["disk"]
+    assert os.path.getsize(m / "disk") == MiB
+
+
+@pytest.mark.parametrize("export", ["a/b", "..", "."])
+def test_unfit_names_are_escaped_not_dropped(nbdkit, mount, export):
+    srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true",
+                 f"exportname={export}")
+    quoted = export.replace("/", "%2F").replace(".", "%2E")
+    m = mount(f"nbd+unix:///{quoted}?socket={srv.sock}")
+    files = m.files()
+    assert len(files) == 1, files
+    name = files[0]
+    assert name not in ("", ".", "..") and "/" not in name
+    assert os.path.getsize(m / name) == MiB
+    assert getx(m / name, "user.nbdfs.export") == export
+
+
+def test_unfit_name_given_by_user_is_escaped(nbdkit, mount):
+    m = mount(f"a/b={nbdkit('memory', '1M').uri()}", check=False)
+    # Either refused as a bad name at start-up, or escaped: never dropped.
+    if m.rc == 0 and is_mounted(m.path):
+        files = m.files()
+        assert len(files) == 1 and "/" not in files[0]
+    else:
+        assert m.rc != 0 and "a/b" in m.stderr
+
+
+def _assert_startup_failure(mount, m, *must_name):
+    assert m.rc != 0, f"nbdfs exited 0: {m.cmd}"
+    assert not is_mounted(m.path), "a failed start-up left a mount"
+    wait_for(lambda: mount.nothing_left(m.path), timeout=10, what="no nbdfs process left")
+    lines = [l for l in m.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, f"want one clear line, got:\n{m.stderr}"
+    for s in must_name:
+        assert s in lines[0], f"{s!r} not named in: {lines[0]}"
+
+
+def test_duplicate_names_are_an_error_naming_both(nbdkit, mount):
+    a = nbdkit("memory", "1M").uri()
+    b = nbdkit("memory", "2M").uri()
+    m = mount(f"x={a}", f"x={b}", check=False)
+    _assert_startup_failure(mount, m, a, b)
+
+
+def test_duplicate_default_names_are_an_error(nbdkit, mount):
+    a = nbdkit("memory", "1M").uri()
+    b = nbdkit("memory", "2M").uri()
+    m = mount(a, b, check=False)   # both would be `disk`
+    _assert_startup_failure(mount, m, a, b)
+
+
+def test_several_servers_in_one_mount(nbdkit, mount):
+    p = nbdkit("pattern", "1M")
+    mem = nbdkit("memory", "2M")
+    m = mount(f"pat={p.uri()}", f"mem={mem.uri()}")
+    assert m.files() == ["mem", "pat"]
+    assert os.path.getsize(m / "mem") == 2 * MiB
+    assert read_file(m / "pat", 4096, 16) == pattern_bytes(4096, 16)
+    with open(m / "mem", "r+b") as f:
+        f.write(b"hello")
+    assert read_file(m / "mem", 0, 5) == b"hello"
+
+
+@pytest.mark.parametrize("flag", ["-a", "--all-exports"])
+def test_all_exports(nbdkit, mount, flag):
+    srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=explicit",
+                 "exportname=disk1", "exportname=disk2", "exportname=disk3")
+    m = mount(srv.uri(), opts=[flag])
+    assert m.files() == ["disk1", "disk2", "disk3"]
+    for f in m.files():
+        assert getx(m / f, "user.nbdfs.export") == f
+
+
+# ---------------------------------------------------------------- --list
+
+def test_list(nbdfs_bin, nbdkit):
+    srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=explicit",
+                 "exportname=disk1", "exportname=disk2", "exportdesc=fixed:test desc")
+    rc, out, err = nbdfs(nbdfs_bin, "--list", srv.uri())
+    assert rc == 0, err
+    assert out.split() == ["disk1", "disk2"]
+
+
+def test_list_long(nbdfs_bin, nbdkit):
+    srv = nbdkit("--filter=exportname", "--filter=blocksize-policy", "memory", "1M",
+                 "exportname-list=explicit", "exportname=disk1", "exportname=disk2",
+                 "exportdesc=fixed:test-desc", "blocksize-minimum=512",
+                 "blocksize-preferred=65536", "blocksize-maximum=1048576")
+    rc, out, err = nbdfs(nbdfs_bin, "--list", "--long", srv.uri())
+    assert rc == 0, err
+    assert "disk1" in out and "disk2" in out
+    assert "test-desc" in out
+    assert "1048576" in out or "1M" in out or "1.0M" in out or "1 MiB" in out or "1.0 MiB" in out
+    assert "65536" in out or "64K" in out or "64 KiB" in out or "64k" in out
+
+
+def test_list_read_only_flag(nbdfs_bin, nbdkit):
+    rw = nbdfs(nbdfs_bin, "--list", "--long", nbdkit("memory", "1M").uri())[1]
+    ro = nbdfs(nbdfs_bin, "--list", "--long", nbdkit("-r", "memory", "1M").uri())[1]
+    assert rw != ro, f"--long shows no read-only flag:\n{rw}\n{ro}"
+
+
+@pytest.mark.parametrize("srvargs", [["-o"], ["--mask-handshake=0"]],
+                         ids=["oldstyle", "non-fixed-newstyle"])
+def test_list_server_too_old_exits_2(nbdfs_bin, nbdkit, srvargs):
+    srv = nbdkit(*srvargs, "memory", "1M")
+    rc, out, err = nbdfs(nbdfs_bin, "--list", srv.uri())
+    assert rc == 2, f"rc={rc} out={out!r} err={err!r}"
+    assert err.strip(), "no reason given"
+
+
+def test_list_unreachable_exits_1(nbdfs_bin, tmp_path):
+    uri = f"nbd+unix:///?socket={tmp_path}/nothing.sock"
+    rc, out, err = nbdfs(nbdfs_bin, "--list", uri)
+    assert rc == 1, f"rc={rc} err={err!r}"
+    assert err.strip()
+
+
+# ---------------------------------------------------------------- start-up failures
+
+def test_startup_bad_uri(mount):
+    for bad in ["http://example.com/x", "nbd+unix:///?nosocket=1", "nbd://"]:
+        m = mount(bad, check=False)
+        _assert_startup_failure(mount, m, bad)
+
+
+def test_startup_unreachable(mount, tmp_path):
+    uri = f"nbd+unix:///?socket={tmp_path}/nothing.sock"
+    m = mount(uri, check=False)
+    _assert_startup_failure(mount, m, uri)
+
+
+def test_startup_unreachable_tcp(mount):
+    from nbdfs_e2e import free_tcp_port
+    uri = f"nbd://127.0.0.1:{free_tcp_port()}/"
+    m = mount(uri, check=False)
+    _assert_startup_failure(mount, m, uri)
+
+
+def test_startup_unknown_export(nbdkit, mount):
+    srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true", "exportname=a")
+    uri = srv.uri("zzz")
+    m = mount(uri, check=False)
+    _assert_startup_failure(mount, m, uri)
+
+
+def _psk(tmp_path, name, user="alice"):
+    path = tmp_path / name
+    run(["psktool", "-u", user, "-p", path])
+    return str(path)
+
+
+def test_startup_tls_failure(nbdkit, mount, tmp_path):
+    good = _psk(tmp_path, "good.psk")
+    bad = _psk(tmp_path, "bad.psk")
+    srv = nbdkit("--tls=require", f"--tls-psk={good}", "memory", "1M")
+    uri = f"nbds+unix://alice@/?socket={srv.sock}"
+    m = mount(uri, opts=["-o", f"tls-psk={bad}"], check=False)
+    _assert_startup_failure(mount, m, uri)
+    # and the right key works
+    ok = mount(uri, opts=["-o", f"tls-psk={good}"])
+    assert ok.files() == ["disk"]
+
+
+def test_startup_plaintext_to_tls_only_server(nbdkit, mount, tmp_path):
+    srv = nbdkit("--tls=require", f"--tls-psk={_psk(tmp_path, 'k.psk')}", "memory", "1M")
+    m = mount(srv.uri(), check=False)
+    _assert_startup_failure(mount, m, srv.uri())
+
+
+def test_startup_missing_mountpoint(nbdkit, mount, tmp_path):
+    uri = nbdkit("memory", "1M").uri()
+    m = mount(uri, mnt=tmp_path / "does-not-exist", check=False)
+    assert m.rc != 0
+    assert not is_mounted(m.path)
+    lines = [l for l in m.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "does-not-exist" in lines[0], m.stderr
+
+
+def test_startup_one_bad_source_of_two_mounts_nothing(nbdkit, mount, tmp_path):
+    good = nbdkit("memory", "1M").uri()
+    bad = f"x=nbd+unix:///?socket={tmp_path}/nothing.sock"
+    m = mount(good, bad, check=False)
+    _assert_startup_failure(mount, m, bad)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+def test_ready_when_it_returns(nbdkit, mount, nbdfs_bin, tmp_path):
+    """`nbdfs URI mnt && ls mnt` works at once."""
+    srv = nbdkit("pattern", "1M")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    pf = tmp_path / "pid"
+    r = subprocess.run(["sh", "-c", f'"$0" --pidfile "$1" "$2" "$3" && ls "$3" && head -c 16 "$3/disk" | od -An -tx1',
+                        nbdfs_bin, str(pf), srv.uri(), str(mnt)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, timeout=60)
+    mount.adopt(mnt, pid=int(pf.read_text()) if pf.exists() else None)
+    assert r.returncode == 0
+    out = r.stdout.decode().split()
+    assert out[0] == "disk"
+    assert bytes(int(x, 16) for x in out[1:]) == pattern_bytes(0, 16)
+
+
+def test_pidfile_written_when_ready(nbdkit, mount, nbdfs_bin):
+    m = mount(nbdkit("memory", "1M").uri())
+    pf = m.cmd[m.cmd.index("--pidfile") + 1]
+    assert os.path.exists(pf), "no pid file when nbdfs returned"
+    pid = int(open(pf).read().strip())
+    assert os.path.exists(f"/proc/{pid}")
+    assert os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "nbdfs"
+    assert pid in find_daemon_pids(nbdfs_bin, m.path)
+    m.unmount()
+    assert wait_pid_exit(pid, 30)
+
+
+def test_background_detaches(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri())
+    # the daemon is not the process we started (that one exited 0), and runs on
+    assert m.rc == 0 and m.pid and os.path.exists(f"/proc/{m.pid}")
+    assert m.files() == ["disk"]
+
+
+def test_foreground_stays(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(), foreground=True)
+    assert m.proc.poll() is None
+    assert open(m.cmd[m.cmd.index("--pidfile") + 1]).read().strip() == str(m.proc.pid)
+    assert m.files() == ["disk"]
+    assert m.unmount() == 0
+
+
+def test_debug_implies_foreground_and_logs_requests(nbdkit, mount):
+    srv = nbdkit("pattern", "1M")
+    # -d alone (no -f): it must stay in the foreground.
+    m = mount(srv.uri(), foreground="-d")
+    read_file(m / "disk", 1000, 10)
+    assert m.proc.poll() is None
+    wait_for(lambda: "read" in m.log().lower(), timeout=10, what="a logged NBD read")
+    assert m.unmount() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_flushes_disconnects_exits_0(server, mount, sig):
+    srv = server("memory", "4M", verbose=True)
+    m = mount(srv.uri(), foreground=True)
+    fd = os.open(m / "disk", os.O_WRONLY)
+    os.pwrite(fd, b"signal-data", 1000)
+    os.close(fd)
+    m.proc.send_signal(sig)
+    rc = m.wait_exit(60)
+    assert rc == 0
+    assert not is_mounted(m.path)
+    wait_for(lambda: srv.disc_count() >= 1, timeout=10, what="NBD_CMD_DISC on the server")
+    assert srv.eof_count() == 0, "a connection was dropped without NBD_CMD_DISC"
+    from nbdfs_e2e import nbd_read
+    assert nbd_read(srv.uri(), 1000, 11) == b"signal-data"
+
+
+def test_sigterm_background_daemon(server, mount):
+    srv = server("memory", "4M", verbose=True)
+    m = mount(srv.uri())
+    os.kill(m.pid, signal.SIGTERM)
+    assert wait_pid_exit(m.pid, 60)
+    assert not is_mounted(m.path)
+    wait_for(lambda: srv.disc_count() >= 1, timeout=10, what="NBD_CMD_DISC on the server")
+
+
+def test_fusermount_u_exits_0_with_disc(server, mount):
+    srv = server("memory", "4M", verbose=True)
+    m = mount(srv.uri(), foreground=True)
+    with open(m / "disk", "r+b") as f:
+        f.write(b"x" * 4096)
+    flushes_before = len(srv.log.requests("Flush"))
+    assert m.unmount() == 0
+    wait_for(lambda: srv.disc_count() >= 1, timeout=10, what="NBD_CMD_DISC on the server")
+    assert srv.eof_count() == 0
+    assert len(srv.log.requests("Flush")) >= max(flushes_before, 1)
+
+
+def _mount_t(uri, mnt, opts):
+    """The command `mount -t fuse.nbdfs URI MNT -o OPTS` runs. mount(8) itself
+    runs its helper with the standard PATH only, so a test build (not
+    installed) is reached by running that helper, mount.fuse3, the way mount(8)
+    does: mount.fuse3 SOURCE DIR -t nbdfs -o OPTS (plus the dev,suid that
+    mount(8) adds)."""
+    return ["mount.fuse3", uri, str(mnt), "-t", "nbdfs", "-o", opts + ",dev,suid"]
+
+
+def test_mount_t_fuse_nbdfs(nbdkit, mount, nbdfs_bin, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(nbdfs_bin, bindir / "nbdfs")
+    srv = nbdkit("pattern", "1M")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    r = subprocess.run(_mount_t(srv.uri(), mnt, "ro,umask=022"), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+    mount.adopt(mnt)
+    assert r.returncode == 0, r.stderr.decode()
+    assert os.path.ismount(mnt)
+    assert mount_entry(mnt)[2] == "fuse.nbdfs"
+    assert os.listdir(mnt) == ["disk"]
+    assert stat.S_IMODE(os.stat(mnt / "disk").st_mode) == 0o444
+    assert read_file(mnt / "disk", 8, 8) == pattern_bytes(8, 8)
+
+
+def test_mount_t_fuse_nbdfs_with_nbdfs_options(nbdkit, mount, nbdfs_bin, tmp_path):
+    """fstab-style: nbdfs options (partitions=auto, timeout) through mount -o."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(nbdfs_bin, bindir / "nbdfs")
+    srv = nbdkit("partitioning", _tiny_part(tmp_path), "partition-type=mbr")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    r = subprocess.run(_mount_t(srv.uri(), mnt, "partitions=auto,timeout=5"), env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    mount.adopt(mnt)
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(os.listdir(mnt)) == ["disk", "disk-part1"]
+
+
+def _tiny_part(tmp_path):
+    p = tmp_path / "p1.img"
+    p.write_bytes(os.urandom(1024 * 1024))
+    return str(p)
+
+
+# ---------------------------------------------------------------- -o options
+
+def _modes(m):
+    return {f: stat.S_IMODE(os.stat(m / f).st_mode) for f in m.files()}
+
+
+@pytest.mark.parametrize("opts", [["-o", "ro"], ["--ro"]], ids=["-o ro", "--ro"])
+def test_option_ro(server, mount, opts):
+    srv = server("memory", "1M")
+    m = mount(srv.uri(), opts=opts)
+    assert _modes(m) == {"disk": 0o444}
+    import errno
+    with pytest.raises(OSError) as e:
+        os.open(m / "disk", os.O_WRONLY)
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        os.open(m / "disk", os.O_RDWR)
+    assert e.value.errno == errno.EROFS
+    read_file(m / "disk", 0, 4096)
+    assert srv.log.requests("Write") == []
+
+
+def test_option_sector_size_4096(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "sector_size=4096"])
+    assert getx(m / "disk", "user.nbdfs.sector_size") == "4096"
+    assert getx(m / "disk", "user.nbdfs.sectors") == str(MiB // 4096)
+    with open(m / "disk", "r+b") as f:
+        f.seek(4097)
+        f.write(b"abc")
+    assert read_file(m / "disk", 4096, 5) == b"\0abc\0"
+
+
+@pytest.mark.parametrize("opts,attr,want", [
+    (["--sector-size=4096"], "user.nbdfs.sector_size", "4096"),
+    (["--sector-size", "4096"], "user.nbdfs.sector_size", "4096"),
+    (["--timeout=0"], None, None),
+    (["--timeout", "5"], None, None),
+    (["--connections=1"], None, None),
+    (["--partitions=auto"], "user.nbdfs.partition", "none"),
+    (["--umask=077"], None, None),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_long_options(nbdkit, mount, opts, attr, want):
+    """SPEC §2: every option also as a long option."""
+    m = mount(nbdkit("memory", "1M").uri(), opts=opts)
+    assert m.files() == ["disk"]
+    if attr:
+        assert getx(m / "disk", attr) == want
+
+
+def test_default_sector_size_512(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri())
+    assert getx(m / "disk", "user.nbdfs.sector_size") == "512"
+
+
+def test_default_sector_size_from_server_minimum(nbdkit, mount):
+    srv = nbdkit("--filter=blocksize-policy", "memory", "1M", "blocksize-minimum=4096",
+                 "blocksize-error-policy=error")
+    m = mount(srv.uri())
+    assert getx(m / "disk", "user.nbdfs.sector_size") == "4096"
+
+
+def _active_connections(log):
+    t = log.text()
+    return t.count(" Connect export=") - t.count(" Disconnect transactions=")
+
+
+def test_option_connections_multi_conn_server(server, mount):
+    srv = server("memory", "4M")   # memory advertises multi-conn
+    m = mount(srv.uri(), opts=["-o", "connections=3"])
+    read_file(m / "disk", 0, 4096)
+    wait_for(lambda: _active_connections(srv.log) == 3, timeout=10,
+             what=f"3 connections (log:\n{srv.log.text()[-2000:]})")
+    with open(m / "disk", "r+b") as f:
+        f.write(b"z" * 8192)
+    assert read_file(m / "disk", 0, 8192) == b"z" * 8192
+
+
+def test_default_connections_several_with_multi_conn(server, mount):
+    srv = server("memory", "4M")
+    m = mount(srv.uri())
+    read_file(m / "disk", 0, 4096)
+    assert _active_connections(srv.log) >= 2
+
+
+def test_option_connections_server_without_multi_conn(server, mount):
+    srv = server("--filter=multi-conn", "memory", "4M", "multi-conn-mode=disable")
+    m = mount(srv.uri(), opts=["-o", "connections=4"], foreground=True)
+    with open(m / "disk", "r+b") as f:
+        f.write(b"q" * 1024)
+    assert read_file(m / "disk", 0, 1024) == b"q" * 1024
+    assert _active_connections(srv.log) == 1
+    assert any(w in m.log().lower() for w in ("multi-conn", "multi_conn", "connection")), \
+        f"no warning logged: {m.log()!r}"
+
+
+def test_default_connections_one_without_multi_conn(server, mount):
+    srv = server("--filter=multi-conn", "memory", "4M", "multi-conn-mode=disable")
+    m = mount(srv.uri())
+    read_file(m / "disk", 0, 4096)
+    assert _active_connections(srv.log) == 1
+
+
+def test_option_timeout_accepted(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "timeout=5"])
+    assert m.files() == ["disk"]
+    m2 = mount(nbdkit("memory", "1M").uri(), opts=["-o", "timeout=0"])
+    assert m2.files() == ["disk"]
+
+
+def test_option_uid_gid(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "uid=1234,gid=5678"])
+    st = os.stat(m / "disk")
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_owner_default_is_mounting_user(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri())
+    st = os.stat(m / "disk")
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+
+
+def test_option_umask(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "umask=027"])
+    assert _modes(m) == {"disk": 0o640}
+    m2 = mount(nbdkit("memory", "1M").uri(), opts=["-o", "umask=077,ro"])
+    assert _modes(m2) == {"disk": 0o400}
+
+
+@pytest.fixture
+def open_dir():
+    """A mount point every user can reach (tmp_path's parents are 0700)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="nbdfs-e2e-")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        if not is_mounted(d):
+            os.rmdir(d)
+
+
+def _as_nobody(*cmd):
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] +
+                          [str(c) for c in cmd], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=30)
+
+
+def test_option_allow_other(nbdkit, mount, open_dir):
+    m = mount(nbdkit("pattern", "1M").uri(), opts=["-o", "allow_other"], mnt=open_dir)
+    assert "allow_other" in mount_entry(m.path)[3] or _as_nobody("stat", m / "disk").returncode == 0
+    r = _as_nobody("head", "-c", "8", m / "disk")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == pattern_bytes(0, 8)
+
+
+def test_without_allow_other_others_are_denied(nbdkit, mount, open_dir):
+    m = mount(nbdkit("pattern", "1M").uri(), mnt=open_dir)
+    assert _as_nobody("stat", m / "disk").returncode != 0
