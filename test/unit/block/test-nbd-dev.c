@@ -16,6 +16,7 @@
 struct server {
 	char *dir;
 	char *sock;
+	char *pidfile;
 	GSubprocess *proc;
 };
 
@@ -30,13 +31,17 @@ static void server_start(struct server *s, const char *const *args)
 	g_ptr_array_add(argv, (char *)"--exit-with-parent");
 	g_ptr_array_add(argv, (char *)"-U");
 	g_ptr_array_add(argv, s->sock);
+	/* nbdkit writes the pid file once it accepts connections. */
+	g_ptr_array_add(argv, (char *)"-P");
+	g_ptr_array_add(argv, s->pidfile);
 	for (; *args; args++)
 		g_ptr_array_add(argv, (char *)*args);
 	g_ptr_array_add(argv, NULL);
 	g_unlink(s->sock);
+	g_unlink(s->pidfile);
 	s->proc = g_subprocess_newv((const char *const *)argv->pdata, G_SUBPROCESS_FLAGS_NONE, &error);
 	g_assert_no_error(error);
-	while (!g_file_test(s->sock, G_FILE_TEST_EXISTS)) {
+	while (!g_file_test(s->pidfile, G_FILE_TEST_EXISTS)) {
 		g_assert_cmpint(g_get_monotonic_time(), <, deadline);
 		g_assert_nonnull(g_subprocess_get_identifier(s->proc));
 		g_usleep(10000);
@@ -59,6 +64,7 @@ static void server_init(struct server *s)
 	s->dir = g_dir_make_tmp("nbdfs-block-XXXXXX", &error);
 	g_assert_no_error(error);
 	s->sock = g_build_filename(s->dir, "sock", NULL);
+	s->pidfile = g_build_filename(s->dir, "pid", NULL);
 	s->proc = NULL;
 }
 
@@ -66,7 +72,9 @@ static void server_fini(struct server *s)
 {
 	server_kill(s);
 	g_unlink(s->sock);
+	g_unlink(s->pidfile);
 	g_free(s->sock);
+	g_free(s->pidfile);
 	{
 		g_autofree char *f = g_build_filename(s->dir, "disk", NULL);
 
@@ -357,6 +365,165 @@ static void test_nbd_size_changed(void)
 	server_fini(&s);
 }
 
+/* ---- block status and concurrent unaligned writers over a real server ---- */
+
+struct bs_collect {
+	GMutex mu;
+	GCond cond;
+	gboolean finished;
+	int err;
+	GArray *ext;                  /* uint64_t triples: offset, length, flags */
+};
+
+static void bs_collect_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
+{
+	struct bs_collect *b = opaque;
+	uint64_t v[3] = { offset, length, flags };
+
+	g_array_append_vals(b->ext, v, 3);
+}
+
+static void bs_collect_done(void *opaque, int err)
+{
+	struct bs_collect *b = opaque;
+
+	g_mutex_lock(&b->mu);
+	b->err = err;
+	b->finished = TRUE;
+	g_cond_signal(&b->cond);
+	g_mutex_unlock(&b->mu);
+}
+
+static void test_nbd_block_status(void)
+{
+	const char *args[] = { "memory", "1M", NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(Blockdev) dev = NULL;
+	g_autoptr(Blockdev) w = NULL;
+	struct bs_collect b = { 0 };
+	uint8_t buf[4096];
+	uint64_t covered = 0;
+	gboolean saw_data = FALSE;
+
+	server_init(&s);
+	server_start(&s, args);
+	dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
+	g_assert_no_error(error);
+	memset(buf, 0x42, sizeof(buf));
+	g_assert_cmpint(blockdev_write_sync(dev, 128, buf, 4096, 0), ==, 0);
+	/* Through a window starting at sector 64: the data is at window byte 32K. */
+	w = part_window_new(dev, 64, 256, &error);
+	g_assert_no_error(error);
+	g_mutex_init(&b.mu);
+	g_cond_init(&b.cond);
+	b.ext = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+	blockdev_block_status(w, 0, 256, bs_collect_extent, bs_collect_done, &b);
+	g_mutex_lock(&b.mu);
+	while (!b.finished)
+		g_cond_wait(&b.cond, &b.mu);
+	g_mutex_unlock(&b.mu);
+	g_assert_cmpint(b.err, ==, 0);
+	for (guint i = 0; i < b.ext->len; i += 3) {
+		uint64_t off = g_array_index(b.ext, uint64_t, i);
+		uint64_t len = g_array_index(b.ext, uint64_t, i + 1);
+		uint64_t fl = g_array_index(b.ext, uint64_t, i + 2);
+
+		g_assert_cmpuint(off, ==, covered);
+		covered += len;
+		g_assert_cmpuint(covered, <=, 256 * 512);
+		if (off <= 32768 && off + len >= 32768 + 4096) {
+			g_assert_cmpuint(fl & BLOCKDEV_STATE_HOLE, ==, 0);
+			saw_data = TRUE;
+		}
+	}
+	g_assert_true(saw_data);
+	g_array_unref(b.ext);
+	g_mutex_clear(&b.mu);
+	g_cond_clear(&b.cond);
+	g_clear_pointer(&w, blockdev_unref);
+	g_clear_pointer(&dev, blockdev_unref);
+	server_fini(&s);
+}
+
+#define NW 4
+#define CONC_SIZE (16 * 1024 + 300)
+
+struct conc {
+	Blockdev *dev, *win;          /* win: sectors [8, end) */
+	uint8_t *model;
+	guint32 seed;
+};
+
+struct conc_worker {
+	struct conc *c;
+	int id;
+};
+
+/* Writer @id owns the bytes whose (offset / 97) % NW == id: slots of 97
+ * bytes dealt round-robin, so neighbours share sectors. */
+static gpointer conc_writer(gpointer opaque)
+{
+	struct conc_worker *wk = opaque;
+	struct conc *c = wk->c;
+	g_autoptr(GRand) r = g_rand_new_with_seed(c->seed + wk->id);
+	uint8_t buf[97];
+
+	for (int it = 0; it < 150; it++) {
+		uint64_t slot = (uint64_t)g_rand_int_range(r, 0, CONC_SIZE / 97 / NW) * NW + wk->id;
+		uint64_t a = g_rand_int_range(r, 0, 97);
+		uint64_t n = g_rand_int_range(r, 1, 97 - a + 1);
+		uint64_t off = slot * 97 + a;
+		ssize_t res;
+
+		for (uint64_t i = 0; i < n; i++)
+			buf[i] = (uint8_t)g_rand_int(r);
+		if (off >= 8 * 512 && g_rand_boolean(r))
+			res = blockdev_pwrite_bytes_sync(c->win, buf, n, off - 8 * 512, 0);
+		else
+			res = blockdev_pwrite_bytes_sync(c->dev, buf, n, off, 0);
+		g_assert_cmpint(res, ==, (ssize_t)n);
+		memcpy(c->model + off, buf, n);
+	}
+	return NULL;
+}
+
+static void test_nbd_concurrency(void)
+{
+	g_autofree char *size = g_strdup_printf("%d", CONC_SIZE);
+	const char *args[] = { "memory", size, NULL };
+	struct server s;
+	struct nbdc_config cfg;
+	g_autoptr(GError) error = NULL;
+	struct conc c = { 0 };
+	struct conc_worker wk[NW];
+	GThread *t[NW];
+	g_autofree uint8_t *back = g_malloc(CONC_SIZE);
+
+	server_init(&s);
+	server_start(&s, args);
+	c.dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
+	g_assert_no_error(error);
+	c.win = part_window_new(c.dev, 8, (CONC_SIZE + 511) / 512 - 8, &error);
+	g_assert_no_error(error);
+	c.model = g_malloc0(CONC_SIZE);
+	c.seed = (guint32)g_test_rand_int();
+	for (int i = 0; i < NW; i++) {
+		wk[i].c = &c;
+		wk[i].id = i;
+		t[i] = g_thread_new("writer", conc_writer, &wk[i]);
+	}
+	for (int i = 0; i < NW; i++)
+		g_thread_join(t[i]);
+	g_assert_cmpint(blockdev_pread_bytes_sync(c.dev, back, CONC_SIZE, 0), ==, CONC_SIZE);
+	g_assert_cmpmem(back, CONC_SIZE, c.model, CONC_SIZE);
+	blockdev_unref(c.win);
+	blockdev_unref(c.dev);
+	g_free(c.model);
+	server_fini(&s);
+}
+
 int main(int argc, char **argv)
 {
 	g_test_init(&argc, &argv, NULL);
@@ -365,6 +532,8 @@ int main(int argc, char **argv)
 	g_test_add_func("/block/nbd/basic", test_nbd_basic);
 	g_test_add_func("/block/nbd/partial", test_nbd_partial);
 	g_test_add_func("/block/nbd/sector-size", test_nbd_sector_size);
+	g_test_add_func("/block/nbd/block-status", test_nbd_block_status);
+	g_test_add_func("/block/nbd/concurrency", test_nbd_concurrency);
 	g_test_add_func("/block/nbd/reconnect", test_nbd_reconnect);
 	g_test_add_data_func("/block/nbd/gone/0", GUINT_TO_POINTER(0), test_nbd_gone);
 	g_test_add_data_func("/block/nbd/gone/1", GUINT_TO_POINTER(1), test_nbd_gone);
