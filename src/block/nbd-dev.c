@@ -312,7 +312,11 @@ static gpointer reconnect_main(gpointer opaque)
 			g_thread_join(t);
 			g_mutex_lock(&d->mu);
 			d->attempts++;
-			if (c) {
+			if (c && d->stopping) {
+				g_mutex_unlock(&d->mu);
+				nbdc_free(c);
+				g_mutex_lock(&d->mu);
+			} else if (c) {
 				struct conn *cn = g_new0(struct conn, 1);
 
 				cn->c = c;
