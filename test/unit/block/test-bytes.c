@@ -267,7 +267,8 @@ static gpointer writer_main(gpointer opaque)
 		} else {
 			res = blockdev_pwrite_bytes_sync(target, buf, n, toff, 0);
 			if (res != (ssize_t)n)
-				g_test_message("via %d off %" G_GUINT64_FORMAT " toff %" G_GUINT64_FORMAT " n %" G_GUINT64_FORMAT " so %" G_GUINT64_FORMAT " sl %" G_GUINT64_FORMAT " size %" G_GUINT64_FORMAT, via, off, toff, n, so, sl, c->size);
+				g_test_message("via %d off %" G_GUINT64_FORMAT " n %" G_GUINT64_FORMAT,
+					       via, off, n);
 			g_assert_cmpint(res, ==, (ssize_t)n);
 			memcpy(c->model + off, buf, n);
 		}
