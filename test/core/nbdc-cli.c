@@ -44,6 +44,8 @@ static struct {
 	gboolean fast_zero;
 	gboolean debug;
 	gboolean quiet_log;
+	gint stress_max_len;
+	gboolean aio_disconnect;
 } opt = { .timeout_ms = -1, .handshake_timeout_ms = -1 };
 
 static GOptionEntry entries[] = {
@@ -64,6 +66,10 @@ static GOptionEntry entries[] = {
 	{ "fast-zero", 0, 0, G_OPTION_ARG_NONE, &opt.fast_zero, "zero with FAST_ZERO", NULL },
 	{ "debug", 0, 0, G_OPTION_ARG_NONE, &opt.debug, "Core debug log", NULL },
 	{ "quiet-log", 0, 0, G_OPTION_ARG_NONE, &opt.quiet_log, "Drop core log lines", NULL },
+	{ "aio-disconnect", 0, 0, G_OPTION_ARG_NONE, &opt.aio_disconnect,
+	  "aio-reads: call nbdc_disconnect while the reads are in flight", NULL },
+	{ "stress-max-len", 0, 0, G_OPTION_ARG_INT, &opt.stress_max_len,
+	  "stress: largest request (default 32K)", "BYTES" },
 	{ NULL }
 };
 
@@ -714,6 +720,13 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 			break;
 		}
 	}
+	if (opt.aio_disconnect) {
+		gint64 t0 = g_get_monotonic_time();
+
+		nbdc_disconnect(c);
+		printf("disconnect took %" G_GINT64_FORMAT " ms\n",
+		       (g_get_monotonic_time() - t0) / 1000);
+	}
 	deadline = g_get_monotonic_time() + WATCHDOG_US;
 	g_mutex_lock(&s.lock);
 	while (s.pending) {
@@ -754,7 +767,7 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
  * the in-memory model is exact.  At the end everything is re-read.
  */
 #define REGION (64u << 10)
-#define STRESS_MAX_LEN (32u << 10)
+#define STRESS_MAX_LEN (32u << 10)   /* default; --stress-max-len */
 #define BATCH 4
 
 enum { OP_READ, OP_WRITE, OP_ZERO };
@@ -768,6 +781,7 @@ struct stress {
 	guint nregions;
 	guint ops;
 	guint32 seed;
+	uint32_t max_len;
 	gboolean writable, can_flush;
 	gint failures, reentrant, double_done, mismatches;
 	gint64 nreads, nwrites, nzeroes, nsync, nflush, bytes;
@@ -953,7 +967,7 @@ static gpointer stress_thread(gpointer data)
 	guint64 xs = ((guint64)st->seed << 32) ^ (idx + 1) ^ 0x9e3779b97f4a7c15ull;
 	g_autofree gboolean *want = g_new0(gboolean, st->nregions);
 	uint64_t nunits = st->size / st->unit;
-	uint64_t maxunits = MAX(1, MIN(STRESS_MAX_LEN, st->size) / st->unit);
+	uint64_t maxunits = MAX(1, MIN(st->max_len, st->size) / st->unit);
 	guint done = 0;
 
 	while (done < st->ops && g_atomic_int_get(&st->failures) == 0) {
@@ -1123,6 +1137,9 @@ static int cmd_stress(struct ctx *x, char **a)
 	st.can_flush = info.can_flush;
 	st.ops = nops;
 	st.seed = (guint32)seed;
+	st.max_len = opt.stress_max_len > 0 ? (uint32_t)opt.stress_max_len : STRESS_MAX_LEN;
+	if (st.max_len > (64u << 20))
+		st.max_len = 64u << 20;
 	st.nregions = (st.size + REGION - 1) / REGION;
 	st.locks = g_new0(GMutex, st.nregions);
 	for (guint r = 0; r < st.nregions; r++)

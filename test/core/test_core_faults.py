@@ -169,3 +169,31 @@ def test_serialized_server(nbdkit):
     srv = nbdkit("--filter=noparallel", "memory", "1M", "serialize=requests")
     res = run_cli(srv.uri(), "stress", 4, 300, 3)
     assert res.returncode == 0, res
+
+
+def test_disconnect_waits_for_in_flight(nbdkit):
+    """nbdc_disconnect with reads in flight on a slow server: they complete
+    with their data, then NBD_CMD_DISC goes out."""
+    srv = nbdkit("-v", "--filter=delay", "pattern", "1M", "delay-read=1")
+    offs = [0, 65536, 131072]
+    res = run_cli(srv.uri(), "aio-reads", 4096, len(offs), *offs,
+                  opts=["--aio-disconnect", "--connections", "1"], timeout=120)
+    assert res.returncode == 0, res
+    done = [line.split() for line in res.text.splitlines() if line.startswith("done ")]
+    assert len(done) == 3
+    for d in done:
+        assert d[2] == "0", done
+        assert d[3] == hashlib.sha256(pattern_bytes(int(d[1]), 4096)).hexdigest()
+    srv.kill(sig=signal.SIGTERM)
+    assert "client sent NBD_CMD_DISC" in srv.proc.stderr.read().decode(errors="replace")
+
+
+def test_disconnect_bounded_wait(nbdkit):
+    """Requests that would take much longer than the disconnect bound: the
+    disconnect still returns, the requests end with ENOTCONN, nothing hangs."""
+    srv = nbdkit("--filter=delay", "pattern", "1M", "delay-read=300")
+    res = run_cli(srv.uri(), "aio-reads", 4096, 2, 0, 4096,
+                  opts=["--aio-disconnect", "--connections", "1"], timeout=120)
+    assert res.returncode == 1, res
+    done = [line.split() for line in res.text.splitlines() if line.startswith("done ")]
+    assert [d[2] for d in done] == ["ENOTCONN", "ENOTCONN"], res

@@ -91,3 +91,39 @@ def test_stress_4096_blocks(nbdkit):
     res = run_cli(srv.uri(), "stress", 4, 1000, 4, timeout=600)
     assert res.returncode == 0, res
     assert "failures=0 mismatches=0" in res.text, res
+
+
+def test_stress_large_requests_single_connection(nbdkit):
+    """Multi-MiB writes and reads in flight together on one connection (the
+    write-payload vs unread-replies deadlock hazard)."""
+    srv = nbdkit("memory", "16M")
+    res = run_cli(srv.uri(), "stress", 4, 40, 9,
+                  opts=["--connections", "1", "--stress-max-len", str(4 * MiB)], timeout=600)
+    assert res.returncode == 0, res
+    assert "failures=0 mismatches=0 reentrant=0 double_done=0" in res.text, res
+
+
+def test_stress_server_killed(nbdkit, tmp_path):
+    """The server dies under load: every request completes (no hang, no
+    crash) with ENOTCONN."""
+    import os
+    import signal
+    import subprocess
+    from nbdc_helpers import cli_path, kill_and_wait, wait_for
+    log = tmp_path / "log"
+    srv = nbdkit("--filter=log", "memory", "4M", f"logfile={log}")
+    proc = subprocess.Popen([cli_path(), "--quiet-log", srv.uri(), "stress", "8", "100000", "11"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count(" Write id=") > 300
+                 or proc.poll() is not None, timeout=60, what="stress to get going")
+        assert proc.poll() is None, proc.communicate()
+        srv.kill(signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_and_wait(proc, signal.SIGKILL)
+    err = err.decode(errors="replace")
+    assert proc.returncode == 1, (proc.returncode, err[-3000:])
+    names = set(re.findall(r": (E[A-Z0-9]+)\b", err))
+    assert names == {"ENOTCONN"}, err[-3000:]
