@@ -69,6 +69,9 @@ struct fs {
 	GCond closed_cond;         /* signalled (under lock) when a file is released */
 	GMutex part_lock;
 	GHashTable *inodes;        /* fuse_ino_t -> struct fs_node * (ref) */
+	GHashTable *handles;       /* struct fs_handle * of open files (their RELEASE
+	                            * may never come if the session ends first) */
+	GHashTable *dirs;          /* GArray * directory snapshots, likewise */
 	GHashTable *names;         /* name -> struct fs_node * (borrowed; in-tree nodes) */
 	GPtrArray *exports;        /* struct fs_node * (borrowed from inodes), mount order */
 	GPtrArray *export_data;    /* struct fs_export *, owned */
@@ -123,6 +126,8 @@ char *fs_partition_value(Fs *fs, struct fs_node *node);
 void fs_fill_stat(Fs *fs, struct fs_node *node, struct stat *st);
 
 /* ops.c */
+/* Frees the handles of files the kernel never released (session over). */
+void fs_free_handles(Fs *fs);
 void fs_inflight_begin(Fs *fs);
 void fs_inflight_end(Fs *fs);
 

@@ -452,6 +452,14 @@ static void add_subtree(GArray *out, struct fs_node *node)
 		add_subtree(out, node->children->pdata[i]);
 }
 
+static void dir_free(Fs *fs, GArray *ents)
+{
+	g_mutex_lock(&fs->lock);
+	g_hash_table_remove(fs->dirs, ents);
+	g_mutex_unlock(&fs->lock);
+	g_array_unref(ents);
+}
+
 static void fs_op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	Fs *fs = req_fs(req);
@@ -469,9 +477,12 @@ static void fs_op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 	for (guint i = 0; i < fs->exports->len; i++)
 		add_subtree(ents, fs->exports->pdata[i]);
 	g_mutex_unlock(&fs->lock);
+	g_mutex_lock(&fs->lock);
+	g_hash_table_add(fs->dirs, ents);
+	g_mutex_unlock(&fs->lock);
 	fi->fh = (uintptr_t)ents;
 	if (fuse_reply_open(req, fi) == -ENOENT)
-		g_array_unref(ents);
+		dir_free(fs, ents);
 }
 
 static void fs_op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -498,7 +509,7 @@ static void fs_op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
 
 static void fs_op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	g_array_unref((GArray *)(uintptr_t)fi->fh);
+	dir_free(req_fs(req), (GArray *)(uintptr_t)fi->fh);
 	fuse_reply_err(req, 0);
 }
 
@@ -539,6 +550,8 @@ static void fs_op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mo
 
 /* ---- Open / close ------------------------------------------------------ */
 
+static void handle_free(Fs *fs, struct fs_handle *h);
+
 static void fs_op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	Fs *fs = req_fs(req);
@@ -568,16 +581,13 @@ static void fs_op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	h->node = node;
 	h->writable = writable;
 	h->sync = (fi->flags & (O_SYNC | O_DSYNC)) != 0;
+	g_mutex_lock(&fs->lock);
+	g_hash_table_add(fs->handles, h);
+	g_mutex_unlock(&fs->lock);
 	fi->fh = (uintptr_t)h;
 	fi->keep_cache = 0;
-	if (fuse_reply_open(req, fi) == -ENOENT) {
-		/* Interrupted: the kernel will not release it. */
-		g_mutex_lock(&fs->lock);
-		node->open_count--;
-		g_mutex_unlock(&fs->lock);
-		fs_node_unref(node);
-		g_free(h);
-	}
+	if (fuse_reply_open(req, fi) == -ENOENT)
+		handle_free(fs, h);   /* interrupted: the kernel will not release it */
 }
 
 /* A flush in flight for flush/fsync/release. */
@@ -592,10 +602,27 @@ static void handle_free(Fs *fs, struct fs_handle *h)
 	g_mutex_lock(&fs->lock);
 	g_assert(h->node->open_count > 0);
 	h->node->open_count--;
+	g_hash_table_remove(fs->handles, h);
 	g_cond_broadcast(&fs->closed_cond);
 	g_mutex_unlock(&fs->lock);
 	fs_node_unref(h->node);
 	g_free(h);
+}
+
+void fs_free_handles(Fs *fs)
+{
+	g_mutex_lock(&fs->lock);
+	GList *left = g_hash_table_get_keys(fs->handles);
+	g_mutex_unlock(&fs->lock);
+	for (GList *l = left; l; l = l->next)
+		handle_free(fs, l->data);
+	g_list_free(left);
+	g_mutex_lock(&fs->lock);
+	left = g_hash_table_get_keys(fs->dirs);
+	g_mutex_unlock(&fs->lock);
+	for (GList *l = left; l; l = l->next)
+		dir_free(fs, l->data);
+	g_list_free(left);
 }
 
 static void flush_done(void *opaque, int err)

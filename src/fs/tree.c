@@ -209,6 +209,8 @@ Fs *fs_new(const struct fs_config *cfg)
 	fs->inodes = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL,
 					   (GDestroyNotify)fs_node_unref);
 	fs->names = g_hash_table_new(g_str_hash, g_str_equal);
+	fs->handles = g_hash_table_new(g_direct_hash, g_direct_equal);
+	fs->dirs = g_hash_table_new(g_direct_hash, g_direct_equal);
 	fs->exports = g_ptr_array_new();
 	fs->export_data = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
 	fs->next_ino = FS_ROOT_INO + 1;
@@ -221,6 +223,9 @@ void fs_free(Fs *fs)
 		return;
 	if (fs->notify_pool)
 		g_thread_pool_free(fs->notify_pool, FALSE, TRUE);
+	fs_free_handles(fs);
+	g_hash_table_unref(fs->handles);
+	g_hash_table_unref(fs->dirs);
 	g_mutex_lock(&fs->lock);
 	for (guint i = 0; i < fs->exports->len; i++)
 		unlink_subtree(fs, fs->exports->pdata[i], NULL);

@@ -248,7 +248,7 @@ def test_daemon_sigterm_exit_0(server, mount):
     m = mount(srv.uri(), foreground=True)
     _pwrite(m / "disk", 0, b"bye")
     m.proc.send_signal(signal.SIGTERM)
-    assert m.proc.wait(timeout=60) == 0
+    assert m.proc.wait(timeout=60) == 0, m.log()
     assert not is_mounted(m.path)
     wait_for(lambda: srv.disc_count() >= 1, timeout=30, what="NBD_CMD_DISC")
     assert nbd_read(srv.uri(), 0, 3) == b"bye"
