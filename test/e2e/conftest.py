@@ -153,11 +153,16 @@ def nbd_size(uri):
     return int(run(["nbdinfo", "--size", uri], timeout=60).stdout.decode().strip())
 
 
-def nbd_read(uri, off=0, length=None, timeout=120):
+def nbd_read(uri, off=0, length=None, timeout=120, request_size=None, extents=True):
     """Reads [off, off+length) of the export straight from the server with
-    nbdcopy (independent of nbdfs). length None: to the end."""
-    p = subprocess.Popen(["nbdcopy", "--synchronous", uri, "-"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    nbdcopy (independent of nbdfs). length None: to the end. request_size:
+    nbdcopy's request size (for servers with a small maximum block size)."""
+    cmd = ["nbdcopy", "--synchronous"]
+    if request_size:
+        cmd.append(f"--request-size={request_size}")
+    if not extents:
+        cmd.append("--no-extents")
+    p = subprocess.Popen(cmd + [uri, "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout
         skip = off
@@ -177,6 +182,10 @@ def nbd_read(uri, off=0, length=None, timeout=120):
             out.append(chunk)
             if want is not None:
                 want -= len(chunk)
+        if want:
+            rc = p.wait(timeout=30)
+            if rc != 0:
+                pytest.fail(f"nbdcopy {uri} failed ({rc}): {p.stderr.read().decode(errors='replace')}")
         return b"".join(out)
     finally:
         if p.poll() is None:
