@@ -374,3 +374,21 @@ def test_explicit_disconnect(nbdkit):
     assert "alive=0" in res.text
     assert errno_in(res, "read", "ENOTCONN"), res
     assert errno_in(res, "flush", "ENOTCONN"), res
+
+
+def test_debug_log(nbdkit):
+    """debug=TRUE: one log line per request; debug=FALSE: none."""
+    srv = nbdkit("memory", "1M")
+    res = run_cli(srv.uri(), "read", 0, 512, "read", 512, 512, "flush", opts=["--debug"])
+    assert res.returncode == 0, res
+    assert len(re.findall(r"core debug", res.stderr)) >= 3, res.stderr
+    res = run_cli(srv.uri(), "read", 0, 512, "read", 512, 512, "flush")
+    assert res.returncode == 0, res
+    assert "core debug" not in res.stderr, res.stderr
+
+
+def test_description_empty_when_none(nbdkit):
+    srv = nbdkit("memory", "1M")
+    res = run_cli(srv.uri(), "info")
+    assert res.info()["description"] == ""
+    assert res.info()["export_name"] == ""

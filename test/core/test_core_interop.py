@@ -135,3 +135,42 @@ def test_nbd_server_stress(nbd_server, tmp_path):
     res = run_cli(srv.uri(), "stress", 4, 500, 7, opts=["--connections", "1"], timeout=600)
     assert res.returncode == 0, res
     assert "failures=0 mismatches=0" in res.text
+
+
+def test_qemu_nbd_tls_x509(qemu_nbd, tmp_path, x509):
+    """qemu-nbd as a TLS server (it skips close_notify at the end: the core
+    must treat that as a clean end)."""
+    img = tmp_path / "tls.img"
+    data = make_image(img, MiB)
+    srv = qemu_nbd(img, name="disk", extra=[
+        "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={x509.server},verify-peer=off",
+        "--tls-creds", "tls0"])
+    uri = f"nbds+unix:///disk?socket={srv.sock}&tls-hostname=localhost"
+    new = os.urandom(65536)
+    res = run_cli(uri, "info", "write", 0, len(new), "flush", "read", 0, MiB, input=new,
+                  opts=["--tls-certificates", x509.client])
+    assert res.returncode == 0, res
+    assert res.info()["tls"] == "1"
+    data[:len(new)] = new
+    assert res.stdout.endswith(bytes(data))
+    assert "warning" not in res.stderr.lower(), res.stderr
+    res = run_cli(uri, "list", opts=["--tls-certificates", x509.client])
+    assert res.returncode == 0, res
+    res = run_cli(srv.uri(), "info")
+    assert res.returncode == 1 and "TLS_REQUIRED" in res.stderr, res
+
+
+def test_qemu_nbd_tls_psk(qemu_nbd, tmp_path, psk_file):
+    img = tmp_path / "psk.img"
+    data = make_image(img, MiB)
+    keydir = tmp_path / "pskdir"
+    keydir.mkdir()
+    (keydir / "keys.psk").write_text(open(psk_file).read())
+    srv = qemu_nbd(img, name="disk", extra=[
+        "--object", f"tls-creds-psk,id=tls0,endpoint=server,dir={keydir}",
+        "--tls-creds", "tls0"])
+    res = run_cli(f"nbds+unix://alice@/disk?socket={srv.sock}", "info", "read", 0, 4096,
+                  opts=["--tls-psk", psk_file])
+    assert res.returncode == 0, res
+    assert res.info()["tls"] == "1"
+    assert res.stdout.endswith(bytes(data[:4096]))

@@ -153,3 +153,12 @@ def test_tls_x509_client_cert_required(nbdkit, x509):
     res = run_cli(uri, "info", opts=["--tls-certificates", x509.wrong, "--no-verify"], timeout=60)
     assert res.returncode == 1, res
     assert kind(res, "TLS") or kind(res, "HANDSHAKE") or kind(res, "CONNECT"), res
+
+
+def test_tls_verify_peer_uri_parameter(nbdkit, x509):
+    srv = nbdkit("--tls=require", f"--tls-certificates={x509.server}", "memory", "1M", tcp=True)
+    base = f"nbds://127.0.0.1:{srv.port}/?tls-certificates={x509.wrong}"
+    res = run_cli(base + "&tls-verify-peer=false", "info", timeout=60)
+    assert res.returncode == 0, res
+    res = run_cli(base + "&tls-verify-peer=1", "info", timeout=60)
+    assert res.returncode == 1 and kind(res, "TLS"), res
