@@ -321,6 +321,17 @@ class _Stack:
 
 
 @pytest.fixture
+def nbdkit(nbdkit):
+    """The top-level nbdkit factory, plus a wait until the server accepts a
+    connection: the socket file appears at bind(), a moment before listen()."""
+    def start(*args, **kw):
+        srv = nbdkit(*args, **kw)
+        wait_for(lambda: _connectable(srv), timeout=30, what="nbdkit to accept connections")
+        return srv
+    return start
+
+
+@pytest.fixture
 def e2e_stack(nbdkit):
     """One cleanup stack per test. Depends on the top-level `nbdkit` fixture so
     that its servers outlive every mount made here."""
