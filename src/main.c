@@ -295,13 +295,27 @@ static char *display_for(const struct nbdc_uri *uri, const char *export_name)
 
 /* One start-up failure line: "nbdfs: SOURCE: cause" (the cause may already
  * begin with the source, as the core's messages do). */
+static const char *strip_prefix(const char *cause, const char *prefix)
+{
+	size_t n = prefix ? strlen(prefix) : 0;
+	if (n && strncmp(cause, prefix, n) == 0 && cause[n] == ':' && cause[n + 1] == ' ')
+		return cause + n + 2;
+	return cause;
+}
+
+static void fail_line_uri(const char *source, const struct nbdc_uri *uri, const char *cause)
+{
+	cause = strip_prefix(cause, source);
+	if (uri) {
+		g_autofree char *display = nbdc_uri_to_display(uri);
+		cause = strip_prefix(cause, display);
+	}
+	fprintf(stderr, "nbdfs: %s: %s\n", source, cause);
+}
+
 static void fail_line(const char *source, const char *cause)
 {
-	size_t n = strlen(source);
-	if (strncmp(cause, source, n) == 0 && cause[n] == ':')
-		fprintf(stderr, "nbdfs: %s\n", cause);
-	else
-		fprintf(stderr, "nbdfs: %s: %s\n", source, cause);
+	fail_line_uri(source, NULL, cause);
 }
 
 /* ---- --list ------------------------------------------------------------ */
@@ -324,16 +338,17 @@ static int do_list(const struct options *o, gboolean verify_peer)
 	g_autoptr(GPtrArray) list = nbdc_list_exports(&cfg, o->list_long, &err);
 	int ret = 0;
 	if (list == NULL) {
+		g_autofree char *display = nbdc_uri_to_display(s->uri);
+		const char *why = strip_prefix(strip_prefix(err->message, arg), display);
 		if (g_error_matches(err, NBDC_ERROR, NBDC_ERROR_POLICY)) {
 			fprintf(stderr, "nbdfs: %s: listing exports refused by policy: %s\n", arg,
-				err->message);
+				why);
 			ret = 2;
 		} else if (g_error_matches(err, NBDC_ERROR, NBDC_ERROR_UNSUPPORTED)) {
-			fprintf(stderr, "nbdfs: %s: server cannot list exports (too old or "
-				"unsupported): %s\n", arg, err->message);
+			fprintf(stderr, "nbdfs: %s: server too old to list exports: %s\n", arg, why);
 			ret = 2;
 		} else {
-			fail_line(arg, err->message);
+			fail_line(arg, why);
 			ret = 1;
 		}
 		server_free(s);
@@ -563,7 +578,7 @@ int main(int argc, char *argv[])
 			g_autoptr(GError) err = NULL;
 			g_autoptr(GPtrArray) list = nbdc_list_exports(&lcfg, FALSE, &err);
 			if (list == NULL) {
-				fail_line(s->arg, err->message);
+				fail_line_uri(s->arg, s->uri, err->message);
 				goto out_args;
 			}
 			for (guint j = 0; j < list->len; j++) {
@@ -605,7 +620,7 @@ int main(int argc, char *argv[])
 		g_autoptr(GError) err = NULL;
 		e->dev = blockdev_nbd_new(&e->cfg, &bopts, &err);
 		if (e->dev == NULL) {
-			fail_line(e->label, err->message);
+			fail_line_uri(e->label, e->srv->uri, strip_prefix(err->message, e->display));
 			goto out_disconnect;
 		}
 		const char *name = (!o.all_exports && e->srv->name) ? e->srv->name : e->export_name;
