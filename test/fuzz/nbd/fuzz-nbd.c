@@ -1,0 +1,348 @@
+/* fuzz-nbd.c: the NBD client core fed arbitrary bytes as its server's stream.
+ *
+ * Input: one mode byte, then records [u8 gate][u16 be length][bytes] that
+ * "the server" sends.  A peer thread on one end of a socketpair sends record
+ * i once the client has sent gate(0) + ... + gate(i) messages (options and
+ * requests, counted by their magic numbers), or when the client has been
+ * idle for a few milliseconds (so a wrong gate cannot stall the input), and
+ * drains whatever the client sends; after the last record it shuts its write
+ * side, so the client always ends at EOF.  The client connects on the other
+ * end and either lists the exports or negotiates and issues a fixed sequence
+ * of requests.  Gating keeps replies behind their requests, so a seed can
+ * answer cookies (allocated from 1 in submission order) deterministically.
+ *
+ * Mode byte: bit 0 list instead of connect, bit 1 list with details,
+ * bit 2 no structured replies, bit 3 no block status.
+ *
+ * Built two ways: with clang -fsanitize=fuzzer as a libFuzzer target
+ * (test/fuzz/nbd), and with -DNBD_FUZZ_REPLAY as a plain program that runs
+ * every file of the seed corpus once (a regression test in every build).
+ */
+#include "nbdfs/nbd.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MODE_LIST (1u << 0)
+#define MODE_DETAILS (1u << 1)
+#define MODE_NO_SR (1u << 2)
+#define MODE_NO_BLOCK_STATUS (1u << 3)
+
+/* The peer gives up on a client that neither reads nor closes after this. */
+#define PEER_DEADLINE_US (10 * G_USEC_PER_SEC)
+/* A gated record goes out anyway once the client is idle this long. */
+#define PEER_IDLE_MS 10
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+struct peer {
+	int fd;
+	const uint8_t *data;
+	size_t size;
+	/* parser of the client's stream: counts option and request magics */
+	uint8_t window[8];
+	uint64_t messages;
+};
+
+static void count_messages(struct peer *p, const uint8_t *buf, size_t n)
+{
+	static const uint8_t opt_magic[8] = { 'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T' };
+	static const uint8_t req_magic[4] = { 0x25, 0x60, 0x95, 0x13 };
+
+	for (size_t i = 0; i < n; i++) {
+		memmove(p->window, p->window + 1, 7);
+		p->window[7] = buf[i];
+		if (!memcmp(p->window, opt_magic, 8) || !memcmp(p->window + 4, req_magic, 4))
+			p->messages++;
+	}
+}
+
+/* Serves the records and drains the client until it closes. */
+static gpointer peer_main(gpointer opaque)
+{
+	struct peer *p = opaque;
+	gint64 deadline = g_get_monotonic_time() + PEER_DEADLINE_US;
+	size_t pos = 0;         /* next record header in data */
+	const uint8_t *out = NULL;
+	size_t out_len = 0;     /* unsent bytes of the current record */
+	uint64_t gate = 0;      /* messages needed before the next record */
+	gboolean shut = FALSE, have_gate = FALSE;
+	uint8_t sink[65536];
+
+	for (;;) {
+		struct pollfd pfd = { .fd = p->fd, .events = POLLIN };
+		gint64 left = (deadline - g_get_monotonic_time()) / 1000;
+		int timeout, r;
+
+		if (!out_len && !shut && !have_gate) {
+			if (pos >= p->size) {
+				shutdown(p->fd, SHUT_WR);
+				shut = TRUE;
+			} else {
+				gate += p->data[pos];
+				have_gate = TRUE;
+			}
+		}
+		if (have_gate && p->messages >= gate) {
+			size_t len = 0;
+
+			if (pos + 3 <= p->size)
+				len = ((size_t)p->data[pos + 1] << 8) | p->data[pos + 2];
+			out = p->data + MIN(pos + 3, p->size);
+			out_len = MIN(len, p->size - (size_t)(out - p->data));
+			pos = (size_t)(out - p->data) + out_len;
+			have_gate = FALSE;
+			continue;
+		}
+		if (out_len)
+			pfd.events |= POLLOUT;
+		if (left <= 0)
+			break;
+		timeout = have_gate ? PEER_IDLE_MS : (int)MIN(left, 1000);
+		r = poll(&pfd, 1, timeout);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			break;
+		if (r == 0 && have_gate) {
+			p->messages = gate; /* idle client: release the record */
+			continue;
+		}
+		if (pfd.revents & (POLLIN | POLLHUP | POLLERR)) {
+			ssize_t n = recv(p->fd, sink, sizeof(sink), MSG_DONTWAIT);
+
+			if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+				break; /* the client closed */
+			if (n > 0)
+				count_messages(p, sink, (size_t)n);
+		}
+		if (out_len && (pfd.revents & POLLOUT)) {
+			ssize_t n = send(p->fd, out, out_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+
+			if (n > 0) {
+				out += n;
+				out_len -= (size_t)n;
+			} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+				out_len = 0; /* the client is gone: stop sending, drain to EOF */
+				pos = p->size;
+				shut = TRUE;
+			}
+		}
+	}
+	close(p->fd);
+	return NULL;
+}
+
+/* Replay only: NBD_FUZZ_VERBOSE=1 shows the core's log and each result. */
+static gboolean verbose;
+
+static void quiet(void *opaque, enum nbdc_log_level level, const char *msg)
+{
+	if (verbose)
+		fprintf(stderr, "  log: %s\n", msg);
+}
+
+static int show(const char *what, int r)
+{
+	if (verbose)
+		fprintf(stderr, "  %s -> %d\n", what, r);
+	return r;
+}
+
+/* Done and extent callbacks share one opaque in the async API. */
+struct wait {
+	GMutex m;
+	GCond cv;
+	int pending;
+	int err;
+	uint64_t extents;
+};
+
+static void wait_done(void *opaque, int err)
+{
+	struct wait *w = opaque;
+
+	g_mutex_lock(&w->m);
+	w->pending--;
+	if (err && !w->err)
+		w->err = err;
+	g_cond_signal(&w->cv);
+	g_mutex_unlock(&w->m);
+}
+
+static void wait_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
+{
+	struct wait *w = opaque;
+
+	g_assert(length > 0); /* the core promises validated extents */
+	g_mutex_lock(&w->m);
+	w->extents++;
+	g_mutex_unlock(&w->m);
+}
+
+static void wait_all(struct wait *w)
+{
+	g_mutex_lock(&w->m);
+	while (w->pending > 0)
+		g_cond_wait(&w->cv, &w->m);
+	g_mutex_unlock(&w->m);
+}
+
+static void exercise(Nbdc *c)
+{
+	struct nbdc_info info;
+	static uint8_t buf[3][8192];
+	struct iovec iov[2] = { { buf[1], 4096 }, { buf[2], 4096 } };
+	struct wait w = { 0 };
+
+	nbdc_get_info(c, &info);
+	g_assert(info.size <= INT64_MAX);
+	show("read", nbdc_pread(c, buf[0], 4096, 0, 0));         /* cookie 1 */
+
+	g_mutex_init(&w.m);
+	g_cond_init(&w.cv);
+	w.pending = 1;
+	if (show("block status", nbdc_aio_block_status(c, 8192, 0, 0, wait_extent, wait_done,
+						       &w)) == 0) {   /* 2 */
+		wait_all(&w);
+		show("block status done", w.err);
+	}
+	show("write", nbdc_pwrite(c, buf[0], 512, 0, NBDC_CMD_FLAG_FUA)); /* 3 */
+	show("flush", nbdc_flush(c));                             /* 4 */
+	w.err = 0;
+	w.pending = 2;
+	if (nbdc_aio_preadv(c, &iov[0], 1, 4096, 0, wait_done, &w) != 0)  /* 5 */
+		w.pending--;
+	if (nbdc_aio_preadv(c, &iov[1], 1, 8192, 0, wait_done, &w) != 0)  /* 6 */
+		w.pending--;
+	wait_all(&w);
+	show("2 reads", w.err);
+	show("trim", nbdc_trim(c, 4096, 0, 0));                   /* 7 */
+	show("zero", nbdc_zero(c, 4096, 0, 0));                   /* 8 */
+	nbdc_is_alive(c);
+	nbdc_get_error(c);
+	g_mutex_clear(&w.m);
+	g_cond_clear(&w.cv);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	struct nbdc_config cfg;
+	struct peer p;
+	GThread *th;
+	GError *err = NULL;
+	uint8_t mode;
+	int sv[2];
+
+	if (size < 1)
+		return 0;
+	mode = data[0];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return 0;
+	p = (struct peer){ .fd = sv[1], .data = data + 1, .size = size - 1 };
+	th = g_thread_new("fuzz-peer", peer_main, &p);
+
+	nbdc_config_init(&cfg);
+	cfg.fd = sv[0];
+	cfg.connections = 1;
+	cfg.handshake_timeout_ms = 2000;
+	cfg.request_timeout_ms = 2000;
+	cfg.structured_replies = !(mode & MODE_NO_SR);
+	cfg.block_status = !(mode & MODE_NO_BLOCK_STATUS);
+	cfg.log = quiet;
+
+	if (mode & MODE_LIST) {
+		GPtrArray *list = nbdc_list_exports(&cfg, !!(mode & MODE_DETAILS), &err);
+
+		if (list) {
+			show("list entries", (int)list->len);
+			for (guint i = 0; i < list->len; i++) {
+				const struct nbdc_export *e = g_ptr_array_index(list, i);
+
+				g_assert(e->name && e->description);
+				g_assert(strlen(e->name) <= 4096);
+			}
+			g_ptr_array_unref(list);
+		} else {
+			g_assert(err && err->domain == NBDC_ERROR);
+			if (verbose)
+				fprintf(stderr, "  list: %s\n", err->message);
+		}
+	} else {
+		Nbdc *c = nbdc_connect(&cfg, &err);
+
+		if (c) {
+			exercise(c);
+			nbdc_free(c);
+		} else {
+			g_assert(err && err->domain == NBDC_ERROR);
+			if (verbose)
+				fprintf(stderr, "  connect: %s\n", err->message);
+		}
+	}
+	g_clear_error(&err);
+	g_thread_join(th);
+	return 0;
+}
+
+#ifdef NBD_FUZZ_REPLAY
+static int cmp_path(gconstpointer a, gconstpointer b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Runs every file named on the command line (directories: every file in
+ * them) through the target once. */
+static int replay_file(const char *path)
+{
+	g_autofree char *contents = NULL;
+	gsize len = 0;
+	g_autoptr(GError) err = NULL;
+
+	if (!g_file_get_contents(path, &contents, &len, &err)) {
+		fprintf(stderr, "%s\n", err->message);
+		return -1;
+	}
+	LLVMFuzzerTestOneInput((const uint8_t *)contents, len);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	int n = 0;
+
+	verbose = g_strcmp0(g_getenv("NBD_FUZZ_VERBOSE"), "1") == 0;
+	for (int i = 1; i < argc; i++) {
+		if (g_file_test(argv[i], G_FILE_TEST_IS_DIR)) {
+			g_autoptr(GDir) dir = g_dir_open(argv[i], 0, NULL);
+			g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+			const char *name;
+
+			if (!dir)
+				return 1;
+			while ((name = g_dir_read_name(dir)))
+				g_ptr_array_add(names, g_build_filename(argv[i], name, NULL));
+			g_ptr_array_sort(names, cmp_path);
+			for (guint k = 0; k < names->len; k++) {
+				const char *f = g_ptr_array_index(names, k);
+
+				if (replay_file(f) < 0)
+					return 1;
+				printf("ok %s\n", f);
+				n++;
+			}
+		} else {
+			if (replay_file(argv[i]) < 0)
+				return 1;
+			printf("ok %s\n", argv[i]);
+			n++;
+		}
+	}
+	printf("%d inputs replayed\n", n);
+	return n > 0 ? 0 : 1;
+}
+#endif
