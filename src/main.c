@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <limits.h>
 #include <signal.h>
 #include <stddef.h>
@@ -70,6 +71,51 @@ static GLogWriterOutput log_writer(GLogLevelFlags level, const GLogField *fields
 	else
 		fprintf(stderr, "nbdfs: %s%s\n", tag, msg);
 	return G_LOG_WRITER_HANDLED;
+}
+
+/* libfuse's messages: kept during start-up (to become part of one failure
+ * line), logged afterwards. */
+static GString *fuse_msg;
+static gboolean fuse_msg_capture = TRUE;
+
+static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+	g_autofree char *m = g_strdup_vprintf(fmt, ap);
+	if (fuse_msg_capture) {
+		if (fuse_msg == NULL)
+			fuse_msg = g_string_new(NULL);
+		g_string_append(fuse_msg, m);
+		return;
+	}
+	g_strchomp(m);
+	if (level <= FUSE_LOG_ERR)
+		g_warning("%s", m);
+	else if (level <= FUSE_LOG_NOTICE)
+		g_message("%s", m);
+	else
+		g_debug("%s", m);
+}
+
+/* The captured libfuse messages ("" when none); valid until the next call. */
+static const char *fuse_msg_take(void)
+{
+	static char *last;
+	g_free(last);
+	g_auto(GStrv) lines = g_strsplit(fuse_msg ? fuse_msg->str : "", "\n", -1);
+	GString *one = g_string_new(NULL);
+	for (char **l = lines; *l; l++) {
+		g_strstrip(*l);
+		if (**l == '\0')
+			continue;
+		if (one->len)
+			g_string_append(one, "; ");
+		g_string_append(one, *l);
+	}
+	if (fuse_msg)
+		g_string_free(fuse_msg, TRUE);
+	fuse_msg = NULL;
+	last = g_string_free(one, FALSE);
+	return last;
 }
 
 static void core_log(void *opaque, enum nbdc_log_level level, const char *msg)
@@ -456,6 +502,7 @@ int main(int argc, char *argv[])
 	int ret = 1;
 
 	g_log_set_writer_func(log_writer, NULL, NULL);
+	fuse_set_log_func(fuse_log_cb);
 
 	if (fuse_opt_parse(&args, &o, opt_spec, opt_proc) < 0) {
 		fprintf(stderr, "nbdfs: bad options (see nbdfs --help)\n");
@@ -538,6 +585,27 @@ int main(int argc, char *argv[])
 		g_ptr_array_add(servers, s);
 	}
 
+	struct fs_config fcfg = {
+		.read_only = o.read_only,
+		.writeback = o.writeback,
+		.uid = o.uid != UNSET_ID ? (uid_t)o.uid : getuid(),
+		.gid = o.gid != UNSET_ID ? (gid_t)o.gid : getgid(),
+		.umask = o.umask != UNSET_ID ? (mode_t)(o.umask & 0777) : 0,
+	};
+	fs = fs_new(&fcfg);
+
+	/* The session (not mounted yet), so bad FUSE options fail before any
+	 * connection.  "ro" stays ours (partitioning works on ro mounts), the
+	 * kernel checks permissions, requests go up to 1 MiB. */
+	fuse_opt_add_arg(&args, "-odefault_permissions");
+	fuse_opt_add_arg(&args, "-ofsname=nbdfs,subtype=nbdfs");
+	fuse_opt_add_arg(&args, "-omax_read=1048576");
+	se = fuse_session_new(&args, fs_lowlevel_ops(), sizeof(struct fuse_lowlevel_ops), fs);
+	if (se == NULL) {
+		fprintf(stderr, "nbdfs: bad mount options: %s\n", fuse_msg_take());
+		goto out_args;
+	}
+
 	/* Signals: only the main thread takes them (threads inherit this mask). */
 	sigset_t sigs, oldsigs;
 	sigemptyset(&sigs);
@@ -601,14 +669,6 @@ int main(int argc, char *argv[])
 			g_ptr_array_add(exports, e);
 		}
 	}
-	struct fs_config fcfg = {
-		.read_only = o.read_only,
-		.writeback = o.writeback,
-		.uid = o.uid != UNSET_ID ? (uid_t)o.uid : getuid(),
-		.gid = o.gid != UNSET_ID ? (gid_t)o.gid : getgid(),
-		.umask = o.umask != UNSET_ID ? (mode_t)(o.umask & 0777) : 0,
-	};
-	fs = fs_new(&fcfg);
 	for (guint i = 0; i < exports->len; i++) {
 		struct export_src *e = exports->pdata[i];
 		struct blockdev_nbd_opts bopts = {
@@ -649,23 +709,13 @@ int main(int argc, char *argv[])
 		}
 	}
 
-	/* The session.  "ro" stays ours (partitioning works on ro mounts), the
-	 * kernel checks permissions, sizes of requests go up to 1 MiB. */
-	fuse_opt_add_arg(&args, "-odefault_permissions");
-	fuse_opt_add_arg(&args, "-ofsname=nbdfs,subtype=nbdfs");
-	fuse_opt_add_arg(&args, "-omax_read=1048576");
-	se = fuse_session_new(&args, fs_lowlevel_ops(), sizeof(struct fuse_lowlevel_ops), fs);
-	if (se == NULL) {
-		fprintf(stderr, "nbdfs: %s: bad mount options\n", mountpoint);
-		goto out_disconnect;
-	}
 	fs_set_session(fs, se);
 	if (fuse_set_signal_handlers(se) != 0) {
 		fprintf(stderr, "nbdfs: cannot set signal handlers\n");
 		goto out_session;
 	}
 	if (fuse_session_mount(se, mountpoint) != 0) {
-		fprintf(stderr, "nbdfs: %s: cannot mount\n", mountpoint);
+		fprintf(stderr, "nbdfs: %s: cannot mount: %s\n", mountpoint, fuse_msg_take());
 		goto out_signals;
 	}
 	if (o.pidfile && !write_pidfile(o.pidfile)) {
@@ -675,6 +725,8 @@ int main(int argc, char *argv[])
 	g_info("mounted %u export%s on %s", exports->len, exports->len == 1 ? "" : "s",
 	       mountpoint);
 	signal_ready(o.foreground);
+	fuse_msg_capture = FALSE;
+	fuse_msg_take();
 
 	loop_cfg = fuse_loop_cfg_create();
 	fuse_loop_cfg_set_clone_fd(loop_cfg, 1);
@@ -695,12 +747,14 @@ int main(int argc, char *argv[])
 	g_info("unmounted %s", mountpoint);
 	fuse_remove_signal_handlers(se);
 	fuse_session_destroy(se);
+	se = NULL;
 	goto out_args;
 out_signals:
 	fuse_remove_signal_handlers(se);
 out_session:
 	fs_shutdown(fs);
 	fuse_session_destroy(se);
+	se = NULL;
 	goto out_args;
 out_disconnect:
 	for (guint i = 0; i < exports->len; i++) {
@@ -709,6 +763,8 @@ out_disconnect:
 			blockdev_disconnect(e->dev);
 	}
 out_args:
+	if (se)
+		fuse_session_destroy(se);
 	if (loop_cfg)
 		fuse_loop_cfg_destroy(loop_cfg);
 	g_clear_pointer(&fs, fs_free);
