@@ -88,7 +88,8 @@ def test_slow_server_within_timeout(nbdkit):
 def test_request_timeout(nbdkit, repl):
     """A request the server never answers fails with ETIMEDOUT after
     request_timeout_ms, the connection is dropped, later requests ENOTCONN."""
-    srv = nbdkit("eval", "get_size=echo 1M", "pread=sleep 3600")
+    # (the delay filter, not an eval `sleep`: its sleep ends with nbdkit)
+    srv = nbdkit("--filter=delay", "pattern", "1M", "delay-read=3600")
     r = repl(srv.uri(), opts=["--timeout-ms", "1000"])
     ok, _ = r.run("read 0 4096", timeout=60)
     assert not ok
