@@ -198,3 +198,42 @@ def test_disconnect_bounded_wait(nbdkit):
     assert res.returncode == 1, res
     done = [line.split() for line in res.text.splitlines() if line.startswith("done ")]
     assert [d[2] for d in done] == ["ENOTCONN", "ENOTCONN"], res
+
+
+ERRNOS = ["EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "ESHUTDOWN"]
+
+
+@pytest.mark.parametrize("code", ERRNOS)
+@pytest.mark.parametrize("op", ["pread", "pwrite"])
+def test_error_codes_map_to_errno(nbdkit, op, code):
+    """Each NBD error code reaches the caller as the matching errno."""
+    srv = nbdkit("--filter=error", "memory", "1M", f"error-{op}-rate=100%",
+                 f"error-{op}={code}")
+    cmd = ["read", 0, 4096] if op == "pread" else ["write", 0, 4096]
+    res = run_cli(srv.uri(), *cmd, input=bytes(4096), opts=["--connections", "1"])
+    assert res.returncode == 1, res
+    assert io_err(res.stderr, cmd[0], code), res
+
+
+@pytest.mark.parametrize("op,cmd", [("trim", "trim"), ("zero", "zero"),
+                                    ("extents", "aio-extents")])
+def test_error_other_commands(nbdkit, op, cmd):
+    srv = nbdkit("--filter=error", "memory", "1M", f"error-{op}-rate=100%", f"error-{op}=EIO")
+    args = [cmd] if cmd == "flush" else [cmd, 0, 4096]
+    res = run_cli(srv.uri(), *args, "alive", "read", 0, 512, opts=["-k", "--connections", "1"])
+    assert res.returncode == 1, res
+    assert io_err(res.stderr, cmd, "EIO"), res
+    assert "alive=1" in res.text
+    assert f"nbdc-cli: read" not in res.stderr
+
+
+def test_error_flush(nbdkit):
+    """(nbdkit 1.32's error filter cannot fail flushes: a scripted server does)"""
+    srv = nbdkit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero",
+                 "can_write=exit 0", "pwrite=cat >/dev/null", "can_flush=exit 0",
+                 "flush=echo 'EIO flush failed' >&2; exit 1")
+    res = run_cli(srv.uri(), "info", "flush", "alive", "read", 0, 512, opts=["-k"])
+    assert res.info()["can_flush"] == "1"
+    assert res.returncode == 1, res
+    assert io_err(res.stderr, "flush", "EIO"), res
+    assert "alive=1" in res.text
