@@ -128,3 +128,11 @@ def test_stress_server_killed(nbdkit, tmp_path):
     assert proc.returncode == 1, (proc.returncode, err[-3000:])
     names = set(re.findall(r": (E[A-Z0-9]+)\b", err))
     assert names == {"ENOTCONN"}, err[-3000:]
+
+
+def test_stress_with_request_timeout_armed(nbdkit):
+    """A request timeout that never fires must not disturb a busy handle."""
+    srv = nbdkit("memory", "4M")
+    res = run_cli(srv.uri(), "stress", 8, 1000, 12, opts=["--timeout-ms", "60000"], timeout=600)
+    assert res.returncode == 0, res
+    assert "failures=0 mismatches=0 reentrant=0 double_done=0" in res.text, res
