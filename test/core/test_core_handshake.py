@@ -168,3 +168,14 @@ def test_bad_uri():
     res = run_cli("nbd+unix:///disk", "info")
     assert res.returncode == 1, res
     assert kind(res, "URI"), res
+
+
+def test_canonical_export_name(nbdkit):
+    """The default export "" resolves to the server's canonical name
+    (NBD_INFO_NAME)."""
+    srv = nbdkit("--filter=exportname", "memory", "1M", "default-export=disk1",
+                 "exportname=disk1", "exportdesc=fixed:hello")
+    res = run_cli(srv.uri(""), "info")
+    assert res.returncode == 0, res
+    assert res.info()["export_name"] == "disk1"
+    assert res.info()["description"] == "hello"
