@@ -162,31 +162,23 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("-V", version, 1), OPT("--version", version, 1),
 	OPT("-P", partitions_auto, 1),
 	OPT("partitions=%s", partitions, 0), OPT("--partitions=%s", partitions, 0),
-	OPT("--partitions %s", partitions, 0),
 	OPT("ro", read_only, 1), OPT("--ro", read_only, 1), OPT("-r", read_only, 1),
 	OPT("--read-only", read_only, 1),
 	OPT("writeback", writeback, 1), OPT("--writeback", writeback, 1),
 	OPT("sector_size=%u", sector_size, 0), OPT("--sector_size=%u", sector_size, 0),
-	OPT("--sector-size=%u", sector_size, 0), OPT("--sector-size %u", sector_size, 0),
+	OPT("--sector-size=%u", sector_size, 0),
 	OPT("connections=%u", connections, 0), OPT("--connections=%u", connections, 0),
-	OPT("--connections %u", connections, 0),
 	OPT("timeout=%u", timeout, 0), OPT("--timeout=%u", timeout, 0),
-	OPT("--timeout %u", timeout, 0),
 	OPT("tls-psk=%s", tls_psk, 0), OPT("--tls-psk=%s", tls_psk, 0),
-	OPT("--tls-psk %s", tls_psk, 0),
 	OPT("tls-certificates=%s", tls_certificates, 0),
 	OPT("--tls-certificates=%s", tls_certificates, 0),
-	OPT("--tls-certificates %s", tls_certificates, 0),
 	OPT("tls-verify-peer=%s", tls_verify_peer, 0),
 	OPT("--tls-verify-peer=%s", tls_verify_peer, 0),
-	OPT("--tls-verify-peer %s", tls_verify_peer, 0),
 	OPT("uid=%u", uid, 0), OPT("--uid=%u", uid, 0),
 	OPT("gid=%u", gid, 0), OPT("--gid=%u", gid, 0),
 	OPT("umask=%o", umask, 0), OPT("--umask=%o", umask, 0),
 	OPT("pidfile=%s", pidfile, 0), OPT("--pidfile=%s", pidfile, 0),
-	OPT("--pidfile %s", pidfile, 0),
 	FUSE_OPT_KEY("split=", KEY_SPLIT), FUSE_OPT_KEY("--split=", KEY_SPLIT),
-	FUSE_OPT_KEY("--split ", KEY_SPLIT),
 	FUSE_OPT_KEY("rw", KEY_DISCARD_RW),
 	FUSE_OPT_END
 };
@@ -204,8 +196,6 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
 			v += strlen("--split=");
 		else if (g_str_has_prefix(v, "split="))
 			v += strlen("split=");
-		else if (g_str_has_prefix(v, "--split"))
-			v += strlen("--split");
 		g_ptr_array_add(o->splits, g_strdup(v));
 		return 0;
 	}
@@ -214,6 +204,35 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
 	default:
 		return 1;   /* a FUSE mount option: keep it */
 	}
+}
+
+/* Long options that take a value accept "--opt VALUE" as well as
+ * "--opt=VALUE": the first form is rewritten into the second before
+ * fuse_opt_parse (whose "--opt %s" templates would also match "--opt=V"). */
+static const char *const long_with_value[] = {
+	"--pidfile", "--split", "--partitions", "--sector-size", "--sector_size",
+	"--connections", "--timeout", "--tls-psk", "--tls-certificates", "--tls-verify-peer",
+	"--uid", "--gid", "--umask", NULL
+};
+
+/* A copy of argv with "--opt VALUE" joined into "--opt=VALUE" (caller frees). */
+static char **join_long_values(int argc, char *argv[])
+{
+	GPtrArray *out = g_ptr_array_new();
+	for (int i = 0; i < argc; i++) {
+		const char *joined = NULL;
+		for (const char *const *o = long_with_value; *o && i + 1 < argc; o++)
+			if (strcmp(argv[i], *o) == 0)
+				joined = *o;
+		if (joined) {
+			g_ptr_array_add(out, g_strdup_printf("%s=%s", joined, argv[i + 1]));
+			i++;
+		} else {
+			g_ptr_array_add(out, g_strdup(argv[i]));
+		}
+	}
+	g_ptr_array_add(out, NULL);
+	return (char **)g_ptr_array_free(out, FALSE);
 }
 
 static void usage(FILE *f)
@@ -490,7 +509,8 @@ int main(int argc, char *argv[])
 	o.uid = o.gid = o.umask = UNSET_ID;
 	o.splits = g_ptr_array_new_with_free_func(g_free);
 	o.args = g_ptr_array_new_with_free_func(g_free);
-	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+	g_auto(GStrv) argv_joined = join_long_values(argc, argv);
+	struct fuse_args args = FUSE_ARGS_INIT((int)g_strv_length(argv_joined), argv_joined);
 	g_autoptr(GPtrArray) servers = g_ptr_array_new_with_free_func((GDestroyNotify)server_free);
 	g_autoptr(GPtrArray) exports =
 		g_ptr_array_new_with_free_func((GDestroyNotify)export_src_free);
