@@ -46,6 +46,8 @@ static struct {
 	gboolean quiet_log;
 	gint stress_max_len;
 	gboolean aio_disconnect;
+	gboolean req_one;
+	gint max_in_flight;
 } opt = { .timeout_ms = -1, .handshake_timeout_ms = -1 };
 
 static GOptionEntry entries[] = {
@@ -66,6 +68,9 @@ static GOptionEntry entries[] = {
 	{ "fast-zero", 0, 0, G_OPTION_ARG_NONE, &opt.fast_zero, "zero with FAST_ZERO", NULL },
 	{ "debug", 0, 0, G_OPTION_ARG_NONE, &opt.debug, "Core debug log", NULL },
 	{ "quiet-log", 0, 0, G_OPTION_ARG_NONE, &opt.quiet_log, "Drop core log lines", NULL },
+	{ "req-one", 0, 0, G_OPTION_ARG_NONE, &opt.req_one, "extents with REQ_ONE", NULL },
+	{ "max-in-flight", 0, 0, G_OPTION_ARG_INT, &opt.max_in_flight,
+	  "Requests in flight per connection", "N" },
 	{ "aio-disconnect", 0, 0, G_OPTION_ARG_NONE, &opt.aio_disconnect,
 	  "aio-reads: call nbdc_disconnect while the reads are in flight", NULL },
 	{ "stress-max-len", 0, 0, G_OPTION_ARG_INT, &opt.stress_max_len,
@@ -425,7 +430,8 @@ static int aio_block_status(Nbdc *c, uint64_t count, uint64_t offset, struct ext
 
 	g_mutex_init(&w.lock);
 	g_cond_init(&w.cond);
-	r = nbdc_aio_block_status(c, count, offset, 0, aio_extent_cb, aio_extent_done, &w);
+	r = nbdc_aio_block_status(c, count, offset, opt.req_one ? NBDC_CMD_FLAG_REQ_ONE : 0,
+				  aio_extent_cb, aio_extent_done, &w);
 	if (r == 0) {
 		g_mutex_lock(&w.lock);
 		while (!w.done) {
@@ -463,7 +469,8 @@ static int do_extents(struct ctx *x, char **a, gboolean aio)
 		if (aio)
 			r = aio_block_status(c, off + len - pos, pos, &l);
 		else
-			r = nbdc_block_status(c, off + len - pos, pos, 0, extent_cb, &l);
+			r = nbdc_block_status(c, off + len - pos, pos,
+					      opt.req_one ? NBDC_CMD_FLAG_REQ_ONE : 0, extent_cb, &l);
 		if (r < 0) {
 			g_array_unref(l.a);
 			return io_fail(name, pos, off + len - pos, r);
@@ -1326,6 +1333,8 @@ int main(int argc, char **argv)
 	nbdc_config_set_uri(&x.cfg, x.uri);
 	if (opt.connections > 0)
 		x.cfg.connections = opt.connections;
+	if (opt.max_in_flight > 0)
+		x.cfg.max_in_flight = opt.max_in_flight;
 	if (opt.tls_psk)
 		x.cfg.tls_psk_file = opt.tls_psk;
 	if (opt.tls_certificates)

@@ -392,3 +392,21 @@ def test_description_empty_when_none(nbdkit):
     res = run_cli(srv.uri(), "info")
     assert res.info()["description"] == ""
     assert res.info()["export_name"] == ""
+
+
+def test_block_status_req_one(nbdkit):
+    """REQ_ONE: one extent per reply; looping over the range gives the same map."""
+    srv = nbdkit("sparse-random", "2M", "seed=7", "percent=40", "runlength=65536")
+    full = run_cli(srv.uri(), "aio-extents", 0, 2 * MiB)
+    one = run_cli(srv.uri(), "aio-extents", 0, 2 * MiB, opts=["--req-one"])
+    assert full.returncode == 0 and one.returncode == 0, (full, one)
+    assert _merge([(o, n, f & 3) for o, n, f in _extents(one)]) == \
+        _merge([(o, n, f & 3) for o, n, f in _extents(full)])
+
+
+def test_fast_zero(nbdkit):
+    srv = nbdkit("memory", "1M")
+    res = run_cli(srv.uri(), "info", "fill", 0, 8192, 1, "zero", 0, 8192, "expect", 0, 8192, 0,
+                  opts=["--fast-zero"])
+    assert res.info()["can_fast_zero"] == "1"
+    assert res.returncode == 0, res

@@ -260,3 +260,14 @@ def test_backpressure_many_in_flight(nbdkit):
     for d in done:
         assert d[2] == "0" and d[3] == hashlib.sha256(
             pattern_bytes(int(d[1]), 8192)).hexdigest(), d
+
+
+def test_split_requests_with_one_slot(nbdkit):
+    """A request split in pieces needs more than one slot over time:
+    max_in_flight=1 must not deadlock."""
+    srv = nbdkit("memory", "48M")
+    res = run_cli(srv.uri(), "fill", 0, "40M", 3, "read", 0, "40M", "zero", 0, "40M",
+                  "expect", 0, "40M", 0,
+                  opts=["--max-in-flight", "1", "--connections", "1"], timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"\x03" * (40 * MiB)

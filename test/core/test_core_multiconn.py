@@ -136,3 +136,12 @@ def test_stress_with_request_timeout_armed(nbdkit):
     res = run_cli(srv.uri(), "stress", 8, 1000, 12, opts=["--timeout-ms", "60000"], timeout=600)
     assert res.returncode == 0, res
     assert "failures=0 mismatches=0 reentrant=0 double_done=0" in res.text, res
+
+
+def test_stress_one_request_in_flight(nbdkit):
+    """max_in_flight=1: every caller waits for the single slot; no deadlock."""
+    srv = nbdkit("memory", "2M")
+    res = run_cli(srv.uri(), "stress", 8, 300, 14,
+                  opts=["--max-in-flight", "1", "--connections", "1"], timeout=600)
+    assert res.returncode == 0, res
+    assert "failures=0 mismatches=0 reentrant=0 double_done=0" in res.text, res
