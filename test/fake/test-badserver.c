@@ -1012,6 +1012,155 @@ static void test_h23_go_unsup_fallback(void)
 	ctx_end(&t);
 }
 
+static void test_h23_go_shutdown(void)
+{
+	go_refused(FAKE_REP_ERR_SHUTDOWN, NBDC_ERROR_SERVER);
+}
+
+static void test_h23_go_block_size_reqd(void)
+{
+	go_refused(FAKE_REP_ERR_BLOCK_SIZE_REQD, NBDC_ERROR_SERVER);
+}
+
+static void test_h23_go_unknown_error_type(void)
+{
+	go_refused(0x80000000u + 100, NBDC_ERROR_SERVER);
+}
+
+static void test_h3_oldstyle_size_too_big(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	fake_send(t.fs, fake_greeting_oldstyle(UINT64_MAX, FAKE_EFLAG_HAS_FLAGS));
+	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
+	ctx_end(&t);
+}
+
+static void test_h4_export_name_size_too_big(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	fake_send(t.fs, fake_greeting_newstyle(0));
+	fake_expect_client_flags(t.fs, 0);
+	fake_expect_option(t.fs, 1);
+	fake_send(t.fs, fake_export_name_reply(UINT64_C(1) << 63, FAKE_EFLAG_HAS_FLAGS, TRUE));
+	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
+	ctx_end(&t);
+}
+
+/* An unknown NBD_INFO type (with a payload) is skipped. */
+static void test_h8_unknown_info_skipped(void)
+{
+	Ctx t;
+	struct nbdc_info info;
+	g_autoptr(FakeMsg) p = fake_msg_new();
+
+	ctx_init(&t);
+	fake_negotiate(t.fs, &t.e, FAKE_OPT_GO, 1);
+	fake_msg_u16(p, 0x99);
+	fake_msg_fill(p, 0x77, 1000);
+	fake_send(t.fs, fake_rep(FAKE_OPT_GO, FAKE_REP_INFO, g_steal_pointer(&p)));
+	fake_send(t.fs, fake_rep_info_export(FAKE_OPT_GO, 2 * MiB, FAKE_EFLAG_HAS_FLAGS));
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_GO));
+	ctx_connect(&t);
+	nbdc_get_info(t.c, &info);
+	g_assert_cmpuint(info.size, ==, 2 * MiB);
+	ctx_end(&t);
+}
+
+/* NBD_INFO_NAME gives the canonical name; DESCRIPTION the description. */
+static void test_h9_name_and_description(void)
+{
+	Ctx t;
+	struct nbdc_info info;
+
+	ctx_init(&t);
+	fake_negotiate(t.fs, &t.e, FAKE_OPT_GO, 1);
+	fake_send(t.fs, fake_rep_info_name(FAKE_OPT_GO, "canonical"));
+	fake_send(t.fs, fake_rep_info_export(FAKE_OPT_GO, MiB, FAKE_EFLAG_HAS_FLAGS));
+	fake_send(t.fs, fake_rep_info_description(FAKE_OPT_GO, "a fake disk"));
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_GO));
+	ctx_connect(&t);
+	nbdc_get_info(t.c, &info);
+	g_assert_cmpstr(info.export_name, ==, "canonical");
+	g_assert_cmpstr(info.description, ==, "a fake disk");
+	g_assert_cmpstr(info.protocol, ==, "newstyle-fixed");
+	g_assert_true(info.structured_replies);
+	g_assert_true(info.can_block_status);
+	ctx_end(&t);
+}
+
+/* Invalid block-size advertisements (protocol.md §1.3) are ignored. */
+static void block_sizes_ignored(uint32_t min, uint32_t pref, uint32_t max)
+{
+	Ctx t;
+	struct nbdc_info info;
+
+	ctx_init(&t);
+	t.e.block_min = min;
+	t.e.block_pref = pref;
+	t.e.block_max = max;
+	fake_negotiate(t.fs, &t.e, 0, 0);
+	ctx_connect(&t);
+	nbdc_get_info(t.c, &info);
+	note("advertised %u/%u/%u, got %u/%u/%u", min, pref, max, info.block_min,
+	     info.block_pref, info.block_max);
+	g_assert_cmpuint(info.block_min, ==, 0);
+	g_assert_cmpuint(info.block_pref, ==, 0);
+	g_assert_cmpuint(info.block_max, ==, 0);
+	g_assert_cmpuint(info.max_request, ==, 32 * MiB);
+	ctx_end(&t);
+}
+
+static void test_h11_min_too_big(void)
+{
+	block_sizes_ignored(128 * 1024, 128 * 1024, 1 * MiB);
+}
+
+static void test_h11_pref_below_min(void)
+{
+	block_sizes_ignored(4096, 1024, 1 * MiB);
+}
+
+static void test_h11_max_not_multiple(void)
+{
+	block_sizes_ignored(4096, 4096, 1 * MiB + 512);
+}
+
+static void test_h11_pref_below_512(void)
+{
+	block_sizes_ignored(1, 256, 1 * MiB);
+}
+
+static void test_h11_max_below_pref(void)
+{
+	block_sizes_ignored(512, 65536, 4096);
+}
+
+/* With a minimum block, unaligned requests fail locally with -EINVAL. */
+static void test_h12_unaligned_request(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	t.e.block_min = 4096;
+	t.e.block_pref = 4096;
+	t.e.block_max = 1 * MiB;
+	fake_negotiate(t.fs, &t.e, 0, 0);
+	fake_expect_request(t.fs, 0); /* the first request seen must be DISC */
+	ctx_connect(&t);
+	g_assert_cmpint(read_guarded(t.c, 4096, 512, 0), ==, -EINVAL);
+	g_assert_cmpint(read_guarded(t.c, 1000, 0, 0), ==, -EINVAL);
+	g_assert_cmpint(nbdc_pwrite(t.c, "abc", 3, 0, 0), ==, -EINVAL);
+	assert_alive(t.c);
+	nbdc_free(g_steal_pointer(&t.c));
+	fake_server_finish(t.fs, NULL);
+	g_assert_cmpuint(fake_server_capture(t.fs, 0)->type, ==, FAKE_CMD_DISC);
+	ctx_end(&t);
+}
+
 /* ---- Listing: positive and "unsupported" ---------------------------------- */
 
 static void test_list_ok(void)
@@ -1494,6 +1643,149 @@ static void test_t14_server_dies_mid_write(void)
 	ctx_end(&t);
 }
 
+/* NBD_ESHUTDOWN: the request fails with -ESHUTDOWN and the client
+ * soft-disconnects (NBD_CMD_DISC), so later requests get -ENOTCONN. */
+static void test_t9_eshutdown_soft_disconnect(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	ctx_io(&t);
+	fake_send(t.fs, fake_simple_reply(0, FAKE_ESHUTDOWN));
+	fake_expect_request(t.fs, 1);
+	ctx_connect(&t);
+	g_assert_cmpint(nbdc_flush(t.c), ==, -ESHUTDOWN);
+	assert_dead(t.c);
+	nbdc_free(g_steal_pointer(&t.c));
+	fake_server_finish(t.fs, NULL);
+	g_assert_true(fake_server_capture(t.fs, 1)->valid);
+	g_assert_cmpuint(fake_server_capture(t.fs, 1)->type, ==, FAKE_CMD_DISC);
+	ctx_end(&t);
+}
+
+/* A simple error reply to a READ carries no payload: the connection stays in sync. */
+static void test_t9_simple_read_error(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	t.e.sr = FALSE;
+	ctx_io(&t);
+	fake_send(t.fs, fake_simple_reply(0, FAKE_EIO));
+	fake_expect_request(t.fs, 1);
+	fake_send(t.fs, fake_simple_reply_data(1));
+	ctx_connect(&t);
+	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EIO);
+	assert_alive(t.c);
+	read_ok(t.c, 4096, 8192);
+	ctx_end(&t);
+}
+
+/* The server closes with three requests in flight: all fail with -ENOTCONN. */
+static void test_t11_close_with_three_in_flight(void)
+{
+	Ctx t;
+	Buf b[3];
+	Done d[3];
+	struct iovec v[3];
+
+	ctx_init(&t);
+	fake_negotiate(t.fs, &t.e, 0, 0);
+	fake_expect_request(t.fs, 0);
+	fake_expect_request(t.fs, 1);
+	fake_expect_request(t.fs, 2);
+	fake_close(t.fs);
+	ctx_connect(&t);
+	for (int i = 0; i < 3; i++) {
+		b[i] = buf_new(4096);
+		done_init(&d[i]);
+		v[i] = (struct iovec){ b[i].p, 4096 };
+		g_assert_cmpint(nbdc_aio_preadv(t.c, &v[i], 1, (uint64_t)i * 4096, 0, done_cb, &d[i]),
+				==, 0);
+	}
+	for (int i = 0; i < 3; i++) {
+		g_assert_cmpint(done_wait(&d[i]), ==, -ENOTCONN);
+		buf_free(&b[i]);
+		done_clear(&d[i]);
+	}
+	assert_dead(t.c);
+	ctx_end(&t);
+}
+
+/* A read bigger than block_max is split into requests of at most block_max,
+ * covering the range exactly; the server answers them out of order. */
+static void test_t12_split_read(void)
+{
+	Ctx t;
+	Buf b;
+	uint64_t next = 8192;
+
+	ctx_init(&t);
+	t.e.block_min = 512;
+	t.e.block_pref = 4096;
+	t.e.block_max = 65536;
+	fake_negotiate(t.fs, &t.e, 0, 0);
+	fake_expect_request(t.fs, 0);
+	fake_expect_request(t.fs, 1);
+	fake_expect_request(t.fs, 2);
+	fake_send(t.fs, fake_chunk_data(2, FAKE_CHUNK_FLAG_DONE, 0, 65536));
+	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 65536));
+	fake_send(t.fs, fake_chunk_data(1, FAKE_CHUNK_FLAG_DONE, 0, 65536));
+	ctx_connect(&t);
+	b = buf_new(3 * 65536);
+	g_assert_cmpint(nbdc_pread(t.c, b.p, 3 * 65536, 8192, 0), ==, 0);
+	buf_check_pattern(&b, 8192, 0, 3 * 65536);
+	buf_free(&b);
+	nbdc_free(g_steal_pointer(&t.c));
+	fake_server_finish(t.fs, NULL);
+	for (int i = 0; i < 3; i++) {
+		const FakeCapture *cap = fake_server_capture(t.fs, i);
+
+		g_assert_cmpuint(cap->type, ==, FAKE_CMD_READ);
+		g_assert_cmpuint(cap->offset, ==, next);
+		g_assert_cmpuint(cap->length, ==, 65536);
+		next += cap->length;
+	}
+	ctx_end(&t);
+}
+
+/* A write bigger than block_max: split, payloads arrive intact and in place. */
+static void test_t12_split_write(void)
+{
+	Ctx t;
+	g_autofree guint8 *data = g_malloc(2 * 65536);
+
+	for (size_t i = 0; i < 2 * 65536; i++)
+		data[i] = (guint8)(i ^ (i >> 8));
+	ctx_init(&t);
+	t.e.block_min = 512;
+	t.e.block_pref = 4096;
+	t.e.block_max = 65536;
+	fake_negotiate(t.fs, &t.e, 0, 0);
+	fake_expect_request(t.fs, 0);
+	fake_expect_request(t.fs, 1);
+	fake_send(t.fs, fake_simple_reply(1, 0));
+	fake_send(t.fs, fake_chunk_none(0));
+	ctx_connect(&t);
+	g_assert_cmpint(nbdc_pwrite(t.c, data, 2 * 65536, 65536, 0), ==, 0);
+	nbdc_free(g_steal_pointer(&t.c));
+	fake_server_finish(t.fs, NULL);
+	for (int i = 0; i < 2; i++) {
+		const FakeCapture *cap = fake_server_capture(t.fs, i);
+		uint64_t rel;
+
+		g_assert_cmpuint(cap->type, ==, FAKE_CMD_WRITE);
+		g_assert_cmpuint(cap->length, ==, 65536);
+		g_assert_cmpuint(cap->offset, >=, 65536);
+		rel = cap->offset - 65536;
+		g_assert_cmpuint(rel % 65536, ==, 0);
+		g_assert_cmpmem(cap->data->data, cap->data->len, data + rel, 65536);
+	}
+	g_assert_cmpuint(fake_server_capture(t.fs, 0)->offset, !=,
+			 fake_server_capture(t.fs, 1)->offset);
+	ctx_end(&t);
+}
+
 /* ======================================================================
  * S: structured read chunks (read of 4096 bytes at 4096 unless stated)
  * ====================================================================== */
@@ -1901,6 +2193,58 @@ static void test_p_read_only(void)
 	ctx_end(&t);
 }
 
+/* 64 chunks of 64 bytes in a scrambled order. */
+static void test_p_many_small_chunks(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	ctx_io(&t);
+	for (int i = 0; i < 64; i++) {
+		int k = (i * 37) % 64;
+
+		fake_send(t.fs, fake_chunk_data(0, 0, k * 64, 64));
+	}
+	fake_send(t.fs, fake_chunk_none(0));
+	ctx_connect(&t);
+	read_ok(t.c, 4096, 4096);
+	assert_alive(t.c);
+	ctx_end(&t);
+}
+
+/* One hole covering the whole request. */
+static void test_p_hole_only(void)
+{
+	Ctx t;
+	Buf b;
+
+	ctx_init(&t);
+	ctx_io(&t);
+	fake_send(t.fs, fake_chunk_hole(0, FAKE_CHUNK_FLAG_DONE, 0, 8192));
+	ctx_connect(&t);
+	b = buf_new(8192);
+	g_assert_cmpint(nbdc_pread(t.c, b.p, 8192, 0, 0), ==, 0);
+	buf_check_fill(&b, 0, 0, 8192);
+	buf_free(&b);
+	assert_alive(t.c);
+	ctx_end(&t);
+}
+
+/* An ERROR chunk in reply to a WRITE. */
+static void test_p_write_error_chunk(void)
+{
+	Ctx t;
+	guint8 data[4096] = { 0 };
+
+	ctx_init(&t);
+	ctx_io(&t);
+	fake_send(t.fs, fake_chunk_error(0, FAKE_CHUNK_FLAG_DONE, FAKE_ENOSPC, "disk full"));
+	ctx_connect(&t);
+	g_assert_cmpint(nbdc_pwrite(t.c, data, sizeof(data), 0, 0), ==, -ENOSPC);
+	assert_alive(t.c);
+	ctx_end(&t);
+}
+
 /* ======================================================================
  * B: block status (context id 7 = base:allocation)
  * ====================================================================== */
@@ -2072,6 +2416,16 @@ static void test_b5_req_one_violated(void)
 	assert_extent(ext, 0, 0, 8192, 0);
 }
 
+/* An ERROR chunk in reply to BLOCK_STATUS: the error, no extents. */
+static void test_b_error_chunk(void)
+{
+	g_autoptr(GArray) ext = g_array_new(FALSE, FALSE, sizeof(Extent));
+
+	bs_expect(fake_chunk_error(0, FAKE_CHUNK_FLAG_DONE, FAKE_EIO, "no map"), NULL, 8192, 0, 0,
+		  -EIO, ALIVE, ext);
+	g_assert_cmpuint(ext->len, ==, 0);
+}
+
 /* A block-status chunk announcing 64 MiB of extents: refused before reading it. */
 static void test_b6_huge_chunk(void)
 {
@@ -2176,6 +2530,19 @@ int main(int argc, char **argv)
 	ADD("/badserver/h23/go-platform", test_h23_go_platform);
 	ADD("/badserver/h23/go-invalid", test_h23_go_invalid);
 	ADD("/badserver/h23/go-unsup-fallback", test_h23_go_unsup_fallback);
+	ADD("/badserver/h23/go-shutdown", test_h23_go_shutdown);
+	ADD("/badserver/h23/go-block-size-reqd", test_h23_go_block_size_reqd);
+	ADD("/badserver/h23/go-unknown-error-type", test_h23_go_unknown_error_type);
+	ADD("/badserver/h3/oldstyle-size-too-big", test_h3_oldstyle_size_too_big);
+	ADD("/badserver/h4/export-name-size-too-big", test_h4_export_name_size_too_big);
+	ADD("/badserver/h8/unknown-info-skipped", test_h8_unknown_info_skipped);
+	ADD("/badserver/h9/name-and-description", test_h9_name_and_description);
+	ADD("/badserver/h11/min-too-big", test_h11_min_too_big);
+	ADD("/badserver/h11/pref-below-min", test_h11_pref_below_min);
+	ADD("/badserver/h11/max-not-multiple", test_h11_max_not_multiple);
+	ADD("/badserver/h11/pref-below-512", test_h11_pref_below_512);
+	ADD("/badserver/h11/max-below-pref", test_h11_max_below_pref);
+	ADD("/badserver/h12/unaligned-request", test_h12_unaligned_request);
 	ADD("/badserver/list/ok", test_list_ok);
 	ADD("/badserver/list/oldstyle", test_list_oldstyle);
 	ADD("/badserver/list/nonfixed", test_list_nonfixed);
@@ -2199,11 +2566,16 @@ int main(int argc, char **argv)
 	ADD("/badserver/t8/chunk-len-huge", test_t8_chunk_len_huge);
 	ADD("/badserver/t9/unknown-error-simple", test_t9_unknown_error_simple);
 	ADD("/badserver/t9/unknown-error-chunk", test_t9_unknown_error_chunk);
+	ADD("/badserver/t9/eshutdown-soft-disconnect", test_t9_eshutdown_soft_disconnect);
+	ADD("/badserver/t9/simple-read-error", test_t9_simple_read_error);
 	ADD("/badserver/t10/close-mid-header", test_t10_close_mid_header);
 	ADD("/badserver/t10/close-mid-payload", test_t10_close_mid_payload);
 	ADD("/badserver/t10/close-mid-simple-payload", test_t10_close_mid_simple_payload);
 	ADD("/badserver/t11/close-between-replies", test_t11_close_between_replies);
+	ADD("/badserver/t11/close-with-three-in-flight", test_t11_close_with_three_in_flight);
 	ADD("/badserver/t12/out-of-order", test_t12_out_of_order);
+	ADD("/badserver/t12/split-read", test_t12_split_read);
+	ADD("/badserver/t12/split-write", test_t12_split_write);
 	ADD("/badserver/t13/reply-never-arrives", test_t13_reply_never_arrives);
 	ADD("/badserver/t14/server-stops-reading", test_t14_server_stops_reading);
 	ADD("/badserver/t14/server-dies-mid-write", test_t14_server_dies_mid_write);
@@ -2244,6 +2616,9 @@ int main(int argc, char **argv)
 	ADD("/badserver/positive/write-structured-ok", test_p_write_structured_ok);
 	ADD("/badserver/positive/write-error", test_p_write_error);
 	ADD("/badserver/positive/read-only", test_p_read_only);
+	ADD("/badserver/positive/many-small-chunks", test_p_many_small_chunks);
+	ADD("/badserver/positive/hole-only", test_p_hole_only);
+	ADD("/badserver/positive/write-error-chunk", test_p_write_error_chunk);
 
 	ADD("/badserver/b/ok", test_b_ok);
 	ADD("/badserver/b/sync-wrapper", test_b_sync_wrapper);
@@ -2256,6 +2631,7 @@ int main(int argc, char **argv)
 	ADD("/badserver/b4/past-export-end", test_b4_past_export_end);
 	ADD("/badserver/b5/req-one-violated", test_b5_req_one_violated);
 	ADD("/badserver/b6/huge-chunk", test_b6_huge_chunk);
+	ADD("/badserver/b/error-chunk", test_b_error_chunk);
 
 	r = g_test_run();
 	g_unlink(psk_file);
