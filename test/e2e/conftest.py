@@ -304,20 +304,26 @@ class NbdLog:
 # The cleanup stack
 
 class _Stack:
+    """Mounts and loop devices (phase 0) are released last-in first-out, then
+    servers (phase 1): a server restarted during a test still outlives the
+    mount that uses it, so no unmount waits for an absent server."""
+
     def __init__(self):
-        self.items = []      # (description, callable) run last-in first-out
+        self.items = []      # (phase, description, callable)
         self.problems = []   # leftovers found at teardown
 
-    def push(self, what, fn):
-        self.items.append((what, fn))
+    def push(self, what, fn, phase=0):
+        self.items.append((phase, what, fn))
 
     def unwind(self):
-        while self.items:
-            what, fn = self.items.pop()
-            try:
-                fn()
-            except Exception as e:  # keep unwinding: every resource gets its chance
-                self.problems.append(f"{what}: cleanup raised {type(e).__name__}: {e}")
+        for phase in (0, 1):
+            todo = [i for i in self.items if i[0] == phase]
+            self.items = [i for i in self.items if i[0] != phase]
+            for _, what, fn in reversed(todo):
+                try:
+                    fn()
+                except Exception as e:  # keep unwinding: every resource gets its chance
+                    self.problems.append(f"{what}: cleanup raised {type(e).__name__}: {e}")
 
 
 @pytest.fixture
@@ -431,7 +437,7 @@ def server(e2e_stack, tmp_path):
         errf.close()
         srv.proc = proc
         srv.cmd = cmd
-        e2e_stack.push(f"{what} pid {proc.pid}", lambda: kill_and_wait(proc))
+        e2e_stack.push(f"{what} pid {proc.pid}", lambda: kill_and_wait(proc), phase=1)
 
         def ready():
             if proc.poll() is not None:

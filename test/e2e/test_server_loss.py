@@ -1,0 +1,179 @@
+"""SPEC §2 `timeout` and §5 "server gone": requests wait up to `timeout` while
+nbdfs reconnects, then fail with EIO; timeout=0 fails at once; a server back
+on the same socket in time serves the waiting request; a slow server is not
+an unreachable one; unmount always works."""
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+
+from nbdfs_e2e import MiB, is_mounted, nbd_read, read_file, sparse_file, wait_for, wait_pid_exit
+
+
+def _data_image(tmp_path, size=4 * MiB):
+    data = os.urandom(size)
+    p = tmp_path / "data.img"
+    p.write_bytes(data)
+    return str(p), data
+
+
+def _timed(fn):
+    t0 = time.monotonic()
+    try:
+        r = fn()
+        return r, None, time.monotonic() - t0
+    except OSError as e:
+        return None, e.errno, time.monotonic() - t0
+
+
+def _direct_read(path, off, n):
+    """A read the page cache cannot answer (fresh offsets + O_DIRECT)."""
+    import mmap
+    buf = mmap.mmap(-1, n)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = os.preadv(fd, [buf], off)
+        return bytes(buf[:got])
+    finally:
+        os.close(fd)
+
+
+def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    m = mount(srv.uri(), opts=["-o", "timeout=2"])
+    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    srv.kill()
+    r, e, dt = _timed(lambda: _direct_read(m / "disk", MiB, 4096))
+    assert e == errno.EIO, (r, e)
+    assert dt >= 1.5, f"failed after {dt:.2f}s, before timeout=2"
+    assert dt < 60, f"took {dt:.1f}s"
+    # writes too
+    fd = os.open(m / "disk", os.O_WRONLY)
+    try:
+        r, e, dt = _timed(lambda: os.pwrite(fd, b"w" * 4096, 8192))
+        if e is None:      # accepted into a cache? then the flush must fail
+            r, e, dt = _timed(lambda: os.fsync(fd))
+        assert e == errno.EIO
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_timeout_0_fails_at_once(tmp_path, server, mount):
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    m = mount(srv.uri(), opts=["-o", "timeout=0"])
+    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    srv.kill()
+    r, e, dt = _timed(lambda: _direct_read(m / "disk", 2 * MiB, 4096))
+    assert e == errno.EIO, (r, e)
+    assert dt < 10, f"timeout=0 waited {dt:.1f}s"
+
+
+def _syscall_of(tid):
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    sock = srv.sock
+    m = mount(srv.uri(), opts=["-o", "timeout=30"])
+    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    srv.kill()
+    result = {}
+
+    def reader():
+        result["tid"] = threading.get_native_id()
+        result["r"], result["e"], result["dt"] = _timed(
+            lambda: _direct_read(m / "disk", 3 * MiB, 8192))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    # wait until the reader is blocked in the read syscall (pread64 = 17, preadv = 295)
+    wait_for(lambda: "tid" in result and _syscall_of(result["tid"]) in ("17", "295", "327", "0", "19"),
+             timeout=20, what="the read to be pending")
+    srv2 = server("file", img, log=False, sock=sock)
+    th.join(timeout=60)
+    assert not th.is_alive(), "the pending read never returned"
+    assert result["e"] is None, f"pending read failed with errno {result['e']}"
+    assert result["r"] == data[3 * MiB:3 * MiB + 8192]
+    # and the mount goes on working
+    assert read_file(m / "disk", 100, 100) == data[100:200]
+    with open(m / "disk", "r+b") as f:
+        f.seek(5000)
+        f.write(b"after reconnect")
+    assert nbd_read(srv2.uri(), 5000, 15) == b"after reconnect"
+
+
+def test_recovers_after_a_failed_request(tmp_path, server, mount):
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    sock = srv.sock
+    m = mount(srv.uri(), opts=["-o", "timeout=1"])
+    srv.kill()
+    r, e, dt = _timed(lambda: _direct_read(m / "disk", MiB, 4096))
+    assert e == errno.EIO
+    server("file", img, log=False, sock=sock)
+
+    def ok():
+        try:
+            return _direct_read(m / "disk", 2 * MiB, 4096) == data[2 * MiB:2 * MiB + 4096]
+        except OSError:
+            return False
+    wait_for(ok, timeout=30, what="I/O to work again after the server came back")
+
+
+def test_slow_server_is_not_unreachable(server, mount):
+    srv = server("--filter=delay", "pattern", "1M", "delay-read=3", log=False)
+    m = mount(srv.uri(), opts=["-o", "timeout=1"])
+    from nbdfs_e2e import pattern_bytes
+    r, e, dt = _timed(lambda: _direct_read(m / "disk", 65536, 4096))
+    assert e is None, f"slow read failed with errno {e}"
+    assert r == pattern_bytes(65536, 4096)
+
+
+def test_unmount_works_with_server_gone(tmp_path, server, mount):
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    # (with the default timeout of 60 s the daemon may spend 60 s on its last
+    # flush before exiting; 10 s keeps the test short, the rule is the same)
+    m = mount(srv.uri(), opts=["-o", "timeout=10"])
+    with open(m / "disk", "r+b") as f:
+        f.write(b"x" * 100)
+    srv.kill()
+    t0 = time.monotonic()
+    r = subprocess.run(["fusermount3", "-u", m.path], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    assert not is_mounted(m.path)
+    assert wait_pid_exit(m.pid, 90), "nbdfs still running 90 s after unmount"
+    assert time.monotonic() - t0 < 120
+
+
+def test_sigterm_works_with_server_gone(tmp_path, server, mount):
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    m = mount(srv.uri(), opts=["-o", "timeout=3"], foreground=True)
+    srv.kill()
+    m.proc.send_signal(signal.SIGTERM)
+    m.wait_exit(60)
+    assert not is_mounted(m.path)
+
+
+def test_server_gone_at_mount_fails_at_once(tmp_path, mount):
+    """Start-up is not the place to wait: an absent server fails the mount."""
+    sock = tmp_path / "absent.sock"
+    t0 = time.monotonic()
+    m = mount(f"nbd+unix:///?socket={sock}", check=False)
+    assert m.rc != 0 and not is_mounted(m.path)
+    assert time.monotonic() - t0 < 60
