@@ -36,19 +36,16 @@ static void check(int cond, const char *what)
 	}
 }
 
-int part_fuzz_one(const uint8_t *data, size_t size)
+Blockdev *part_fuzz_device(const uint8_t *data, size_t size)
 {
-	g_autoptr(Blockdev) dev = NULL;
-	g_autoptr(GError) error = NULL;
-	g_autoptr(PartTable) t = NULL;
-	struct blockdev_info info;
+	Blockdev *dev;
 	uint32_t ss;
 	uint64_t sectors, len;
 	uint8_t *disk;
 	size_t pos = 7;
 
 	if (size < 7)
-		return 0;
+		return NULL;
 	ss = (data[0] & 1) ? 4096 : 512;
 	sectors = MIN((uint64_t)get_le32(data + 1), PART_FUZZ_MAX_BYTES / ss);
 	len = sectors * ss + get_le16(data + 5) % ss;
@@ -70,8 +67,21 @@ int part_fuzz_one(const uint8_t *data, size_t size)
 		fix_gpt_crcs(disk, len, ss, 1);
 		fix_gpt_crcs(disk, len, ss, len / ss - 1);
 	}
+	return dev;
+}
 
+int part_fuzz_one(const uint8_t *data, size_t size)
+{
+	g_autoptr(Blockdev) dev = part_fuzz_device(data, size);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(PartTable) t = NULL;
+	struct blockdev_info info;
+	uint32_t ss;
+
+	if (!dev)
+		return 0;
 	blockdev_get_info(dev, &info);
+	ss = info.sector_size;
 	t = part_table_read(dev, &error);
 	if (!t) {
 		check(error != NULL && error->domain == PART_ERROR, "an error in PART_ERROR");

@@ -18,6 +18,13 @@
  *   used as far as it goes).
  * Runs part_table_read() on it (both sector sizes are reachable through the
  * flag) and checks the invariants of the result; aborts on a violation. */
-#define PART_FUZZ_MAX_BYTES (8u << 20)
+#define PART_FUZZ_MAX_BYTES (256u << 10)
+
+#include "nbdfs/blockdev.h"
 
 int part_fuzz_one(const uint8_t *data, size_t size);
+
+/* The device an input describes (caller unrefs), or NULL when the input is
+ * shorter than its 7-byte header.  part-dump --fuzz-input uses it to show
+ * what a seed or a crash input contains. */
+Blockdev *part_fuzz_device(const uint8_t *data, size_t size);

@@ -6,7 +6,8 @@ and sgdisk again; plus a few damaged copies.  Run by hand:
     sudo /usr/bin/python3 test/fuzz/part/make_corpus.py
 
 Each seed is in harness.h's compact format: only the non-zero 512-byte
-blocks of the image are stored, so an 8 MiB disk is a few KiB.
+blocks of the image are stored.  The disks are small (256 KiB, the harness's
+cap, so that every run is fast), with tables that fit them.
 """
 import os
 import shutil
@@ -19,13 +20,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
-MIB = 1 << 20
 
 
 def encode(img, sector_size=512, fix_crcs=False):
     with open(img, "rb") as f:
         data = f.read()
-    assert len(data) <= 8 * MIB, img
+    assert len(data) <= 256 * 1024, img
     sectors, extra = divmod(len(data), sector_size)
     out = bytearray(struct.pack("<BIH", (1 if sector_size == 4096 else 0) | (2 if fix_crcs else 0),
                                 sectors, extra))
@@ -68,10 +68,13 @@ def patch(src, dst, offset, data):
     return dst
 
 
-MBR_SCRIPT = ("label: dos\nunit: sectors\n2048,2048,83\n4096,2048,7\n6144,,5\n"
-              ",1024,83\n,1024,83\n,1024,82\n")
-GPT_SGDISK = ["-n", "1:2048:+1M", "-t", "1:ef00", "-c", "1:EFI system",
-              "-n", "2:0:+2M", "-t", "2:8300", "-c", "2:root \u00e9t\u00e9",
+SIZE = 256 * 1024
+MBR_SCRIPT = ("label: dos\nunit: sectors\nstart=8, size=64, type=83\n"
+              "start=72, size=64, type=7\nstart=136, type=5\nstart=140, size=60, type=83\n"
+              "start=210, size=60, type=83\nstart=280, size=60, type=82\n")
+MBR_EXT_START = 136
+GPT_SGDISK = ["-a", "8", "-n", "1:40:+32K", "-t", "1:ef00", "-c", "1:EFI system",
+              "-n", "2:0:+64K", "-t", "2:8300", "-c", "2:root \u00e9t\u00e9",
               "-n", "5:0:0", "-t", "5:8200", "-c", "5:swap"]
 
 
@@ -86,17 +89,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         t = lambda n: os.path.join(tmp, n)  # noqa: E731
         # MBR with an extended partition and logicals 5, 6, 7 (sfdisk).
-        mbr = image(t("mbr.img"), 8 * MIB)
+        mbr = image(t("mbr.img"), SIZE)
         run("sfdisk", "-q", mbr, input=MBR_SCRIPT.encode())
         save("sfdisk-mbr-logicals", mbr)
         # The second EBR's link pointing back at the first EBR (a loop).
         with open(mbr, "rb") as f:
-            f.seek(6144 * 512 + 446 + 16 + 8)
-            ebr2 = 6144 + struct.unpack("<I", f.read(4))[0]
+            f.seek(MBR_EXT_START * 512 + 446 + 16 + 8)
+            ebr2 = MBR_EXT_START + struct.unpack("<I", f.read(4))[0]
         save("sfdisk-mbr-ebr-loop", patch(mbr, t("mbr-loop.img"),
              ebr2 * 512 + 446 + 16 + 8, struct.pack("<I", 0)))
         # GPT (sgdisk), then with a damaged primary header and entries.
-        gpt = image(t("gpt.img"), 8 * MIB)
+        gpt = image(t("gpt.img"), SIZE)
         run("sgdisk", *GPT_SGDISK, gpt)
         save("sgdisk-gpt", gpt)
         save("sgdisk-gpt-bad-primary-crc", patch(gpt, t("g1.img"), 512 + 40, b"\x23"))
@@ -115,7 +118,8 @@ def main():
         for kind in ("mbr", "gpt"):
             sock = t(f"nbdkit-{kind}.sock")
             proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", sock,
-                                     "partitioning", *files, f"partition-type={kind}"])
+                                     "partitioning", "alignment=4096", *files,
+                                     f"partition-type={kind}"])
             try:
                 deadline = time.monotonic() + 30
                 while not os.path.exists(sock):
@@ -131,16 +135,17 @@ def main():
         # 4096-byte sectors: the same tools on a 4K loop device (root only).
         if os.geteuid() == 0:
             for kind in ("mbr", "gpt"):
-                img = image(t(f"4k-{kind}.img"), 8 * MIB)
+                img = image(t(f"4k-{kind}.img"), SIZE)
                 loop = loop_attach(img, 4096)
                 try:
                     if kind == "mbr":
                         run("sfdisk", "-q", loop, input=(
-                            "label: dos\nunit: sectors\n256,256,83\n512,256,7\n768,,5\n"
-                            ",128,83\n,128,83\n").encode())
+                            "label: dos\nunit: sectors\nstart=8, size=8, type=83\n"
+                            "start=16, size=8, type=7\nstart=24, type=5\n"
+                            "start=26, size=8, type=83\nstart=36, size=8, type=83\n").encode())
                     else:
-                        run("sgdisk", "-n", "1:256:+1M", "-c", "1:boot", "-n", "2:0:0",
-                            "-c", "2:data", loop)
+                        run("sgdisk", "-a", "1", "-n", "1:6:+32K", "-c", "1:boot",
+                            "-n", "2:0:0", "-c", "2:data", loop)
                     run("blockdev", "--flushbufs", loop)
                 finally:
                     run("losetup", "-d", loop)

@@ -2,6 +2,7 @@
  * sees it, for the pytest cross-checks against real tools (test/part/).
  *
  *   part-dump [--sector-size N] IMAGE
+ *   part-dump --fuzz-input FILE     (a fuzz-part input: seed or crash)
  *
  * Output, one line each:
  *   table KIND sector_size N used_backup 0|1 disk_guid GUID|-
@@ -14,15 +15,19 @@
 #include <string.h>
 
 #include "nbdfs/partition.h"
+#include "test/fuzz/part/harness.h"
 
 #define MAX_IMAGE (1ull << 30)
 
 int main(int argc, char **argv)
 {
 	gint sector_size = 512;
+	gboolean fuzz_input = FALSE;
 	g_autofree char **files = NULL;
 	GOptionEntry options[] = {
 		{ "sector-size", 's', 0, G_OPTION_ARG_INT, &sector_size, "sector size", "N" },
+		{ "fuzz-input", 0, 0, G_OPTION_ARG_NONE, &fuzz_input, "FILE is a fuzz-part input",
+		  NULL },
 		{ G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &files, NULL, "IMAGE" },
 		{ NULL },
 	};
@@ -50,8 +55,15 @@ int main(int argc, char **argv)
 		fprintf(stderr, "part-dump: %s: larger than 1 GiB\n", files[0]);
 		return 2;
 	}
-	dev = blockdev_mem_new((uint32_t)sector_size, len, g_mapped_file_get_contents(map), len,
-			       TRUE);
+	if (fuzz_input)
+		dev = part_fuzz_device((const uint8_t *)g_mapped_file_get_contents(map), len);
+	else
+		dev = blockdev_mem_new((uint32_t)sector_size, len,
+				       g_mapped_file_get_contents(map), len, TRUE);
+	if (!dev) {
+		fprintf(stderr, "part-dump: %s: not a fuzz input\n", files[0]);
+		return 2;
+	}
 	t = part_table_read(dev, &error);
 	if (!t) {
 		printf("error %s %s\n",
