@@ -133,6 +133,21 @@ static gboolean gpt_signature_at_lba1(struct part_reader *r)
 	return memcmp(buf, GPT_SIGNATURE, 8) == 0;
 }
 
+/* A FAT boot sector (jump, sane BPB) also ends in 0x55AA; with all four
+ * slots empty it is a filesystem on the whole device, not an empty table. */
+static gboolean fat_boot_sector(const uint8_t *s, const struct mbr_sector *mbr)
+{
+	uint16_t bytes_per_sector = get_le16(s + 11);
+
+	for (int i = 0; i < 4; i++)
+		if (mbr->part[i].type != 0 || get_le32(mbr->part[i].sectors_le) != 0)
+			return FALSE;
+	return (s[0] == 0xeb || s[0] == 0xe9) && bytes_per_sector >= 512 &&
+	       bytes_per_sector <= 4096 && !(bytes_per_sector & (bytes_per_sector - 1)) &&
+	       s[13] != 0 && get_le16(s + 14) != 0 && s[16] != 0 &&
+	       (s[21] == 0xf0 || s[21] >= 0xf8);
+}
+
 struct part_table *part_table_read(Blockdev *dev, GError **error)
 {
 	struct blockdev_info info;
@@ -195,6 +210,13 @@ struct part_table *part_table_read(Blockdev *dev, GError **error)
 		}
 		if (mbr.part[i].type == MBR_TYPE_GPT_PROTECTIVE)
 			protective = TRUE;
+	}
+
+	if (fat_boot_sector(sector0, &mbr)) {
+		g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
+			    "partition table: sector 0 is a FAT boot sector and no MBR slot is "
+			    "used: a filesystem, not a partition table");
+		return NULL;
 	}
 
 	if (protective) {

@@ -355,6 +355,36 @@ static void test_no_table(void)
 	read_fails(512, d, 64 * 512, PART_ERROR_NO_TABLE, "MBR slot 2 has boot flag 0x29");
 }
 
+static void test_fat_boot_sector(void)
+{
+	/* A FAT filesystem on the whole device: 0x55AA, empty slots. */
+	g_autofree uint8_t *d = disk_new(64 * 512);
+
+	d[0] = 0xeb;
+	d[1] = 0x3c;
+	d[2] = 0x90;
+	d[11] = 0x00;   /* 512 bytes per sector */
+	d[12] = 0x02;
+	d[13] = 4;      /* sectors per cluster */
+	d[14] = 1;      /* reserved sectors */
+	d[16] = 2;      /* FATs */
+	d[21] = 0xf8;   /* media */
+	d[510] = 0x55;
+	d[511] = 0xaa;
+	read_fails(512, d, 64 * 512, PART_ERROR_NO_TABLE, "sector 0 is a FAT boot sector");
+	/* With a used slot it is an MBR (boot code may look like anything). */
+	tg_mbr_entry(d, 1, 0, 0x0c, 1, 63);
+	g_autoptr(PartTable) t = read_ok(512, d, 64 * 512);
+	g_assert_cmpuint(t->entries->len, ==, 1);
+	/* All slots empty and no FAT BPB: an empty MBR. */
+	memset(d, 0, 446);
+	tg_mbr_entry(d, 1, 0, 0, 0, 0);
+	g_autoptr(PartTable) t2 = read_ok(512, d, 64 * 512);
+	g_assert_cmpint(t2->kind, ==, PART_TABLE_MBR);
+	g_assert_cmpuint(t2->entries->len, ==, 0);
+	check_no_warnings(t2);
+}
+
 static void test_tiny_devices(void)
 {
 	g_autofree uint8_t *d = disk_new(4096);
@@ -799,6 +829,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/part/mbr/4096", test_mbr_4096);
 	g_test_add_func("/part/none/no-table", test_no_table);
 	g_test_add_func("/part/none/tiny-devices", test_tiny_devices);
+	g_test_add_func("/part/none/fat-boot-sector", test_fat_boot_sector);
 	g_test_add_func("/part/gpt/basic", test_gpt_basic);
 	g_test_add_func("/part/gpt/4096", test_gpt_4096);
 	g_test_add_func("/part/gpt/bad-primary-crc", test_gpt_bad_primary_crc);
