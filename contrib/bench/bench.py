@@ -1,0 +1,972 @@
+#!/usr/bin/python3
+"""Benchmark nbdfs against nbdfuse and the raw NBD limit (fio's nbd engine, nbdcopy).
+
+One run starts `nbdkit memory 1G` on a Unix socket (filled with random data),
+mounts it through nbdfs (export file and a split partition file, plus a loop
+device over the partition file) and through nbdfuse (file, plus a loop device),
+runs the same workloads through each of them and through fio's nbd ioengine
+straight at the export, and prints one table with medians over --reps runs,
+the ratios nbdfs/nbdfuse and nbdfs/limit, and the issue's goals as PASS/MISS.
+
+Standard library only. Needs root (loop devices, drop_caches), fio, nbdkit,
+nbdcopy, nbdfuse, fusermount3, losetup. Everything it starts (servers, mounts,
+loop devices, fio/dd) is ended in a finally block, also on SIGINT/SIGTERM.
+
+    /usr/bin/python3 contrib/bench/bench.py [--quick] [--build DIR]
+        [--runtime S] [--reps N] [--out FILE] [--json FILE]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MiB = 1 << 20
+GiB = 1 << 30
+EXPORT_SIZE = GiB
+SPLIT_SECTORS = 2048            # nbdfs disk-part1 = first 1 MiB, disk-part2 = the rest
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Interrupted(BaseException):
+    """Raised from the signal handler so that finally blocks run."""
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _child_signals():
+    # A shell that starts us in the background ignores SIGINT, and ignored
+    # signals survive exec: give children the default actions back, so that
+    # dd really stops (and prints its statistics) on SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run(cmd, timeout=60, check=True, **kw):
+    """Runs a short helper command; returns CompletedProcess (text)."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=timeout, preexec_fn=_child_signals, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {p.returncode}: {p.stderr.strip()}")
+    return p
+
+
+def wait_until(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def mounted(path):
+    """True if path is a mountpoint in /proc/mounts (octal escapes decoded)."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            mp = line.split()[1].encode().decode("unicode_escape")
+            if mp == path:
+                return True
+    return False
+
+
+# ---------------------------------------------------------------- resources
+
+class Resources:
+    """Everything this run started, released in reverse dependency order:
+    workers (fio, dd) -> loop devices -> FUSE mounts -> daemons -> servers."""
+
+    def __init__(self):
+        self.workers = []     # Popen
+        self.loops = []       # /dev/loopN
+        self.mounts = []      # mountpoints
+        self.daemons = []     # Popen (nbdfs, nbdfuse)
+        self.servers = []     # Popen (nbdkit)
+        self.dirs = []
+
+    @staticmethod
+    def _kill(p, sig=signal.SIGTERM, timeout=10):
+        if p.poll() is not None:
+            return
+        try:
+            p.send_signal(sig)
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log(f"pid {p.pid} does not die (stuck in the kernel?)")
+
+    def unmount(self, mp):
+        for args in (["-u"], ["-uz"]):
+            if not mounted(mp):
+                break
+            try:
+                run(["fusermount3"] + args + [mp], timeout=30, check=False)
+            except subprocess.TimeoutExpired:
+                log(f"fusermount3 {' '.join(args)} {mp} timed out")
+            if args == ["-u"] and mounted(mp):
+                # busy (a loop device still releasing the file): retry briefly
+                deadline = time.monotonic() + 5
+                while mounted(mp) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    run(["fusermount3", "-u", mp], timeout=30, check=False)
+        if mp in self.mounts:
+            self.mounts.remove(mp)
+
+    def detach(self, dev):
+        run(["losetup", "-d", dev], timeout=30, check=False)
+        if dev in self.loops:
+            self.loops.remove(dev)
+
+    def release(self):
+        for p in self.workers:
+            self._kill(p, signal.SIGKILL, timeout=5)
+        for dev in reversed(list(self.loops)):
+            self.detach(dev)
+        for mp in reversed(list(self.mounts)):
+            self.unmount(mp)
+        for p in reversed(self.daemons):
+            self._kill(p)
+        for mp in list(self.mounts):      # a daemon that died leaves ENOTCONN mounts
+            self.unmount(mp)
+        for p in reversed(self.servers):
+            self._kill(p)
+        for p in self.workers + self.daemons + self.servers:
+            for s in (p.stdout, p.stderr):
+                if s:
+                    s.close()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def leftovers(workdir, loops_seen):
+    """Mounts and loop devices of this run still present (should be none)."""
+    left = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            mp = line.split()[1]
+            if mp.startswith(workdir):
+                left.append(f"mount {mp}")
+    out = run(["losetup", "-a"], check=False).stdout
+    for dev in loops_seen:
+        for line in out.splitlines():
+            if line.startswith(dev + ":"):
+                left.append(f"loop {line}")
+    return left
+
+
+# ---------------------------------------------------------------- /proc
+
+def proc_cpu(pid):
+    """utime+stime of a whole process (all threads), in seconds."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_status(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_hwm(pid):
+    """Resets VmHWM to the current RSS (clear_refs 5), so each run has its own peak."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def ctx_switches(pid):
+    """(voluntary, involuntary) context switches summed over the live threads."""
+    vol = inv = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            vol += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            inv += int(line.split()[1])
+            except OSError:
+                pass
+    except OSError:
+        return None
+    return vol, inv
+
+
+def nthreads(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+
+
+def drop_caches():
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+    except OSError as e:
+        log(f"cannot drop caches: {e}")
+
+
+# ---------------------------------------------------------------- setup
+
+class Server:
+    def __init__(self, proc, sock, name):
+        self.proc, self.sock, self.name = proc, sock, name
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+
+def start_nbdkit(res, workdir, name, extra=()):
+    sock = os.path.join(workdir, f"{name}.sock")
+    # -t 64: enough server threads that the server never caps qd32 + multi-conn
+    cmd = ["nbdkit", "-f", "--exit-with-parent", "-t", "64", "-U", sock] + list(extra)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_child_signals)
+    res.servers.append(proc)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"nbdkit exited {proc.returncode}: {' '.join(cmd)}: "
+                               f"{proc.stderr.read().decode(errors='replace')}")
+        return os.path.exists(sock)
+    wait_until(ready, 30, f"nbdkit {name}")
+    log(f"nbdkit {name}: pid {proc.pid}: {' '.join(cmd[5:])}")
+    return Server(proc, sock, name)
+
+
+def make_random_file(path, size):
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+class Target:
+    """One way of reaching the export: a file (FUSE, loop device) or raw NBD."""
+
+    def __init__(self, name, kind, path=None, server=None, daemon=None):
+        self.name = name          # row label
+        self.kind = kind          # 'file' or 'raw'
+        self.path = path
+        self.server = server      # Server
+        self.daemon = daemon      # Popen of the FUSE daemon, or None
+
+    @property
+    def daemon_pid(self):
+        return self.daemon.pid if self.daemon else None
+
+    def size(self):
+        if self.kind == "raw":
+            return EXPORT_SIZE
+        with open(self.path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+
+
+def mount_nbdfuse(res, workdir, server, tag):
+    mnt = os.path.join(workdir, f"nbdfuse-{tag}")
+    os.mkdir(mnt)
+    pidfile = os.path.join(workdir, f"nbdfuse-{tag}.pid")
+    logf = open(os.path.join(workdir, f"nbdfuse-{tag}.log"), "wb")
+    cmd = ["nbdfuse", "-P", pidfile, os.path.join(mnt, "nbd"), server.uri]
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                            preexec_fn=_child_signals)
+    logf.close()
+    res.daemons.append(proc)
+    res.mounts.append(mnt)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"nbdfuse exited {proc.returncode}")
+        return os.path.exists(pidfile) and mounted(mnt)
+    wait_until(ready, 30, f"nbdfuse {tag} to mount")
+    log(f"nbdfuse {tag}: pid {proc.pid} at {mnt}")
+    return proc, os.path.join(mnt, "nbd")
+
+
+def mount_nbdfs(res, workdir, nbdfs, server, tag):
+    """Mounts with -f (we own the pid) and split=disk:2048; returns (proc, mnt)."""
+    mnt = os.path.join(workdir, f"nbdfs-{tag}")
+    os.mkdir(mnt)
+    logpath = os.path.join(workdir, f"nbdfs-{tag}.log")
+    logf = open(logpath, "wb")
+    cmd = [nbdfs, "-f", "-o", f"split=disk:{SPLIT_SECTORS}", server.uri, mnt]
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                            preexec_fn=_child_signals)
+    logf.close()
+    res.daemons.append(proc)
+    res.mounts.append(mnt)
+
+    def ready():
+        if proc.poll() is not None:
+            with open(logpath, errors="replace") as f:
+                tail = f.read()[-800:]
+            raise RuntimeError(f"nbdfs exited {proc.returncode}: {' '.join(cmd)}: {tail}")
+        return mounted(mnt) and os.path.exists(os.path.join(mnt, "disk-part2"))
+    try:
+        wait_until(ready, 30, f"nbdfs {tag} to mount with disk and disk-part2")
+    except Exception:
+        res.unmount(mnt)
+        Resources._kill(proc)
+        raise
+    log(f"nbdfs {tag}: pid {proc.pid} at {mnt}: {os.listdir(mnt)}")
+    return proc, mnt
+
+
+def attach_loop(res, path):
+    dev = run(["losetup", "--direct-io=on", "-f", "--show", path], timeout=30).stdout.strip()
+    res.loops.append(dev)
+    dio = run(["losetup", "-n", "-O", "DIO", "-l", dev], check=False).stdout.strip()
+    log(f"loop {dev} over {path} (direct I/O: {dio})")
+    return dev, dio == "1"
+
+
+# ---------------------------------------------------------------- workloads
+
+class Workload:
+    def __init__(self, wid, label, kind, rw=None, bs=None, qd=None, delay=False,
+                 loop=False, metric="MB/s"):
+        self.id, self.label, self.kind = wid, label, kind
+        self.rw, self.bs, self.qd = rw, bs, qd
+        self.delay = delay        # runs against the delayed server
+        self.loop = loop          # also runs on the loop devices
+        self.metric = metric      # primary metric for ratios: MB/s or IOPS
+
+
+WORKLOADS = [
+    Workload("seqread-1M-qd16", "seq read 1M direct qd16", "fio", "read", "1M", 16, loop=True),
+    Workload("seqwrite-1M-qd16", "seq write 1M direct qd16", "fio", "write", "1M", 16, loop=True),
+    Workload("seqread-1M-qd1", "seq read 1M direct qd1", "fio", "read", "1M", 1),
+    Workload("seqwrite-1M-qd1", "seq write 1M direct qd1", "fio", "write", "1M", 1),
+    Workload("dd-read-1M", "dd bs=1M read (buffered)", "dd", "read", 1 * MiB),
+    Workload("dd-write-1M", "dd bs=1M write (buffered)", "dd", "write", 1 * MiB),
+    Workload("dd-write-4k", "dd bs=4k write (buffered)", "dd", "write", 4096),
+    Workload("randread-4k-qd1", "rand read 4k direct qd1", "fio", "randread", "4k", 1,
+             loop=True, metric="IOPS"),
+    Workload("randwrite-4k-qd1", "rand write 4k direct qd1", "fio", "randwrite", "4k", 1,
+             loop=True, metric="IOPS"),
+    Workload("randread-4k-qd32", "rand read 4k direct qd32", "fio", "randread", "4k", 32,
+             loop=True, metric="IOPS"),
+    Workload("randwrite-4k-qd32", "rand write 4k direct qd32", "fio", "randwrite", "4k", 32,
+             loop=True, metric="IOPS"),
+    Workload("delay-randread-4k-qd32", "rand read 4k qd32, server +1ms", "fio", "randread",
+             "4k", 32, delay=True, metric="IOPS"),
+]
+
+
+class Bench:
+    def __init__(self, args, res, workdir, srcfile):
+        self.args, self.res, self.workdir, self.srcfile = args, res, workdir, srcfile
+        self.current = None
+
+    def _spawn(self, cmd, **kw):
+        p = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_child_signals, **kw)
+        self.res.workers.append(p)
+        return p
+
+    def _reap(self, p):
+        if p in self.res.workers:
+            self.res.workers.remove(p)
+
+    def run_fio(self, w, t, size):
+        out = os.path.join(self.workdir, "fio.json")
+        if os.path.exists(out):
+            os.unlink(out)
+        cmd = ["fio", f"--name={w.id}", f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.qd}",
+               "--time_based=1", f"--runtime={self.args.runtime}", "--norandommap=1",
+               "--randrepeat=0", "--output-format=json", f"--output={out}"]
+        if t.kind == "raw":
+            cmd += ["--ioengine=nbd", f"--uri={t.server.uri}"]
+        else:
+            size -= size % MiB
+            cmd += ["--ioengine=libaio", "--direct=1", f"--filename={t.path}",
+                    f"--size={size}", "--fallocate=none", "--invalidate=1",
+                    "--allow_file_create=0"]
+        p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err = p.communicate(timeout=self.args.runtime + 60)
+        except subprocess.TimeoutExpired:
+            Resources._kill(p, signal.SIGKILL, 5)
+            raise RuntimeError("fio timed out")
+        finally:
+            self._reap(p)
+        if p.returncode != 0:
+            raise RuntimeError(f"fio exit {p.returncode}: {err.decode(errors='replace')[-300:]}")
+        with open(out) as f:
+            d = json.load(f)
+        j = d["jobs"][0]
+        if j.get("error"):
+            raise RuntimeError(f"fio job error {j['error']}")
+        side = j["write"] if w.rw in ("write", "randwrite") else j["read"]
+        pct = side.get("clat_ns", {}).get("percentile", {})
+        nbytes = j["read"]["io_bytes"] + j["write"]["io_bytes"]
+        secs = side["runtime"] / 1000.0 if side.get("runtime") else self.args.runtime
+        return {
+            "bytes": nbytes,
+            "secs": secs,
+            "mbs": side["bw_bytes"] / 1e6,
+            "iops": side["iops"],
+            "p50_us": pct["50.000000"] / 1e3 if "50.000000" in pct else None,
+            "p99_us": pct["99.000000"] / 1e3 if "99.000000" in pct else None,
+            "ios": side["total_ios"] if "total_ios" in side else None,
+        }
+
+    def run_dd(self, w, t, size):
+        """Buffered dd, bounded by --runtime (SIGINT makes dd print what it did).
+        Writes are timed up to an fsync of the file (data on the server)."""
+        bs = w.bs
+        count = size // bs
+        drop_caches()
+        if w.rw == "read":
+            cmd = ["dd", f"if={t.path}", "of=/dev/null", f"bs={bs}", f"count={count}"]
+        else:
+            cmd = ["dd", f"if={self.srcfile}", f"of={t.path}", f"bs={bs}",
+                   f"count={count}", "conv=notrunc"]
+        t0 = time.monotonic()
+        p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            try:
+                p.wait(timeout=self.args.runtime)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+            try:
+                _, err = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                Resources._kill(p, signal.SIGKILL, 5)
+                raise RuntimeError("dd did not stop")
+        finally:
+            self._reap(p)
+        if w.rw == "write":
+            fd = os.open(t.path, os.O_WRONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        secs = time.monotonic() - t0
+        err = err.decode(errors="replace")
+        m = re.search(r"^(\d+) bytes", err, re.M)
+        if not m:
+            raise RuntimeError(f"dd: {err.strip()[-300:]}")
+        nbytes = int(m.group(1))
+        if p.returncode not in (0, -signal.SIGINT, 130) and nbytes < count * bs:
+            raise RuntimeError(f"dd exit {p.returncode}: {err.strip()[-300:]}")
+        return {"bytes": nbytes, "secs": secs, "mbs": nbytes / secs / 1e6,
+                "iops": nbytes / bs / secs, "p50_us": None, "p99_us": None,
+                "ios": nbytes // bs}
+
+    def run_nbdcopy(self, w, t):
+        """The raw sequential limit for dd rows: nbdcopy of the whole export."""
+        if w.rw == "read":
+            cmd = ["nbdcopy", t.server.uri, "null:"]
+        else:
+            cmd = ["nbdcopy", self.srcfile, t.server.uri]
+        t0 = time.monotonic()
+        p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            Resources._kill(p, signal.SIGKILL, 5)
+            raise RuntimeError("nbdcopy timed out")
+        finally:
+            self._reap(p)
+        secs = time.monotonic() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"nbdcopy exit {p.returncode}: {err.decode(errors='replace')}")
+        return {"bytes": EXPORT_SIZE, "secs": secs, "mbs": EXPORT_SIZE / secs / 1e6,
+                "iops": None, "p50_us": None, "p99_us": None, "ios": None}
+
+    def measure(self, w, t):
+        dpid, spid = t.daemon_pid, t.server.pid
+        size = t.size()
+        if dpid:
+            reset_hwm(dpid)
+            ctx0 = ctx_switches(dpid)
+        d0, s0 = proc_cpu(dpid), proc_cpu(spid)
+        if w.kind == "fio":
+            r = self.run_fio(w, t, size)
+        elif t.kind == "raw":
+            r = self.run_nbdcopy(w, t)
+        else:
+            r = self.run_dd(w, t, size)
+        d1, s1 = proc_cpu(dpid), proc_cpu(spid)
+        gib = r["bytes"] / GiB if r["bytes"] else None
+        r["daemon_cpu_gib"] = (d1 - d0) / gib if dpid and gib and d0 is not None \
+            and d1 is not None else None
+        r["nbdkit_cpu_gib"] = (s1 - s0) / gib if gib and s0 is not None \
+            and s1 is not None else None
+        if dpid:
+            hwm = proc_status(dpid, "VmHWM")
+            r["rss_mib"] = hwm / 1024 if hwm else None
+            ctx1 = ctx_switches(dpid)
+            ios = r.get("ios")
+            if ctx0 and ctx1 and ios:
+                r["vcs_per_io"] = (ctx1[0] - ctx0[0]) / ios
+                r["ivcs_per_io"] = (ctx1[1] - ctx0[1]) / ios
+            r["threads"] = nthreads(dpid)
+        return r
+
+
+# ---------------------------------------------------------------- report
+
+def median(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, nd=1):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.{nd}f}"
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def primary(w, r):
+    if not r:
+        return None
+    return r.get("iops") if w.metric == "IOPS" else r.get("mbs")
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def version_lines(nbdfs):
+    def first(cmd):
+        try:
+            out = run(cmd, timeout=10, check=False)
+            text = (out.stdout or out.stderr).strip().splitlines()
+            return text[0] if text else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "not found"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "?"
+    commit = first(["git", "-C", SRC_DIR, "describe", "--always", "--dirty"])
+    lines = [
+        f"date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
+        f"kernel: {platform.release()}  cpu: {cpu} x {os.cpu_count()}  "
+        f"mem: {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // GiB} GiB",
+        f"nbdfs: {commit} ({nbdfs if nbdfs else 'not built'})",
+        f"nbdkit: {first(['nbdkit', '--version'])}  nbdfuse: {first(['nbdfuse', '--version'])}"
+        f"  nbdcopy: {first(['nbdcopy', '--version'])}",
+        f"fio: {first(['fio', '--version'])}  {first(['fusermount3', '-V'])}"
+        f"  python: {platform.python_version()}",
+    ]
+    return lines
+
+
+GOALS_DOC = """goals (from the issue; ratios are of medians):
+  G1 O_DIRECT seq r/w 1M qd16        nbdfs >= 0.90 x raw (fio nbd engine)
+  G2 buffered dd 1M read/write       nbdfs >= 2.5 x nbdfuse
+  G3 dd 4k write                     nbdfs >= 3 x nbdfuse
+  G4 4k randread qd1 p50 latency     nbdfs <= 0.65 x nbdfuse
+  G5 4k rand read/write qd32 IOPS    nbdfs >= 0.60 x raw
+  G6 4k randread qd32, server +1ms   nbdfs >= 0.90 x raw
+  G7 partition file vs export file   >= 0.95 on every row
+  G8 loop over partition file vs it  >= 0.85 on every row
+  G9 daemon CPU s/GiB, seq read      nbdfs <= 0.5 x nbdfuse
+  G10 peak RSS of the daemon         nbdfs <= nbdfuse"""
+
+
+def evaluate(results):
+    """Returns (goal notes per (workload id, target), list of summary lines)."""
+    notes = {}
+    summary = []
+
+    def get(wid, tname):
+        return results.get((wid, tname))
+
+    def add(key, text):
+        notes.setdefault(key, []).append(text)
+
+    def check(gid, v, op, limit, key, what):
+        if v is None:
+            add(key, f"{gid} n/a")
+            summary.append(f"{gid} {what}: n/a")
+            return
+        ok = v >= limit if op == ">=" else v <= limit
+        verdict = "PASS" if ok else "MISS"
+        add(key, f"{gid} {op}{limit:g} {verdict}")
+        summary.append(f"{gid} {what}: {v:.2f} ({op} {limit:g}) {verdict}")
+
+    w_by_id = {w.id: w for w in WORKLOADS}
+
+    def tput(wid, tname):
+        return primary(w_by_id[wid], get(wid, tname))
+
+    for wid in ("seqread-1M-qd16", "seqwrite-1M-qd16"):
+        check("G1", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.90,
+              (wid, "nbdfs"), f"{wid} nbdfs/raw")
+    for wid in ("dd-read-1M", "dd-write-1M"):
+        check("G2", ratio(tput(wid, "nbdfs"), tput(wid, "nbdfuse")), ">=", 2.5,
+              (wid, "nbdfs"), f"{wid} nbdfs/nbdfuse")
+    check("G3", ratio(tput("dd-write-4k", "nbdfs"), tput("dd-write-4k", "nbdfuse")), ">=", 3,
+          ("dd-write-4k", "nbdfs"), "dd-write-4k nbdfs/nbdfuse")
+    a, b = get("randread-4k-qd1", "nbdfs"), get("randread-4k-qd1", "nbdfuse")
+    check("G4", ratio(a and a.get("p50_us"), b and b.get("p50_us")), "<=", 0.65,
+          ("randread-4k-qd1", "nbdfs"), "randread-4k-qd1 p50 nbdfs/nbdfuse")
+    for wid in ("randread-4k-qd32", "randwrite-4k-qd32"):
+        check("G5", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.60,
+              (wid, "nbdfs"), f"{wid} nbdfs/raw")
+    wid = "delay-randread-4k-qd32"
+    check("G6", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.90,
+          (wid, "nbdfs"), f"{wid} nbdfs/raw")
+    for gid, tname, base, limit in (("G7", "nbdfs-part2", "nbdfs", 0.95),
+                                    ("G8", "nbdfs-loop", "nbdfs-part2", 0.85)):
+        worst = None
+        for w in WORKLOADS:
+            r = ratio(tput(w.id, tname), tput(w.id, base))
+            if r is None:
+                continue
+            ok = r >= limit
+            add((w.id, tname), f"{gid} >={limit:g} {'PASS' if ok else 'MISS'}")
+            if worst is None or r < worst[0]:
+                worst = (r, w.id)
+        if worst is None:
+            summary.append(f"{gid} {tname}/{base}: n/a")
+        else:
+            summary.append(f"{gid} {tname}/{base} worst row {worst[1]}: {worst[0]:.2f} "
+                           f"(>= {limit:g}) {'PASS' if worst[0] >= limit else 'MISS'}")
+    a, b = get("seqread-1M-qd16", "nbdfs"), get("seqread-1M-qd16", "nbdfuse")
+    check("G9", ratio(a and a.get("daemon_cpu_gib"), b and b.get("daemon_cpu_gib")), "<=",
+          0.5, ("seqread-1M-qd16", "nbdfs"), "seqread-1M-qd16 daemon CPU s/GiB nbdfs/nbdfuse")
+    peaks = {}
+    for (wid, tname), r in results.items():
+        base = "nbdfs" if tname.startswith("nbdfs") else "nbdfuse" \
+            if tname.startswith("nbdfuse") else None
+        if base and r.get("rss_mib_max") is not None and not w_by_id[wid].delay:
+            peaks[base] = max(peaks.get(base, 0), r["rss_mib_max"])
+    v = ratio(peaks.get("nbdfs"), peaks.get("nbdfuse"))
+    if v is None:
+        summary.append("G10 peak RSS nbdfs/nbdfuse: n/a")
+    else:
+        summary.append(f"G10 peak RSS nbdfs {peaks['nbdfs']:.1f} MiB / nbdfuse "
+                       f"{peaks['nbdfuse']:.1f} MiB: {v:.2f} (<= 1) "
+                       f"{'PASS' if v <= 1 else 'MISS'}")
+    return notes, summary
+
+
+def report(results, errors, targets_present, header, notes_extra, runtime, reps):
+    notes, summary = evaluate(results)
+    cols = ["workload", "via", "MB/s", "IOPS", "p50 us", "p99 us", "dCPU s/GiB",
+            "kCPU s/GiB", "RSS MiB", "/nbdfuse", "/limit", "/base", "goals"]
+    rows = []
+    order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfuse", "nbdfuse-loop", "raw"]
+    base_of = {"nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs-part2",
+               "nbdfuse-loop": "nbdfuse"}
+    for w in WORKLOADS:
+        for tname in order:
+            key = (w.id, tname)
+            if key not in results and key not in errors:
+                continue
+            r = results.get(key)
+            if r is None:
+                rows.append([w.id, tname, "ERR: " + errors[key][:60]] + [""] * 10)
+                continue
+            via = tname
+            if tname == "raw":
+                via = "raw(nbdcopy)" if w.kind == "dd" else "raw(fio nbd)"
+            mine = primary(w, r)
+            to_fuse = to_lim = to_base = None
+            if tname == "nbdfs":
+                to_fuse = ratio(mine, primary(w, results.get((w.id, "nbdfuse"))))
+                to_lim = ratio(mine, primary(w, results.get((w.id, "raw"))))
+            if tname in base_of:
+                to_base = ratio(mine, primary(w, results.get((w.id, base_of[tname]))))
+            rows.append([
+                w.id, via, fmt(r.get("mbs")), fmt(r.get("iops")) if w.metric == "IOPS"
+                or w.kind == "fio" else "-",
+                fmt(r.get("p50_us")), fmt(r.get("p99_us")), fmt(r.get("daemon_cpu_gib"), 2),
+                fmt(r.get("nbdkit_cpu_gib"), 2), fmt(r.get("rss_mib_max")),
+                fmt_ratio(to_fuse), fmt_ratio(to_lim), fmt_ratio(to_base),
+                "; ".join(notes.get(key, [])),
+            ])
+    widths = [max(len(str(x)) for x in [c] + [row[i] for row in rows if len(row) > i])
+              for i, c in enumerate(cols)]
+    widths[2] = min(widths[2], 10)
+    out = []
+    out += header
+    out.append(f"export: nbdkit memory 1G over a Unix socket, random data; runtime {runtime}s "
+               f"per run, median of {reps} rep(s)")
+    out += notes_extra
+    out.append("")
+
+    def line(vals):
+        return "| " + " | ".join(str(v).ljust(widths[i]) if i < 2 or i == len(cols) - 1
+                                 else str(v).rjust(widths[i]) for i, v in enumerate(vals)) + " |"
+    out.append(line(cols))
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        if row[2].startswith("ERR"):
+            out.append(f"| {row[0].ljust(widths[0])} | {row[1].ljust(widths[1])} | {row[2]} |")
+        else:
+            out.append(line(row))
+    out.append("")
+    out.append("columns: MB/s = 10^6 bytes/s; p50/p99 = fio completion latency (clat); "
+               "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
+               "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
+               "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); /base = "
+               "part2 over the export file, loop over the file under it.")
+    out.append("")
+    out.append(GOALS_DOC)
+    out.append("")
+    out.append("result:")
+    out += ["  " + s for s in summary]
+    prof = []
+    for w in WORKLOADS:
+        for tname in order:
+            r = results.get((w.id, tname))
+            if r and r.get("vcs_per_io") is not None:
+                prof.append(f"  {w.id:24} {tname:13} vol ctxsw/IO {r['vcs_per_io']:6.2f}  "
+                            f"invol/IO {r.get('ivcs_per_io', 0):5.2f}  threads "
+                            f"{r.get('threads')}")
+    if prof:
+        out.append("")
+        out.append("daemon context switches per I/O (live threads; dd: per bs block):")
+        out += prof
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="1 rep of ~1 s per workload (CI smoke run; no speed assertions)")
+    ap.add_argument("--build", default=os.environ.get("NBDFS_BUILD_DIR",
+                                                      os.path.join(SRC_DIR, "build")),
+                    help="meson build dir holding src/fs/nbdfs (default $NBDFS_BUILD_DIR "
+                         "or SRC/build)")
+    ap.add_argument("--runtime", type=float, default=None, help="seconds per run (default 5)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+    ap.add_argument("--out", help="also write the report to FILE")
+    ap.add_argument("--json", help="write all raw results as JSON to FILE")
+    ap.add_argument("--only", help="regex: run only the workloads whose id matches")
+    ap.add_argument("--no-nbdfs", action="store_true", help="skip nbdfs")
+    ap.add_argument("--no-nbdfuse", action="store_true", help="skip nbdfuse")
+    ap.add_argument("--no-loop", action="store_true", help="skip the loop device rows")
+    a = ap.parse_args(argv)
+    if a.runtime is None:
+        a.runtime = 1 if a.quick else 5
+    if a.reps is None:
+        a.reps = 1 if a.quick else 3
+    if a.runtime < 1 or a.reps < 1:
+        ap.error("--runtime must be >= 1 and --reps >= 1")
+    a.runtime = int(a.runtime)
+    return a
+
+
+def main(argv):
+    args = parse_args(argv)
+    for tool in ("fio", "nbdkit", "nbdcopy", "dd", "losetup", "fusermount3"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} not found", file=sys.stderr)
+            return 2
+    if os.geteuid() != 0:
+        print("bench: needs root (loop devices, drop_caches)", file=sys.stderr)
+        return 2
+    nbdfs = os.path.join(args.build, "src", "fs", "nbdfs")
+    if args.no_nbdfs or not os.access(nbdfs, os.X_OK):
+        if not args.no_nbdfs:
+            log(f"no nbdfs at {nbdfs}: nbdfs rows skipped")
+        nbdfs = None
+    use_nbdfuse = not args.no_nbdfuse and shutil.which("nbdfuse") is not None
+    enghelp = run(["fio", "--enghelp"], check=False).stdout
+    if not re.search(r"^\s*nbd\s*$", enghelp, re.M):
+        log("this fio has no nbd ioengine: raw rows come from nbdcopy only")
+        fio_nbd = False
+    else:
+        fio_nbd = True
+
+    res = Resources()
+    interrupted = []
+
+    def on_signal(signum, frame):
+        if not interrupted:
+            interrupted.append(signum)
+            raise Interrupted(signum)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM,
+                                                      signal.SIGHUP)}
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    workdir = tempfile.mkdtemp(prefix="nbdfs-bench.", dir=base)
+    res.dirs.append(workdir)
+    loops_seen = []
+    results, errors, notes_extra = {}, {}, []
+    raw_runs = {}
+    header = version_lines(nbdfs)
+    rc = 0
+    try:
+        log(f"workdir {workdir}")
+        srcfile = os.path.join(workdir, "random.img")
+        make_random_file(srcfile, EXPORT_SIZE)
+        main_srv = start_nbdkit(res, workdir, "main", ["memory", "1G"])
+        delay_srv = start_nbdkit(res, workdir, "delay",
+                                 ["--filter=delay", "memory", "1G", "delay-read=1ms"])
+        for srv in (main_srv, delay_srv):
+            run(["nbdcopy", srcfile, srv.uri], timeout=300)
+        log("exports filled with random data")
+
+        targets, delay_targets = [], {}
+        if nbdfs:
+            try:
+                proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "main")
+                targets.append(Target("nbdfs", "file", os.path.join(mnt, "disk"),
+                                      main_srv, proc))
+                part2 = os.path.join(mnt, "disk-part2")
+                targets.append(Target("nbdfs-part2", "file", part2, main_srv, proc))
+                if not args.no_loop:
+                    dev, dio = attach_loop(res, part2)
+                    loops_seen.append(dev)
+                    notes_extra.append(f"nbdfs-loop: {dev} over disk-part2, direct-io "
+                                       f"{'on' if dio else 'OFF (fell back to buffered)'}")
+                    targets.append(Target("nbdfs-loop", "file", dev, main_srv, proc))
+                proc, mnt = mount_nbdfs(res, workdir, nbdfs, delay_srv, "delay")
+                delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
+                                                delay_srv, proc)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                log(f"nbdfs does not mount: {e}")
+                notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
+                targets = [t for t in targets if not t.name.startswith("nbdfs")]
+                delay_targets.pop("nbdfs", None)
+        if use_nbdfuse:
+            proc, path = mount_nbdfuse(res, workdir, main_srv, "main")
+            targets.append(Target("nbdfuse", "file", path, main_srv, proc))
+            if not args.no_loop:
+                dev, dio = attach_loop(res, path)
+                loops_seen.append(dev)
+                notes_extra.append(f"nbdfuse-loop: {dev} over nbdfuse's file, direct-io "
+                                   f"{'on' if dio else 'OFF (fell back to buffered)'}")
+                targets.append(Target("nbdfuse-loop", "file", dev, main_srv, proc))
+            proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
+            delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
+        targets.append(Target("raw", "raw", server=main_srv))
+        delay_targets["raw"] = Target("raw", "raw", server=delay_srv)
+        if not fio_nbd:
+            notes_extra.append("raw: fio has no nbd engine here; fio raw rows skipped")
+
+        workloads = [w for w in WORKLOADS if not args.only or re.search(args.only, w.id)]
+        bench = Bench(args, res, workdir, srcfile)
+        plan = []
+        for w in workloads:
+            if w.delay:
+                ts = [delay_targets[k] for k in ("nbdfs", "nbdfuse", "raw") if k in delay_targets]
+            else:
+                ts = [t for t in targets if w.loop or not t.name.endswith("-loop")]
+                if w.kind == "dd":
+                    ts = [t for t in ts if not t.name.endswith("-loop")]
+            ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
+            plan += [(w, t) for t in ts]
+        log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
+        # Reps are interleaved (rep 1 of everything, then rep 2...), so a
+        # noisy neighbour hurts every target alike rather than one of them.
+        for rep in range(args.reps):
+            for w, t in plan:
+                key = (w.id, t.name)
+                try:
+                    r = bench.measure(w, t)
+                except (RuntimeError, OSError, ValueError, KeyError) as e:
+                    log(f"rep {rep + 1} {w.id} via {t.name}: FAILED: {e}")
+                    errors[key] = str(e)
+                    continue
+                raw_runs.setdefault(key, []).append(r)
+                p = primary(w, r)
+                log(f"rep {rep + 1} {w.id:24} {t.name:13} {fmt(p)} {w.metric}")
+        for key, runs in raw_runs.items():
+            m = {k: median([r.get(k) for r in runs]) for k in
+                 ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
+                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads")}
+            rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
+            m["rss_mib_max"] = max(rss) if rss else None
+            m["n"] = len(runs)
+            results[key] = m
+    except Interrupted as e:
+        log(f"interrupted by signal {e.args[0]}: cleaning up")
+        rc = 130
+    except Exception as e:            # report, clean up, exit non-zero
+        log(f"error: {type(e).__name__}: {e}")
+        rc = 1
+    finally:
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            res.release()
+        finally:
+            left = leftovers(workdir, loops_seen)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if left:
+        log(f"LEFT BEHIND: {left}")
+        rc = rc or 1
+    else:
+        log("cleanup complete: no mount, loop device or process left")
+    if rc == 130:
+        return rc
+    text = report(results, errors, None, header, notes_extra, args.runtime, args.reps)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "notes": notes_extra,
+                       "runs": {f"{k[0]} {k[1]}": v for k, v in raw_runs.items()},
+                       "medians": {f"{k[0]} {k[1]}": v for k, v in results.items()},
+                       "errors": {f"{k[0]} {k[1]}": v for k, v in errors.items()}},
+                      f, indent=1)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
