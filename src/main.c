@@ -502,6 +502,35 @@ static void signal_ready(gboolean foreground)
 	}
 }
 
+/* The kernel reads ahead at most its bdi default (128 KiB) on a FUSE mount,
+ * whatever max_readahead says; raise this mount's to 1 MiB where we may
+ * (root).  The device number comes from mountinfo: a stat of the mountpoint
+ * would need the session loop, which is not running yet. */
+static void raise_readahead(const char *mountpoint)
+{
+	g_autofree char *info = NULL;
+	if (!g_file_get_contents("/proc/self/mountinfo", &info, NULL, NULL))
+		return;
+	g_autofree char *dev = NULL;
+	g_auto(GStrv) lines = g_strsplit(info, "\n", -1);
+	for (char **l = lines; *l; l++) {
+		g_auto(GStrv) f = g_strsplit(*l, " ", 6);
+		if (g_strv_length(f) < 5)
+			continue;
+		g_autofree char *mp = g_strcompress(f[4]);   /* undoes \040 escapes */
+		if (strcmp(mp, mountpoint) == 0) {
+			g_free(dev);
+			dev = g_strdup(f[2]);
+		}
+	}
+	if (dev == NULL)
+		return;
+	g_autofree char *path = g_strdup_printf("/sys/class/bdi/%s/read_ahead_kb", dev);
+	g_autoptr(GError) err = NULL;
+	if (!g_file_set_contents_full(path, "1024\n", -1, G_FILE_SET_CONTENTS_NONE, 0644, &err))
+		g_debug("readahead: %s", err->message);
+}
+
 int main(int argc, char *argv[])
 {
 	struct options o = { 0 };
@@ -738,6 +767,7 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "nbdfs: %s: cannot mount: %s\n", mountpoint, fuse_msg_take());
 		goto out_signals;
 	}
+	raise_readahead(mountpoint);
 	if (o.pidfile && !write_pidfile(o.pidfile)) {
 		fuse_session_unmount(se);
 		goto out_signals;
