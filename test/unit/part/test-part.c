@@ -413,6 +413,49 @@ static void test_tiny_devices(void)
 	read_fails(512, d, 1024, PART_ERROR_NO_TABLE, "too small for a GPT (2 sectors)");
 }
 
+static void test_inside_window(void)
+{
+	/* A table inside a partition: read through a window, sectors relative
+	 * to the window; the window's end is the device's end. */
+	g_autofree uint8_t *d = disk_new(4096 * 512);
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 1000 };
+	static const struct tg_gpt_part p[] = { { 0, 34, 499 } };
+	static const struct want w[] = { { 1, 34, 466 } };
+	static const struct want wm[] = { { 1, 10, 90 } };
+
+	tg_gpt_write(d + 100 * 512, &g, p, 1);
+	tg_mbr_entry(d + 2000 * 512, 1, 0, 0x83, 10, 90);
+	tg_mbr_entry(d + 2000 * 512, 2, 0, 0x83, 50, 1000);   /* past the window */
+	g_autoptr(Blockdev) dev = blockdev_mem_new(512, 4096 * 512, d, 4096 * 512, TRUE);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(Blockdev) win = part_window_new(dev, 100, 1000, &error);
+	g_assert_no_error(error);
+	g_autoptr(PartTable) t = part_table_read(win, &error);
+	g_assert_no_error(error);
+	check_entries(t, w, 1);
+	check_no_warnings(t);
+	g_autoptr(Blockdev) win2 = part_window_new(dev, 2000, 100, &error);
+	g_assert_no_error(error);
+	g_autoptr(PartTable) t2 = part_table_read(win2, &error);
+	g_assert_no_error(error);
+	check_entries(t2, wm, 1);
+	check_warning(t2, "MBR partition 2: ends at sector 1049 beyond the device (100 sectors)");
+}
+
+static void test_io_error(void)
+{
+	/* A device that fails its reads: PART_ERROR_IO, not "no table". */
+	g_autofree uint8_t *d = disk_new(64 * 512);
+	g_autoptr(GError) error = NULL;
+
+	tg_mbr_entry(d, 1, 0, 0x83, 1, 10);
+	g_autoptr(Blockdev) dev = blockdev_mem_new(512, 64 * 512, d, 64 * 512, TRUE);
+	blockdev_disconnect(dev);
+	g_assert_null(part_table_read(dev, &error));
+	g_assert_error(error, PART_ERROR, PART_ERROR_IO);
+	g_test_message("%s", error->message);
+}
+
 /* ---- GPT ----------------------------------------------------------------- */
 
 static const struct tg_gpt_part basic_parts[] = {
@@ -830,6 +873,8 @@ int main(int argc, char **argv)
 	g_test_add_func("/part/none/no-table", test_no_table);
 	g_test_add_func("/part/none/tiny-devices", test_tiny_devices);
 	g_test_add_func("/part/none/fat-boot-sector", test_fat_boot_sector);
+	g_test_add_func("/part/window", test_inside_window);
+	g_test_add_func("/part/io-error", test_io_error);
 	g_test_add_func("/part/gpt/basic", test_gpt_basic);
 	g_test_add_func("/part/gpt/4096", test_gpt_4096);
 	g_test_add_func("/part/gpt/bad-primary-crc", test_gpt_bad_primary_crc);
