@@ -677,6 +677,9 @@ int main(int argc, char *argv[])
 			goto out_args;
 		}
 		if (pid > 0) {
+			/* Ctrl-C ends the waiting parent; the child sees the
+			 * signal pending and gives up before mounting. */
+			pthread_sigmask(SIG_SETMASK, &oldsigs, NULL);
 			close(p[1]);
 			ret = wait_for_child(pid, p[0]);
 			goto out_args;
@@ -758,6 +761,14 @@ int main(int argc, char *argv[])
 		}
 	}
 
+	/* Interrupted while connecting: mount nothing. */
+	sigset_t pending;
+	sigpending(&pending);
+	if (sigismember(&pending, SIGINT) || sigismember(&pending, SIGTERM) ||
+	    sigismember(&pending, SIGHUP)) {
+		fprintf(stderr, "nbdfs: %s: interrupted before mounting\n", mountpoint);
+		goto out_disconnect;
+	}
 	fs_set_session(fs, se);
 	if (fuse_set_signal_handlers(se) != 0) {
 		fprintf(stderr, "nbdfs: cannot set signal handlers\n");
