@@ -23,7 +23,7 @@ int main(int argc, char **argv)
 {
 	gint sector_size = 512;
 	gboolean fuzz_input = FALSE;
-	g_autofree char **files = NULL;
+	g_auto(GStrv) files = NULL;
 	GOptionEntry options[] = {
 		{ "sector-size", 's', 0, G_OPTION_ARG_INT, &sector_size, "sector size", "N" },
 		{ "fuzz-input", 0, 0, G_OPTION_ARG_NONE, &fuzz_input, "FILE is a fuzz-part input",
