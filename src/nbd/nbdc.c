@@ -596,13 +596,32 @@ int nbdc_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags)
 	return sync_wait(&w, nbdc_aio_zero(c, count, offset, flags, sync_done, &w));
 }
 
+/* The aio call has one opaque for both callbacks: the sync form passes the
+ * wait struct and forwards extents to the caller's opaque. */
+struct sync_bs {
+	struct sync_wait w;             /* first: sync_done sees a struct sync_wait */
+	nbdc_extent_fn extent;
+	void *opaque;
+};
+
+static void sync_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
+{
+	struct sync_bs *b = opaque;
+
+	if (b->extent)
+		b->extent(b->opaque, offset, length, flags);
+}
+
 int nbdc_block_status(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
 		      nbdc_extent_fn extent, void *opaque)
 {
-	struct sync_wait w;
+	struct sync_bs b;
 
-	SYNC_INIT(w);
-	return sync_wait(&w, nbdc_aio_block_status(c, count, offset, flags, extent, sync_done, &w));
+	SYNC_INIT(b.w);
+	b.extent = extent;
+	b.opaque = opaque;
+	return sync_wait(&b.w, nbdc_aio_block_status(c, count, offset, flags, sync_extent,
+						    sync_done, &b));
 }
 
 /* ---- listing ---- */

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -42,7 +43,30 @@ struct nbdkit *nbdkit_start_fd(const char *const *args)
 	return k;
 }
 
+static int free_port(void)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof(sin);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), ==, 0);
+	g_assert_cmpint(getsockname(fd, (struct sockaddr *)&sin, &len), ==, 0);
+	close(fd);
+	return ntohs(sin.sin_port);
+}
+
+struct nbdkit *nbdkit_start_tcp(const char *const *args)
+{
+	return nbdkit_start_unix_or_tcp(args, TRUE);
+}
+
 struct nbdkit *nbdkit_start_unix(const char *const *args)
+{
+	return nbdkit_start_unix_or_tcp(args, FALSE);
+}
+
+struct nbdkit *nbdkit_start_unix_or_tcp(const char *const *args, gboolean tcp)
 {
 	g_autoptr(GPtrArray) argv = g_ptr_array_new();
 	g_autoptr(GError) err = NULL;
@@ -58,8 +82,18 @@ struct nbdkit *nbdkit_start_unix(const char *const *args)
 	g_ptr_array_add(argv, pidfile);
 	g_ptr_array_add(argv, "-f");
 	g_ptr_array_add(argv, "--exit-with-parent");
-	g_ptr_array_add(argv, "-U");
-	g_ptr_array_add(argv, k->socket);
+	g_autofree char *port = NULL;
+	if (tcp) {
+		k->port = free_port();
+		port = g_strdup_printf("%d", k->port);
+		g_ptr_array_add(argv, "-i");
+		g_ptr_array_add(argv, "127.0.0.1");
+		g_ptr_array_add(argv, "-p");
+		g_ptr_array_add(argv, port);
+	} else {
+		g_ptr_array_add(argv, "-U");
+		g_ptr_array_add(argv, k->socket);
+	}
 	for (const char *const *a = args; *a; a++)
 		g_ptr_array_add(argv, (char *)*a);
 	g_ptr_array_add(argv, NULL);
