@@ -592,6 +592,31 @@ static void test_gpt_grown_disk(void)
 	check_warning(t, "using backup at LBA 2047");
 }
 
+static void test_gpt_alternate_wrong(void)
+{
+	/* Primary entries damaged and its alternate_lba pointing at nothing
+	 * (sector 1000): the backup is then looked for at the last LBA. */
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	g_autofree uint8_t *d = disk_new(2048 * 512);
+	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
+	static const struct want w[] = { { 1, 100, 100 } };
+
+	tg_gpt_write(d, &g, p, 1);
+	put_le64(d + 512 + 32, 1000);
+	tg_gpt_fix_header_crc(d, 512, 1);
+	d[2 * 512 + 32] = 50;
+	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
+	check_entries(t, w, 1);
+	g_assert_true(t->used_backup);
+	check_warning(t, "GPT: primary partition entries CRC mismatch, using backup at LBA 2047");
+	/* With a good primary the stale alternate_lba is no damage at all. */
+	d[2 * 512 + 32] = 100;
+	g_autoptr(PartTable) t2 = read_ok(512, d, 2048 * 512);
+	check_entries(t2, w, 1);
+	g_assert_false(t2->used_backup);
+	check_no_warnings(t2);
+}
+
 static void test_gpt_primary_gone(void)
 {
 	/* Primary header zeroed: its alternate_lba cannot be trusted, the
@@ -883,6 +908,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/part/gpt/both-bad", test_gpt_both_bad);
 	g_test_add_func("/part/gpt/grown-disk", test_gpt_grown_disk);
 	g_test_add_func("/part/gpt/primary-gone", test_gpt_primary_gone);
+	g_test_add_func("/part/gpt/alternate-wrong", test_gpt_alternate_wrong);
 	g_test_add_func("/part/gpt/entries-refused", test_gpt_entries_refused);
 	g_test_add_func("/part/gpt/overlap", test_gpt_overlap);
 	g_test_add_func("/part/gpt/header-checks", test_gpt_header_checks);
