@@ -19,10 +19,9 @@
 
 void part_guid_to_string(const uint8_t g[16], char out[37])
 {
-	g_snprintf(out, 37,
-		   "%08" PRIx32 "-%04x-%04x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-		   get_le32(g), get_le16(g + 4), get_le16(g + 6), g[8], g[9], g[10], g[11],
-		   g[12], g[13], g[14], g[15]);
+	g_snprintf(out, 37, "%08" PRIx32 "-%04x-%04x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+		   get_le32(g), get_le16(g + 4), get_le16(g + 6), g[8], g[9], g[10], g[11], g[12],
+		   g[13], g[14], g[15]);
 }
 
 /* UTF-16LE (at most 36 code units, up to the first NUL) to UTF-8; unpaired
@@ -60,8 +59,8 @@ struct gpt_loaded {
 	uint64_t first_usable, last_usable;
 	uint8_t disk_guid[16];
 	uint32_t num_entries, entry_size;
-	uint8_t *entries;         /* num_entries * entry_size bytes (sector-rounded) */
-	gboolean header_intact;   /* signature and CRC fine: alternate_lba is usable */
+	uint8_t *entries;	/* num_entries * entry_size bytes (sector-rounded) */
+	gboolean header_intact; /* signature and CRC fine: alternate_lba is usable */
 };
 
 static void gpt_loaded_clear(struct gpt_loaded *g)
@@ -86,7 +85,8 @@ static int gpt_load(struct part_reader *r, uint64_t lba, struct gpt_loaded *g, c
 	g->lba = lba;
 	if (lba >= r->sectors) {
 		*why = g_strdup_printf("header LBA %" PRIu64 " is beyond the device (%" PRIu64
-				       " sectors)", lba, r->sectors);
+				       " sectors)",
+				       lba, r->sectors);
 		return GPT_INVALID;
 	}
 	buf = g_malloc(ss);
@@ -134,7 +134,8 @@ static int gpt_load(struct part_reader *r, uint64_t lba, struct gpt_loaded *g, c
 	}
 	if (lba >= g->first_usable && lba <= g->last_usable) {
 		*why = g_strdup_printf("header LBA %" PRIu64 " is inside the usable LBAs %" PRIu64
-				       "..%" PRIu64, lba, g->first_usable, g->last_usable);
+				       "..%" PRIu64,
+				       lba, g->first_usable, g->last_usable);
 		return GPT_INVALID;
 	}
 
@@ -146,11 +147,11 @@ static int gpt_load(struct part_reader *r, uint64_t lba, struct gpt_loaded *g, c
 				       g->entry_size, GPT_ENTRY_MIN_SIZE, PART_GPT_MAX_ENTRY_SIZE);
 		return GPT_INVALID;
 	}
-	array_bytes = (uint64_t)g->num_entries * g->entry_size;   /* < 2^44 */
+	array_bytes = (uint64_t)g->num_entries * g->entry_size; /* < 2^44 */
 	if (array_bytes > PART_GPT_MAX_ARRAY_BYTES) {
 		*why = g_strdup_printf("%" PRIu32 " entries of %" PRIu32 " bytes are more than %u "
-				       "bytes", g->num_entries, g->entry_size,
-				       PART_GPT_MAX_ARRAY_BYTES);
+				       "bytes",
+				       g->num_entries, g->entry_size, PART_GPT_MAX_ARRAY_BYTES);
 		return GPT_INVALID;
 	}
 	array_sectors = (array_bytes + ss - 1) / ss;
@@ -163,8 +164,8 @@ static int gpt_load(struct part_reader *r, uint64_t lba, struct gpt_loaded *g, c
 		    (pe_lba <= g->last_usable && pe_lba + array_sectors > g->first_usable)) {
 			*why = g_strdup_printf("entry array at LBA %" PRIu64 " (%" PRIu64
 					       " sectors) is outside the device or overlaps "
-					       "the header or the usable LBAs", pe_lba,
-					       array_sectors);
+					       "the header or the usable LBAs",
+					       pe_lba, array_sectors);
 			return GPT_INVALID;
 		}
 	}
@@ -196,24 +197,28 @@ static void gpt_add_entries(struct part_reader *r, const struct gpt_loaded *g)
 
 		memcpy(&ge, g->entries + (size_t)i * g->entry_size, sizeof(ge));
 		if (memcmp(ge.type_guid, zero_guid, 16) == 0)
-			continue;   /* unused entry */
+			continue; /* unused entry */
 		first = get_le64(ge.first_lba_le);
 		last = get_le64(ge.last_lba_le);
 		if (first > last) {
-			part_warn(r, "GPT entry %u: first LBA %" PRIu64 " is after last LBA %" PRIu64
-				  ", refused", number, first, last);
+			part_warn(r,
+				  "GPT entry %u: first LBA %" PRIu64 " is after last LBA %" PRIu64
+				  ", refused",
+				  number, first, last);
 			continue;
 		}
 		if (first < g->first_usable) {
-			part_warn(r, "GPT entry %u: starts at LBA %" PRIu64
-				  " before the first usable LBA %" PRIu64 ", refused", number,
-				  first, g->first_usable);
+			part_warn(r,
+				  "GPT entry %u: starts at LBA %" PRIu64
+				  " before the first usable LBA %" PRIu64 ", refused",
+				  number, first, g->first_usable);
 			continue;
 		}
 		if (last > g->last_usable) {
-			part_warn(r, "GPT entry %u: ends at LBA %" PRIu64
-				  " after the last usable LBA %" PRIu64 ", refused", number, last,
-				  g->last_usable);
+			part_warn(r,
+				  "GPT entry %u: ends at LBA %" PRIu64
+				  " after the last usable LBA %" PRIu64 ", refused",
+				  number, last, g->last_usable);
 			continue;
 		}
 		/* last_usable < device sectors was checked with the header. */
@@ -227,7 +232,7 @@ static void gpt_add_entries(struct part_reader *r, const struct gpt_loaded *g)
 gboolean part_gpt_read(struct part_reader *r, const uint8_t *sector0, GError **error)
 {
 	struct mbr_sector mbr;
-	struct gpt_loaded primary = { 0 }, backup = { 0 };
+	struct gpt_loaded primary = {0}, backup = {0};
 	g_autofree char *why_primary = NULL;
 	g_autofree char *why_backup = NULL;
 	const struct gpt_loaded *use;
@@ -239,12 +244,15 @@ gboolean part_gpt_read(struct part_reader *r, const uint8_t *sector0, GError **e
 	for (int i = 0; i < 4; i++)
 		if (mbr.part[i].type == MBR_TYPE_GPT_PROTECTIVE &&
 		    get_le32(mbr.part[i].start_le) != 1)
-			part_warn(r, "protective MBR: the 0xEE partition starts at sector %" PRIu32
-				  ", not 1", get_le32(mbr.part[i].start_le));
+			part_warn(r,
+				  "protective MBR: the 0xEE partition starts at sector %" PRIu32
+				  ", not 1",
+				  get_le32(mbr.part[i].start_le));
 	if (r->sectors < 3) {
 		g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
 			    "partition table: protective MBR but the device is too small for a "
-			    "GPT (%" PRIu64 " sectors)", r->sectors);
+			    "GPT (%" PRIu64 " sectors)",
+			    r->sectors);
 		return FALSE;
 	}
 
@@ -274,8 +282,10 @@ gboolean part_gpt_read(struct part_reader *r, const uint8_t *sector0, GError **e
 	if (!why_primary) {
 		use = &primary;
 		if (why_backup)
-			part_warn(r, "GPT: backup header at LBA %" PRIu64 " is damaged (%s); "
-				  "the primary is used", backup_lba, why_backup);
+			part_warn(r,
+				  "GPT: backup header at LBA %" PRIu64 " is damaged (%s); "
+				  "the primary is used",
+				  backup_lba, why_backup);
 	} else if (!why_backup) {
 		use = &backup;
 		r->table->used_backup = TRUE;
@@ -284,8 +294,8 @@ gboolean part_gpt_read(struct part_reader *r, const uint8_t *sector0, GError **e
 	} else {
 		g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
 			    "partition table: protective MBR but no valid GPT: primary at LBA 1: "
-			    "%s; backup at LBA %" PRIu64 ": %s", why_primary, backup_lba,
-			    why_backup);
+			    "%s; backup at LBA %" PRIu64 ": %s",
+			    why_primary, backup_lba, why_backup);
 		gpt_loaded_clear(&primary);
 		gpt_loaded_clear(&backup);
 		return FALSE;

@@ -21,7 +21,7 @@
 static gboolean fits(struct part_reader *r, const char *what, uint64_t start, uint64_t count,
 		     uint64_t lo, uint64_t hi, const char *container)
 {
-	uint64_t last = start + count - 1;   /* start, count < 2^33: no overflow */
+	uint64_t last = start + count - 1; /* start, count < 2^33: no overflow */
 
 	if (start < lo || start + count > hi) {
 		if (start >= hi)
@@ -41,8 +41,8 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 	const uint64_t ext_end = ext_start + ext_sectors;
 	g_autofree uint8_t *buf = g_malloc(r->sector_size);
 	g_autofree char *container =
-		g_strdup_printf("the extended partition %u (sectors %" PRIu64 "..%" PRIu64 ")",
-				slot, ext_start, ext_end - 1);
+	    g_strdup_printf("the extended partition %u (sectors %" PRIu64 "..%" PRIu64 ")", slot,
+			    ext_start, ext_end - 1);
 	uint64_t ebr = ext_start;
 
 	for (guint link = 1;; link++) {
@@ -61,12 +61,14 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 		if (s.signature[0] != MBR_SIG0 || s.signature[1] != MBR_SIG1) {
 			/* An extended partition with no logicals may start with a
 			 * blank sector: that is an empty chain, not damage. */
-			gboolean blank = link == 1 && buf[0] == 0 &&
-					 memcmp(buf, buf + 1, sizeof(s) - 1) == 0;
+			gboolean blank =
+			    link == 1 && buf[0] == 0 && memcmp(buf, buf + 1, sizeof(s) - 1) == 0;
 
 			if (!blank)
-				part_warn(r, "EBR chain: link %u at sector %" PRIu64
-					  " has no 0x55AA signature, stopping", link, ebr);
+				part_warn(r,
+					  "EBR chain: link %u at sector %" PRIu64
+					  " has no 0x55AA signature, stopping",
+					  link, ebr);
 			return TRUE;
 		}
 
@@ -77,7 +79,7 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 		if (e->type != 0 && count != 0 && !mbr_type_is_extended(e->type)) {
 			guint number = (*next_number)++;
 			g_autofree char *what = g_strdup_printf(
-				"MBR partition %u (logical, EBR at sector %" PRIu64 ")", number, ebr);
+			    "MBR partition %u (logical, EBR at sector %" PRIu64 ")", number, ebr);
 
 			lba = ebr + rel;
 			if (rel == 0)
@@ -97,18 +99,24 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 			return TRUE;
 		lba = ext_start + get_le32(next->start_le);
 		if (lba == ebr) {
-			part_warn(r, "EBR chain: link %u (sector %" PRIu64 ") points to itself, "
-				  "stopping", link, ebr);
+			part_warn(r,
+				  "EBR chain: link %u (sector %" PRIu64 ") points to itself, "
+				  "stopping",
+				  link, ebr);
 			return TRUE;
 		}
 		if (lba < ebr) {
-			part_warn(r, "EBR chain: link %u points backwards (from sector %" PRIu64
-				  " to %" PRIu64 "), stopping", link, ebr, lba);
+			part_warn(r,
+				  "EBR chain: link %u points backwards (from sector %" PRIu64
+				  " to %" PRIu64 "), stopping",
+				  link, ebr, lba);
 			return TRUE;
 		}
 		if (lba >= ext_end) {
-			part_warn(r, "EBR chain: link %u points to sector %" PRIu64
-				  " outside %s, stopping", link, lba, container);
+			part_warn(r,
+				  "EBR chain: link %u points to sector %" PRIu64
+				  " outside %s, stopping",
+				  link, lba, container);
 			return TRUE;
 		}
 		ebr = lba;
@@ -132,11 +140,11 @@ gboolean part_mbr_read(struct part_reader *r, const uint8_t *sector0, GError **e
 		uint64_t start = get_le32(e->start_le);
 		uint64_t count = get_le32(e->sectors_le);
 		gboolean extended = mbr_type_is_extended(e->type);
-		g_autofree char *what = g_strdup_printf("MBR partition %u%s", i + 1,
-							extended ? " (extended)" : "");
+		g_autofree char *what =
+		    g_strdup_printf("MBR partition %u%s", i + 1, extended ? " (extended)" : "");
 
 		if (e->type == 0 || count == 0)
-			continue;   /* an empty slot; its number stays unused */
+			continue; /* an empty slot; its number stays unused */
 		if (!fits(r, what, start, count, 0, r->sectors, device))
 			continue;
 		if (extended) {

@@ -47,13 +47,13 @@ static inline void put_le64(uint8_t *p, uint64_t v)
 
 /* One of the four partition slots of an MBR or EBR. */
 struct mbr_entry {
-	uint8_t boot;           /* 0x00, or 0x80 = active; anything else: not an MBR */
-	uint8_t chs_first[3];   /* ignored: LBA only */
-	uint8_t type;           /* 0 = empty; 0x05/0x0f/0x85 extended; 0xee GPT protective */
+	uint8_t boot;	      /* 0x00, or 0x80 = active; anything else: not an MBR */
+	uint8_t chs_first[3]; /* ignored: LBA only */
+	uint8_t type;	      /* 0 = empty; 0x05/0x0f/0x85 extended; 0xee GPT protective */
 	uint8_t chs_last[3];
-	uint8_t start_le[4];    /* first sector: absolute in the MBR; in an EBR relative
-	                         * to the EBR (logical) or to the extended start (link) */
-	uint8_t sectors_le[4];  /* length in sectors; 0 = empty */
+	uint8_t start_le[4];   /* first sector: absolute in the MBR; in an EBR relative
+				* to the EBR (logical) or to the extended start (link) */
+	uint8_t sectors_le[4]; /* length in sectors; 0 = empty */
 } __attribute__((packed));
 _Static_assert(sizeof(struct mbr_entry) == 16, "MBR partition entry is 16 bytes");
 
@@ -63,8 +63,8 @@ struct mbr_sector {
 	uint8_t boot_code[440];
 	uint8_t disk_signature_le[4];
 	uint8_t reserved[2];
-	struct mbr_entry part[4];   /* at byte 446 */
-	uint8_t signature[2];       /* 0x55 0xaa at byte 510 */
+	struct mbr_entry part[4]; /* at byte 446 */
+	uint8_t signature[2];	  /* 0x55 0xaa at byte 510 */
 } __attribute__((packed));
 _Static_assert(sizeof(struct mbr_sector) == 512, "MBR sector is 512 bytes");
 _Static_assert(offsetof(struct mbr_sector, part) == 446, "MBR table at byte 446");
@@ -87,13 +87,13 @@ static inline int mbr_type_is_extended(uint8_t type)
 /* The GPT header (UEFI 2.x, 5.3.2); header_size may be larger (the rest of
  * the sector up to header_size is covered by the CRC). */
 struct gpt_header {
-	char signature[8];                  /* "EFI PART" */
-	uint8_t revision_le[4];             /* 0x00010000 = 1.0 */
-	uint8_t header_size_le[4];          /* 92 .. sector size */
-	uint8_t header_crc32_le[4];         /* CRC of header_size bytes, this field zeroed */
+	char signature[8];	    /* "EFI PART" */
+	uint8_t revision_le[4];	    /* 0x00010000 = 1.0 */
+	uint8_t header_size_le[4];  /* 92 .. sector size */
+	uint8_t header_crc32_le[4]; /* CRC of header_size bytes, this field zeroed */
 	uint8_t reserved[4];
-	uint8_t my_lba_le[8];               /* where this header lives */
-	uint8_t alternate_lba_le[8];        /* where the other header lives */
+	uint8_t my_lba_le[8];	     /* where this header lives */
+	uint8_t alternate_lba_le[8]; /* where the other header lives */
 	uint8_t first_usable_lba_le[8];
 	uint8_t last_usable_lba_le[8];
 	uint8_t disk_guid[16];
@@ -107,12 +107,12 @@ _Static_assert(offsetof(struct gpt_header, header_crc32_le) == 16, "GPT header C
 
 /* A GPT partition entry (the first 128 bytes of each sizeof_partition_entry). */
 struct gpt_entry {
-	uint8_t type_guid[16];              /* all zero = unused entry */
+	uint8_t type_guid[16]; /* all zero = unused entry */
 	uint8_t unique_guid[16];
 	uint8_t first_lba_le[8];
-	uint8_t last_lba_le[8];             /* inclusive */
+	uint8_t last_lba_le[8]; /* inclusive */
 	uint8_t attributes_le[8];
-	uint8_t name_le[72];                /* 36 UTF-16LE code units, NUL-padded */
+	uint8_t name_le[72]; /* 36 UTF-16LE code units, NUL-padded */
 } __attribute__((packed));
 _Static_assert(sizeof(struct gpt_entry) == 128, "GPT partition entry is 128 bytes");
 

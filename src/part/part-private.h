@@ -7,18 +7,18 @@
 #include "nbdfs/partition.h"
 
 /* Bounds on hostile tables, checked before anything is read or allocated. */
-#define PART_EBR_MAX_LINKS 128u            /* EBRs followed in one extended partition */
+#define PART_EBR_MAX_LINKS 128u		    /* EBRs followed in one extended partition */
 #define PART_GPT_MAX_ARRAY_BYTES (1u << 20) /* a GPT entry array larger is refused */
-#define PART_GPT_MAX_ENTRY_SIZE 4096u      /* a larger GPT entry size is refused */
-#define PART_MAX_WARNINGS 100u             /* later warnings are counted, not kept */
+#define PART_GPT_MAX_ENTRY_SIZE 4096u	    /* a larger GPT entry size is refused */
+#define PART_MAX_WARNINGS 100u		    /* later warnings are counted, not kept */
 
 /* One table read in progress. */
 struct part_reader {
-	Blockdev *dev;              /* borrowed */
+	Blockdev *dev; /* borrowed */
 	uint32_t sector_size;
-	uint64_t sectors;           /* whole sectors of dev: nothing may pass this */
-	struct part_table *table;   /* being filled */
-	guint suppressed;           /* warnings past PART_MAX_WARNINGS */
+	uint64_t sectors;	  /* whole sectors of dev: nothing may pass this */
+	struct part_table *table; /* being filled */
+	guint suppressed;	  /* warnings past PART_MAX_WARNINGS */
 };
 
 /* Reads @count sectors from @lba into @buf (count * sector_size bytes).

@@ -109,7 +109,8 @@ void part_check_overlaps(struct part_reader *r, const char *what)
 		uint64_t end = e->start + e->sectors;
 
 		if (furthest && e->start < furthest_end)
-			part_warn(r, "%s %u (sectors %" PRIu64 "..%" PRIu64 ") overlaps %s %u "
+			part_warn(r,
+				  "%s %u (sectors %" PRIu64 "..%" PRIu64 ") overlaps %s %u "
 				  "(sectors %" PRIu64 "..%" PRIu64 "); both are kept",
 				  what, e->number, e->start, end - 1, what, furthest->number,
 				  furthest->start, furthest_end - 1);
@@ -151,7 +152,7 @@ static gboolean fat_boot_sector(const uint8_t *s, const struct mbr_sector *mbr)
 struct part_table *part_table_read(Blockdev *dev, GError **error)
 {
 	struct blockdev_info info;
-	struct part_reader r = { .dev = dev };
+	struct part_reader r = {.dev = dev};
 	g_autoptr(PartTable) table = NULL;
 	g_autofree uint8_t *sector0 = NULL;
 	struct mbr_sector mbr;
@@ -192,8 +193,7 @@ struct part_table *part_table_read(Blockdev *dev, GError **error)
 
 		g_set_error(error, PART_ERROR, PART_ERROR_NO_TABLE,
 			    "partition table: no MBR signature (0x55AA) in sector 0%s",
-			    gpt ? " (a GPT header is at LBA 1, but without a protective MBR)"
-				: "");
+			    gpt ? " (a GPT header is at LBA 1, but without a protective MBR)" : "");
 		return NULL;
 	}
 	/* As the kernel does: boot flags other than 0x00/0x80 mean sector 0 is

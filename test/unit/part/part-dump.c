@@ -25,11 +25,10 @@ int main(int argc, char **argv)
 	gboolean fuzz_input = FALSE;
 	g_auto(GStrv) files = NULL;
 	GOptionEntry options[] = {
-		{ "sector-size", 's', 0, G_OPTION_ARG_INT, &sector_size, "sector size", "N" },
-		{ "fuzz-input", 0, 0, G_OPTION_ARG_NONE, &fuzz_input, "FILE is a fuzz-part input",
-		  NULL },
-		{ G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &files, NULL, "IMAGE" },
-		{ NULL },
+	    {"sector-size", 's', 0, G_OPTION_ARG_INT, &sector_size, "sector size", "N"},
+	    {"fuzz-input", 0, 0, G_OPTION_ARG_NONE, &fuzz_input, "FILE is a fuzz-part input", NULL},
+	    {G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &files, NULL, "IMAGE"},
+	    {NULL},
 	};
 	g_autoptr(GOptionContext) ctx = g_option_context_new("IMAGE");
 	g_autoptr(GError) error = NULL;
@@ -58,16 +57,16 @@ int main(int argc, char **argv)
 	if (fuzz_input)
 		dev = part_fuzz_device((const uint8_t *)g_mapped_file_get_contents(map), len);
 	else
-		dev = blockdev_mem_new((uint32_t)sector_size, len,
-				       g_mapped_file_get_contents(map), len, TRUE);
+		dev = blockdev_mem_new((uint32_t)sector_size, len, g_mapped_file_get_contents(map),
+				       len, TRUE);
 	if (!dev) {
 		fprintf(stderr, "part-dump: %s: not a fuzz input\n", files[0]);
 		return 2;
 	}
 	t = part_table_read(dev, &error);
 	if (!t) {
-		printf("error %s %s\n",
-		       error->code == PART_ERROR_NO_TABLE ? "no_table" : "io", error->message);
+		printf("error %s %s\n", error->code == PART_ERROR_NO_TABLE ? "no_table" : "io",
+		       error->message);
 		return 1;
 	}
 	printf("table %s sector_size %u used_backup %d disk_guid %s\n",

@@ -17,17 +17,17 @@ void tg_mbr_entry(uint8_t *sector, int slot, uint8_t boot, uint8_t type, uint32_
 void tg_guid(const char *text, uint8_t out[16]);
 
 struct tg_gpt_part {
-	guint index;            /* 0-based entry slot */
+	guint index; /* 0-based entry slot */
 	uint64_t first, last;
-	const char *type;       /* GUID text; NULL = TG_LINUX_FS */
-	const char *name;       /* UTF-8 (encoded to UTF-16LE), NULL = "" */
+	const char *type; /* GUID text; NULL = TG_LINUX_FS */
+	const char *name; /* UTF-8 (encoded to UTF-16LE), NULL = "" */
 };
 
 struct tg_gpt {
 	uint32_t sector_size;
-	uint64_t sectors;       /* disk size in sectors */
-	uint32_t num_entries;   /* 0 = 128 */
-	uint32_t entry_size;    /* 0 = 128 */
+	uint64_t sectors;     /* disk size in sectors */
+	uint32_t num_entries; /* 0 = 128 */
+	uint32_t entry_size;  /* 0 = 128 */
 };
 
 /* Writes a protective MBR, the primary header (LBA 1) and entries (LBA 2),

@@ -88,12 +88,12 @@ static void test_mbr_primaries(void)
 {
 	const uint64_t n = 4096;
 	g_autofree uint8_t *d = disk_new(n * 512);
-	static const struct want w[] = { { 1, 2048, 1000 }, { 3, 3048, 1048 } };
+	static const struct want w[] = {{1, 2048, 1000}, {3, 3048, 1048}};
 
 	tg_mbr_entry(d, 1, 0x80, 0x83, 2048, 1000);
-	tg_mbr_entry(d, 2, 0, 0x00, 100, 100);     /* type 0: empty */
-	tg_mbr_entry(d, 3, 0, 0x07, 3048, 1048);   /* ends exactly at the end */
-	tg_mbr_entry(d, 4, 0, 0x83, 3000, 0);      /* 0 sectors: empty */
+	tg_mbr_entry(d, 2, 0, 0x00, 100, 100);	 /* type 0: empty */
+	tg_mbr_entry(d, 3, 0, 0x07, 3048, 1048); /* ends exactly at the end */
+	tg_mbr_entry(d, 4, 0, 0x83, 3000, 0);	 /* 0 sectors: empty */
 	g_autoptr(PartTable) t = read_ok(512, d, n * 512);
 	g_assert_cmpint(t->kind, ==, PART_TABLE_MBR);
 	g_assert_cmpstr(part_table_kind_name(t->kind), ==, "mbr");
@@ -111,12 +111,12 @@ static void test_mbr_beyond_device(void)
 {
 	const uint64_t n = 4096;
 	g_autofree uint8_t *d = disk_new(n * 512);
-	static const struct want w[] = { { 1, 1, 100 }, { 4, 0, 1 } };
+	static const struct want w[] = {{1, 1, 100}, {4, 0, 1}};
 
 	tg_mbr_entry(d, 1, 0, 0x83, 1, 100);
-	tg_mbr_entry(d, 2, 0, 0x83, 4000, 1001);       /* last sector 5000 */
-	tg_mbr_entry(d, 3, 0, 0x83, 5000, 10);         /* starts beyond */
-	tg_mbr_entry(d, 4, 0, 0x83, 0, 1);             /* sector 0 (isohybrid style): allowed */
+	tg_mbr_entry(d, 2, 0, 0x83, 4000, 1001); /* last sector 5000 */
+	tg_mbr_entry(d, 3, 0, 0x83, 5000, 10);	 /* starts beyond */
+	tg_mbr_entry(d, 4, 0, 0x83, 0, 1);	 /* sector 0 (isohybrid style): allowed */
 	g_autoptr(PartTable) t = read_ok(512, d, n * 512);
 	check_entries(t, w, G_N_ELEMENTS(w));
 	check_warning(t, "MBR partition 2: ends at sector 5000 beyond the device (4096 sectors)");
@@ -138,7 +138,7 @@ static void test_mbr_overflow(void)
 static void test_mbr_overlap(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct want w[] = { { 1, 100, 200 }, { 2, 250, 100 }, { 3, 260, 10 } };
+	static const struct want w[] = {{1, 100, 200}, {2, 250, 100}, {3, 260, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x83, 100, 200);
 	tg_mbr_entry(d, 2, 0, 0x83, 250, 100);
@@ -172,9 +172,12 @@ static void test_mbr_logicals(void)
 	const uint64_t n = 8192;
 	g_autofree uint8_t *d = disk_new(n * 512);
 	/* Extended partition 4033..8191 (slot 3); EBRs at 4033, 6033, 7033. */
-	static const struct logical l[] = { { 0, 63, 1000 }, { 2000, 1, 500 }, { 3000, 100, 100 } };
+	static const struct logical l[] = {{0, 63, 1000}, {2000, 1, 500}, {3000, 100, 100}};
 	static const struct want w[] = {
-		{ 1, 2048, 1000 }, { 5, 4096, 1000 }, { 6, 6034, 500 }, { 7, 7133, 100 },
+	    {1, 2048, 1000},
+	    {5, 4096, 1000},
+	    {6, 6034, 500},
+	    {7, 7133, 100},
 	};
 
 	tg_mbr_entry(d, 1, 0, 0x83, 2048, 1000);
@@ -190,9 +193,9 @@ static void test_mbr_multiple_extended(void)
 {
 	/* Two extended partitions: logical numbers continue across them. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical a[] = { { 0, 1, 10 }, { 100, 1, 10 } };
-	static const struct logical b[] = { { 0, 2, 20 } };
-	static const struct want w[] = { { 5, 1001, 10 }, { 6, 1101, 10 }, { 7, 2002, 20 } };
+	static const struct logical a[] = {{0, 1, 10}, {100, 1, 10}};
+	static const struct logical b[] = {{0, 2, 20}};
+	static const struct want w[] = {{5, 1001, 10}, {6, 1101, 10}, {7, 2002, 20}};
 
 	tg_mbr_entry(d, 2, 0, 0x05, 1000, 500);
 	tg_mbr_entry(d, 4, 0, 0x85, 2000, 500);
@@ -206,8 +209,8 @@ static void test_mbr_multiple_extended(void)
 static void test_ebr_backwards(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = { { 0, 1, 10 }, { 100, 1, 10 }, { 200, 1, 10 } };
-	static const struct want w[] = { { 5, 1001, 10 }, { 6, 1101, 10 }, { 7, 1201, 10 } };
+	static const struct logical l[] = {{0, 1, 10}, {100, 1, 10}, {200, 1, 10}};
+	static const struct want w[] = {{5, 1001, 10}, {6, 1101, 10}, {7, 1201, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 3);
@@ -222,8 +225,8 @@ static void test_ebr_backwards(void)
 static void test_ebr_self_loop(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = { { 0, 1, 10 }, { 100, 1, 10 } };
-	static const struct want w[] = { { 5, 1001, 10 }, { 6, 1101, 10 } };
+	static const struct logical l[] = {{0, 1, 10}, {100, 1, 10}};
+	static const struct want w[] = {{5, 1001, 10}, {6, 1101, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 2);
@@ -236,8 +239,8 @@ static void test_ebr_self_loop(void)
 static void test_ebr_no_signature(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = { { 0, 1, 10 }, { 100, 1, 10 }, { 200, 1, 10 } };
-	static const struct want w[] = { { 5, 1001, 10 } };
+	static const struct logical l[] = {{0, 1, 10}, {100, 1, 10}, {200, 1, 10}};
+	static const struct want w[] = {{5, 1001, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 3);
@@ -250,14 +253,15 @@ static void test_ebr_no_signature(void)
 static void test_ebr_outside_extended(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = { { 0, 1, 10 }, { 2000, 1, 10 } };
-	static const struct want w[] = { { 5, 1001, 10 } };
+	static const struct logical l[] = {{0, 1, 10}, {2000, 1, 10}};
+	static const struct want w[] = {{5, 1001, 10}};
 
-	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);   /* sectors 1000..2999 */
-	write_chain(d, 512, 1000, l, 2);            /* next EBR at 3000: outside */
+	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000); /* sectors 1000..2999 */
+	write_chain(d, 512, 1000, l, 2);	 /* next EBR at 3000: outside */
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
 	check_entries(t, w, G_N_ELEMENTS(w));
-	check_warning(t, "EBR chain: link 1 points to sector 3000 outside the extended partition 1");
+	check_warning(t,
+		      "EBR chain: link 1 points to sector 3000 outside the extended partition 1");
 }
 
 static void test_logical_refused(void)
@@ -266,9 +270,9 @@ static void test_logical_refused(void)
 	 * they keep their numbers and the chain goes on. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
 	static const struct logical l[] = {
-		{ 0, 1, 5000 }, { 100, 0, 10 }, { 200, 1, 10 }, { 300, 1, 0 }, { 400, 1, 10 },
+	    {0, 1, 5000}, {100, 0, 10}, {200, 1, 10}, {300, 1, 0}, {400, 1, 10},
 	};
-	static const struct want w[] = { { 7, 1201, 10 }, { 8, 1401, 10 } };
+	static const struct want w[] = {{7, 1201, 10}, {8, 1401, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 5);
@@ -287,7 +291,7 @@ static void test_ebr_max_links(void)
 	g_autofree struct logical *l = g_new0(struct logical, 200);
 
 	for (guint i = 0; i < 200; i++)
-		l[i] = (struct logical){ i * 20, 1, 10 };
+		l[i] = (struct logical){i * 20, 1, 10};
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 5000);
 	write_chain(d, 512, 1000, l, 200);
 	g_autoptr(PartTable) t = read_ok(512, d, n * 512);
@@ -300,7 +304,7 @@ static void test_ebr_empty_extended(void)
 {
 	/* A blank first EBR: an extended partition without logicals. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct want w[] = { { 1, 10, 10 } };
+	static const struct want w[] = {{1, 10, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x83, 10, 10);
 	tg_mbr_entry(d, 2, 0, 0x05, 1000, 2000);
@@ -312,7 +316,7 @@ static void test_ebr_empty_extended(void)
 static void test_extended_beyond_device(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = { { 0, 1, 10 } };
+	static const struct logical l[] = {{0, 1, 10}};
 
 	tg_mbr_entry(d, 2, 0, 0x05, 1000, 4000);
 	write_chain(d, 512, 1000, l, 1);
@@ -325,8 +329,8 @@ static void test_mbr_4096(void)
 {
 	const uint64_t n = 1024;
 	g_autofree uint8_t *d = disk_new(n * 4096);
-	static const struct logical l[] = { { 0, 1, 10 }, { 50, 1, 10 } };
-	static const struct want w[] = { { 1, 256, 100 }, { 5, 501, 10 }, { 6, 551, 10 } };
+	static const struct logical l[] = {{0, 1, 10}, {50, 1, 10}};
+	static const struct want w[] = {{1, 256, 100}, {5, 501, 10}, {6, 551, 10}};
 
 	tg_mbr_entry(d, 1, 0, 0x83, 256, 100);
 	tg_mbr_entry(d, 2, 0, 0x05, 500, 524);
@@ -363,12 +367,12 @@ static void test_fat_boot_sector(void)
 	d[0] = 0xeb;
 	d[1] = 0x3c;
 	d[2] = 0x90;
-	d[11] = 0x00;   /* 512 bytes per sector */
+	d[11] = 0x00; /* 512 bytes per sector */
 	d[12] = 0x02;
-	d[13] = 4;      /* sectors per cluster */
-	d[14] = 1;      /* reserved sectors */
-	d[16] = 2;      /* FATs */
-	d[21] = 0xf8;   /* media */
+	d[13] = 4;    /* sectors per cluster */
+	d[14] = 1;    /* reserved sectors */
+	d[16] = 2;    /* FATs */
+	d[21] = 0xf8; /* media */
 	d[510] = 0x55;
 	d[511] = 0xaa;
 	read_fails(512, d, 64 * 512, PART_ERROR_NO_TABLE, "sector 0 is a FAT boot sector");
@@ -395,7 +399,7 @@ static void test_tiny_devices(void)
 	read_fails(4096, d, 4095, PART_ERROR_NO_TABLE, "not one whole 4096-byte sector");
 	{
 		/* One sector: an MBR works, its only possible partition is sector 0. */
-		static const struct want w[] = { { 1, 0, 1 } };
+		static const struct want w[] = {{1, 0, 1}};
 		g_autoptr(PartTable) t = read_ok(512, d, 512);
 
 		check_entries(t, w, 1);
@@ -418,14 +422,14 @@ static void test_inside_window(void)
 	/* A table inside a partition: read through a window, sectors relative
 	 * to the window; the window's end is the device's end. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 1000 };
-	static const struct tg_gpt_part p[] = { { 0, 34, 499 } };
-	static const struct want w[] = { { 1, 34, 466 } };
-	static const struct want wm[] = { { 1, 10, 90 } };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 1000};
+	static const struct tg_gpt_part p[] = {{0, 34, 499}};
+	static const struct want w[] = {{1, 34, 466}};
+	static const struct want wm[] = {{1, 10, 90}};
 
 	tg_gpt_write(d + 100 * 512, &g, p, 1);
 	tg_mbr_entry(d + 2000 * 512, 1, 0, 0x83, 10, 90);
-	tg_mbr_entry(d + 2000 * 512, 2, 0, 0x83, 50, 1000);   /* past the window */
+	tg_mbr_entry(d + 2000 * 512, 2, 0, 0x83, 50, 1000); /* past the window */
 	g_autoptr(Blockdev) dev = blockdev_mem_new(512, 4096 * 512, d, 4096 * 512, TRUE);
 	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) win = part_window_new(dev, 100, 1000, &error);
@@ -459,16 +463,18 @@ static void test_io_error(void)
 /* ---- GPT ----------------------------------------------------------------- */
 
 static const struct tg_gpt_part basic_parts[] = {
-	{ 0, 34, 1000, TG_ESP, "EFI system" },
-	{ 1, 1001, 1999, NULL, "Donn\xc3\xa9" "es \xf0\x9f\x92\xbe" },   /* é, U+1F4BE */
-	{ 3, 2000, 2000, NULL, NULL },                                  /* one sector */
+    {0, 34, 1000, TG_ESP, "EFI system"},
+    {1, 1001, 1999, NULL,
+     "Donn\xc3\xa9"
+     "es \xf0\x9f\x92\xbe"},	 /* é, U+1F4BE */
+    {3, 2000, 2000, NULL, NULL}, /* one sector */
 };
 
 static void test_gpt_basic(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096};
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct want w[] = { { 1, 34, 967 }, { 2, 1001, 999 }, { 4, 2000, 1 } };
+	static const struct want w[] = {{1, 34, 967}, {2, 1001, 999}, {4, 2000, 1}};
 
 	tg_gpt_write(d, &g, basic_parts, 3);
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
@@ -486,17 +492,19 @@ static void test_gpt_basic(void)
 	g_assert_cmpstr(e0->label, ==, "EFI system");
 	g_assert_cmpuint(e0->mbr_type, ==, 0);
 	g_assert_cmpstr(e1->type_guid, ==, TG_LINUX_FS);
-	g_assert_cmpstr(e1->label, ==, "Donn\xc3\xa9" "es \xf0\x9f\x92\xbe");
+	g_assert_cmpstr(e1->label, ==,
+			"Donn\xc3\xa9"
+			"es \xf0\x9f\x92\xbe");
 	g_assert_cmpstr(e2->label, ==, "");
 	g_assert_cmpstr(e2->uuid, ==, "aaaaaaaa-bbbb-cccc-dddd-000000000004");
 }
 
 static void test_gpt_4096(void)
 {
-	const struct tg_gpt g = { .sector_size = 4096, .sectors = 1024 };
+	const struct tg_gpt g = {.sector_size = 4096, .sectors = 1024};
 	g_autofree uint8_t *d = disk_new(1024 * 4096);
-	static const struct tg_gpt_part p[] = { { 0, 6, 255 }, { 1, 256, 1018 } };
-	static const struct want w[] = { { 1, 6, 250 }, { 2, 256, 763 } };
+	static const struct tg_gpt_part p[] = {{0, 6, 255}, {1, 256, 1018}};
+	static const struct want w[] = {{1, 6, 250}, {2, 256, 763}};
 
 	g_assert_cmpuint(tg_gpt_first_usable(&g), ==, 6);
 	g_assert_cmpuint(tg_gpt_last_usable(&g), ==, 1018);
@@ -511,13 +519,13 @@ static void test_gpt_4096(void)
 
 static void test_gpt_bad_primary_crc(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
-	static const struct want w[] = { { 1, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	static const struct want w[] = {{1, 100, 100}};
 
 	tg_gpt_write(d, &g, p, 1);
-	d[512 + 40] ^= 1;   /* first usable LBA changed, CRC not updated */
+	d[512 + 40] ^= 1; /* first usable LBA changed, CRC not updated */
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
 	check_entries(t, w, 1);
 	g_assert_true(t->used_backup);
@@ -527,13 +535,13 @@ static void test_gpt_bad_primary_crc(void)
 
 static void test_gpt_bad_entries_crc(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
-	static const struct want w[] = { { 1, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	static const struct want w[] = {{1, 100, 100}};
 
 	tg_gpt_write(d, &g, p, 1);
-	d[2 * 512 + 32] = 50;   /* primary entry 1 now starts at 50 */
+	d[2 * 512 + 32] = 50; /* primary entry 1 now starts at 50 */
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
 	check_entries(t, w, 1);
 	g_assert_true(t->used_backup);
@@ -542,13 +550,13 @@ static void test_gpt_bad_entries_crc(void)
 
 static void test_gpt_bad_backup(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
-	static const struct want w[] = { { 1, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	static const struct want w[] = {{1, 100, 100}};
 
 	tg_gpt_write(d, &g, p, 1);
-	d[2047 * 512 + 3] ^= 1;   /* backup signature */
+	d[2047 * 512 + 3] ^= 1; /* backup signature */
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
 	check_entries(t, w, 1);
 	g_assert_false(t->used_backup);
@@ -558,12 +566,12 @@ static void test_gpt_bad_backup(void)
 
 static void test_gpt_both_bad(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
 
 	tg_gpt_write(d, &g, NULL, 0);
 	d[512 + 40] ^= 1;
-	d[(2047 - 32) * 512] ^= 1;   /* backup entry array */
+	d[(2047 - 32) * 512] ^= 1; /* backup entry array */
 	read_fails(512, d, 2048 * 512, PART_ERROR_NO_TABLE,
 		   "protective MBR but no valid GPT: primary at LBA 1: header CRC mismatch; "
 		   "backup at LBA 2047: partition entries CRC mismatch");
@@ -573,10 +581,10 @@ static void test_gpt_grown_disk(void)
 {
 	/* Table made for 2048 sectors, disk grown to 4096: the backup is at
 	 * the primary's alternate_lba (2047), not at the last LBA. */
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
-	static const struct want w[] = { { 1, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	static const struct want w[] = {{1, 100, 100}};
 
 	tg_gpt_write(d, &g, p, 1);
 	{
@@ -585,7 +593,7 @@ static void test_gpt_grown_disk(void)
 		check_entries(t, w, 1);
 		check_no_warnings(t);
 	}
-	d[2 * 512 + 32] = 50;   /* primary entries damaged: the backup at 2047 */
+	d[2 * 512 + 32] = 50; /* primary entries damaged: the backup at 2047 */
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
 	check_entries(t, w, 1);
 	g_assert_true(t->used_backup);
@@ -596,10 +604,10 @@ static void test_gpt_alternate_wrong(void)
 {
 	/* Primary entries damaged and its alternate_lba pointing at nothing
 	 * (sector 1000): the backup is then looked for at the last LBA. */
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
-	static const struct want w[] = { { 1, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	static const struct want w[] = {{1, 100, 100}};
 
 	tg_gpt_write(d, &g, p, 1);
 	put_le64(d + 512 + 32, 1000);
@@ -621,10 +629,10 @@ static void test_gpt_primary_gone(void)
 {
 	/* Primary header zeroed: its alternate_lba cannot be trusted, the
 	 * backup is looked for at the last LBA. */
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 5, 1000, 1999 } };
-	static const struct want w[] = { { 6, 1000, 1000 } };
+	static const struct tg_gpt_part p[] = {{5, 1000, 1999}};
+	static const struct want w[] = {{6, 1000, 1000}};
 
 	tg_gpt_write(d, &g, p, 1);
 	memset(d + 512, 0, 512);
@@ -637,19 +645,19 @@ static void test_gpt_primary_gone(void)
 
 static void test_gpt_entries_refused(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096};
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	const uint64_t lu = tg_gpt_last_usable(&g);   /* 4062 */
+	const uint64_t lu = tg_gpt_last_usable(&g); /* 4062 */
 	const struct tg_gpt_part p[] = {
-		{ 0, 34, 99 },           /* ok: first usable */
-		{ 1, 33, 99 },           /* before first usable */
-		{ 2, 4000, lu + 1 },     /* after last usable */
-		{ 3, 5000, 6000 },       /* past the end of the device */
-		{ 4, 200, 199 },         /* zero length: first > last */
-		{ 5, 300, 100 },         /* first > last */
-		{ 6, 4000, lu },         /* ok: last usable */
+	    {0, 34, 99},       /* ok: first usable */
+	    {1, 33, 99},       /* before first usable */
+	    {2, 4000, lu + 1}, /* after last usable */
+	    {3, 5000, 6000},   /* past the end of the device */
+	    {4, 200, 199},     /* zero length: first > last */
+	    {5, 300, 100},     /* first > last */
+	    {6, 4000, lu},     /* ok: last usable */
 	};
-	static const struct want w[] = { { 1, 34, 66 }, { 7, 4000, 63 } };
+	static const struct want w[] = {{1, 34, 66}, {7, 4000, 63}};
 
 	g_assert_cmpuint(lu, ==, 4062);
 	tg_gpt_write(d, &g, p, G_N_ELEMENTS(p));
@@ -665,10 +673,10 @@ static void test_gpt_entries_refused(void)
 
 static void test_gpt_overlap(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096};
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 999 }, { 1, 500, 1499 }, { 2, 1500, 1600 } };
-	static const struct want w[] = { { 1, 100, 900 }, { 2, 500, 1000 }, { 3, 1500, 101 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 999}, {1, 500, 1499}, {2, 1500, 1600}};
+	static const struct want w[] = {{1, 100, 900}, {2, 500, 1000}, {3, 1500, 101}};
 
 	tg_gpt_write(d, &g, p, 3);
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
@@ -685,7 +693,7 @@ static void expect_both_headers_refused(const struct tg_gpt *g, guint off, uint6
 {
 	const uint32_t ss = g->sector_size;
 	g_autofree uint8_t *d = disk_new(g->sectors * ss);
-	const uint64_t lbas[2] = { 1, g->sectors - 1 };
+	const uint64_t lbas[2] = {1, g->sectors - 1};
 
 	tg_gpt_write(d, g, NULL, 0);
 	for (int i = 0; i < 2; i++) {
@@ -726,8 +734,8 @@ static void expect_primary_refused(const struct tg_gpt *g, guint off, uint64_t v
 
 static void test_gpt_header_checks(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
-	const struct tg_gpt g4k = { .sector_size = 4096, .sectors = 256 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
+	const struct tg_gpt g4k = {.sector_size = 4096, .sectors = 256};
 
 	expect_both_headers_refused(&g, 8, 0x00020000, 4, "header revision 0x00020000 is not 1.x");
 	expect_both_headers_refused(&g, 12, 91, 4, "header size 91 is not in 92..512");
@@ -746,7 +754,7 @@ static void test_gpt_header_checks(void)
 	expect_both_headers_refused(&g, 40, 0, 8, "usable LBAs 0..2014 are not a range");
 	expect_both_headers_refused(&g, 40, 2015, 8, "usable LBAs 2015..2014 are not a range");
 	expect_primary_refused(&g, 40, 1, 8, "header LBA 1 is inside the usable LBAs 1..2014");
-	expect_primary_refused(&g, 32, 5000, 8, "header CRC mismatch");   /* CRC not fixed */
+	expect_primary_refused(&g, 32, 5000, 8, "header CRC mismatch"); /* CRC not fixed */
 	expect_both_headers_refused(&g, 72, 2047, 8, "entry array at LBA 2047 (32 sectors)");
 	expect_both_headers_refused(&g, 72, 0, 8, "entry array at LBA 0");
 	expect_both_headers_refused(&g, 72, 20, 8, "entry array at LBA 20 (32 sectors) is outside");
@@ -757,11 +765,11 @@ static void test_gpt_entries_elsewhere(void)
 {
 	/* The entry array where the header says (LBA 40, first usable 100),
 	 * 256-byte entries, 20 of them. */
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048, .num_entries = 20,
-				  .entry_size = 256 };
+	const struct tg_gpt g = {
+	    .sector_size = 512, .sectors = 2048, .num_entries = 20, .entry_size = 256};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 19, 100, 199, NULL, "last" } };
-	static const struct want w[] = { { 20, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{19, 100, 199, NULL, "last"}};
+	static const struct want w[] = {{20, 100, 100}};
 	uint8_t *h = d + 512;
 
 	tg_gpt_write(d, &g, p, 1);
@@ -780,7 +788,7 @@ static void test_gpt_entries_elsewhere(void)
 
 static void test_gpt_no_entries(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
 
 	tg_gpt_write(d, &g, NULL, 0);
@@ -798,10 +806,10 @@ static void test_gpt_no_entries(void)
 
 static void test_gpt_hybrid_and_pmbr(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
-	static const struct want w[] = { { 1, 100, 100 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	static const struct want w[] = {{1, 100, 100}};
 
 	tg_gpt_write(d, &g, p, 1);
 	/* Hybrid MBR: 0xEE in slot 2, a FAT partition in slot 1: GPT wins. */
@@ -815,15 +823,15 @@ static void test_gpt_hybrid_and_pmbr(void)
 
 static void test_gpt_names(void)
 {
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = { { 0, 100, 199 }, { 1, 200, 299 } };
+	static const struct tg_gpt_part p[] = {{0, 100, 199}, {1, 200, 299}};
 	uint8_t *e0 = d + 1024, *e1 = d + 1024 + 128;
 
 	tg_gpt_write(d, &g, p, 2);
 	/* Entry 1: 36 units, no NUL: "AB", a lone high surrogate, "C", a lone
 	 * low surrogate, then 'x' to the end. */
-	static const uint16_t u[] = { 'A', 'B', 0xd800, 'C', 0xdc00 };
+	static const uint16_t u[] = {'A', 'B', 0xd800, 'C', 0xdc00};
 	for (int i = 0; i < 36; i++) {
 		uint16_t c = i < 5 ? u[i] : 'x';
 
@@ -840,7 +848,9 @@ static void test_gpt_names(void)
 	}
 	tg_gpt_fix_crcs(d, 512, 1);
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
-	g_autofree char *want0 = g_strconcat("AB\xef\xbf\xbd" "C\xef\xbf\xbd", NULL);
+	g_autofree char *want0 = g_strconcat("AB\xef\xbf\xbd"
+					     "C\xef\xbf\xbd",
+					     NULL);
 	g_autoptr(GString) w0 = g_string_new(want0);
 	for (int i = 5; i < 36; i++)
 		g_string_append_c(w0, 'x');
@@ -856,12 +866,12 @@ static void test_gpt_names(void)
 static void test_gpt_many_warnings(void)
 {
 	/* 1000 refused entries: 100 warnings kept, the rest counted. */
-	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096, .num_entries = 1000 };
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096, .num_entries = 1000};
 	g_autofree uint8_t *d = disk_new(4096 * 512);
 	g_autofree struct tg_gpt_part *p = g_new0(struct tg_gpt_part, 1000);
 
 	for (guint i = 0; i < 1000; i++)
-		p[i] = (struct tg_gpt_part){ i, 3000, 2000 };
+		p[i] = (struct tg_gpt_part){i, 3000, 2000};
 	tg_gpt_write(d, &g, p, 1000);
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
 	check_entries(t, NULL, 0);
