@@ -14,6 +14,11 @@ loop devices, fio/dd) is ended in a finally block, also on SIGINT/SIGTERM.
 
     /usr/bin/python3 contrib/bench/bench.py [--quick] [--build DIR]
         [--runtime S] [--reps N] [--out FILE] [--json FILE]
+
+--quick (1 rep of 1 s per run, about 2 minutes) is the CI smoke run. Speed is
+never asserted. Exit status: 0 when every run worked; 1 when a run failed,
+nbdfs (built) did not mount, or a mount/loop device was left behind; 2 when a
+tool or root is missing; 130 when interrupted (after cleaning up).
 """
 
 import argparse
@@ -206,21 +211,36 @@ def reset_hwm(pid):
 
 
 def ctx_switches(pid):
-    """(voluntary, involuntary) context switches summed over the live threads."""
-    vol = inv = 0
+    """{tid: (voluntary, involuntary)} context switches of the live threads.
+    Linux keeps no per-process total readable from outside (dead threads'
+    counts go to signal_struct), so deltas are a lower bound when the daemon's
+    threads come and go."""
+    out = {}
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/status") as f:
-                    for line in f:
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            vol += int(line.split()[1])
-                        elif line.startswith("nonvoluntary_ctxt_switches:"):
-                            inv += int(line.split()[1])
-            except OSError:
-                pass
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
+    for tid in tids:
+        vol = inv = 0
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol = int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        inv = int(line.split()[1])
+        except OSError:
+            continue
+        out[tid] = (vol, inv)
+    return out
+
+
+def ctx_delta(before, after):
+    vol = inv = 0
+    for tid, (v, i) in after.items():
+        v0, i0 = before.get(tid, (0, 0))
+        vol += max(0, v - v0)
+        inv += max(0, i - i0)
     return vol, inv
 
 
@@ -323,13 +343,16 @@ def mount_nbdfuse(res, workdir, server, tag):
     return proc, os.path.join(mnt, "nbd")
 
 
-def mount_nbdfs(res, workdir, nbdfs, server, tag):
+def mount_nbdfs(res, workdir, nbdfs, server, tag, opts=()):
     """Mounts with -f (we own the pid) and split=disk:2048; returns (proc, mnt)."""
     mnt = os.path.join(workdir, f"nbdfs-{tag}")
     os.mkdir(mnt)
     logpath = os.path.join(workdir, f"nbdfs-{tag}.log")
     logf = open(logpath, "wb")
-    cmd = [nbdfs, "-f", "-o", f"split=disk:{SPLIT_SECTORS}", server.uri, mnt]
+    cmd = [nbdfs, "-f", "-o", f"split=disk:{SPLIT_SECTORS}"]
+    for o in opts:
+        cmd += ["-o", o]
+    cmd += [server.uri, mnt]
     proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
                             preexec_fn=_child_signals)
     logf.close()
@@ -538,10 +561,12 @@ class Bench:
             r["rss_mib"] = hwm / 1024 if hwm else None
             ctx1 = ctx_switches(dpid)
             ios = r.get("ios")
-            if ctx0 and ctx1 and ios:
-                r["vcs_per_io"] = (ctx1[0] - ctx0[0]) / ios
-                r["ivcs_per_io"] = (ctx1[1] - ctx0[1]) / ios
+            if ctx0 is not None and ctx1 is not None and ios:
+                vol, inv = ctx_delta(ctx0, ctx1)
+                r["vcs_per_io"] = vol / ios
+                r["ivcs_per_io"] = inv / ios
             r["threads"] = nthreads(dpid)
+            r["new_threads"] = len(set(ctx1 or {}) - set(ctx0 or {}))
         return r
 
 
@@ -684,8 +709,8 @@ def evaluate(results):
           0.5, ("seqread-1M-qd16", "nbdfs"), "seqread-1M-qd16 daemon CPU s/GiB nbdfs/nbdfuse")
     peaks = {}
     for (wid, tname), r in results.items():
-        base = "nbdfs" if tname.startswith("nbdfs") else "nbdfuse" \
-            if tname.startswith("nbdfuse") else None
+        base = {"nbdfs": "nbdfs", "nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs",
+                "nbdfuse": "nbdfuse", "nbdfuse-loop": "nbdfuse"}.get(tname)
         if base and r.get("rss_mib_max") is not None and not w_by_id[wid].delay:
             peaks[base] = max(peaks.get(base, 0), r["rss_mib_max"])
     v = ratio(peaks.get("nbdfs"), peaks.get("nbdfuse"))
@@ -695,6 +720,11 @@ def evaluate(results):
         summary.append(f"G10 peak RSS nbdfs {peaks['nbdfs']:.1f} MiB / nbdfuse "
                        f"{peaks['nbdfuse']:.1f} MiB: {v:.2f} (<= 1) "
                        f"{'PASS' if v <= 1 else 'MISS'}")
+    wb = [f"{wid} {ratio(tput(wid, 'nbdfs-wb'), tput(wid, 'nbdfuse')):.2f}x"
+          for wid in ("dd-read-1M", "dd-write-1M", "dd-write-4k")
+          if ratio(tput(wid, "nbdfs-wb"), tput(wid, "nbdfuse")) is not None]
+    if wb:
+        summary.append("(info) nbdfs -o writeback over nbdfuse: " + ", ".join(wb))
     return notes, summary
 
 
@@ -703,8 +733,9 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
     cols = ["workload", "via", "MB/s", "IOPS", "p50 us", "p99 us", "dCPU s/GiB",
             "kCPU s/GiB", "RSS MiB", "/nbdfuse", "/limit", "/base", "goals"]
     rows = []
-    order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfuse", "nbdfuse-loop", "raw"]
-    base_of = {"nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs-part2",
+    order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfs-wb", "nbdfuse", "nbdfuse-loop",
+             "raw"]
+    base_of = {"nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs-part2", "nbdfs-wb": "nbdfs",
                "nbdfuse-loop": "nbdfuse"}
     for w in WORKLOADS:
         for tname in order:
@@ -758,7 +789,7 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
                "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
                "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
                "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); /base = "
-               "part2 over the export file, loop over the file under it.")
+               "part2 over the export file, loop over the file under it, nbdfs-wb over nbdfs.")
     out.append("")
     out.append(GOALS_DOC)
     out.append("")
@@ -771,10 +802,12 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
             if r and r.get("vcs_per_io") is not None:
                 prof.append(f"  {w.id:24} {tname:13} vol ctxsw/IO {r['vcs_per_io']:6.2f}  "
                             f"invol/IO {r.get('ivcs_per_io', 0):5.2f}  threads "
-                            f"{r.get('threads')}")
+                            f"{fmt(r.get('threads'), 0)} (+{fmt(r.get('new_threads'), 0)} "
+                            f"new during the run)")
     if prof:
         out.append("")
-        out.append("daemon context switches per I/O (live threads; dd: per bs block):")
+        out.append("daemon context switches per I/O (threads alive at the end of the run, "
+                   "a lower bound; dd: per bs block):")
         out += prof
     return "\n".join(out) + "\n"
 
@@ -797,6 +830,8 @@ def parse_args(argv):
     ap.add_argument("--no-nbdfs", action="store_true", help="skip nbdfs")
     ap.add_argument("--no-nbdfuse", action="store_true", help="skip nbdfuse")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop device rows")
+    ap.add_argument("--no-writeback", action="store_true",
+                    help="skip the informative nbdfs -o writeback dd rows")
     a = ap.parse_args(argv)
     if a.runtime is None:
         a.runtime = 1 if a.quick else 5
@@ -843,7 +878,7 @@ def main(argv):
     workdir = tempfile.mkdtemp(prefix="nbdfs-bench.", dir=base)
     res.dirs.append(workdir)
     loops_seen = []
-    results, errors, notes_extra = {}, {}, []
+    results, errors, notes_extra, failures = {}, {}, [], []
     raw_runs = {}
     header = version_lines(nbdfs)
     rc = 0
@@ -872,11 +907,18 @@ def main(argv):
                     notes_extra.append(f"nbdfs-loop: {dev} over disk-part2, direct-io "
                                        f"{'on' if dio else 'OFF (fell back to buffered)'}")
                     targets.append(Target("nbdfs-loop", "file", dev, main_srv, proc))
+                if not args.no_writeback:
+                    proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "wb", ["writeback"])
+                    targets.append(Target("nbdfs-wb", "file", os.path.join(mnt, "disk"),
+                                          main_srv, proc))
+                    notes_extra.append("nbdfs-wb: a second nbdfs mount with -o writeback "
+                                       "(kernel writeback cache), dd rows only, for information")
                 proc, mnt = mount_nbdfs(res, workdir, nbdfs, delay_srv, "delay")
                 delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
                                                 delay_srv, proc)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 log(f"nbdfs does not mount: {e}")
+                failures.append(f"nbdfs did not mount: {e}")
                 notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
                 targets = [t for t in targets if not t.name.startswith("nbdfs")]
                 delay_targets.pop("nbdfs", None)
@@ -906,6 +948,8 @@ def main(argv):
                 ts = [t for t in targets if w.loop or not t.name.endswith("-loop")]
                 if w.kind == "dd":
                     ts = [t for t in ts if not t.name.endswith("-loop")]
+                else:
+                    ts = [t for t in ts if t.name != "nbdfs-wb"]
             ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
             plan += [(w, t) for t in ts]
         log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
@@ -926,7 +970,7 @@ def main(argv):
         for key, runs in raw_runs.items():
             m = {k: median([r.get(k) for r in runs]) for k in
                  ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
-                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads")}
+                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads")}
             rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
             m["rss_mib_max"] = max(rss) if rss else None
             m["n"] = len(runs)
@@ -953,6 +997,9 @@ def main(argv):
         log("cleanup complete: no mount, loop device or process left")
     if rc == 130:
         return rc
+    if errors or failures:
+        rc = rc or 1
+        log(f"exit 1: {len(errors)} run(s) failed" + (f"; {failures[0][:200]}" if failures else ""))
     text = report(results, errors, None, header, notes_extra, args.runtime, args.reps)
     print(text, end="")
     if args.out:
