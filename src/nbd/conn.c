@@ -245,7 +245,8 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean nowa
 	while (!nowait && !conn->dead && !g_atomic_int_get(&c->closing) &&
 	       (guint)conn->in_flight >= max)
 		g_cond_wait(&conn->cond, &conn->lock);
-	if (conn->dead || conn->fail_msg || (g_atomic_int_get(&c->closing) && !nowait)) {
+	if (conn->dead || conn->fail_msg || conn->disc_sent ||
+	    (g_atomic_int_get(&c->closing) && !nowait)) {
 		g_mutex_unlock(&conn->lock);
 		return -ENOTCONN;
 	}
@@ -562,7 +563,9 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 	}
 	if (flags & NBD_REPLY_FLAG_DONE) {
 		if (req->type == NBD_CMD_READ && !req->err && covered_bytes(req) != req->len)
-			set_err(req, -EPROTO);
+			set_err(req, -EPROTO);          /* gaps: never hand back stale bytes */
+		if (req->type == NBD_CMD_BLOCK_STATUS && !req->err && !req->bs_seen)
+			set_err(req, -EPROTO);          /* success without any extent */
 		complete(conn, req, 0);
 	}
 	return NULL;
@@ -722,10 +725,8 @@ void nbdc_conn_disconnect(struct nbdc_conn *conn)
 	nbdc_tr_shutdown(conn->t, SHUT_WR);
 }
 
-void nbdc_conn_free(struct nbdc_conn *conn)
+void nbdc_conn_stop(struct nbdc_conn *conn)
 {
-	if (!conn)
-		return;
 	if (conn->reader) {
 		/* Give the server a moment to close after DISC, then force. */
 		gint64 until = g_get_monotonic_time() + 2 * G_USEC_PER_SEC;
@@ -737,7 +738,15 @@ void nbdc_conn_free(struct nbdc_conn *conn)
 		g_mutex_unlock(&conn->lock);
 		nbdc_tr_shutdown(conn->t, SHUT_RDWR);
 		g_thread_join(conn->reader);
+		conn->reader = NULL;
 	}
+}
+
+void nbdc_conn_free(struct nbdc_conn *conn)
+{
+	if (!conn)
+		return;
+	nbdc_conn_stop(conn);
 	nbdc_tr_close(conn->t);
 	nbdc_neg_clear(&conn->neg);
 	g_hash_table_unref(conn->table);

@@ -126,7 +126,10 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean nowa
 void nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us);
 /* Sends NBD_CMD_DISC, closes TLS and the write side; the reader then sees EOF. */
 void nbdc_conn_disconnect(struct nbdc_conn *conn);
-/* Forces the reader out (shutdown), joins it, frees. */
+/* Waits briefly for the reader to see EOF, then forces it out and joins it;
+ * every request of @conn is complete afterwards. */
+void nbdc_conn_stop(struct nbdc_conn *conn);
+/* Stops (if needed) and frees. */
 void nbdc_conn_free(struct nbdc_conn *conn);
 /* Marks the handle dead with @msg (first message wins). */
 void nbdc_set_dead(Nbdc *c, const char *msg);

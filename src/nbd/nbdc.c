@@ -155,10 +155,14 @@ void nbdc_get_info(const Nbdc *c, struct nbdc_info *out)
 
 static void handle_free(Nbdc *c)
 {
+	/* Readers first (everything in flight completes), then the pool (its
+	 * late flushes now fail at once with -ENOTCONN), then the memory. */
 	for (guint i = 0; i < c->nconns; i++)
-		nbdc_conn_free(c->conns[i]);
+		nbdc_conn_stop(c->conns[i]);
 	if (c->aux)
 		g_thread_pool_free(c->aux, FALSE, TRUE);
+	for (guint i = 0; i < c->nconns; i++)
+		nbdc_conn_free(c->conns[i]);
 	g_free(c->conns);
 	nbdc_neg_clear(&c->neg);
 	g_free(c->display);
