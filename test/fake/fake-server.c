@@ -9,6 +9,8 @@
 #include "fake-server.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <gnutls/gnutls.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -371,6 +373,7 @@ enum step_kind {
 	STEP_CLOSE,
 	STEP_WAIT_EOF,
 	STEP_STALL,
+	STEP_STARTTLS,
 };
 
 struct step {
@@ -381,6 +384,7 @@ struct step {
 	int slot;
 	FakeExport exp;
 	uint32_t stop_option;
+	const char *psk_file;
 };
 
 struct fake_server {
@@ -396,6 +400,8 @@ struct fake_server {
 	char *why;
 	uint32_t client_flags;
 	FakeCapture caps[FAKE_SLOTS];
+	gnutls_session_t tls;   /* after fake_starttls(), NULL before */
+	gnutls_psk_server_credentials_t psk;
 };
 
 /* Result of a bounded socket operation. */
@@ -439,10 +445,33 @@ static int wait_fd(int fd, short events, gint64 deadline)
 	}
 }
 
+static int tls_res(FakeServer *fs, ssize_t n)
+{
+	if (n == GNUTLS_E_PREMATURE_TERMINATION || n == GNUTLS_E_PUSH_ERROR ||
+	    n == GNUTLS_E_PULL_ERROR)
+		return IO_EOF;
+	return IO_ERROR;
+}
+
 static int io_write(FakeServer *fs, const void *buf, size_t len, gint64 deadline)
 {
 	const guint8 *p = buf;
 
+	while (fs->tls && len > 0) {
+		ssize_t n = gnutls_record_send(fs->tls, p, len);
+
+		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+			int r = wait_fd(fs->fd, POLLOUT, deadline);
+
+			if (r)
+				return r;
+			continue;
+		}
+		if (n < 0)
+			return tls_res(fs, n);
+		p += n;
+		len -= (size_t)n;
+	}
 	while (len > 0) {
 		ssize_t n = send(fs->fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 
@@ -465,6 +494,24 @@ static int io_read(FakeServer *fs, void *buf, size_t len, gint64 deadline)
 {
 	guint8 *p = buf;
 
+	while (fs->tls && len > 0) {
+		ssize_t n = gnutls_record_recv(fs->tls, p, len);
+
+		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+			int r = gnutls_record_check_pending(fs->tls) ? IO_OK
+								     : wait_fd(fs->fd, POLLIN, deadline);
+
+			if (r)
+				return r;
+			continue;
+		}
+		if (n == 0)
+			return IO_EOF;
+		if (n < 0)
+			return tls_res(fs, n);
+		p += n;
+		len -= (size_t)n;
+	}
 	while (len > 0) {
 		ssize_t n = recv(fs->fd, p, len, MSG_DONTWAIT);
 
@@ -573,6 +620,10 @@ static int send_owned(FakeServer *fs, FakeMsg *m)
 
 static void close_fd(FakeServer *fs)
 {
+	if (fs->tls) {
+		gnutls_deinit(fs->tls);
+		fs->tls = NULL;
+	}
 	if (fs->fd >= 0) {
 		close(fs->fd);
 		fs->fd = -1;
@@ -761,8 +812,9 @@ static int wait_eof(FakeServer *fs)
 		if (r)
 			return r;
 		/* drain whatever else is there without blocking */
-		while (recv(fs->fd, buf, sizeof(buf), MSG_DONTWAIT) > 0)
-			;
+		if (!fs->tls)
+			while (recv(fs->fd, buf, sizeof(buf), MSG_DONTWAIT) > 0)
+				;
 	}
 }
 
@@ -783,6 +835,40 @@ static int stall(FakeServer *fs)
 		if (r > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR)))
 			return IO_OK;
 	}
+}
+
+static int starttls(FakeServer *fs, guint idx, const char *psk_file)
+{
+	gint64 deadline = deadline_of(fs);
+	int r;
+
+	if (gnutls_psk_allocate_server_credentials(&fs->psk) < 0 ||
+	    gnutls_psk_set_server_credentials_file(fs->psk, psk_file) < 0 ||
+	    gnutls_init(&fs->tls, GNUTLS_SERVER | GNUTLS_NO_SIGNAL | GNUTLS_NONBLOCK) < 0 ||
+	    gnutls_priority_set_direct(fs->tls, "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", NULL) < 0 ||
+	    gnutls_credentials_set(fs->tls, GNUTLS_CRD_PSK, fs->psk) < 0) {
+		fail(fs, idx, "TLS setup failed");
+		return IO_ERROR;
+	}
+	fcntl(fs->fd, F_SETFL, fcntl(fs->fd, F_GETFL) | O_NONBLOCK);
+	gnutls_transport_set_int(fs->tls, fs->fd);
+	do {
+		r = gnutls_handshake(fs->tls);
+		if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+			int w = wait_fd(fs->fd, gnutls_record_get_direction(fs->tls) ? POLLOUT
+										: POLLIN,
+					deadline);
+
+			if (w) {
+				fail(fs, idx, "TLS handshake: %s", io_res_name(w));
+				return w;
+			}
+		} else if (r < 0 && gnutls_error_is_fatal(r)) {
+			fail(fs, idx, "TLS handshake: %s", gnutls_strerror(r));
+			return IO_ERROR;
+		}
+	} while (r < 0);
+	return IO_OK;
 }
 
 static int run_step(FakeServer *fs, guint idx, struct step *st)
@@ -842,6 +928,8 @@ static int run_step(FakeServer *fs, guint idx, struct step *st)
 	case STEP_STALL:
 		r = stall(fs);
 		break;
+	case STEP_STARTTLS:
+		return starttls(fs, idx, st->psk_file);
 	}
 	if (r)
 		fail(fs, idx, "%s", r == 1 ? "bad magic or oversized length" : io_res_name(r));
@@ -997,6 +1085,11 @@ void fake_close(FakeServer *fs)
 	add_step(fs, STEP_CLOSE);
 }
 
+void fake_starttls(FakeServer *fs, const char *psk_file)
+{
+	add_step(fs, STEP_STARTTLS)->psk_file = psk_file;
+}
+
 void fake_wait_eof(FakeServer *fs)
 {
 	add_step(fs, STEP_WAIT_EOF);
@@ -1068,6 +1161,8 @@ void fake_server_free(FakeServer *fs)
 	for (int i = 0; i < FAKE_SLOTS; i++)
 		if (fs->caps[i].data)
 			g_byte_array_unref(fs->caps[i].data);
+	if (fs->psk)
+		gnutls_psk_free_server_credentials(fs->psk);
 	g_free(fs->why);
 	g_free(fs);
 }

@@ -253,6 +253,11 @@ void fake_expect_request_partial(FakeServer *fs, int slot, size_t n);
  * unanswered).  A LIST is answered from exp->exports, an ABORT ends the script. */
 void fake_negotiate(FakeServer *fs, const FakeExport *exp, uint32_t stop_option, int slot);
 void fake_close(FakeServer *fs);
+/* Runs a TLS server handshake (PSK, keys from the "user:hexkey" file
+ * @psk_file, borrowed until the script ends); every later step then speaks
+ * through TLS.  Send the ACK to NBD_OPT_STARTTLS first.  fake_close() never
+ * sends a close_notify. */
+void fake_starttls(FakeServer *fs, const char *psk_file);
 /* Reads and discards until the client closes. */
 void fake_wait_eof(FakeServer *fs);
 /* Reads nothing until the client closes (hang-up). */

@@ -25,7 +25,8 @@
 #define FILL_BYTE 0xaa
 #define MiB (1024u * 1024u)
 
-static char *psk_file;
+static char *psk_file;     /* alice's key: what the client uses */
+static char *psk_file_bob; /* a server that knows only bob */
 static const char *current_test = "?";
 
 /* ---- Watchdog: a hung test fails loudly instead of hanging the suite ---- */
@@ -922,6 +923,107 @@ static void test_h21_tls_handshake_garbage(void)
 	fake_msg_fill(m, 0x42, 300);
 	fake_send(t.fs, g_steal_pointer(&m));
 	ctx_connect_fails(&t, NBDC_ERROR_TLS);
+	ctx_end(&t);
+}
+
+/* STARTTLS acknowledged and a real TLS session set up; @rest then runs inside. */
+static void tls_up(Ctx *t, const char *server_psk)
+{
+	tls_config(t);
+	fake_negotiate(t->fs, &t->e, FAKE_OPT_STARTTLS, 1);
+	fake_send(t->fs, fake_rep_ack(FAKE_OPT_STARTTLS));
+	fake_starttls(t->fs, server_psk);
+}
+
+/* The positive path: negotiation and a read inside TLS. */
+static void test_tls_ok(void)
+{
+	Ctx t;
+	FakeExport rest;
+	struct nbdc_info info;
+
+	ctx_init(&t);
+	tls_up(&t, psk_file);
+	rest = t.e;
+	rest.greeting = FALSE;
+	fake_negotiate(t.fs, &rest, 0, 0);
+	fake_expect_request(t.fs, 0);
+	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096));
+	ctx_connect(&t);
+	nbdc_get_info(t.c, &info);
+	g_assert_true(info.tls);
+	g_assert_true(info.structured_replies);
+	read_ok(t.c, 4096, 4096);
+	ctx_end(&t);
+}
+
+/* H19: inside TLS the server answers the next option as if it were STARTTLS. */
+static void test_h19_starttls_reply_inside_tls(void)
+{
+	Ctx t;
+	FakeExport rest;
+
+	ctx_init(&t);
+	tls_up(&t, psk_file);
+	rest = t.e;
+	rest.greeting = FALSE;
+	fake_negotiate(t.fs, &rest, FAKE_OPT_STRUCTURED_REPLY, 2);
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_STARTTLS));
+	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
+	fake_server_finish(t.fs, NULL);
+	g_assert_cmpuint(fake_server_capture(t.fs, 2)->option, ==, FAKE_OPT_STRUCTURED_REPLY);
+	ctx_end(&t);
+}
+
+/* H21: the server does not know our PSK identity: the TLS handshake fails. */
+static void test_h21_tls_unknown_psk_user(void)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	tls_up(&t, psk_file_bob);
+	ctx_connect_fails(&t, NBDC_ERROR_TLS);
+	ctx_end(&t);
+}
+
+/* T1 inside TLS: a bad reply magic kills the connection. */
+static void test_tls_t1_bad_reply_magic(void)
+{
+	Ctx t;
+	FakeExport rest;
+	g_autoptr(FakeMsg) m = fake_msg_new();
+
+	ctx_init(&t);
+	tls_up(&t, psk_file);
+	rest = t.e;
+	rest.greeting = FALSE;
+	fake_negotiate(t.fs, &rest, 0, 0);
+	fake_expect_request(t.fs, 0);
+	fake_msg_u32(m, 0x12345678);
+	fake_msg_fill(m, 0, 12);
+	fake_send(t.fs, g_steal_pointer(&m));
+	ctx_connect(&t);
+	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
+	assert_dead(t.c);
+	ctx_end(&t);
+}
+
+/* T10/T11 inside TLS: the server drops TCP (no close_notify) mid-payload. */
+static void test_tls_t10_close_mid_payload(void)
+{
+	Ctx t;
+	FakeExport rest;
+
+	ctx_init(&t);
+	tls_up(&t, psk_file);
+	rest = t.e;
+	rest.greeting = FALSE;
+	fake_negotiate(t.fs, &rest, 0, 0);
+	fake_expect_request(t.fs, 0);
+	fake_send_partial_close(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096), 500);
+	ctx_connect(&t);
+	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
+	assert_dead(t.c);
 	ctx_end(&t);
 }
 
@@ -2464,16 +2566,16 @@ static void run_isolated(gconstpointer data)
 
 #define ADD(path, fn) g_test_add_data_func(path, (gconstpointer)(fn), run_isolated)
 
-static void make_psk_file(void)
+static char *make_psk_file(const char *line)
 {
 	GError *err = NULL;
-	int fd = g_file_open_tmp("nbdfs-fake-XXXXXX.psk", &psk_file, &err);
-	static const char line[] =
-		"alice:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n";
+	char *path = NULL;
+	int fd = g_file_open_tmp("nbdfs-fake-XXXXXX.psk", &path, &err);
 
 	g_assert_no_error(err);
-	g_assert_cmpint(write(fd, line, sizeof(line) - 1), ==, (ssize_t)(sizeof(line) - 1));
+	g_assert_cmpint(write(fd, line, strlen(line)), ==, (ssize_t)strlen(line));
 	close(fd);
+	return path;
 }
 
 int main(int argc, char **argv)
@@ -2482,7 +2584,10 @@ int main(int argc, char **argv)
 
 	g_test_init(&argc, &argv, NULL);
 	signal(SIGALRM, watchdog_fired);
-	make_psk_file();
+	psk_file = make_psk_file(
+		"alice:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n");
+	psk_file_bob = make_psk_file(
+		"bob:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210\n");
 
 	ADD("/badserver/h1/bad-magic", test_h1_bad_magic);
 	ADD("/badserver/h1/bad-second-magic", test_h1_bad_second_magic);
@@ -2522,6 +2627,11 @@ int main(int argc, char **argv)
 	ADD("/badserver/h20/tls-required-oldstyle", test_h20_tls_required_oldstyle);
 	ADD("/badserver/h20/tls-required-nonfixed", test_h20_tls_required_nonfixed);
 	ADD("/badserver/h21/tls-handshake-garbage", test_h21_tls_handshake_garbage);
+	ADD("/badserver/tls/ok", test_tls_ok);
+	ADD("/badserver/h19/starttls-reply-inside-tls", test_h19_starttls_reply_inside_tls);
+	ADD("/badserver/h21/tls-unknown-psk-user", test_h21_tls_unknown_psk_user);
+	ADD("/badserver/tls/t1-bad-reply-magic", test_tls_t1_bad_reply_magic);
+	ADD("/badserver/tls/t10-close-mid-payload", test_tls_t10_close_mid_payload);
 	ADD("/badserver/h22/option-never-answered", test_h22_option_never_answered);
 	ADD("/badserver/h22/no-greeting", test_h22_no_greeting);
 	ADD("/badserver/h23/go-unknown", test_h23_go_unknown);
@@ -2635,6 +2745,8 @@ int main(int argc, char **argv)
 
 	r = g_test_run();
 	g_unlink(psk_file);
+	g_unlink(psk_file_bob);
 	g_free(psk_file);
+	g_free(psk_file_bob);
 	return r;
 }
