@@ -377,6 +377,40 @@ static void set_err(struct nbdc_req *req, int err)
 		req->err = err;
 }
 
+/* The server answered NBD_ESHUTDOWN: no new requests on the handle; once
+ * this connection is idle the reader sends NBD_CMD_DISC (soft disconnect). */
+static void server_shutdown(struct nbdc_conn *conn, uint32_t nbd_err)
+{
+	if (nbd_err != NBD_ESHUTDOWN || conn->shutdown_pending)
+		return;
+	g_autofree char *msg = g_strdup_printf("%s: server is shutting down", conn->c->display);
+	nbdc_set_dead(conn->c, msg);
+	nbdc_log(&conn->c->cfg, NBDC_LOG_WARNING, "%s", msg);
+	conn->shutdown_pending = TRUE;
+}
+
+/* Reader: sends DISC after ESHUTDOWN once nothing is in flight. */
+static void maybe_soft_disconnect(struct nbdc_conn *conn)
+{
+	struct nbd_request hdr;
+
+	if (!conn->shutdown_pending)
+		return;
+	g_mutex_lock(&conn->lock);
+	gboolean go = !conn->disc_sent && conn->in_flight == 0 && conn->senders == 0;
+	if (go)
+		conn->disc_sent = TRUE;
+	g_mutex_unlock(&conn->lock);
+	if (!go)
+		return;
+	nbd_encode_request(&hdr, 0, NBD_CMD_DISC, 0, 0, 0);
+	g_mutex_lock(&conn->send_lock);
+	if (nbdc_tr_write(conn->t, &hdr, sizeof(hdr)) == 0)
+		nbdc_tls_bye(conn->t);
+	g_mutex_unlock(&conn->send_lock);
+	nbdc_tr_shutdown(conn->t, SHUT_WR);
+}
+
 /* Looks @cookie up (the entry stays: only this thread removes entries). */
 static struct nbdc_req *lookup(struct nbdc_conn *conn, uint64_t cookie)
 {
@@ -416,6 +450,7 @@ static char *handle_simple(struct nbdc_conn *conn, const union nbd_reply *rep, i
 		return VIOLATION("simple reply to READ cookie=%" G_GUINT64_FORMAT
 				 " after structured replies were negotiated", cookie);
 	if (error) {
+		server_shutdown(conn, error);
 		set_err(req, -nbdc_errno_from_nbd(error));
 	} else if (req->type == NBD_CMD_READ) {
 		int r = read_into(conn, req, 0, req->len);
@@ -509,7 +544,8 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 		r = read_into(conn, req, off - req->offset, dlen);
 		if (r < 0)
 			goto io;
-		if (!cover(req, off - req->offset, dlen))
+		if (!cover(req, off - req->offset, dlen) ||
+		    (++req->content_chunks > 1 && (req->flags & NBD_CMD_FLAG_DF)))
 			set_err(req, -EPROTO);
 		break;
 	}
@@ -527,7 +563,8 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 			return VIOLATION("OFFSET_HOLE [%" G_GUINT64_FORMAT "+%u) outside the request",
 					 off, hl);
 		zero_into(req, off - req->offset, hl);
-		if (!cover(req, off - req->offset, hl))
+		if (!cover(req, off - req->offset, hl) ||
+		    (++req->content_chunks > 1 && (req->flags & NBD_CMD_FLAG_DF)))
 			set_err(req, -EPROTO);
 		break;
 	}
@@ -555,6 +592,7 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 		if (ml > len - 6 || (type == NBD_REPLY_TYPE_ERROR && ml != len - 6) ||
 		    (type == NBD_REPLY_TYPE_ERROR_OFFSET && ml + 14u != len))
 			return VIOLATION("error chunk message length %u in %u bytes", ml, len);
+		server_shutdown(conn, e);
 		set_err(req, e ? -nbdc_errno_from_nbd(e) : -EPROTO);
 		if (conn->c->cfg.debug && ml)
 			nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG, "cookie=%" G_GUINT64_FORMAT
@@ -651,6 +689,7 @@ static gpointer reader_main(gpointer data)
 		}
 		if (msg)
 			break;
+		maybe_soft_disconnect(conn);
 	}
 	g_mutex_lock(&conn->lock);
 	gboolean disc = conn->disc_sent;

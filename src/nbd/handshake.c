@@ -91,8 +91,19 @@ static gboolean send_option(struct hs *h, uint32_t opt, const void *data, uint32
 	return TRUE;
 }
 
-/* Reads one option reply to @opt, payload bounded by NBD_MAX_OPTION_REPLY. */
+static gboolean read_reply_inner(struct hs *h, uint32_t opt, struct reply *rep, GError **error);
+
+/* Reads one option reply to @opt, payload bounded by NBD_MAX_OPTION_REPLY.
+ * On failure @rep is left empty. */
 static gboolean read_reply(struct hs *h, uint32_t opt, struct reply *rep, GError **error)
+{
+	if (read_reply_inner(h, opt, rep, error))
+		return TRUE;
+	reply_clear(rep);
+	return FALSE;
+}
+
+static gboolean read_reply_inner(struct hs *h, uint32_t opt, struct reply *rep, GError **error)
 {
 	struct nbd_option_reply hdr;
 	int r = nbdc_tr_read(h->t, &hdr, sizeof(hdr));
@@ -407,7 +418,7 @@ static gboolean parse_info(struct hs *h, const struct reply *rep, struct nbdc_ne
 			return proto_fail(h, error, "NBD_INFO_BLOCK_SIZE of %u bytes", rep->len);
 		uint32_t mn = get_be32(rep->data + 2), pr = get_be32(rep->data + 6),
 			 mx = get_be32(rep->data + 10);
-		if (!pow2(mn) || mn > 65536 || !pow2(pr) || pr < mn || mx < mn ||
+		if (!pow2(mn) || mn > 65536 || !pow2(pr) || pr < MAX(mn, 512u) || mx < pr ||
 		    (mx != UINT32_MAX && mx % mn)) {
 			nbdc_log(h->cfg, NBDC_LOG_WARNING,
 				 "%s: ignoring invalid block sizes min=%u pref=%u max=%u",

@@ -55,6 +55,7 @@ struct nbdc_req {
 	int err;                        /* first error, negative errno */
 	gboolean embedded;              /* lives inside its op: not freed alone */
 	gboolean bs_seen;               /* a block status chunk was delivered */
+	guint content_chunks;           /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
 	/* structured READ coverage: fast path while chunks arrive in order */
 	uint64_t covered;
 	GArray *ranges;                 /* sorted [start,end) pairs once out of order */
@@ -89,6 +90,7 @@ struct nbdc_conn {
 	guint senders;                  /* submitters between insert and end of send */
 	gboolean dead;
 	gboolean disc_sent;
+	gboolean shutdown_pending;      /* server said ESHUTDOWN: DISC once idle */
 	gboolean reader_done;
 	char *fail_msg;                 /* set by a failed sender before shutdown */
 	int fail_err;
