@@ -104,6 +104,14 @@ def pid_alive(pid):
         return False
 
 
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def wait_pid_exit(pid, timeout=30.0):
     """True when pid has exited within timeout (we need not be its parent)."""
     deadline = time.monotonic() + timeout
@@ -163,25 +171,32 @@ def nbd_read(uri, off=0, length=None, timeout=120, request_size=None, extents=Tr
     if not extents:
         cmd.append("--no-extents")
     p = subprocess.Popen(cmd + [uri, "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import select
+    fd = p.stdout.fileno()
+    deadline = time.monotonic() + timeout
+
+    def chunk(n):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            pytest.fail(f"nbd_read {uri}: no data within {timeout}s (is the server "
+                        f"refusing a second client?)")
+        return os.read(fd, n)
     try:
-        deadline = time.monotonic() + timeout
         skip = off
         while skip > 0:
-            chunk = p.stdout.read(min(skip, MiB))
-            if not chunk:
+            c = chunk(min(skip, MiB))
+            if not c:
                 break
-            skip -= len(chunk)
+            skip -= len(c)
         out = []
         want = length
         while want is None or want > 0:
-            if time.monotonic() > deadline:
-                pytest.fail(f"nbd_read {uri} timed out")
-            chunk = p.stdout.read(MiB if want is None else min(want, MiB))
-            if not chunk:
+            c = chunk(MiB if want is None else min(want, MiB))
+            if not c:
                 break
-            out.append(chunk)
+            out.append(c)
             if want is not None:
-                want -= len(chunk)
+                want -= len(c)
         if want:
             rc = p.wait(timeout=30)
             if rc != 0:
@@ -422,8 +437,9 @@ def server(e2e_stack, tmp_path):
       .log is an NbdLog, .stderr() the server's stderr (a file, so -v cannot block
       it), .disc_count() the clients that sent NBD_CMD_DISC. sock= reuses a path
       (restart a server on the same socket). Killed at teardown after every mount.
-    server.qemu_nbd(FILE, *args)   `qemu-nbd -f raw -t -k SOCK FILE`
-    server.nbd_server(FILE, *args) nbd-server on a 127.0.0.1 port, config file, -d
+    server.qemu_nbd(FILE, *args)   `qemu-nbd -f raw -t -e 16 -k SOCK ARGS FILE`
+    server.nbd_server(FILE, *args, name="disk") nbd-server on a 127.0.0.1 port (config
+                                   file, pid file; killed with its children)
     """
     n = [0]
 
@@ -471,7 +487,10 @@ def server(e2e_stack, tmp_path):
         sock = str(sock or tmp_path / f"qemu{n[0]}.sock")
         if os.path.exists(sock):
             os.unlink(sock)
-        cmd = ["qemu-nbd", "-f", fmt, "-t", "-k", sock] + [str(a) for a in args] + [str(path)]
+        # -e: qemu-nbd serves one client by default; nbdfs (several
+        # connections) and the nbdcopy oracle need more
+        cmd = ["qemu-nbd", "-f", fmt, "-t", "-e", "16", "-k", sock] + [str(a) for a in args] \
+            + [str(path)]
         return _start(cmd, LoggedServer(None, sock=sock), "qemu-nbd")
 
     def nbd_server(path, *args, name="disk", readonly=False):
@@ -485,8 +504,35 @@ def server(e2e_stack, tmp_path):
             f"[{name}]\n"
             f"    exportname = {path}\n"
             f"    readonly = {'true' if readonly else 'false'}\n")
-        cmd = ["nbd-server", "-C", str(conf), "-d"] + [str(a) for a in args]
-        return _start(cmd, LoggedServer(None, port=port, export=name), "nbd-server")
+        # nbd-server -d serves one client and exits; in daemon mode it forks
+        # per client and writes its pid file: kill that pid and its children.
+        pidf = tmp_path / f"nbd-server{n[0]}.pid"
+        errp = tmp_path / f"nbd-server{n[0]}.err"
+        n[0] += 1
+        cmd = ["nbd-server", "-C", str(conf), "-p", str(pidf)] + [str(a) for a in args]
+        with open(errp, "wb") as errf:
+            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, timeout=60)
+        if r.returncode != 0:
+            pytest.fail(f"nbd-server failed ({r.returncode}): {errp.read_text()}")
+        pid = int(wait_for(lambda: pidf.exists() and pidf.read_text().strip(), timeout=30,
+                           what="nbd-server's pid file"))
+
+        def stop():
+            kids = [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == pid]
+            for p_ in [pid] + kids:
+                try:
+                    os.kill(p_, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for p_ in [pid] + kids:
+                if not wait_pid_exit(p_, 10):
+                    os.kill(p_, signal.SIGKILL)
+                    wait_pid_exit(p_, 10)
+        e2e_stack.push(f"nbd-server pid {pid}", stop, phase=1)
+        srv = LoggedServer(None, port=port, export=name, stderr_path=str(errp), cmd=cmd)
+        srv.server_pid = pid
+        wait_for(lambda: _connectable(srv), timeout=30, what="nbd-server to listen")
+        return srv
 
     nbdkit_.qemu_nbd = qemu_nbd
     nbdkit_.nbd_server = nbd_server
