@@ -27,6 +27,7 @@
 
 static char *psk_file;     /* alice's key: what the client uses */
 static char *psk_file_bob; /* a server that knows only bob */
+static char *psk_dir;      /* set in the parent process only */
 static const char *current_test = "?";
 
 /* ---- Watchdog: a hung test fails loudly instead of hanging the suite ---- */
@@ -2566,15 +2567,18 @@ static void run_isolated(gconstpointer data)
 
 #define ADD(path, fn) g_test_add_data_func(path, (gconstpointer)(fn), run_isolated)
 
-static char *make_psk_file(const char *line)
+/* The PSK files live in one directory made by the parent process (passed to
+ * the per-case subprocesses in the environment) and removed at its end, so a
+ * crashing case leaves nothing behind. */
+#define PSK_DIR_ENV "NBDFS_FAKE_PSK_DIR"
+
+static char *write_psk_file(const char *dir, const char *name, const char *line)
 {
 	GError *err = NULL;
-	char *path = NULL;
-	int fd = g_file_open_tmp("nbdfs-fake-XXXXXX.psk", &path, &err);
+	char *path = g_build_filename(dir, name, NULL);
 
+	g_file_set_contents(path, line, -1, &err);
 	g_assert_no_error(err);
-	g_assert_cmpint(write(fd, line, strlen(line)), ==, (ssize_t)strlen(line));
-	close(fd);
 	return path;
 }
 
@@ -2584,10 +2588,23 @@ int main(int argc, char **argv)
 
 	g_test_init(&argc, &argv, NULL);
 	signal(SIGALRM, watchdog_fired);
-	psk_file = make_psk_file(
-		"alice:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n");
-	psk_file_bob = make_psk_file(
-		"bob:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210\n");
+	if (g_test_subprocess()) {
+		const char *dir = g_getenv(PSK_DIR_ENV);
+
+		g_assert_nonnull(dir);
+		psk_file = g_build_filename(dir, "alice.psk", NULL);
+		psk_file_bob = g_build_filename(dir, "bob.psk", NULL);
+	} else {
+		GError *err = NULL;
+
+		psk_dir = g_dir_make_tmp("nbdfs-fake-XXXXXX", &err);
+		g_assert_no_error(err);
+		g_setenv(PSK_DIR_ENV, psk_dir, TRUE);
+		psk_file = write_psk_file(psk_dir, "alice.psk",
+			"alice:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n");
+		psk_file_bob = write_psk_file(psk_dir, "bob.psk",
+			"bob:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210\n");
+	}
 
 	ADD("/badserver/h1/bad-magic", test_h1_bad_magic);
 	ADD("/badserver/h1/bad-second-magic", test_h1_bad_second_magic);
@@ -2744,8 +2761,12 @@ int main(int argc, char **argv)
 	ADD("/badserver/b/error-chunk", test_b_error_chunk);
 
 	r = g_test_run();
-	g_unlink(psk_file);
-	g_unlink(psk_file_bob);
+	if (psk_dir) {
+		g_unlink(psk_file);
+		g_unlink(psk_file_bob);
+		g_rmdir(psk_dir);
+		g_free(psk_dir);
+	}
 	g_free(psk_file);
 	g_free(psk_file_bob);
 	return r;
