@@ -527,3 +527,88 @@ def test_option_allow_other(nbdkit, mount, open_dir):
 def test_without_allow_other_others_are_denied(nbdkit, mount, open_dir):
     m = mount(nbdkit("pattern", "1M").uri(), mnt=open_dir)
     assert _as_nobody("stat", m / "disk").returncode != 0
+
+
+# ---------------------------------------------------------------- TCP and TLS forms
+
+def test_tcp_uri(nbdkit, mount):
+    srv = nbdkit("pattern", "1M", tcp=True)
+    assert srv.uri().startswith("nbd://127.0.0.1:")
+    m = mount(srv.uri())
+    assert m.files() == ["disk"]
+    assert read_file(m / "disk", 777, 33) == pattern_bytes(777, 33)
+
+
+def test_tcp_uri_with_export_name(nbdkit, mount):
+    srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true",
+                 "exportname=vm", tcp=True)
+    m = mount(srv.uri("vm"))
+    assert m.files() == ["vm"]
+
+
+def _certtool(*args, cwd):
+    run(["certtool"] + list(args), cwd=cwd, timeout=120)
+
+
+def _ca(d, cn):
+    d.mkdir()
+    (d / "ca.info").write_text(f'cn = "{cn}"\nca\ncert_signing_key\nexpiration_days = 2\n')
+    _certtool("--generate-privkey", "--outfile", "ca-key.pem", cwd=d)
+    _certtool("--generate-self-signed", "--load-privkey", "ca-key.pem", "--template", "ca.info",
+              "--outfile", "ca-cert.pem", cwd=d)
+
+
+def _cert(ca, d, prefix, info):
+    d.mkdir()
+    (d / f"{prefix}.info").write_text(info)
+    _certtool("--generate-privkey", "--outfile", f"{prefix}-key.pem", cwd=d)
+    _certtool("--generate-certificate", "--load-ca-certificate", ca / "ca-cert.pem",
+              "--load-ca-privkey", ca / "ca-key.pem", "--load-privkey", f"{prefix}-key.pem",
+              "--template", f"{prefix}.info", "--outfile", f"{prefix}-cert.pem", cwd=d)
+    (d / "ca-cert.pem").write_bytes((ca / "ca-cert.pem").read_bytes())
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """server/ (for nbdkit), client/ (same CA, with a client cert), other/ (an
+    unrelated CA: the server cannot be verified with it)."""
+    base = tmp_path / "x509"
+    base.mkdir()
+    _ca(base / "ca", "e2e CA")
+    _ca(base / "otherca", "unrelated CA")
+    _cert(base / "ca", base / "server", "server",
+          'cn = "localhost"\ndns_name = "localhost"\nip_address = "127.0.0.1"\n'
+          'tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n')
+    _cert(base / "ca", base / "client", "client",
+          'cn = "alice"\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n')
+    _cert(base / "otherca", base / "other", "client",
+          'cn = "mallory"\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n')
+    return base
+
+
+def test_tls_certificates(nbdkit, mount, certs):
+    srv = nbdkit("--tls=require", f"--tls-certificates={certs / 'server'}", "memory", "1M",
+                 tcp=True)
+    uri = f"nbds://localhost:{srv.port}/"
+    m = mount(uri, opts=["-o", f"tls-certificates={certs / 'client'}"])
+    assert m.files() == ["disk"]
+    with open(m / "disk", "r+b") as f:
+        f.write(b"over tls")
+    assert read_file(m / "disk", 0, 8) == b"over tls"
+
+
+def test_tls_unverifiable_server_fails_unless_verify_off(nbdkit, mount, certs):
+    srv = nbdkit("--tls=require", f"--tls-certificates={certs / 'server'}", "memory", "1M",
+                 tcp=True)
+    uri = f"nbds://localhost:{srv.port}/"
+    bad = mount(uri, opts=["-o", f"tls-certificates={certs / 'other'}"], check=False)
+    _assert_startup_failure(mount, bad, uri)
+    ok = mount(uri, opts=["-o", f"tls-certificates={certs / 'other'},tls-verify-peer=off"])
+    assert ok.files() == ["disk"]
+
+
+def test_tls_psk_unix(nbdkit, mount, tmp_path):
+    psk = _psk(tmp_path, "k.psk")
+    srv = nbdkit("--tls=require", f"--tls-psk={psk}", "pattern", "1M")
+    m = mount(f"nbds+unix://alice@/?socket={srv.sock}", opts=["-o", f"tls-psk={psk}"])
+    assert read_file(m / "disk", 4096, 8) == pattern_bytes(4096, 8)

@@ -157,3 +157,20 @@ def test_4096_sector_gpt(tmp_path, nbdkit, mount):
         assert os.path.getsize(m / name) == p["size"] * 4096
         assert getx(m / name, "user.nbdfs.start") == str(p["start"])
         assert getx(m / name, "user.nbdfs.sector_size") == "4096"
+
+
+def test_sectors_are_whole_sectors(nbdkit, mount):
+    a = nbdkit("memory", "1000")
+    b = nbdkit("memory", str(MiB + 100))
+    m = mount(f"a={a.uri()}", f"b={b.uri()}")
+    assert getx(m / "a", "user.nbdfs.sectors") == "1"
+    assert os.path.getsize(m / "a") == 1000
+    assert getx(m / "b", "user.nbdfs.sectors") == "2048"
+    assert os.path.getsize(m / "b") == MiB + 100
+
+
+def test_split_counts_in_the_sector_size(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "sector_size=4096,split=disk:3"])
+    assert os.path.getsize(m / "disk-part1") == 3 * 4096
+    assert os.path.getsize(m / "disk-part2") == MiB - 3 * 4096
+    assert getx(m / "disk-part2", "user.nbdfs.start") == "3"

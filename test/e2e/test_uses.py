@@ -117,3 +117,22 @@ def test_vfat_with_mtools(tmp_path, server, mount):
     back = tmp_path / "back.txt"
     run(["mcopy", "-i", f"{img}@@{start}", "::/NOTE.TXT", back], env=env)
     assert back.read_text() == "vfat via nbdfs\n"
+
+
+def test_loop_direct_io_on_partition(tmp_path, server, mount, loopdev, loopmount):
+    """losetup --direct-io=on: the loop device's I/O reaches nbdfs as O_DIRECT."""
+    img = image(tmp_path / "disk.img", 48 * MiB, "label: dos\nsize=40M\n")
+    srv = server("file", img, log=False)
+    m = mount(srv.uri(), opts=["-P"])
+    run(["mkfs.ext4", "-q", "-F", m / "disk-part1"])
+    dev = loopdev(m / "disk-part1", direct_io=True)
+    with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
+        assert f.read().strip() == "1", "the loop device fell back to buffered I/O"
+    d = loopmount(dev)
+    data = os.urandom(512 * 1024)
+    with open(os.path.join(d, "dio.bin"), "wb") as f:
+        f.write(data)
+    umount(d)
+    losetup_detach(dev)
+    d = loopmount(m / "disk-part1")
+    assert open(os.path.join(d, "dio.bin"), "rb").read() == data
