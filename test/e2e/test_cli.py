@@ -169,6 +169,8 @@ def test_startup_unreachable(mount, tmp_path):
     uri = f"nbd+unix:///?socket={tmp_path}/nothing.sock"
     m = mount(uri, check=False)
     _assert_startup_failure(mount, m, uri)
+    # and the cause
+    assert "No such file" in m.stderr or "refused" in m.stderr or "connect" in m.stderr, m.stderr
 
 
 def test_startup_unreachable_tcp(mount):
@@ -286,12 +288,22 @@ def test_signal_flushes_disconnects_exits_0(server, mount, sig):
     srv = server("memory", "4M", verbose=True)
     m = mount(srv.uri(), foreground=True)
     fd = os.open(m / "disk", os.O_WRONLY)
-    os.pwrite(fd, b"signal-data", 1000)
-    os.close(fd)
-    m.proc.send_signal(sig)
-    rc = m.wait_exit(60)
+    try:
+        os.pwrite(fd, b"signal-data", 1000)
+        # the file stays open: no close-time flush; the exit must flush
+        writes = len(srv.log.requests("Write"))
+        flushes = len(srv.log.requests("Flush"))
+        assert writes >= 1
+        m.proc.send_signal(sig)
+        rc = m.wait_exit(60)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     assert rc == 0
     assert not is_mounted(m.path)
+    assert len(srv.log.requests("Flush")) > flushes, "no NBD_CMD_FLUSH at exit"
     wait_for(lambda: srv.disc_count() >= 1, timeout=10, what="NBD_CMD_DISC on the server")
     assert srv.eof_count() == 0, "a connection was dropped without NBD_CMD_DISC"
     from nbdfs_e2e import nbd_read
@@ -420,6 +432,13 @@ def test_long_options(nbdkit, mount, opts, attr, want):
 
 def test_default_sector_size_512(nbdkit, mount):
     m = mount(nbdkit("memory", "1M").uri())
+    assert getx(m / "disk", "user.nbdfs.sector_size") == "512"
+
+
+def test_default_sector_size_512_when_server_minimum_is_smaller(nbdkit, mount):
+    srv = nbdkit("--filter=blocksize-policy", "memory", "1M", "blocksize-minimum=1",
+                 "blocksize-preferred=4096", "blocksize-maximum=1048576")
+    m = mount(srv.uri())
     assert getx(m / "disk", "user.nbdfs.sector_size") == "512"
 
 

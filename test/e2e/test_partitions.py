@@ -461,3 +461,53 @@ def test_mbr_overlapping_and_zero_size_entries(tmp_path, nbdkit, mount):
     assert "disk-part4" not in files
     for f in files:
         assert os.path.getsize(m / f) <= 16 * MiB
+
+
+def _corrupt_entries(img, which):
+    """Flips a byte inside the GPT entry array of the primary and/or backup
+    (without fixing the CRC)."""
+    with open(img, "r+b") as f:
+        f.seek(SECTOR)
+        h = f.read(92)
+        alt = struct.unpack_from("<Q", h, 32)[0]
+        for hlba in ((1,) if which == "primary" else (1, alt)):
+            f.seek(hlba * SECTOR)
+            hh = f.read(92)
+            elba = struct.unpack_from("<Q", hh, 72)[0]
+            f.seek(elba * SECTOR + 56)      # inside entry 1's name
+            b = f.read(1)
+            f.seek(elba * SECTOR + 56)
+            f.write(bytes([b[0] ^ 0xff]))
+
+
+def test_gpt_entry_crc_checked_backup_used(tmp_path, nbdkit, mount):
+    img = image(tmp_path / "d.img", 16 * MiB, GPT2)
+    _corrupt_entries(img, "primary")
+    m = mount(nbdkit("file", img).uri(), opts=["-P"])
+    assert m.files() == ["disk", "disk-part1", "disk-part2"]
+    assert getx(m / "disk-part1", "user.nbdfs.label") == "first"
+
+
+def test_gpt_both_copies_bad_no_table(tmp_path, nbdkit, mount):
+    img = image(tmp_path / "d.img", 16 * MiB, "label: gpt\nsize=4M\n")
+    _corrupt_entries(img, "both")
+    m = mount(nbdkit("file", img).uri(), opts=["-P"])
+    assert m.files() == ["disk"]
+    assert errno_of(set_partition, m / "disk", "auto") == errno.EINVAL
+
+
+def test_nested_entry_beyond_its_parent_refused(tmp_path, nbdkit, mount):
+    """A table inside disk-part2 whose second entry runs past the end of
+    disk-part2 (though still inside the export): refused, the first stays."""
+    img = image(tmp_path / "outer.img", 64 * MiB, "label: gpt\nsize=16M\nsize=8M\n")
+    p2 = [p for p in sfdisk_json(img)["partitions"] if p["number"] == 2][0]
+    inner = image(tmp_path / "inner.img", 32 * MiB, "label: dos\nsize=2M\nsize=20M\n")
+    with open(inner, "rb") as f:
+        mbr = f.read(SECTOR)
+    with open(img, "r+b") as f:
+        f.seek(p2["start"] * SECTOR)
+        f.write(mbr)
+    m = mount(nbdkit("file", img).uri(), opts=["-P"])
+    set_partition(m / "disk-part2", "auto")
+    assert [f for f in m.files() if f.startswith("disk-part2-")] == ["disk-part2-part1"]
+    assert os.path.getsize(m / "disk-part2-part1") == 2 * MiB
