@@ -160,8 +160,6 @@ static void complete(struct nbdc_conn *conn, struct nbdc_req *req, int err)
 	g_mutex_lock(&conn->lock);
 	g_hash_table_remove(conn->table, &req->cookie);
 	list_remove(conn, req);
-	conn->in_flight--;
-	g_cond_broadcast(&conn->cond);
 	g_mutex_unlock(&conn->lock);
 	if (req->err)
 		err = req->err;
@@ -169,6 +167,11 @@ static void complete(struct nbdc_conn *conn, struct nbdc_req *req, int err)
 		nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG, "reply cookie=%" G_GUINT64_FORMAT " err=%d",
 			 req->cookie, err);
 	nbdc_req_done(req, err);
+	/* The slot is free only now, so that a drain also waits for callbacks. */
+	g_mutex_lock(&conn->lock);
+	conn->in_flight--;
+	g_cond_broadcast(&conn->cond);
+	g_mutex_unlock(&conn->lock);
 }
 
 /* Reader only: the connection is over.  Completes everything in flight
@@ -186,7 +189,6 @@ static void kill_conn(struct nbdc_conn *conn, int err, const char *msg)
 	list = conn->head;
 	conn->head = conn->tail = NULL;
 	g_hash_table_remove_all(conn->table);
-	conn->in_flight = 0;
 	g_cond_broadcast(&conn->cond);
 	g_mutex_unlock(&conn->lock);
 
@@ -210,6 +212,10 @@ static void kill_conn(struct nbdc_conn *conn, int err, const char *msg)
 			nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG, "reply cookie=%" G_GUINT64_FORMAT
 				 " err=%d (connection lost)", list->cookie, list->err ? list->err : err);
 		nbdc_req_done(list, list->err ? list->err : err);
+		g_mutex_lock(&conn->lock);
+		conn->in_flight--;
+		g_cond_broadcast(&conn->cond);
+		g_mutex_unlock(&conn->lock);
 		list = next;
 	}
 }
@@ -234,19 +240,30 @@ static void fail_async(struct nbdc_conn *conn, int err, const char *fmt, ...)
 
 /* ---- submit ---- */
 
-int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean nowait)
+/* Set on reader threads: a completion callback that submits more work
+ * must never wait for a slot that only its own reader can free. */
+static __thread gboolean on_reader;
+
+gboolean nbdc_on_reader_thread(void)
+{
+	return on_reader;
+}
+
+int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean internal)
 {
 	Nbdc *c = conn->c;
 	struct nbd_request hdr;
 	struct iovec tmp[IOV_BATCH];
 	guint max = c->cfg.max_in_flight ? c->cfg.max_in_flight : 64;
 
+	gboolean nowait = internal || on_reader;
+
 	g_mutex_lock(&conn->lock);
 	while (!nowait && !conn->dead && !g_atomic_int_get(&c->closing) &&
 	       (guint)conn->in_flight >= max)
 		g_cond_wait(&conn->cond, &conn->lock);
 	if (conn->dead || conn->fail_msg || conn->disc_sent ||
-	    (g_atomic_int_get(&c->closing) && !nowait)) {
+	    (g_atomic_int_get(&c->closing) && !internal)) {
 		g_mutex_unlock(&conn->lock);
 		return -ENOTCONN;
 	}
@@ -502,6 +519,7 @@ static void deliver_extents(struct nbdc_conn *conn, struct nbdc_req *req, uint32
 		if (req->flags & NBD_CMD_FLAG_REQ_ONE)
 			break;
 	}
+	req->op->bs_pos = pos;
 }
 
 static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, int *kerr)
@@ -649,6 +667,8 @@ static gpointer reader_main(gpointer data)
 	char *msg = NULL;
 	int kerr = -ENOTCONN;
 
+	on_reader = TRUE;
+
 	for (;;) {
 		union nbd_reply rep;
 		int r;
@@ -726,13 +746,17 @@ struct nbdc_conn *nbdc_conn_new(Nbdc *c, guint index, struct nbdc_transport *t,
 	return conn;
 }
 
-void nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us)
+gboolean nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us)
 {
+	gboolean idle;
+
 	g_mutex_lock(&conn->lock);
-	while ((conn->in_flight > 0 || conn->senders > 0) && !conn->dead)
+	while (conn->in_flight > 0 || conn->senders > 0)
 		if (!g_cond_wait_until(&conn->cond, &conn->lock, until_us))
 			break;
+	idle = conn->in_flight == 0 && conn->senders == 0;
 	g_mutex_unlock(&conn->lock);
+	return idle;
 }
 
 void nbdc_conn_disconnect(struct nbdc_conn *conn)

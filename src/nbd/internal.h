@@ -73,6 +73,10 @@ struct nbdc_op {
 	nbdc_extent_fn extent;
 	gboolean fua_flush;             /* emulated FUA: flush once the pieces succeed */
 	gboolean flushing;              /* the emulated flush was sent */
+	uint64_t bs_pos, bs_end;        /* block status: described so far / wanted end
+	                                 * (bs_end 0 = not a looping block status) */
+	uint64_t bs_piece_end;          /* end of the request in flight: the next one
+	                                 * goes out only if the reply reached it */
 	struct nbdc_req req;            /* the first piece */
 };
 
@@ -114,6 +118,8 @@ struct nbdc {
 	uint32_t zero_len;
 	void *zero_buf;
 	GThreadPool *aux;               /* deferred completions, emulated FUA flushes */
+	gint aux_pending;               /* pushed and not yet finished (under @lock) */
+	GCond aux_cond;                 /* @aux_pending reached 0 */
 	guint rr;
 };
 
@@ -121,11 +127,16 @@ struct nbdc {
 struct nbdc_conn *nbdc_conn_new(Nbdc *c, guint index, struct nbdc_transport *t,
 				struct nbdc_neg *neg);
 /* Queues @req on @conn and sends it from this thread.  0, or -ENOTCONN
- * when the connection is dead or closing (nothing queued).  @nowait skips
- * back-pressure (used from core threads). */
-int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean nowait);
-/* Waits up to @until_us (monotonic) for in-flight requests to finish. */
-void nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us);
+ * when the connection is dead or closing (nothing queued).  @internal: the
+ * core's own follow-up work (emulated FUA flush, next block status piece):
+ * no back-pressure wait, allowed while the handle drains.  Reader threads
+ * (callbacks) never wait for back-pressure either. */
+int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean internal);
+/* TRUE on a connection's reader thread (inside completion callbacks). */
+gboolean nbdc_on_reader_thread(void);
+/* Waits up to @until_us (monotonic) for in-flight requests to finish
+ * (their callbacks included).  TRUE when none is left. */
+gboolean nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us);
 /* Sends NBD_CMD_DISC, closes TLS and the write side; the reader then sees EOF. */
 void nbdc_conn_disconnect(struct nbdc_conn *conn);
 /* Waits briefly for the reader to see EOF, then forces it out and joins it;

@@ -45,13 +45,30 @@ static void aux_run(gpointer data, gpointer user);
 
 static void aux_push(Nbdc *c, struct nbdc_op *op)
 {
+	g_mutex_lock(&c->lock);
+	c->aux_pending++;
+	g_mutex_unlock(&c->lock);
 	g_thread_pool_push(c->aux, op, NULL);
+}
+
+static void aux_finished(Nbdc *c)
+{
+	g_mutex_lock(&c->lock);
+	if (--c->aux_pending == 0)
+		g_cond_broadcast(&c->aux_cond);
+	g_mutex_unlock(&c->lock);
+}
+
+static gboolean bs_more(const struct nbdc_op *op)
+{
+	return op->bs_end && op->err == 0 && op->bs_pos < op->bs_end &&
+	       op->bs_pos >= op->bs_piece_end;
 }
 
 /* The last piece completed (on a reader). */
 static void op_finish(struct nbdc_op *op)
 {
-	if (op->fua_flush && !op->flushing && op->err == 0) {
+	if ((op->fua_flush && !op->flushing && op->err == 0) || bs_more(op)) {
 		aux_push(op->c, op);    /* sends the flush from a pool thread */
 		return;
 	}
@@ -84,6 +101,32 @@ static void flush_done(void *opaque, int err)
 }
 
 static int submit_flush(Nbdc *c, nbdc_done_fn done, void *opaque, gboolean nowait);
+static uint32_t big_max(Nbdc *c);
+static struct nbdc_conn *pick_conn(Nbdc *c);
+
+/* Pool thread: the next block status request, from where the last reply's
+ * extents ended.  Extents reach the caller in order because one piece is in
+ * flight at a time. */
+static void bs_continue(Nbdc *c, struct nbdc_op *op)
+{
+	struct nbdc_req *req = &op->req;
+	uint16_t flags = req->flags;
+
+	memset(req, 0, sizeof(*req));
+	req->op = op;
+	req->embedded = TRUE;
+	req->type = NBD_CMD_BLOCK_STATUS;
+	req->flags = flags;
+	req->offset = op->bs_pos;
+	req->len = (uint32_t)MIN((uint64_t)big_max(c), op->bs_end - op->bs_pos);
+	op->bs_piece_end = req->offset + req->len;
+	op->pending = 1;
+	int r = nbdc_conn_submit(pick_conn(c), req, TRUE);
+	if (r < 0) {
+		op->done(op->opaque, r);
+		op_free(op);
+	}
+}
 
 /* Pool thread: either an op to finish, or an op whose emulated FUA flush
  * must be sent now. */
@@ -92,15 +135,18 @@ static void aux_run(gpointer data, gpointer user)
 	struct nbdc_op *op = data;
 	Nbdc *c = user;
 
-	if (op->fua_flush && !op->flushing && op->err == 0) {
+	if (bs_more(op)) {
+		bs_continue(c, op);
+	} else if (op->fua_flush && !op->flushing && op->err == 0) {
 		op->flushing = TRUE;
 		int r = submit_flush(c, flush_done, op, TRUE);
 		if (r < 0)
 			flush_done(op, r);
-		return;
+	} else {
+		op->done(op->opaque, op->err);
+		op_free(op);
 	}
-	op->done(op->opaque, op->err);
-	op_free(op);
+	aux_finished(c);
 }
 
 /* ---- handle state ---- */
@@ -169,6 +215,7 @@ static void handle_free(Nbdc *c)
 	g_free(c->error);
 	g_free(c->zero_buf);
 	g_mutex_clear(&c->lock);
+	g_cond_clear(&c->aux_cond);
 	g_free(c);
 }
 
@@ -187,6 +234,7 @@ Nbdc *nbdc_connect(const struct nbdc_config *cfg, GError **error)
 	c->cfg.fd = -1;                 /* taken; never reused */
 	c->display = nbdc_cfg_display(cfg);
 	g_mutex_init(&c->lock);
+	g_cond_init(&c->aux_cond);
 	c->aux = g_thread_pool_new(aux_run, c, 1, FALSE, NULL);
 	c->neg = neg;
 	c->neg.name = g_strdup(neg.name);
@@ -444,12 +492,13 @@ int nbdc_aio_flush(Nbdc *c, nbdc_done_fn done, void *opaque)
 	return submit_flush(c, done, opaque, FALSE);
 }
 
-/* Largest TRIM/ZERO/BLOCK_STATUS piece: 4 GiB - block_min (at least 1). */
+/* Largest TRIM/ZERO/BLOCK_STATUS piece: 4 GiB - 1 MiB, a multiple of any
+ * minimum block (<= 64 KiB).  (nbdkit 1.32 aborts on a block status of
+ * 0xffffffff bytes; round lengths are kinder to every server.) */
 static uint32_t big_max(Nbdc *c)
 {
-	uint32_t m = c->neg.block_min > 1 ? c->neg.block_min : 1;
-
-	return UINT32_MAX - (UINT32_MAX % m);
+	(void)c;
+	return UINT32_MAX - (1024u * 1024 - 1);
 }
 
 int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
@@ -514,12 +563,17 @@ int nbdc_aio_block_status(Nbdc *c, uint64_t count, uint64_t offset, uint32_t fla
 	op->extent = extent;
 	if (count == 0)
 		return complete_later(c, op);
-	/* One request: extents must arrive in order, and a reply may
-	 * describe less than asked anyway (callers loop). */
-	count = MIN(count, (uint64_t)big_max(c));
+	/* One request at a time so that extents arrive in order; without
+	 * REQ_ONE the next one starts where the last reply's extents ended,
+	 * until the whole range is described. */
 	uint16_t wf = (flags & NBDC_CMD_FLAG_REQ_ONE) ? NBD_CMD_FLAG_REQ_ONE : 0;
-	return submit_pieces(c, op, NBD_CMD_BLOCK_STATUS, wf, offset, count, big_max(c), NULL, 0,
-			     FALSE);
+	if (!wf) {
+		op->bs_pos = offset;
+		op->bs_end = offset + count;
+		op->bs_piece_end = offset + MIN(count, (uint64_t)big_max(c));
+	}
+	return submit_pieces(c, op, NBD_CMD_BLOCK_STATUS, wf, offset,
+			     MIN(count, (uint64_t)big_max(c)), big_max(c), NULL, 0, FALSE);
 }
 
 /* ---- synchronous wrappers ---- */
@@ -646,9 +700,29 @@ void nbdc_disconnect(Nbdc *c)
 	if (!c->error)
 		c->error = g_steal_pointer(&why);
 	g_mutex_unlock(&c->lock);
+	/* In-flight requests and deferred work (an emulated FUA flush, the
+	 * next block status request) may feed each other: wait for both to
+	 * settle, within one bound. */
 	gint64 until = g_get_monotonic_time() + DISCONNECT_WAIT_US;
-	for (guint i = 0; i < c->nconns; i++)
-		nbdc_conn_drain(c->conns[i], until);
+	if (nbdc_on_reader_thread())
+		until = 0;      /* from a callback: its own request is still open */
+	for (;;) {
+		gboolean idle = TRUE;
+
+		for (guint i = 0; i < c->nconns; i++)
+			idle &= nbdc_conn_drain(c->conns[i], until);
+		g_mutex_lock(&c->lock);
+		while (c->aux_pending > 0)
+			if (!g_cond_wait_until(&c->aux_cond, &c->lock, until))
+				break;
+		idle &= c->aux_pending == 0;
+		g_mutex_unlock(&c->lock);
+		if (idle)
+			for (guint i = 0; i < c->nconns; i++)
+				idle &= nbdc_conn_drain(c->conns[i], until);
+		if (idle || g_get_monotonic_time() >= until)
+			break;
+	}
 	for (guint i = 0; i < c->nconns; i++)
 		nbdc_conn_disconnect(c->conns[i]);
 }

@@ -533,6 +533,31 @@ static void test_trim_zero_block_status(void)
 	g_free(captured());
 }
 
+/* Block status over more than 4 GiB: several requests, extents in order,
+ * covering the whole range. */
+static void test_block_status_big(void)
+{
+	struct nbdkit *k = kit("memory", "6G", NULL);
+	struct nbdc_config cfg;
+	struct extents e = { 0 };
+	char buf[4096];
+
+	cfg_unix(&cfg, k);
+	cfg.debug = TRUE;
+	Nbdc *c = must_connect(&cfg);
+	memset(buf, 1, sizeof(buf));
+	g_assert_cmpint(nbdc_pwrite(c, buf, sizeof(buf), (uint64_t)5 << 30, 0), ==, 0);
+	g_free(captured());
+	g_assert_cmpint(nbdc_block_status(c, (uint64_t)6 << 30, 0, 0, on_extent, &e), ==, 0);
+	g_assert_cmpuint(e.next, ==, (uint64_t)6 << 30);
+	g_autofree char *log = captured();
+	const char *p = strstr(log, "BLOCK_STATUS cookie=");
+	g_assert_nonnull(p);
+	g_assert_nonnull(strstr(p + 1, "BLOCK_STATUS cookie="));   /* at least two requests */
+	nbdc_free(c);
+	nbdkit_stop(k);
+}
+
 /* nozero filter: no WRITE_ZEROES -> zero emulated by writes; eval without
  * FUA -> FUA emulated by FLUSH; debug logging shows what went on the wire. */
 static void test_emulation_and_debug(void)
@@ -882,6 +907,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/nbdkit/server-errors", test_server_errors);
 	g_test_add_func("/nbdkit/read-only", test_read_only);
 	g_test_add_func("/nbdkit/trim-zero-block-status", test_trim_zero_block_status);
+	g_test_add_func("/nbdkit/block-status-big", test_block_status_big);
 	g_test_add_func("/nbdkit/emulation-debug", test_emulation_and_debug);
 	g_test_add_func("/nbdkit/block-sizes", test_block_sizes);
 	g_test_add_func("/nbdkit/list", test_list);
