@@ -148,7 +148,8 @@ gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
 
 			if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
 				g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
-					    "%s: TLS: server certificate: %s", display, out.data);
+					    "%s: TLS: server certificate: %s", display,
+					    g_strstrip((char *)out.data));
 				gnutls_free(out.data);
 				return FALSE;
 			}

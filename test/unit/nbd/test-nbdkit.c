@@ -777,6 +777,77 @@ static void test_tls_psk(void)
 	g_free(captured());
 }
 
+static void sh(const char *cmd)
+{
+	g_autoptr(GError) err = NULL;
+	int status = 0;
+	const char *argv[] = { "/bin/sh", "-ec", cmd, NULL };
+
+	g_assert_true(g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_STDOUT_TO_DEV_NULL |
+				   G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, NULL, NULL, &status, &err));
+	g_assert_no_error(err);
+	g_assert_true(g_spawn_check_wait_status(status, &err));
+}
+
+/* X.509: a CA, a server certificate for "localhost", a client certificate. */
+static void test_tls_x509(void)
+{
+	g_autoptr(GError) err = NULL;
+	g_autofree char *dir = g_dir_make_tmp("nbdc-x509-XXXXXX", &err);
+	g_autofree char *cmd = g_strdup_printf(
+		"cd %s; mkdir srv cli other\n"
+		"certtool --generate-privkey --key-type=ecdsa > ca-key.pem\n"
+		"printf 'cn = Test CA\\nca\\ncert_signing_key\\nexpiration_days = 30\\n' > ca.info\n"
+		"certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile srv/ca-cert.pem\n"
+		"cp srv/ca-cert.pem cli/\n"
+		"certtool --generate-privkey --key-type=ecdsa > srv/server-key.pem\n"
+		"printf 'cn = localhost\\ndns_name = localhost\\ntls_www_server\\nsigning_key\\nexpiration_days = 30\\n' > s.info\n"
+		"certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem --load-ca-privkey ca-key.pem "
+		"--load-privkey srv/server-key.pem --template s.info --outfile srv/server-cert.pem\n"
+		"certtool --generate-privkey --key-type=ecdsa > cli/client-key.pem\n"
+		"printf 'cn = client\\ntls_www_client\\nsigning_key\\nexpiration_days = 30\\n' > c.info\n"
+		"certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem --load-ca-privkey ca-key.pem "
+		"--load-privkey cli/client-key.pem --template c.info --outfile cli/client-cert.pem\n"
+		"certtool --generate-privkey --key-type=ecdsa > other-key.pem\n"
+		"certtool --generate-self-signed --load-privkey other-key.pem --template ca.info --outfile other/ca-cert.pem\n",
+		dir);
+	g_autofree char *srv = g_strdup_printf("--tls-certificates=%s/srv", dir);
+	g_autofree char *cli = g_strdup_printf("%s/cli", dir);
+	g_autofree char *other = g_strdup_printf("%s/other", dir);
+	g_autofree char *rm = g_strdup_printf("rm -rf %s", dir);
+	struct nbdc_config cfg;
+	struct nbdc_info info;
+	char buf[512];
+
+	g_assert_no_error(err);
+	sh(cmd);
+	struct nbdkit *k = kit("--tls=require", srv, "--tls-verify-peer", "memory", "1M", NULL);
+	cfg_unix(&cfg, k);
+	cfg.tls = TRUE;
+	cfg.tls_certificates = cli;
+	cfg.tls_hostname = "localhost";
+	Nbdc *c = must_connect(&cfg);
+	nbdc_get_info(c, &info);
+	g_assert_true(info.tls);
+	g_assert_cmpint(nbdc_pread(c, buf, sizeof(buf), 0, 0), ==, 0);
+	nbdc_free(c);
+	/* the name does not match */
+	cfg.tls_hostname = "wrong.example";
+	connect_fails(&cfg, NBDC_ERROR_TLS, "certificate");
+	/* ... unless verification is off */
+	cfg.tls_verify_peer = FALSE;
+	c = must_connect(&cfg);
+	nbdc_free(c);
+	/* a CA that did not sign the server */
+	cfg.tls_verify_peer = TRUE;
+	cfg.tls_hostname = "localhost";
+	cfg.tls_certificates = other;
+	connect_fails(&cfg, NBDC_ERROR_TLS, "certificate");
+	nbdkit_stop(k);
+	sh(rm);
+	g_free(captured());
+}
+
 static void test_multiconn_fallback(void)
 {
 	struct nbdkit *k = kit("--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable", NULL);
@@ -912,6 +983,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/nbdkit/block-sizes", test_block_sizes);
 	g_test_add_func("/nbdkit/list", test_list);
 	g_test_add_func("/nbdkit/tls-psk", test_tls_psk);
+	g_test_add_func("/nbdkit/tls-x509", test_tls_x509);
 	g_test_add_func("/nbdkit/multiconn-fallback", test_multiconn_fallback);
 	g_test_add_func("/nbdkit/server-death", test_server_death);
 	g_test_add_func("/nbdkit/timeouts", test_timeouts);
