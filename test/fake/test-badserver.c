@@ -662,6 +662,20 @@ static void test_h9_name_too_long(void)
 	ctx_end(&t);
 }
 
+static void test_h9_description_too_long(void)
+{
+	Ctx t;
+	g_autofree char *desc = g_strnfill(4097, 'd');
+
+	ctx_init(&t);
+	fake_negotiate(t.fs, &t.e, FAKE_OPT_GO, 1);
+	fake_send(t.fs, fake_rep_info_export(FAKE_OPT_GO, MiB, FAKE_EFLAG_HAS_FLAGS));
+	fake_send(t.fs, fake_rep_info_description(FAKE_OPT_GO, desc));
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_GO));
+	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
+	ctx_end(&t);
+}
+
 static void test_h10_go_without_info_export(void)
 {
 	Ctx t;
@@ -840,6 +854,19 @@ static void test_h18_meta_context_too_short(void)
 	fake_msg_u32(p, 7); /* id only: len 4 */
 	fake_send(t.fs,
 		  fake_rep(FAKE_OPT_SET_META_CONTEXT, FAKE_REP_META_CONTEXT, g_steal_pointer(&p)));
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_SET_META_CONTEXT));
+	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
+	ctx_end(&t);
+}
+
+static void test_h18_meta_context_too_long(void)
+{
+	Ctx t;
+	g_autofree char *name = g_strnfill(5000, 'c');
+
+	ctx_init(&t);
+	fake_negotiate(t.fs, &t.e, FAKE_OPT_SET_META_CONTEXT, 1);
+	fake_send(t.fs, fake_rep_meta_context(FAKE_OPT_SET_META_CONTEXT, 7, name));
 	fake_send(t.fs, fake_rep_ack(FAKE_OPT_SET_META_CONTEXT));
 	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
 	ctx_end(&t);
@@ -1288,6 +1315,56 @@ static void test_list_ok(void)
 	g_assert_cmpstr(x->name, ==, "b");
 	g_assert_cmpstr(x->description, ==, "");
 	fake_server_finish(t.fs, NULL);
+	g_assert_true(fake_server_saw_abort(t.fs));
+	ctx_end(&t);
+}
+
+/* With details: one NBD_OPT_INFO per export; an export the server refuses
+ * (ERR_UNKNOWN) keeps its name without info. */
+static void test_list_details(void)
+{
+	Ctx t;
+	FakeExport rest;
+	g_autoptr(GError) err = NULL;
+	g_autoptr(GPtrArray) list = NULL;
+	const struct nbdc_export *x;
+
+	ctx_init(&t);
+	fake_negotiate(t.fs, &t.e, FAKE_OPT_LIST, 1);
+	fake_send(t.fs, fake_rep_server("a", ""));
+	fake_send(t.fs, fake_rep_server("b", "bee"));
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_LIST));
+	fake_expect_option(t.fs, 2); /* INFO a */
+	fake_send(t.fs, fake_rep_info_export(FAKE_OPT_INFO, 3 * MiB,
+					     FAKE_EFLAG_HAS_FLAGS | FAKE_EFLAG_READ_ONLY));
+	fake_send(t.fs, fake_rep_info_block_size(FAKE_OPT_INFO, 512, 4096, 1 * MiB));
+	fake_send(t.fs, fake_rep_info_description(FAKE_OPT_INFO, "from info"));
+	fake_send(t.fs, fake_rep_ack(FAKE_OPT_INFO));
+	fake_expect_option(t.fs, 3); /* INFO b */
+	fake_send(t.fs, fake_rep_err(FAKE_OPT_INFO, FAKE_REP_ERR_UNKNOWN, NULL));
+	rest = t.e;
+	rest.greeting = FALSE;
+	fake_negotiate(t.fs, &rest, 0, 0); /* ABORT */
+	fake_server_start(t.fs);
+	list = nbdc_list_exports(&t.cfg, TRUE, &err);
+	g_assert_no_error(err);
+	g_assert_cmpuint(list->len, ==, 2);
+	x = g_ptr_array_index(list, 0);
+	g_assert_cmpstr(x->name, ==, "a");
+	g_assert_true(x->has_info);
+	g_assert_cmpuint(x->size, ==, 3 * MiB);
+	g_assert_true(x->read_only);
+	g_assert_cmpuint(x->block_min, ==, 512);
+	g_assert_cmpuint(x->block_pref, ==, 4096);
+	g_assert_cmpuint(x->block_max, ==, 1 * MiB);
+	g_assert_cmpstr(x->description, ==, "from info");
+	x = g_ptr_array_index(list, 1);
+	g_assert_cmpstr(x->name, ==, "b");
+	g_assert_false(x->has_info);
+	g_assert_cmpstr(x->description, ==, "bee");
+	fake_server_finish(t.fs, NULL);
+	g_assert_cmpuint(fake_server_capture(t.fs, 2)->option, ==, FAKE_OPT_INFO);
+	g_assert_cmpuint(fake_server_capture(t.fs, 3)->option, ==, FAKE_OPT_INFO);
 	g_assert_true(fake_server_saw_abort(t.fs));
 	ctx_end(&t);
 }
@@ -2627,6 +2704,7 @@ int main(int argc, char **argv)
 	ADD("/badserver/h9/info-export-bad-len", test_h9_info_export_bad_len);
 	ADD("/badserver/h9/block-size-bad-len", test_h9_block_size_bad_len);
 	ADD("/badserver/h9/name-too-long", test_h9_name_too_long);
+	ADD("/badserver/h9/description-too-long", test_h9_description_too_long);
 	ADD("/badserver/h10/go-without-info-export", test_h10_go_without_info_export);
 	ADD("/badserver/h11/invalid-block-sizes", test_h11_invalid_block_sizes);
 	ADD("/badserver/h11/oversized-block-max", test_h11_oversized_block_max);
@@ -2639,6 +2717,7 @@ int main(int argc, char **argv)
 	ADD("/badserver/h16/endless-list", test_h16_endless_list);
 	ADD("/badserver/h17/list-error-after-names", test_h17_list_error_after_names);
 	ADD("/badserver/h18/meta-context-too-short", test_h18_meta_context_too_short);
+	ADD("/badserver/h18/meta-context-too-long", test_h18_meta_context_too_long);
 	ADD("/badserver/h18/meta-context-unrequested", test_h18_meta_context_unrequested);
 	ADD("/badserver/h20/starttls-refused", test_h20_starttls_refused);
 	ADD("/badserver/h20/tls-required-oldstyle", test_h20_tls_required_oldstyle);
@@ -2671,6 +2750,7 @@ int main(int argc, char **argv)
 	ADD("/badserver/h11/max-below-pref", test_h11_max_below_pref);
 	ADD("/badserver/h12/unaligned-request", test_h12_unaligned_request);
 	ADD("/badserver/list/ok", test_list_ok);
+	ADD("/badserver/list/details", test_list_details);
 	ADD("/badserver/list/oldstyle", test_list_oldstyle);
 	ADD("/badserver/list/nonfixed", test_list_nonfixed);
 	ADD("/badserver/list/err-unsup", test_list_err_unsup);
