@@ -153,6 +153,24 @@ def structured_errors_session():
     return out
 
 
+def scrambled_session():
+    """Read 1 in 16 chunks (data and holes) in a scrambled order, then errors."""
+    parts = b""
+    for i in range(16):
+        k = (i * 7) % 16
+        if k % 5 == 0:
+            parts += hole_chunk(1, 0, k * 256, 256)
+        else:
+            parts += data_chunk(1, 0, k * 256, 256)
+    out = R(1, parts + chunk(1, DONE, CH_NONE))
+    out += R(1, bs_chunk(2, DONE, 7, [(512, 0), (512, 1), (1024, 2), (6144, 3)]))
+    out += R(1, chunk(3, 0xFFF0 | DONE, CH_NONE)) + R(1, simple(4))
+    out += R(2, data_chunk(6, 0, 8192, 1024) + data_chunk(5, 0, 4096, 4096)
+             + data_chunk(6, 0, 8192 + 1024, 3072) + chunk(5, DONE, CH_NONE)
+             + chunk(6, DONE, CH_NONE))
+    return out
+
+
 def fixed_handshake(go=None):
     """Greeting, then the replies to STRUCTURED_REPLY, SET_META_CONTEXT and GO."""
     return (R(0, greeting(3)) + R(1, rep(OPT_SR, REP_ACK))
@@ -166,6 +184,7 @@ def seeds():
     m0 = bytes([0])
     s["fixed-go-structured"] = m0 + fixed_handshake() + structured_session()
     s["fixed-go-structured-errors"] = m0 + fixed_handshake() + structured_errors_session()
+    s["fixed-go-scrambled-chunks"] = m0 + fixed_handshake() + scrambled_session()
     s["fixed-go-simple"] = bytes([MODE_NO_SR | MODE_NO_BS]) + R(0, greeting(3)) \
         + R(1, info_export(OPT_GO) + rep(OPT_GO, REP_ACK)) + simple_session()
     s["fixed-no-sr"] = m0 + R(0, greeting(1)) + R(1, rep(OPT_SR, ERR_UNSUP)) \
