@@ -714,7 +714,9 @@ static gpointer reader_main(gpointer data)
 	g_mutex_lock(&conn->lock);
 	gboolean disc = conn->disc_sent;
 	g_mutex_unlock(&conn->lock);
-	if (disc && !msg)
+	/* After our DISC, how the stream ends (EOF, reset, a TLS peer that
+	 * skips close_notify, the goodbye timeout) is not an error. */
+	if (disc && (!msg || kerr != -EPROTO))
 		kill_conn(conn, -ENOTCONN, NULL);
 	else
 		kill_conn(conn, kerr, msg ? msg : "connection lost");

@@ -68,12 +68,20 @@ int nbdc_tr_wait_readable(struct nbdc_transport *t, int timeout_ms)
 	}
 }
 
+/* Without a time limit a plain blocking call is one syscall; with one,
+ * MSG_DONTWAIT + poll() bounds the wait.  (A non-blocking fd from the
+ * caller still works: EAGAIN leads to poll() either way.) */
+static int io_flags(const struct nbdc_transport *t)
+{
+	return (t->idle_ms || t->deadline_us) ? MSG_DONTWAIT : 0;
+}
+
 /* One raw recv of up to @len bytes, waiting as needed: >0 bytes, 0 on EOF,
  * -errno. */
 static ssize_t raw_recv(struct nbdc_transport *t, void *buf, size_t len)
 {
 	for (;;) {
-		ssize_t n = recv(t->fd, buf, len, MSG_DONTWAIT);
+		ssize_t n = recv(t->fd, buf, len, io_flags(t));
 
 		if (n >= 0)
 			return n;
@@ -96,7 +104,7 @@ static ssize_t raw_recvmsg(struct nbdc_transport *t, struct iovec *iov, int iovc
 {
 	for (;;) {
 		struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
-		ssize_t n = recvmsg(t->fd, &m, MSG_DONTWAIT);
+		ssize_t n = recvmsg(t->fd, &m, io_flags(t));
 
 		if (n >= 0)
 			return n;
@@ -119,7 +127,7 @@ static ssize_t raw_sendmsg(struct nbdc_transport *t, struct iovec *iov, int iovc
 {
 	for (;;) {
 		struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
-		ssize_t n = sendmsg(t->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+		ssize_t n = sendmsg(t->fd, &m, io_flags(t) | MSG_NOSIGNAL);
 
 		if (n >= 0)
 			return n;
