@@ -34,15 +34,24 @@
 const char *nbdc_cmd_name(uint16_t type)
 {
 	switch (type) {
-	case NBD_CMD_READ: return "READ";
-	case NBD_CMD_WRITE: return "WRITE";
-	case NBD_CMD_DISC: return "DISC";
-	case NBD_CMD_FLUSH: return "FLUSH";
-	case NBD_CMD_TRIM: return "TRIM";
-	case NBD_CMD_CACHE: return "CACHE";
-	case NBD_CMD_WRITE_ZEROES: return "WRITE_ZEROES";
-	case NBD_CMD_BLOCK_STATUS: return "BLOCK_STATUS";
-	default: return "CMD?";
+	case NBD_CMD_READ:
+		return "READ";
+	case NBD_CMD_WRITE:
+		return "WRITE";
+	case NBD_CMD_DISC:
+		return "DISC";
+	case NBD_CMD_FLUSH:
+		return "FLUSH";
+	case NBD_CMD_TRIM:
+		return "TRIM";
+	case NBD_CMD_CACHE:
+		return "CACHE";
+	case NBD_CMD_WRITE_ZEROES:
+		return "WRITE_ZEROES";
+	case NBD_CMD_BLOCK_STATUS:
+		return "BLOCK_STATUS";
+	default:
+		return "CMD?";
 	}
 }
 
@@ -74,7 +83,7 @@ static int cur_fill(struct iov_cur *cur, struct iovec *out, int max, uint64_t *l
 {
 	int k = 0;
 
-	while (k < max && *left > 0 && cur->n > 0) {
+	while (k<max && * left> 0 && cur->n > 0) {
 		size_t avail = cur->v->iov_len - cur->skip;
 		size_t take = (size_t)MIN((uint64_t)avail, *left);
 
@@ -106,7 +115,7 @@ static int read_into(struct nbdc_conn *conn, struct nbdc_req *req, uint64_t rel,
 		int k = cur_fill(&cur, tmp, IOV_BATCH, &len);
 
 		if (k == 0)
-			return -EFAULT;         /* caller's iov shorter than the request */
+			return -EFAULT; /* caller's iov shorter than the request */
 		int r = nbdc_tr_readv(conn->t, tmp, k);
 		if (r < 0)
 			return r == -ENODATA ? -ECONNRESET : r;
@@ -181,7 +190,7 @@ static void kill_conn(struct nbdc_conn *conn, int err, const char *msg)
 	struct nbdc_req *list;
 
 	g_mutex_lock(&conn->lock);
-	if (conn->fail_msg) {           /* a sender saw the failure first */
+	if (conn->fail_msg) { /* a sender saw the failure first */
 		msg = conn->fail_msg;
 		err = conn->fail_err;
 	}
@@ -209,8 +218,9 @@ static void kill_conn(struct nbdc_conn *conn, int err, const char *msg)
 
 		list->prev = list->next = NULL;
 		if (conn->c->cfg.debug)
-			nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG, "reply cookie=%" G_GUINT64_FORMAT
-				 " err=%d (connection lost)", list->cookie, list->err ? list->err : err);
+			nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG,
+				 "reply cookie=%" G_GUINT64_FORMAT " err=%d (connection lost)",
+				 list->cookie, list->err ? list->err : err);
 		nbdc_req_done(list, list->err ? list->err : err);
 		g_mutex_lock(&conn->lock);
 		conn->in_flight--;
@@ -290,9 +300,10 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean inte
 	struct iov_cur cur;
 
 	if (c->cfg.debug)
-		nbdc_log(&c->cfg, NBDC_LOG_DEBUG, "%s cookie=%" G_GUINT64_FORMAT " off=%" G_GUINT64_FORMAT
-			 " len=%u flags=0x%x conn=%u", nbdc_cmd_name(type), cookie, req->offset, len,
-			 req->flags, conn->index);
+		nbdc_log(&c->cfg, NBDC_LOG_DEBUG,
+			 "%s cookie=%" G_GUINT64_FORMAT " off=%" G_GUINT64_FORMAT
+			 " len=%u flags=0x%x conn=%u",
+			 nbdc_cmd_name(type), cookie, req->offset, len, req->flags, conn->index);
 	nbd_encode_request(&hdr, req->flags, type, cookie, req->offset, len);
 	if (type == NBD_CMD_WRITE)
 		cur_init(&cur, req, 0);
@@ -321,7 +332,8 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean inte
 
 	if (r < 0)
 		fail_async(conn, r == -ETIMEDOUT ? -ETIMEDOUT : -ENOTCONN,
-			   "sending %s cookie=%" G_GUINT64_FORMAT ": %s", nbdc_cmd_name(type), cookie,
+			   "sending %s cookie=%" G_GUINT64_FORMAT ": %s", nbdc_cmd_name(type),
+			   cookie,
 			   r == -ETIMEDOUT ? "server stopped reading (timeout)" : g_strerror(-r));
 	g_mutex_lock(&conn->lock);
 	conn->senders--;
@@ -342,7 +354,7 @@ static gboolean cover(struct nbdc_req *req, uint64_t rel, uint64_t n)
 	if (!req->ranges) {
 		req->ranges = g_array_new(FALSE, FALSE, sizeof(uint64_t) * 2);
 		if (req->covered) {
-			uint64_t r0[2] = { 0, req->covered };
+			uint64_t r0[2] = {0, req->covered};
 
 			g_array_append_vals(req->ranges, r0, 1);
 		}
@@ -370,7 +382,7 @@ static gboolean cover(struct nbdc_req *req, uint64_t rel, uint64_t n)
 		if (q[0] < rel + n)
 			return FALSE;
 	}
-	uint64_t nr[2] = { rel, rel + n };
+	uint64_t nr[2] = {rel, rel + n};
 	g_array_insert_vals(req->ranges, i, nr, 1);
 	req->covered += 0;
 	return TRUE;
@@ -465,7 +477,8 @@ static char *handle_simple(struct nbdc_conn *conn, const union nbd_reply *rep, i
 		return VIOLATION("simple reply for unknown cookie %" G_GUINT64_FORMAT, cookie);
 	if (req->type == NBD_CMD_READ && conn->neg.structured_replies)
 		return VIOLATION("simple reply to READ cookie=%" G_GUINT64_FORMAT
-				 " after structured replies were negotiated", cookie);
+				 " after structured replies were negotiated",
+				 cookie);
 	if (error) {
 		server_shutdown(conn, error);
 		set_err(req, -nbdc_errno_from_nbd(error));
@@ -497,12 +510,12 @@ static int read_buf(struct nbdc_conn *conn, uint32_t len)
 static void deliver_extents(struct nbdc_conn *conn, struct nbdc_req *req, uint32_t len)
 {
 	uint64_t pos = req->offset;
-	uint64_t end = req->offset + req->len;   /* validated at submit: <= size */
+	uint64_t end = req->offset + req->len; /* validated at submit: <= size */
 	uint32_t n = (len - 4) / 8;
 	const uint8_t *p = conn->buf + 4;
 
 	if (req->bs_seen)
-		return;                 /* one chunk per context */
+		return; /* one chunk per context */
 	req->bs_seen = TRUE;
 	for (uint32_t i = 0; i < n && pos < end; i++, p += 8) {
 		uint32_t elen = get_be32(p), flags = get_be32(p + 4);
@@ -578,8 +591,8 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 		uint64_t off = get_be64(conn->buf);
 		uint32_t hl = get_be32(conn->buf + 8);
 		if (hl == 0 || !nbd_range_inside(off, hl, req->offset, req->len))
-			return VIOLATION("OFFSET_HOLE [%" G_GUINT64_FORMAT "+%u) outside the request",
-					 off, hl);
+			return VIOLATION(
+			    "OFFSET_HOLE [%" G_GUINT64_FORMAT "+%u) outside the request", off, hl);
 		zero_into(req, off - req->offset, hl);
 		if (!cover(req, off - req->offset, hl) ||
 		    (++req->content_chunks > 1 && (req->flags & NBD_CMD_FLAG_DF)))
@@ -613,15 +626,16 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 		server_shutdown(conn, e);
 		set_err(req, e ? -nbdc_errno_from_nbd(e) : -EPROTO);
 		if (conn->c->cfg.debug && ml)
-			nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG, "cookie=%" G_GUINT64_FORMAT
-				 " server error %u: %.*s", cookie, e, (int)ml, conn->buf + 6);
+			nbdc_log(&conn->c->cfg, NBDC_LOG_DEBUG,
+				 "cookie=%" G_GUINT64_FORMAT " server error %u: %.*s", cookie, e,
+				 (int)ml, conn->buf + 6);
 		break;
 	}
 	if (flags & NBD_REPLY_FLAG_DONE) {
 		if (req->type == NBD_CMD_READ && !req->err && covered_bytes(req) != req->len)
-			set_err(req, -EPROTO);          /* gaps: never hand back stale bytes */
+			set_err(req, -EPROTO); /* gaps: never hand back stale bytes */
 		if (req->type == NBD_CMD_BLOCK_STATUS && !req->err && !req->bs_seen)
-			set_err(req, -EPROTO);          /* success without any extent */
+			set_err(req, -EPROTO); /* success without any extent */
 		complete(conn, req, 0);
 	}
 	return NULL;
@@ -655,8 +669,8 @@ static char *wait_reply(struct nbdc_conn *conn, int *kerr)
 		g_mutex_unlock(&conn->lock);
 		if (expired) {
 			*kerr = -ETIMEDOUT;
-			return g_strdup_printf("request cookie=%" G_GUINT64_FORMAT
-					       " timed out after %u ms", ck, tmo);
+			return g_strdup_printf(
+			    "request cookie=%" G_GUINT64_FORMAT " timed out after %u ms", ck, tmo);
 		}
 	}
 }
@@ -699,7 +713,8 @@ static gpointer reader_main(gpointer data)
 			r = nbdc_tr_read(conn->t, rep.raw + 16, 4);
 			if (r < 0) {
 				kerr = io_err(r);
-				msg = io_msg(r == -ENODATA ? -ECONNRESET : r, "reading a reply header");
+				msg = io_msg(r == -ENODATA ? -ECONNRESET : r,
+					     "reading a reply header");
 			} else {
 				msg = handle_chunk(conn, &rep, &kerr);
 			}

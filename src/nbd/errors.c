@@ -8,20 +8,29 @@
 #include "internal.h"
 #include "wire.h"
 
-G_DEFINE_QUARK(nbdc-error-quark, nbdc_error)
+G_DEFINE_QUARK(nbdc - error - quark, nbdc_error)
 
 int nbdc_errno_from_nbd(uint32_t nbd_error)
 {
 	switch (nbd_error) {
-	case NBD_EPERM: return EPERM;
-	case NBD_EIO: return EIO;
-	case NBD_ENOMEM: return ENOMEM;
-	case NBD_EINVAL: return EINVAL;
-	case NBD_ENOSPC: return ENOSPC;
-	case NBD_EOVERFLOW: return EOVERFLOW;
-	case NBD_ENOTSUP: return ENOTSUP;
-	case NBD_ESHUTDOWN: return ESHUTDOWN;
-	default: return EINVAL;
+	case NBD_EPERM:
+		return EPERM;
+	case NBD_EIO:
+		return EIO;
+	case NBD_ENOMEM:
+		return ENOMEM;
+	case NBD_EINVAL:
+		return EINVAL;
+	case NBD_ENOSPC:
+		return ENOSPC;
+	case NBD_EOVERFLOW:
+		return EOVERFLOW;
+	case NBD_ENOTSUP:
+		return ENOTSUP;
+	case NBD_ESHUTDOWN:
+		return ESHUTDOWN;
+	default:
+		return EINVAL;
 	}
 }
 
@@ -38,7 +47,7 @@ void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const ch
 		cfg->log(cfg->log_opaque, level, msg);
 		return;
 	}
-	static const char *const names[] = { "debug", "info", "warning" };
+	static const char *const names[] = {"debug", "info", "warning"};
 	fprintf(stderr, "nbdc %s: %s\n", names[level], msg);
 }
 
@@ -55,7 +64,8 @@ char *nbdc_cfg_display(const struct nbdc_config *cfg)
 		gboolean v6 = strchr(cfg->host, ':') != NULL;
 
 		return g_strdup_printf("nbd%s://%s%s%s:%s/%s", s, v6 ? "[" : "", cfg->host,
-				       v6 ? "]" : "", cfg->port ? cfg->port : NBD_DEFAULT_PORT, exp);
+				       v6 ? "]" : "", cfg->port ? cfg->port : NBD_DEFAULT_PORT,
+				       exp);
 	}
 	return g_strdup("nbd (no address)");
 }

@@ -26,7 +26,7 @@ struct hs {
 struct reply {
 	uint32_t type;
 	uint32_t len;
-	uint8_t *data;          /* len bytes + a NUL; owned */
+	uint8_t *data; /* len bytes + a NUL; owned */
 };
 
 static void reply_clear(struct reply *r)
@@ -38,15 +38,24 @@ static void reply_clear(struct reply *r)
 static const char *opt_name(uint32_t opt)
 {
 	switch (opt) {
-	case NBD_OPT_EXPORT_NAME: return "NBD_OPT_EXPORT_NAME";
-	case NBD_OPT_ABORT: return "NBD_OPT_ABORT";
-	case NBD_OPT_LIST: return "NBD_OPT_LIST";
-	case NBD_OPT_STARTTLS: return "NBD_OPT_STARTTLS";
-	case NBD_OPT_INFO: return "NBD_OPT_INFO";
-	case NBD_OPT_GO: return "NBD_OPT_GO";
-	case NBD_OPT_STRUCTURED_REPLY: return "NBD_OPT_STRUCTURED_REPLY";
-	case NBD_OPT_SET_META_CONTEXT: return "NBD_OPT_SET_META_CONTEXT";
-	default: return "option";
+	case NBD_OPT_EXPORT_NAME:
+		return "NBD_OPT_EXPORT_NAME";
+	case NBD_OPT_ABORT:
+		return "NBD_OPT_ABORT";
+	case NBD_OPT_LIST:
+		return "NBD_OPT_LIST";
+	case NBD_OPT_STARTTLS:
+		return "NBD_OPT_STARTTLS";
+	case NBD_OPT_INFO:
+		return "NBD_OPT_INFO";
+	case NBD_OPT_GO:
+		return "NBD_OPT_GO";
+	case NBD_OPT_STRUCTURED_REPLY:
+		return "NBD_OPT_STRUCTURED_REPLY";
+	case NBD_OPT_SET_META_CONTEXT:
+		return "NBD_OPT_SET_META_CONTEXT";
+	default:
+		return "option";
 	}
 }
 
@@ -74,7 +83,8 @@ static gboolean proto_fail(struct hs *h, GError **error, const char *fmt, ...)
 	va_start(ap, fmt);
 	g_autofree char *m = g_strdup_vprintf(fmt, ap);
 	va_end(ap);
-	g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE, "%s: protocol error: %s", h->display, m);
+	g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE, "%s: protocol error: %s", h->display,
+		    m);
 	return FALSE;
 }
 
@@ -82,7 +92,7 @@ static gboolean send_option(struct hs *h, uint32_t opt, const void *data, uint32
 			    GError **error)
 {
 	struct nbd_option_hdr hdr;
-	struct iovec v[2] = { { &hdr, sizeof(hdr) }, { (void *)data, len } };
+	struct iovec v[2] = {{&hdr, sizeof(hdr)}, {(void *)data, len}};
 
 	nbd_encode_option(&hdr, opt, len);
 	int r = nbdc_tr_writev(h->t, v, len ? 2 : 1);
@@ -133,7 +143,8 @@ static gboolean read_reply_inner(struct hs *h, uint32_t opt, struct reply *rep, 
 			return io_fail(h, r == -ENODATA ? -ECONNRESET : r, opt_name(opt), error);
 	}
 	if (rep->type == NBD_REP_ACK && rep->len != 0)
-		return proto_fail(h, error, "ACK to %s with %u payload bytes", opt_name(opt), rep->len);
+		return proto_fail(h, error, "ACK to %s with %u payload bytes", opt_name(opt),
+				  rep->len);
 	if ((rep->type & NBD_REP_FLAG_ERROR) && rep->len > NBD_MAX_STRING)
 		return proto_fail(h, error, "error message to %s too long (%u bytes)",
 				  opt_name(opt), rep->len);
@@ -149,21 +160,45 @@ static gboolean reply_error(struct hs *h, const struct reply *rep, const char *w
 	g_autofree char *unknown = NULL;
 
 	switch (rep->type) {
-	case NBD_REP_ERR_UNSUP: kind = NBDC_ERROR_UNSUPPORTED; why = "server does not support this"; break;
-	case NBD_REP_ERR_POLICY: kind = NBDC_ERROR_POLICY; why = "refused by server policy"; break;
-	case NBD_REP_ERR_INVALID: why = "server says the request is invalid"; break;
-	case NBD_REP_ERR_PLATFORM: kind = NBDC_ERROR_UNSUPPORTED; why = "not supported by the server's platform"; break;
-	case NBD_REP_ERR_TLS_REQD: kind = NBDC_ERROR_TLS_REQUIRED; why = "server requires TLS"; break;
-	case NBD_REP_ERR_UNKNOWN: kind = NBDC_ERROR_NO_EXPORT; why = "server does not know this export"; break;
-	case NBD_REP_ERR_SHUTDOWN: why = "server is shutting down"; break;
-	case NBD_REP_ERR_BLOCK_SIZE_REQD: why = "server requires block size negotiation"; break;
-	case NBD_REP_ERR_TOO_BIG: why = "request too big for the server"; break;
+	case NBD_REP_ERR_UNSUP:
+		kind = NBDC_ERROR_UNSUPPORTED;
+		why = "server does not support this";
+		break;
+	case NBD_REP_ERR_POLICY:
+		kind = NBDC_ERROR_POLICY;
+		why = "refused by server policy";
+		break;
+	case NBD_REP_ERR_INVALID:
+		why = "server says the request is invalid";
+		break;
+	case NBD_REP_ERR_PLATFORM:
+		kind = NBDC_ERROR_UNSUPPORTED;
+		why = "not supported by the server's platform";
+		break;
+	case NBD_REP_ERR_TLS_REQD:
+		kind = NBDC_ERROR_TLS_REQUIRED;
+		why = "server requires TLS";
+		break;
+	case NBD_REP_ERR_UNKNOWN:
+		kind = NBDC_ERROR_NO_EXPORT;
+		why = "server does not know this export";
+		break;
+	case NBD_REP_ERR_SHUTDOWN:
+		why = "server is shutting down";
+		break;
+	case NBD_REP_ERR_BLOCK_SIZE_REQD:
+		why = "server requires block size negotiation";
+		break;
+	case NBD_REP_ERR_TOO_BIG:
+		why = "request too big for the server";
+		break;
 	default:
 		why = unknown = g_strdup_printf("server error 0x%x", rep->type);
 		break;
 	}
 	g_autofree char *msg = NULL;
-	if (rep->len && memchr(rep->data, 0, rep->len) == NULL && g_utf8_validate((char *)rep->data, rep->len, NULL))
+	if (rep->len && memchr(rep->data, 0, rep->len) == NULL &&
+	    g_utf8_validate((char *)rep->data, rep->len, NULL))
 		msg = g_strdup_printf(" (server says: %s)", (char *)rep->data);
 	g_set_error(error, NBDC_ERROR, kind, "%s: %s: %s%s", h->display, what, why, msg ? msg : "");
 	return FALSE;
@@ -172,7 +207,7 @@ static gboolean reply_error(struct hs *h, const struct reply *rep, const char *w
 /* Best-effort NBD_OPT_ABORT: the server may ACK or just close. */
 static void send_abort(struct hs *h)
 {
-	struct reply rep = { 0 };
+	struct reply rep = {0};
 
 	if (!h->t || h->oldstyle || !h->fixed)
 		return;
@@ -212,10 +247,12 @@ static gboolean greeting(struct hs *h, struct nbdc_neg *neg, GError **error)
 
 		r = nbdc_tr_read(h->t, &tail, sizeof(tail));
 		if (r < 0)
-			return io_fail(h, r == -ENODATA ? -ECONNRESET : r, "oldstyle greeting", error);
+			return io_fail(h, r == -ENODATA ? -ECONNRESET : r, "oldstyle greeting",
+				       error);
 		uint32_t flags = be32toh(tail.flags);
 		if (flags >> 16)
-			return proto_fail(h, error, "oldstyle global flags 0x%x are not zero", flags >> 16);
+			return proto_fail(h, error, "oldstyle global flags 0x%x are not zero",
+					  flags >> 16);
 		h->oldstyle = TRUE;
 		h->protocol = "oldstyle";
 		if (neg) {
@@ -225,7 +262,8 @@ static gboolean greeting(struct hs *h, struct nbdc_neg *neg, GError **error)
 		return TRUE;
 	}
 	if (m2 != NBD_IHAVEOPT)
-		return proto_fail(h, error, "unknown handshake style (magic 0x%" G_GINT64_MODIFIER "x)",
+		return proto_fail(h, error,
+				  "unknown handshake style (magic 0x%" G_GINT64_MODIFIER "x)",
 				  (guint64)m2);
 	uint16_t gflags;
 	r = nbdc_tr_read(h->t, &gflags, sizeof(gflags));
@@ -244,12 +282,13 @@ static gboolean greeting(struct hs *h, struct nbdc_neg *neg, GError **error)
 
 static gboolean starttls(struct hs *h, GError **error)
 {
-	struct reply rep = { 0 };
+	struct reply rep = {0};
 	gboolean ok = FALSE;
 
 	if (h->oldstyle || !h->fixed) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS, "%s: TLS: server is %s and cannot do TLS",
-			    h->display, h->oldstyle ? "oldstyle" : "not fixed-newstyle");
+		g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
+			    "%s: TLS: server is %s and cannot do TLS", h->display,
+			    h->oldstyle ? "oldstyle" : "not fixed-newstyle");
 		return FALSE;
 	}
 	if (!send_option(h, NBD_OPT_STARTTLS, NULL, 0, error) ||
@@ -278,8 +317,9 @@ out:
 static gboolean hs_start(struct hs *h, const struct nbdc_config *cfg, struct nbdc_neg *neg,
 			 GError **error)
 {
-	gint64 dl = cfg->handshake_timeout_ms ?
-		g_get_monotonic_time() + (gint64)cfg->handshake_timeout_ms * 1000 : 0;
+	gint64 dl = cfg->handshake_timeout_ms
+			? g_get_monotonic_time() + (gint64)cfg->handshake_timeout_ms * 1000
+			: 0;
 
 	h->cfg = cfg;
 	h->display = nbdc_cfg_display(cfg);
@@ -288,8 +328,8 @@ static gboolean hs_start(struct hs *h, const struct nbdc_config *cfg, struct nbd
 	if (!h->t)
 		return FALSE;
 	if (strlen(h->export_name) > NBD_MAX_STRING) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_INVALID, "%s: export name longer than %u bytes",
-			    h->display, NBD_MAX_STRING);
+		g_set_error(error, NBDC_ERROR, NBDC_ERROR_INVALID,
+			    "%s: export name longer than %u bytes", h->display, NBD_MAX_STRING);
 		return FALSE;
 	}
 	if (!greeting(h, neg, error))
@@ -318,7 +358,7 @@ static void put_name(GByteArray *b, const char *name)
 
 static gboolean structured_reply(struct hs *h, struct nbdc_neg *neg, GError **error)
 {
-	struct reply rep = { 0 };
+	struct reply rep = {0};
 
 	if (!send_option(h, NBD_OPT_STRUCTURED_REPLY, NULL, 0, error) ||
 	    !read_reply(h, NBD_OPT_STRUCTURED_REPLY, &rep, error))
@@ -338,7 +378,7 @@ static gboolean set_meta_context(struct hs *h, struct nbdc_neg *neg, GError **er
 {
 	static const char ctx[] = "base:allocation";
 	g_autoptr(GByteArray) b = g_byte_array_new();
-	struct reply rep = { 0 };
+	struct reply rep = {0};
 	uint8_t n[4];
 
 	put_name(b, h->export_name);
@@ -432,7 +472,7 @@ static gboolean parse_info(struct hs *h, const struct reply *rep, struct nbdc_ne
 		break;
 	}
 	default:
-		break;          /* unknown info: skipped */
+		break; /* unknown info: skipped */
 	}
 	return TRUE;
 }
@@ -444,7 +484,7 @@ static gboolean go_or_info(struct hs *h, uint32_t opt, const char *name, struct 
 			   gboolean *unsup, GError **error)
 {
 	g_autoptr(GByteArray) b = g_byte_array_new();
-	struct reply rep = { 0 };
+	struct reply rep = {0};
 	gboolean seen_export = FALSE;
 	uint8_t n[8];
 	g_autofree char *what = g_strdup_printf("export '%s'", name);
@@ -494,13 +534,15 @@ static gboolean export_name(struct hs *h, struct nbdc_neg *neg, GError **error)
 	struct nbd_export_name_reply rep;
 	size_t len = h->no_zeroes ? 10 : sizeof(rep);
 
-	if (!send_option(h, NBD_OPT_EXPORT_NAME, h->export_name, (uint32_t)strlen(h->export_name), error))
+	if (!send_option(h, NBD_OPT_EXPORT_NAME, h->export_name, (uint32_t)strlen(h->export_name),
+			 error))
 		return FALSE;
 	int r = nbdc_tr_read(h->t, &rep, len);
 	if (r == -ENODATA) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_NO_EXPORT,
-			    "%s: export '%s': server closed the connection (it does not know this export)",
-			    h->display, h->export_name);
+		g_set_error(
+		    error, NBDC_ERROR, NBDC_ERROR_NO_EXPORT,
+		    "%s: export '%s': server closed the connection (it does not know this export)",
+		    h->display, h->export_name);
 		return FALSE;
 	}
 	if (r < 0)
@@ -513,7 +555,7 @@ static gboolean export_name(struct hs *h, struct nbdc_neg *neg, GError **error)
 struct nbdc_transport *nbdc_hs_connect(const struct nbdc_config *cfg, struct nbdc_neg *neg,
 				       GError **error)
 {
-	struct hs h = { 0 };
+	struct hs h = {0};
 	struct nbdc_transport *t = NULL;
 
 	memset(neg, 0, sizeof(*neg));
@@ -574,8 +616,8 @@ static void export_free(gpointer p)
 
 GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError **error)
 {
-	struct hs h = { 0 };
-	struct reply rep = { 0 };
+	struct hs h = {0};
+	struct reply rep = {0};
 	g_autoptr(GPtrArray) list = g_ptr_array_new_with_free_func(export_free);
 	GPtrArray *ret = NULL;
 	uint64_t bytes = 0;
@@ -610,7 +652,8 @@ GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError 
 		}
 		uint32_t nl = get_be32(rep.data);
 		if (nl > rep.len - 4 || nl > NBD_MAX_STRING || rep.len - 4 - nl > NBD_MAX_STRING) {
-			proto_fail(&h, error, "NBD_REP_SERVER name length %u in %u bytes", nl, rep.len);
+			proto_fail(&h, error, "NBD_REP_SERVER name length %u in %u bytes", nl,
+				   rep.len);
 			goto out;
 		}
 		bytes += rep.len;
@@ -631,18 +674,19 @@ GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError 
 	if (details) {
 		for (guint i = 0; i < list->len; i++) {
 			struct nbdc_export *e = list->pdata[i];
-			struct nbdc_neg neg = { 0 };
+			struct nbdc_neg neg = {0};
 			gboolean unsup = FALSE;
 			g_autoptr(GError) e2 = NULL;
 
 			if (!go_or_info(&h, NBD_OPT_INFO, e->name, &neg, &unsup, &e2)) {
 				nbdc_neg_clear(&neg);
-				if (e2->code == NBDC_ERROR_HANDSHAKE || e2->code == NBDC_ERROR_TIMEOUT) {
+				if (e2->code == NBDC_ERROR_HANDSHAKE ||
+				    e2->code == NBDC_ERROR_TIMEOUT) {
 					g_propagate_error(error, g_steal_pointer(&e2));
 					goto out;
 				}
 				if (unsup)
-					break;  /* no NBD_OPT_INFO: names only */
+					break; /* no NBD_OPT_INFO: names only */
 				continue;
 			}
 			e->has_info = TRUE;

@@ -12,12 +12,12 @@ struct nbdc_neg {
 	uint64_t size;
 	uint16_t eflags;
 	gboolean structured_replies;
-	gboolean meta;                  /* base:allocation negotiated */
+	gboolean meta; /* base:allocation negotiated */
 	uint32_t meta_id;
-	uint32_t block_min, block_pref, block_max;   /* 0 = not advertised */
-	char *name;                     /* canonical or requested name; owned */
-	char *description;              /* owned, "" when none */
-	const char *protocol;           /* static */
+	uint32_t block_min, block_pref, block_max; /* 0 = not advertised */
+	char *name;				   /* canonical or requested name; owned */
+	char *description;			   /* owned, "" when none */
+	const char *protocol;			   /* static */
 	gboolean tls;
 };
 
@@ -25,7 +25,7 @@ void nbdc_neg_clear(struct nbdc_neg *neg);
 
 /* errors.c */
 void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const char *fmt, ...)
-	G_GNUC_PRINTF(3, 4);
+    G_GNUC_PRINTF(3, 4);
 /* "nbd://host:port/export", "nbd+unix:///export?socket=path" or "fd N":
  * names the server in messages.  Caller frees. */
 char *nbdc_cfg_display(const struct nbdc_config *cfg);
@@ -47,37 +47,37 @@ struct nbdc_req {
 	uint16_t type, flags;
 	uint64_t offset;
 	uint32_t len;
-	const struct iovec *iov;        /* READ/WRITE data (borrowed from the caller) */
+	const struct iovec *iov; /* READ/WRITE data (borrowed from the caller) */
 	int iovcnt;
-	size_t iov_off;                 /* where this piece starts in @iov */
-	struct iovec one;               /* backing for @iov when we own the buffer */
+	size_t iov_off;	  /* where this piece starts in @iov */
+	struct iovec one; /* backing for @iov when we own the buffer */
 	struct nbdc_op *op;
-	int err;                        /* first error, negative errno */
-	gboolean embedded;              /* lives inside its op: not freed alone */
-	gboolean bs_seen;               /* a block status chunk was delivered */
-	guint content_chunks;           /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
+	int err;	      /* first error, negative errno */
+	gboolean embedded;    /* lives inside its op: not freed alone */
+	gboolean bs_seen;     /* a block status chunk was delivered */
+	guint content_chunks; /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
 	/* structured READ coverage: fast path while chunks arrive in order */
 	uint64_t covered;
-	GArray *ranges;                 /* sorted [start,end) pairs once out of order */
-	gint64 deadline;                /* monotonic us; 0 = none */
-	struct nbdc_req *prev, *next;   /* the connection's in-flight list, send order */
+	GArray *ranges;		      /* sorted [start,end) pairs once out of order */
+	gint64 deadline;	      /* monotonic us; 0 = none */
+	struct nbdc_req *prev, *next; /* the connection's in-flight list, send order */
 };
 
 /* One caller operation: completes once every piece has. */
 struct nbdc_op {
 	Nbdc *c;
-	gint pending;                   /* pieces in flight + 1 while submitting */
-	gint err;                       /* first error */
+	gint pending; /* pieces in flight + 1 while submitting */
+	gint err;     /* first error */
 	nbdc_done_fn done;
 	void *opaque;
 	nbdc_extent_fn extent;
-	gboolean fua_flush;             /* emulated FUA: flush once the pieces succeed */
-	gboolean flushing;              /* the emulated flush was sent */
-	uint64_t bs_pos, bs_end;        /* block status: described so far / wanted end
-	                                 * (bs_end 0 = not a looping block status) */
-	uint64_t bs_piece_end;          /* end of the request in flight: the next one
-	                                 * goes out only if the reply reached it */
-	struct nbdc_req req;            /* the first piece */
+	gboolean fua_flush;	 /* emulated FUA: flush once the pieces succeed */
+	gboolean flushing;	 /* the emulated flush was sent */
+	uint64_t bs_pos, bs_end; /* block status: described so far / wanted end
+				  * (bs_end 0 = not a looping block status) */
+	uint64_t bs_piece_end;	 /* end of the request in flight: the next one
+				  * goes out only if the reply reached it */
+	struct nbdc_req req;	 /* the first piece */
 };
 
 struct nbdc_conn {
@@ -85,41 +85,41 @@ struct nbdc_conn {
 	guint index;
 	struct nbdc_transport *t;
 	struct nbdc_neg neg;
-	GMutex send_lock;               /* held across header + payload */
-	GMutex lock;                    /* table, list, counters, state */
-	GCond cond;                     /* slot freed / drained / reader ended */
-	GHashTable *table;              /* cookie -> struct nbdc_req * */
+	GMutex send_lock;  /* held across header + payload */
+	GMutex lock;	   /* table, list, counters, state */
+	GCond cond;	   /* slot freed / drained / reader ended */
+	GHashTable *table; /* cookie -> struct nbdc_req * */
 	struct nbdc_req *head, *tail;
-	gint in_flight;                 /* written under @lock; read racily for balancing */
-	guint senders;                  /* submitters between insert and end of send */
+	gint in_flight; /* written under @lock; read racily for balancing */
+	guint senders;	/* submitters between insert and end of send */
 	gboolean dead;
 	gboolean disc_sent;
-	gboolean shutdown_pending;      /* server said ESHUTDOWN: DISC once idle */
+	gboolean shutdown_pending; /* server said ESHUTDOWN: DISC once idle */
 	gboolean reader_done;
-	char *fail_msg;                 /* set by a failed sender before shutdown */
+	char *fail_msg; /* set by a failed sender before shutdown */
 	int fail_err;
 	GThread *reader;
-	uint8_t *buf;                   /* reader scratch (block status) */
+	uint8_t *buf; /* reader scratch (block status) */
 	size_t buf_size;
 };
 
 struct nbdc {
 	struct nbdc_config cfg;
 	char *display;
-	struct nbdc_neg neg;            /* of the first connection */
+	struct nbdc_neg neg; /* of the first connection */
 	struct nbdc_conn **conns;
 	guint nconns;
-	guint64 next_cookie;            /* atomic */
-	gint closing;                   /* atomic: no new requests */
-	gint dead;                      /* atomic: some connection died */
-	GMutex lock;                    /* @error, @aux creation */
+	guint64 next_cookie; /* atomic */
+	gint closing;	     /* atomic: no new requests */
+	gint dead;	     /* atomic: some connection died */
+	GMutex lock;	     /* @error, @aux creation */
 	char *error;
 	uint32_t max_request;
 	uint32_t zero_len;
 	void *zero_buf;
-	GThreadPool *aux;               /* deferred completions, emulated FUA flushes */
-	gint aux_pending;               /* pushed and not yet finished (under @lock) */
-	GCond aux_cond;                 /* @aux_pending reached 0 */
+	GThreadPool *aux; /* deferred completions, emulated FUA flushes */
+	gint aux_pending; /* pushed and not yet finished (under @lock) */
+	GCond aux_cond;	  /* @aux_pending reached 0 */
 	guint rr;
 };
 

@@ -69,7 +69,7 @@ static gboolean bs_more(const struct nbdc_op *op)
 static void op_finish(struct nbdc_op *op)
 {
 	if ((op->fua_flush && !op->flushing && op->err == 0) || bs_more(op)) {
-		aux_push(op->c, op);    /* sends the flush from a pool thread */
+		aux_push(op->c, op); /* sends the flush from a pool thread */
 		return;
 	}
 	op->done(op->opaque, op->err);
@@ -231,7 +231,7 @@ Nbdc *nbdc_connect(const struct nbdc_config *cfg, GError **error)
 
 	Nbdc *c = g_new0(Nbdc, 1);
 	c->cfg = *cfg;
-	c->cfg.fd = -1;                 /* taken; never reused */
+	c->cfg.fd = -1; /* taken; never reused */
 	c->display = nbdc_cfg_display(cfg);
 	g_mutex_init(&c->lock);
 	g_cond_init(&c->aux_cond);
@@ -283,8 +283,9 @@ Nbdc *nbdc_connect(const struct nbdc_config *cfg, GError **error)
 			t2 = NULL;
 		}
 		if (!t2) {
-			nbdc_log(cfg, NBDC_LOG_WARNING, "%s: extra connection %u failed, using %u: %s",
-				 c->display, i, c->nconns, e->message);
+			nbdc_log(cfg, NBDC_LOG_WARNING,
+				 "%s: extra connection %u failed, using %u: %s", c->display, i,
+				 c->nconns, e->message);
 			break;
 		}
 		c->conns[c->nconns++] = nbdc_conn_new(c, i, t2, &n2);
@@ -320,7 +321,7 @@ static struct nbdc_op *op_new(Nbdc *c, nbdc_done_fn done, void *opaque)
 	struct nbdc_op *op = g_new0(struct nbdc_op, 1);
 
 	op->c = c;
-	op->pending = 1;        /* the submission reference */
+	op->pending = 1; /* the submission reference */
 	op->done = done;
 	op->opaque = opaque;
 	op->req.op = op;
@@ -340,7 +341,7 @@ static int op_submitted(struct nbdc_op *op, guint queued, int err)
 	if (err)
 		g_atomic_int_compare_and_exchange(&op->err, 0, err);
 	if (g_atomic_int_dec_and_test(&op->pending))
-		aux_push(op->c, op);   /* all pieces already done: complete off-thread */
+		aux_push(op->c, op); /* all pieces already done: complete off-thread */
 	return 0;
 }
 
@@ -361,8 +362,8 @@ static int check_io(Nbdc *c, uint64_t count, uint64_t offset, gboolean write)
 
 /* Sends @count bytes at @offset as pieces of at most @max. */
 static int submit_pieces(Nbdc *c, struct nbdc_op *op, uint16_t type, uint16_t flags,
-			 uint64_t offset, uint64_t count, uint32_t max,
-			 const struct iovec *iov, int iovcnt, gboolean zero_buf)
+			 uint64_t offset, uint64_t count, uint32_t max, const struct iovec *iov,
+			 int iovcnt, gboolean zero_buf)
 {
 	guint queued = 0;
 	uint64_t done = 0;
@@ -423,8 +424,8 @@ static size_t iov_total(const struct iovec *iov, int iovcnt)
 	return n;
 }
 
-int nbdc_aio_preadv(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset,
-		    uint32_t flags, nbdc_done_fn done, void *opaque)
+int nbdc_aio_preadv(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset, uint32_t flags,
+		    nbdc_done_fn done, void *opaque)
 {
 	uint64_t count = iov_total(iov, iovcnt);
 	int r = check_io(c, count, offset, FALSE);
@@ -453,8 +454,8 @@ static uint16_t fua_flags(Nbdc *c, struct nbdc_op *op, uint32_t flags)
 	return 0;
 }
 
-int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset,
-		     uint32_t flags, nbdc_done_fn done, void *opaque)
+int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset, uint32_t flags,
+		     nbdc_done_fn done, void *opaque)
 {
 	uint64_t count = iov_total(iov, iovcnt);
 	int r = check_io(c, count, offset, TRUE);
@@ -501,8 +502,8 @@ static uint32_t big_max(Nbdc *c)
 	return UINT32_MAX - (1024u * 1024 - 1);
 }
 
-int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
-		  nbdc_done_fn done, void *opaque)
+int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags, nbdc_done_fn done,
+		  void *opaque)
 {
 	int r = check_io(c, count, offset, TRUE);
 
@@ -517,8 +518,8 @@ int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
 	return submit_pieces(c, op, NBD_CMD_TRIM, wf, offset, count, big_max(c), NULL, 0, FALSE);
 }
 
-int nbdc_aio_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
-		  nbdc_done_fn done, void *opaque)
+int nbdc_aio_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags, nbdc_done_fn done,
+		  void *opaque)
 {
 	int r = check_io(c, count, offset, TRUE);
 	gboolean native = (c->neg.eflags & NBD_FLAG_SEND_WRITE_ZEROES) != 0;
@@ -610,11 +611,16 @@ static int sync_wait(struct sync_wait *w, int r)
 	return r;
 }
 
-#define SYNC_INIT(w) do { memset(&(w), 0, sizeof(w)); g_mutex_init(&(w).m); g_cond_init(&(w).cv); } while (0)
+#define SYNC_INIT(w)                                                                               \
+	do {                                                                                       \
+		memset(&(w), 0, sizeof(w));                                                        \
+		g_mutex_init(&(w).m);                                                              \
+		g_cond_init(&(w).cv);                                                              \
+	} while (0)
 
 int nbdc_pread(Nbdc *c, void *buf, size_t count, uint64_t offset, uint32_t flags)
 {
-	struct iovec v = { buf, count };
+	struct iovec v = {buf, count};
 	struct sync_wait w;
 
 	SYNC_INIT(w);
@@ -623,7 +629,7 @@ int nbdc_pread(Nbdc *c, void *buf, size_t count, uint64_t offset, uint32_t flags
 
 int nbdc_pwrite(Nbdc *c, const void *buf, size_t count, uint64_t offset, uint32_t flags)
 {
-	struct iovec v = { (void *)buf, count };
+	struct iovec v = {(void *)buf, count};
 	struct sync_wait w;
 
 	SYNC_INIT(w);
@@ -657,7 +663,7 @@ int nbdc_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags)
 /* The aio call has one opaque for both callbacks: the sync form passes the
  * wait struct and forwards extents to the caller's opaque. */
 struct sync_bs {
-	struct sync_wait w;             /* first: sync_done sees a struct sync_wait */
+	struct sync_wait w; /* first: sync_done sees a struct sync_wait */
 	nbdc_extent_fn extent;
 	void *opaque;
 };
@@ -678,8 +684,8 @@ int nbdc_block_status(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
 	SYNC_INIT(b.w);
 	b.extent = extent;
 	b.opaque = opaque;
-	return sync_wait(&b.w, nbdc_aio_block_status(c, count, offset, flags, sync_extent,
-						    sync_done, &b));
+	return sync_wait(
+	    &b.w, nbdc_aio_block_status(c, count, offset, flags, sync_extent, sync_done, &b));
 }
 
 /* ---- listing ---- */
@@ -705,7 +711,7 @@ void nbdc_disconnect(Nbdc *c)
 	 * settle, within one bound. */
 	gint64 until = g_get_monotonic_time() + DISCONNECT_WAIT_US;
 	if (nbdc_on_reader_thread())
-		until = 0;      /* from a callback: its own request is still open */
+		until = 0; /* from a callback: its own request is still open */
 	for (;;) {
 		gboolean idle = TRUE;
 

@@ -32,8 +32,8 @@ static char *psk_lookup(const char *file, const char *user, const char *display,
 		}
 	}
 	explicit_bzero(text, strlen(text));
-	g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS, "%s: TLS: PSK file '%s' has no key for user '%s'",
-		    display, file, user);
+	g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
+		    "%s: TLS: PSK file '%s' has no key for user '%s'", display, file, user);
 	return NULL;
 }
 
@@ -54,11 +54,14 @@ static gboolean setup_x509(struct nbdc_transport *t, const struct nbdc_config *c
 	if (cfg->tls_certificates) {
 		g_autofree char *ca = g_build_filename(cfg->tls_certificates, "ca-cert.pem", NULL);
 		g_autofree char *crl = g_build_filename(cfg->tls_certificates, "ca-crl.pem", NULL);
-		g_autofree char *cert = g_build_filename(cfg->tls_certificates, "client-cert.pem", NULL);
-		g_autofree char *key = g_build_filename(cfg->tls_certificates, "client-key.pem", NULL);
+		g_autofree char *cert =
+		    g_build_filename(cfg->tls_certificates, "client-cert.pem", NULL);
+		g_autofree char *key =
+		    g_build_filename(cfg->tls_certificates, "client-key.pem", NULL);
 
 		if (g_file_test(ca, G_FILE_TEST_EXISTS)) {
-			r = gnutls_certificate_set_x509_trust_file(t->x509, ca, GNUTLS_X509_FMT_PEM);
+			r = gnutls_certificate_set_x509_trust_file(t->x509, ca,
+								   GNUTLS_X509_FMT_PEM);
 			if (r < 0)
 				return tls_fail(display, ca, r, error);
 		} else {
@@ -70,7 +73,8 @@ static gboolean setup_x509(struct nbdc_transport *t, const struct nbdc_config *c
 				return tls_fail(display, crl, r, error);
 		}
 		if (g_file_test(cert, G_FILE_TEST_EXISTS) && g_file_test(key, G_FILE_TEST_EXISTS)) {
-			r = gnutls_certificate_set_x509_key_file(t->x509, cert, key, GNUTLS_X509_FMT_PEM);
+			r = gnutls_certificate_set_x509_key_file(t->x509, cert, key,
+								 GNUTLS_X509_FMT_PEM);
 			if (r < 0)
 				return tls_fail(display, cert, r, error);
 		}
@@ -91,7 +95,7 @@ static gboolean setup_psk(struct nbdc_transport *t, const struct nbdc_config *cf
 
 	if (!key)
 		return FALSE;
-	gnutls_datum_t k = { .data = (unsigned char *)key, .size = (unsigned)strlen(key) };
+	gnutls_datum_t k = {.data = (unsigned char *)key, .size = (unsigned)strlen(key)};
 	int r = gnutls_psk_allocate_client_credentials(&t->psk);
 	if (r >= 0)
 		r = gnutls_psk_set_client_credentials(t->psk, user, &k, GNUTLS_PSK_KEY_HEX);
@@ -111,7 +115,8 @@ gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
 
 	if (t->tls) {
 		g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE,
-			    "%s: protocol error: STARTTLS acknowledged while TLS is already on", display);
+			    "%s: protocol error: STARTTLS acknowledged while TLS is already on",
+			    display);
 		return FALSE;
 	}
 	r = gnutls_init(&t->tls, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL);
@@ -143,10 +148,11 @@ gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
 	} while (r < 0 && !gnutls_error_is_fatal(r));
 	if (r < 0) {
 		if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
-			gnutls_datum_t out = { 0 };
+			gnutls_datum_t out = {0};
 			unsigned status = gnutls_session_get_verify_cert_status(t->tls);
 
-			if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
+			if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509,
+									 &out, 0) == 0) {
 				g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
 					    "%s: TLS: server certificate: %s", display,
 					    g_strstrip((char *)out.data));

@@ -38,7 +38,7 @@ static int wait_ms(const struct nbdc_transport *t)
 static int wait_fd(const struct nbdc_transport *t, short events)
 {
 	for (;;) {
-		struct pollfd p = { .fd = t->fd, .events = events };
+		struct pollfd p = {.fd = t->fd, .events = events};
 		int ms = wait_ms(t);
 
 		if (ms == 0 && t->deadline_us)
@@ -58,7 +58,7 @@ int nbdc_tr_wait_readable(struct nbdc_transport *t, int timeout_ms)
 	if (t->tls && gnutls_record_check_pending(t->tls) > 0)
 		return 1;
 	for (;;) {
-		struct pollfd p = { .fd = t->fd, .events = POLLIN };
+		struct pollfd p = {.fd = t->fd, .events = POLLIN};
 		int r = poll(&p, 1, timeout_ms);
 
 		if (r >= 0)
@@ -103,7 +103,7 @@ static ssize_t raw_recv(struct nbdc_transport *t, void *buf, size_t len)
 static ssize_t raw_recvmsg(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
 {
 	for (;;) {
-		struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
 		ssize_t n = recvmsg(t->fd, &m, io_flags(t));
 
 		if (n >= 0)
@@ -126,7 +126,7 @@ static ssize_t raw_recvmsg(struct nbdc_transport *t, struct iovec *iov, int iovc
 static ssize_t raw_sendmsg(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
 {
 	for (;;) {
-		struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
 		ssize_t n = sendmsg(t->fd, &m, io_flags(t) | MSG_NOSIGNAL);
 
 		if (n >= 0)
@@ -163,7 +163,7 @@ static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
 static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
 {
 	struct nbdc_transport *t = ptr;
-	struct iovec v = { .iov_base = (void *)buf, .iov_len = len };
+	struct iovec v = {.iov_base = (void *)buf, .iov_len = len};
 	ssize_t n = raw_sendmsg(t, &v, 1);
 
 	if (n < 0) {
@@ -321,7 +321,7 @@ int nbdc_tr_writev(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
 
 int nbdc_tr_write(struct nbdc_transport *t, const void *buf, size_t len)
 {
-	struct iovec v = { .iov_base = (void *)buf, .iov_len = len };
+	struct iovec v = {.iov_base = (void *)buf, .iov_len = len};
 
 	return nbdc_tr_writev(t, &v, 1);
 }
@@ -386,7 +386,7 @@ struct nbdc_transport *nbdc_tr_open(const struct nbdc_config *cfg, const char *d
 		return t;
 	}
 	if (cfg->socket_path) {
-		struct sockaddr_un sun = { .sun_family = AF_UNIX };
+		struct sockaddr_un sun = {.sun_family = AF_UNIX};
 		size_t plen = strlen(cfg->socket_path);
 		socklen_t slen;
 
@@ -410,7 +410,8 @@ struct nbdc_transport *nbdc_tr_open(const struct nbdc_config *cfg, const char *d
 		}
 		int r = connect_bounded(t, (struct sockaddr *)&sun, slen);
 		if (r < 0) {
-			g_set_error(error, NBDC_ERROR, r == -ETIMEDOUT ? NBDC_ERROR_TIMEOUT : NBDC_ERROR_CONNECT,
+			g_set_error(error, NBDC_ERROR,
+				    r == -ETIMEDOUT ? NBDC_ERROR_TIMEOUT : NBDC_ERROR_CONNECT,
 				    "%s: connect to '%s': %s", display, cfg->socket_path,
 				    g_strerror(-r));
 			goto fail;
@@ -424,8 +425,8 @@ struct nbdc_transport *nbdc_tr_open(const struct nbdc_config *cfg, const char *d
 	}
 
 	const char *port = cfg->port ? cfg->port : "10809";
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_ADDRCONFIG };
+	struct addrinfo hints = {
+	    .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_ADDRCONFIG};
 	struct addrinfo *res = NULL;
 	int gr = getaddrinfo(cfg->host, port, &hints, &res);
 	if (gr != 0) {
@@ -451,9 +452,9 @@ struct nbdc_transport *nbdc_tr_open(const struct nbdc_config *cfg, const char *d
 	}
 	freeaddrinfo(res);
 	if (t->fd < 0) {
-		g_set_error(error, NBDC_ERROR, last == ETIMEDOUT ? NBDC_ERROR_TIMEOUT : NBDC_ERROR_CONNECT,
-			    "%s: connect to %s port %s: %s", display, cfg->host, port,
-			    g_strerror(last));
+		g_set_error(
+		    error, NBDC_ERROR, last == ETIMEDOUT ? NBDC_ERROR_TIMEOUT : NBDC_ERROR_CONNECT,
+		    "%s: connect to %s port %s: %s", display, cfg->host, port, g_strerror(last));
 		goto fail;
 	}
 	int one = 1;

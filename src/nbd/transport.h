@@ -17,12 +17,12 @@
 
 struct nbdc_transport {
 	int fd;
-	gnutls_session_t tls;                   /* NULL while plaintext */
-	gnutls_psk_client_credentials_t psk;    /* owned, or NULL */
-	gnutls_certificate_credentials_t x509;  /* owned, or NULL */
-	gint64 deadline_us;     /* absolute g_get_monotonic_time(); 0 = none */
-	guint idle_ms;          /* max wait without progress; 0 = none */
-	int rd_errno, wr_errno; /* errno seen by the gnutls pull/push functions */
+	gnutls_session_t tls;		       /* NULL while plaintext */
+	gnutls_psk_client_credentials_t psk;   /* owned, or NULL */
+	gnutls_certificate_credentials_t x509; /* owned, or NULL */
+	gint64 deadline_us;		       /* absolute g_get_monotonic_time(); 0 = none */
+	guint idle_ms;			       /* max wait without progress; 0 = none */
+	int rd_errno, wr_errno;		       /* errno seen by the gnutls pull/push functions */
 };
 
 /* Opens a connected socket for @cfg (host/port, socket_path or fd; takes

@@ -85,7 +85,7 @@ static gboolean parse_port(const char *p, size_t len, const char *uri, char **ou
 	unsigned long v = 0;
 
 	if (len == 0)
-		return TRUE;            /* "host:" = default port */
+		return TRUE; /* "host:" = default port */
 	for (size_t i = 0; i < len; i++)
 		if (!g_ascii_isdigit(s[i]))
 			return uri_fail(error, uri, "bad port '%s'", s);
@@ -132,7 +132,7 @@ static gboolean parse_authority(struct nbdc_uri *u, const char *a, size_t len, c
 			pp = after + 1;
 			plen = left - 1;
 		}
-		gboolean zone = FALSE;  /* after '%': a zone id such as "eth0" */
+		gboolean zone = FALSE; /* after '%': a zone id such as "eth0" */
 		for (const char *q = hs; q < he; q++) {
 			if (*q == '%')
 				zone = TRUE;
@@ -181,8 +181,8 @@ static gboolean parse_query(struct nbdc_uri *u, const char *q, const char *uri, 
 		if (!**p)
 			continue;
 		char *eq = strchr(*p, '=');
-		g_autofree char *key = pct_decode(*p, eq ? (size_t)(eq - *p) : strlen(*p), uri,
-						  "query", error);
+		g_autofree char *key =
+		    pct_decode(*p, eq ? (size_t)(eq - *p) : strlen(*p), uri, "query", error);
 		if (!key)
 			return FALSE;
 		if (!eq)
@@ -195,7 +195,8 @@ static gboolean parse_query(struct nbdc_uri *u, const char *q, const char *uri, 
 				return FALSE;
 		} else if (strcmp(key, "tls-type") == 0) {
 			if (strcmp(val, "anon") && strcmp(val, "x509") && strcmp(val, "psk")) {
-				uri_fail(error, uri, "bad tls-type '%s' (expected anon, x509 or psk)", val);
+				uri_fail(error, uri,
+					 "bad tls-type '%s' (expected anon, x509 or psk)", val);
 				g_free(val);
 				return FALSE;
 			}
@@ -220,16 +221,18 @@ static gboolean parse_query(struct nbdc_uri *u, const char *q, const char *uri, 
 				 !g_ascii_strcasecmp(val, "no") || !g_ascii_strcasecmp(val, "off"))
 				v = 0;
 			if (v < 0) {
-				uri_fail(error, uri, "bad tls-verify-peer '%s' (expected 0 or 1)", val);
+				uri_fail(error, uri, "bad tls-verify-peer '%s' (expected 0 or 1)",
+					 val);
 				g_free(val);
 				return FALSE;
 			}
 			g_free(val);
 			if (u->tls_verify_peer != -1)
-				return uri_fail(error, uri, "query parameter '%s' given twice", key);
+				return uri_fail(error, uri, "query parameter '%s' given twice",
+						key);
 			u->tls_verify_peer = v;
 		} else if (g_str_has_prefix(key, "x-")) {
-			g_free(val);        /* experimental: ignored */
+			g_free(val); /* experimental: ignored */
 		} else {
 			g_free(val);
 			return uri_fail(error, uri, "unknown query parameter '%s'", key);
@@ -250,7 +253,8 @@ struct nbdc_uri *nbdc_uri_parse(const char *uri, GError **error)
 	}
 	sep = strstr(uri, "://");
 	if (!sep) {
-		uri_fail(error, uri, "not an NBD URI (expected nbd://HOST[:PORT]/EXPORT or "
+		uri_fail(error, uri,
+			 "not an NBD URI (expected nbd://HOST[:PORT]/EXPORT or "
 			 "nbd+unix:///EXPORT?socket=PATH)");
 		return NULL;
 	}
@@ -263,8 +267,8 @@ struct nbdc_uri *nbdc_uri_parse(const char *uri, GError **error)
 	} else if (!strcmp(scheme, "nbds+unix")) {
 		u->tls = u->unix_socket = TRUE;
 	} else {
-		uri_fail(error, uri, "unknown scheme '%s' (expected nbd, nbds, nbd+unix or nbds+unix)",
-			 scheme);
+		uri_fail(error, uri,
+			 "unknown scheme '%s' (expected nbd, nbds, nbd+unix or nbds+unix)", scheme);
 		return NULL;
 	}
 
@@ -323,8 +327,8 @@ struct nbdc_uri *nbdc_uri_parse(const char *uri, GError **error)
 char *nbdc_uri_to_display(const struct nbdc_uri *u)
 {
 	GString *s = g_string_new(u->tls ? "nbds" : "nbd");
-	g_autofree char *exp = g_uri_escape_string(u->export_name ? u->export_name : "",
-						   "/:@!$'()*+,;=", FALSE);
+	g_autofree char *exp =
+	    g_uri_escape_string(u->export_name ? u->export_name : "", "/:@!$'()*+,;=", FALSE);
 
 	if (u->unix_socket) {
 		g_autofree char *sock = g_uri_escape_string(u->socket_path ? u->socket_path : "",

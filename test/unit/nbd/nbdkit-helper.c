@@ -35,7 +35,8 @@ struct nbdkit *nbdkit_start_fd(const char *const *args)
 	g_ptr_array_add(argv, NULL);
 	/* sv[1] is CLOEXEC, but dup2 onto 0/1 clears that on the copies. */
 	if (!g_spawn_async(NULL, (char **)argv->pdata, NULL,
-			   G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_CHILD_INHERITS_STDIN,
+			   G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD |
+			       G_SPAWN_CHILD_INHERITS_STDIN,
 			   child_setup_fd, GINT_TO_POINTER(sv[1]), &k->pid, &err))
 		g_error("spawn nbdkit: %s", err->message);
 	close(sv[1]);
@@ -45,7 +46,7 @@ struct nbdkit *nbdkit_start_fd(const char *const *args)
 
 static int free_port(void)
 {
-	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
 	socklen_t len = sizeof(sin);
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 
@@ -98,7 +99,8 @@ struct nbdkit *nbdkit_start_unix_or_tcp(const char *const *args, gboolean tcp)
 		g_ptr_array_add(argv, (char *)*a);
 	g_ptr_array_add(argv, NULL);
 	if (!g_spawn_async(NULL, (char **)argv->pdata, NULL,
-			   G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, NULL, NULL, &k->pid, &err))
+			   G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD, NULL, NULL, &k->pid,
+			   &err))
 		g_error("spawn nbdkit: %s", err->message);
 	gint64 until = g_get_monotonic_time() + 20 * G_USEC_PER_SEC;
 	/* nbdkit writes the pid file once it listens. */

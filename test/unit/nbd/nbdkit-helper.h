@@ -6,10 +6,10 @@
 
 struct nbdkit {
 	GPid pid;
-	char *dir;          /* temp dir holding the socket (-U mode) */
-	char *socket;       /* -U socket path, or NULL in -s mode */
-	int fd;             /* our end of the socketpair in -s mode, else -1 */
-	int port;           /* TCP port on 127.0.0.1 (tcp mode) */
+	char *dir;    /* temp dir holding the socket (-U mode) */
+	char *socket; /* -U socket path, or NULL in -s mode */
+	int fd;	      /* our end of the socketpair in -s mode, else -1 */
+	int port;     /* TCP port on 127.0.0.1 (tcp mode) */
 };
 
 /* -s mode: argv after "nbdkit -s --exit-with-parent"; returns the fd to give

@@ -39,7 +39,7 @@ static void test_connect_info(void)
 	struct nbdc_config cfg;
 	struct nbdkit *k;
 	struct nbdc_info info;
-	const char *args[] = { "memory", "1M", NULL };
+	const char *args[] = {"memory", "1M", NULL};
 
 	nbdc_config_init(&cfg);
 	Nbdc *c = connect_fd(&k, &cfg, args);
@@ -56,7 +56,7 @@ static void test_connect_info(void)
 	g_assert_true(info.structured_replies);
 	g_assert_true(info.can_block_status);
 	g_assert_false(info.tls);
-	g_assert_cmpuint(info.connections, ==, 1);    /* a single fd */
+	g_assert_cmpuint(info.connections, ==, 1); /* a single fd */
 	g_assert_cmpstr(info.protocol, ==, "newstyle-fixed");
 	g_assert_cmpstr(info.export_name, ==, "");
 	g_assert_nonnull(info.description);
@@ -71,7 +71,7 @@ static void test_read_write(void)
 {
 	struct nbdc_config cfg;
 	struct nbdkit *k;
-	const char *args[] = { "memory", "1M", NULL };
+	const char *args[] = {"memory", "1M", NULL};
 	g_autofree uint8_t *buf = g_malloc(65536), *back = g_malloc(65536);
 
 	nbdc_config_init(&cfg);
@@ -93,7 +93,7 @@ static void test_read_write(void)
 	nbdc_disconnect(c);
 	g_assert_false(nbdc_is_alive(c));
 	g_assert_cmpint(nbdc_pread(c, back, 512, 0, 0), ==, -ENOTCONN);
-	nbdc_disconnect(c);     /* idempotent */
+	nbdc_disconnect(c); /* idempotent */
 	nbdc_free(c);
 	nbdkit_stop(k);
 }
@@ -137,10 +137,10 @@ static void test_unix_multiconn_async(void)
 {
 	struct nbdc_config cfg;
 	struct nbdc_info info;
-	const char *args[] = { "memory", "4M", NULL };
+	const char *args[] = {"memory", "4M", NULL};
 	struct nbdkit *k = nbdkit_start_unix(args);
 	g_autoptr(GError) err = NULL;
-	struct async_ctx a = { 0 };
+	struct async_ctx a = {0};
 	enum { N = 256, BS = 16384 };
 	g_autofree uint8_t *wbuf = g_malloc(N * BS), *rbuf = g_malloc0(N * BS);
 	struct iovec wv[N], rv[N * 2];
@@ -176,8 +176,8 @@ static void test_unix_multiconn_async(void)
 		rv[2 * i].iov_len = 1000;
 		rv[2 * i + 1].iov_base = rbuf + (size_t)i * BS + 1000;
 		rv[2 * i + 1].iov_len = BS - 1000;
-		g_assert_cmpint(nbdc_aio_preadv(c, &rv[2 * i], 2, (uint64_t)i * BS, 0, async_done, &a),
-				==, 0);
+		g_assert_cmpint(
+		    nbdc_aio_preadv(c, &rv[2 * i], 2, (uint64_t)i * BS, 0, async_done, &a), ==, 0);
 	}
 	async_wait(&a);
 	g_assert_cmpint(a.errors, ==, 0);
@@ -195,7 +195,6 @@ static void test_unix_multiconn_async(void)
 	g_cond_clear(&a.cv);
 	nbdkit_stop(k);
 }
-
 
 /* ---- helpers for the tests below ---- */
 
@@ -277,7 +276,7 @@ static void connect_fails(const struct nbdc_config *cfg, int kind, const char *s
 
 static void test_tcp(void)
 {
-	const char *args[] = { "memory", "1M", NULL };
+	const char *args[] = {"memory", "1M", NULL};
 	struct nbdkit *k = nbdkit_start_tcp(args);
 	struct nbdc_config cfg;
 	struct nbdc_info info;
@@ -312,7 +311,7 @@ static void test_unknown_export(void)
 	cfg_unix(&cfg, k);
 	cfg.export_name = "zzz";
 	g_autofree char *want = g_strdup_printf(
-		"nbd+unix:///zzz?socket=%s: export 'zzz': server does not know this export", k->socket);
+	    "nbd+unix:///zzz?socket=%s: export 'zzz': server does not know this export", k->socket);
 	connect_fails(&cfg, NBDC_ERROR_NO_EXPORT, want);
 	cfg.export_name = "a";
 	Nbdc *c = must_connect(&cfg);
@@ -425,7 +424,7 @@ static void test_server_errors(void)
 			       "error-pwrite-rate=100%", "error-pread=EIO", "error-pread-rate=100%",
 			       "error-trim=EPERM", "error-trim-rate=100%", NULL);
 	struct nbdc_config cfg;
-	char buf[4096] = { 0 };
+	char buf[4096] = {0};
 
 	for (int sr = 1; sr >= 0; sr--) {
 		cfg_unix(&cfg, k);
@@ -448,7 +447,7 @@ static void test_read_only(void)
 	struct nbdkit *k = kit("-r", "memory", "1M", NULL);
 	struct nbdc_config cfg;
 	struct nbdc_info info;
-	char buf[512] = { 0 };
+	char buf[512] = {0};
 
 	cfg_unix(&cfg, k);
 	Nbdc *c = must_connect(&cfg);
@@ -474,7 +473,7 @@ static void on_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t f
 {
 	struct extents *e = opaque;
 
-	g_assert_cmpuint(offset, ==, e->next);    /* in order, contiguous */
+	g_assert_cmpuint(offset, ==, e->next); /* in order, contiguous */
 	g_assert_cmpuint(length, >, 0);
 	e->next = offset + length;
 	if (e->n < 64) {
@@ -490,7 +489,7 @@ static void test_trim_zero_block_status(void)
 	struct nbdkit *k = kit("memory", "1M", NULL);
 	struct nbdc_config cfg;
 	g_autofree uint8_t *buf = g_malloc(65536);
-	struct extents e = { 0 };
+	struct extents e = {0};
 
 	cfg_unix(&cfg, k);
 	Nbdc *c = must_connect(&cfg);
@@ -512,19 +511,21 @@ static void test_trim_zero_block_status(void)
 	/* REQ_ONE: one extent */
 	memset(&e, 0, sizeof(e));
 	e.next = 65536;
-	g_assert_cmpint(nbdc_block_status(c, 4096, 65536, NBDC_CMD_FLAG_REQ_ONE, on_extent, &e), ==, 0);
+	g_assert_cmpint(nbdc_block_status(c, 4096, 65536, NBDC_CMD_FLAG_REQ_ONE, on_extent, &e), ==,
+			0);
 	g_assert_cmpint(e.n, ==, 1);
 	g_assert_cmpuint(e.len[0], <=, 4096);
 
 	/* zero and trim */
 	g_assert_cmpint(nbdc_zero(c, 4096, 65536, 0), ==, 0);
-	g_assert_cmpint(nbdc_zero(c, 4096, 65536 + 4096, NBDC_CMD_FLAG_NO_HOLE | NBDC_CMD_FLAG_FUA), ==, 0);
+	g_assert_cmpint(nbdc_zero(c, 4096, 65536 + 4096, NBDC_CMD_FLAG_NO_HOLE | NBDC_CMD_FLAG_FUA),
+			==, 0);
 	g_assert_cmpint(nbdc_pread(c, buf, 8192, 65536, 0), ==, 0);
 	for (int i = 0; i < 8192; i++)
 		g_assert_cmpint(buf[i], ==, 0);
 	g_assert_cmpint(nbdc_trim(c, 65536 - 8192, 65536 + 8192, 0), ==, 0);
 	g_assert_cmpint(nbdc_pread(c, buf, 65536, 65536, 0), ==, 0);
-	g_assert_cmpint(buf[65535], ==, 0);   /* memory plugin trims to zero */
+	g_assert_cmpint(buf[65535], ==, 0); /* memory plugin trims to zero */
 	/* bounds */
 	g_assert_cmpint(nbdc_trim(c, 4096, (1 << 20) - 512, 0), ==, -ENOSPC);
 	g_assert_cmpint(nbdc_block_status(c, 4096, (1 << 20) - 512, 0, on_extent, &e), ==, -EINVAL);
@@ -539,7 +540,7 @@ static void test_block_status_big(void)
 {
 	struct nbdkit *k = kit("memory", "6G", NULL);
 	struct nbdc_config cfg;
-	struct extents e = { 0 };
+	struct extents e = {0};
 	char buf[4096];
 
 	cfg_unix(&cfg, k);
@@ -553,7 +554,7 @@ static void test_block_status_big(void)
 	g_autofree char *log = captured();
 	const char *p = strstr(log, "BLOCK_STATUS cookie=");
 	g_assert_nonnull(p);
-	g_assert_nonnull(strstr(p + 1, "BLOCK_STATUS cookie="));   /* at least two requests */
+	g_assert_nonnull(strstr(p + 1, "BLOCK_STATUS cookie=")); /* at least two requests */
 	nbdc_free(c);
 	nbdkit_stop(k);
 }
@@ -579,7 +580,8 @@ static void test_emulation_and_debug(void)
 	g_assert_cmpint(nbdc_pread(c, buf, 3 << 20, 0, 0), ==, 0);
 	g_assert_cmpint(buf[4095], ==, 0xaa);
 	for (size_t i = 4096; i < (2 << 20) + 8192; i++)
-		if (buf[i]) g_error("byte %zu not zero", i);
+		if (buf[i])
+			g_error("byte %zu not zero", i);
 	g_assert_cmpint(buf[(2 << 20) + 8192], ==, 0xaa);
 	nbdc_free(c);
 	g_autofree char *log = captured();
@@ -589,9 +591,9 @@ static void test_emulation_and_debug(void)
 	g_assert_null(strstr(log, "WRITE_ZEROES"));
 	nbdkit_stop(k);
 
-	k = kit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero",
-		"pwrite=cat >/dev/null", "can_write=exit 0", "can_flush=exit 0",
-		"flush=exit 0", "can_fua=echo emulate", "can_trim=exit 3", NULL);
+	k = kit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero", "pwrite=cat >/dev/null",
+		"can_write=exit 0", "can_flush=exit 0", "flush=exit 0", "can_fua=echo emulate",
+		"can_trim=exit 3", NULL);
 	cfg_unix(&cfg, k);
 	cfg.debug = TRUE;
 	c = must_connect(&cfg);
@@ -609,9 +611,8 @@ static void test_emulation_and_debug(void)
 	nbdc_free(c);
 	nbdkit_stop(k);
 
-	k = kit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero",
-		"pwrite=cat >/dev/null", "can_write=exit 0", "can_flush=exit 0",
-		"flush=exit 0", "can_fua=echo none", NULL);
+	k = kit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero", "pwrite=cat >/dev/null",
+		"can_write=exit 0", "can_flush=exit 0", "flush=exit 0", "can_fua=echo none", NULL);
 	cfg_unix(&cfg, k);
 	cfg.debug = TRUE;
 	c = must_connect(&cfg);
@@ -734,7 +735,8 @@ static void test_tls_psk(void)
 	char buf[512];
 
 	g_assert_no_error(err);
-	g_assert_true(g_file_set_contents(psk, "alice:0123456789abcdef0123456789abcdef\n", -1, &err));
+	g_assert_true(
+	    g_file_set_contents(psk, "alice:0123456789abcdef0123456789abcdef\n", -1, &err));
 	struct nbdkit *k = kit("--tls=require", arg, "memory", "1M", NULL);
 	cfg_unix(&cfg, k);
 	cfg.tls = TRUE;
@@ -781,10 +783,11 @@ static void sh(const char *cmd)
 {
 	g_autoptr(GError) err = NULL;
 	int status = 0;
-	const char *argv[] = { "/bin/sh", "-ec", cmd, NULL };
+	const char *argv[] = {"/bin/sh", "-ec", cmd, NULL};
 
-	g_assert_true(g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_STDOUT_TO_DEV_NULL |
-				   G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, NULL, NULL, &status, &err));
+	g_assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
+				   G_SPAWN_STDOUT_TO_DEV_NULL | G_SPAWN_STDERR_TO_DEV_NULL, NULL,
+				   NULL, NULL, NULL, &status, &err));
 	g_assert_no_error(err);
 	g_assert_true(g_spawn_check_wait_status(status, &err));
 }
@@ -795,22 +798,28 @@ static void test_tls_x509(void)
 	g_autoptr(GError) err = NULL;
 	g_autofree char *dir = g_dir_make_tmp("nbdc-x509-XXXXXX", &err);
 	g_autofree char *cmd = g_strdup_printf(
-		"cd %s; mkdir srv cli other\n"
-		"certtool --generate-privkey --key-type=ecdsa > ca-key.pem\n"
-		"printf 'cn = Test CA\\nca\\ncert_signing_key\\nexpiration_days = 30\\n' > ca.info\n"
-		"certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile srv/ca-cert.pem\n"
-		"cp srv/ca-cert.pem cli/\n"
-		"certtool --generate-privkey --key-type=ecdsa > srv/server-key.pem\n"
-		"printf 'cn = localhost\\ndns_name = localhost\\ntls_www_server\\nsigning_key\\nexpiration_days = 30\\n' > s.info\n"
-		"certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem --load-ca-privkey ca-key.pem "
-		"--load-privkey srv/server-key.pem --template s.info --outfile srv/server-cert.pem\n"
-		"certtool --generate-privkey --key-type=ecdsa > cli/client-key.pem\n"
-		"printf 'cn = client\\ntls_www_client\\nsigning_key\\nexpiration_days = 30\\n' > c.info\n"
-		"certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem --load-ca-privkey ca-key.pem "
-		"--load-privkey cli/client-key.pem --template c.info --outfile cli/client-cert.pem\n"
-		"certtool --generate-privkey --key-type=ecdsa > other-key.pem\n"
-		"certtool --generate-self-signed --load-privkey other-key.pem --template ca.info --outfile other/ca-cert.pem\n",
-		dir);
+	    "cd %s; mkdir srv cli other\n"
+	    "certtool --generate-privkey --key-type=ecdsa > ca-key.pem\n"
+	    "printf 'cn = Test CA\\nca\\ncert_signing_key\\nexpiration_days = 30\\n' > ca.info\n"
+	    "certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info "
+	    "--outfile srv/ca-cert.pem\n"
+	    "cp srv/ca-cert.pem cli/\n"
+	    "certtool --generate-privkey --key-type=ecdsa > srv/server-key.pem\n"
+	    "printf 'cn = localhost\\ndns_name = "
+	    "localhost\\ntls_www_server\\nsigning_key\\nexpiration_days = 30\\n' > s.info\n"
+	    "certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem "
+	    "--load-ca-privkey ca-key.pem "
+	    "--load-privkey srv/server-key.pem --template s.info --outfile srv/server-cert.pem\n"
+	    "certtool --generate-privkey --key-type=ecdsa > cli/client-key.pem\n"
+	    "printf 'cn = client\\ntls_www_client\\nsigning_key\\nexpiration_days = 30\\n' > "
+	    "c.info\n"
+	    "certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem "
+	    "--load-ca-privkey ca-key.pem "
+	    "--load-privkey cli/client-key.pem --template c.info --outfile cli/client-cert.pem\n"
+	    "certtool --generate-privkey --key-type=ecdsa > other-key.pem\n"
+	    "certtool --generate-self-signed --load-privkey other-key.pem --template ca.info "
+	    "--outfile other/ca-cert.pem\n",
+	    dir);
 	g_autofree char *srv = g_strdup_printf("--tls-certificates=%s/srv", dir);
 	g_autofree char *cli = g_strdup_printf("%s/cli", dir);
 	g_autofree char *other = g_strdup_printf("%s/other", dir);
@@ -850,7 +859,8 @@ static void test_tls_x509(void)
 
 static void test_multiconn_fallback(void)
 {
-	struct nbdkit *k = kit("--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable", NULL);
+	struct nbdkit *k =
+	    kit("--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable", NULL);
 	struct nbdc_config cfg;
 	struct nbdc_info info;
 
@@ -880,9 +890,10 @@ static void test_multiconn_fallback(void)
 
 static void test_server_death(void)
 {
-	struct nbdkit *k = kit("eval", "get_size=echo 4M",
-			       "pread=if [ $4 -ge 2097152 ]; then kill -9 $PPID; sleep 1; fi; head -c $3 /dev/zero",
-			       NULL);
+	struct nbdkit *k = kit(
+	    "eval", "get_size=echo 4M",
+	    "pread=if [ $4 -ge 2097152 ]; then kill -9 $PPID; sleep 1; fi; head -c $3 /dev/zero",
+	    NULL);
 	struct nbdc_config cfg;
 	g_autofree char *buf = g_malloc(65536);
 
@@ -932,7 +943,7 @@ static void test_disconnect_in_flight(void)
 {
 	struct nbdkit *k = kit("--filter=delay", "memory", "1M", "delay-read=300ms", NULL);
 	struct nbdc_config cfg;
-	struct async_ctx a = { 0 };
+	struct async_ctx a = {0};
 	static char bufs[8][4096];
 
 	cfg_unix(&cfg, k);
@@ -940,17 +951,17 @@ static void test_disconnect_in_flight(void)
 	g_mutex_init(&a.m);
 	g_cond_init(&a.cv);
 	a.pending = 8;
-	static struct iovec vs[8];      /* must outlive the requests */
+	static struct iovec vs[8]; /* must outlive the requests */
 	for (int i = 0; i < 8; i++) {
 		vs[i].iov_base = bufs[i];
 		vs[i].iov_len = 4096;
-		g_assert_cmpint(nbdc_aio_preadv(c, &vs[i], 1, (uint64_t)i * 4096, 0, async_done, &a),
-				==, 0);
+		g_assert_cmpint(
+		    nbdc_aio_preadv(c, &vs[i], 1, (uint64_t)i * 4096, 0, async_done, &a), ==, 0);
 	}
 	nbdc_disconnect(c);
 	g_assert_cmpint(a.pending, ==, 0);
 	g_assert_cmpint(a.errors, ==, 0);
-	struct iovec v = { bufs[0], 4096 };
+	struct iovec v = {bufs[0], 4096};
 	g_assert_cmpint(nbdc_aio_preadv(c, &v, 1, 0, 0, async_done, &a), ==, -ENOTCONN);
 	nbdc_free(c);
 	g_mutex_clear(&a.m);

@@ -11,12 +11,12 @@ static void test_request(void)
 {
 	struct nbd_request r;
 	static const uint8_t want[28] = {
-		0x25, 0x60, 0x95, 0x13,                         /* magic */
-		0x00, 0x01,                                     /* flags: FUA */
-		0x00, 0x01,                                     /* type: WRITE */
-		0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, /* cookie */
-		0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x10, 0x00, /* offset */
-		0x00, 0x00, 0x02, 0x00,                         /* len */
+	    0x25, 0x60, 0x95, 0x13,			    /* magic */
+	    0x00, 0x01,					    /* flags: FUA */
+	    0x00, 0x01,					    /* type: WRITE */
+	    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, /* cookie */
+	    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x10, 0x00, /* offset */
+	    0x00, 0x00, 0x02, 0x00,			    /* len */
 	};
 
 	nbd_encode_request(&r, NBD_CMD_FLAG_FUA, NBD_CMD_WRITE, UINT64_C(0x0102030405060708),
@@ -28,9 +28,8 @@ static void test_option(void)
 {
 	struct nbd_option_hdr h;
 	static const uint8_t want[16] = {
-		'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T',
-		0, 0, 0, 7,             /* NBD_OPT_GO */
-		0, 0, 0x01, 0x02,
+	    'I', 'H', 'A',  'V',  'E', 'O', 'P', 'T', 0, 0, 0, 7, /* NBD_OPT_GO */
+	    0,	 0,   0x01, 0x02,
 	};
 
 	nbd_encode_option(&h, NBD_OPT_GO, 0x102);
@@ -40,16 +39,13 @@ static void test_option(void)
 static void test_replies(void)
 {
 	static const uint8_t simple[16] = {
-		0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22,
-		0, 0, 0, 0, 0, 0, 0, 9,
+	    0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 9,
 	};
 	static const uint8_t chunk[20] = {
-		0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1,
-		0, 0, 0, 0, 0, 0, 0, 42, 0, 0, 0x10, 0x08,
+	    0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 42, 0, 0, 0x10, 0x08,
 	};
 	static const uint8_t optrep[20] = {
-		0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9,
-		0, 0, 0, 7, 0x80, 0, 0, 6, 0, 0, 0, 0,
+	    0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0x80, 0, 0, 6, 0, 0, 0, 0,
 	};
 	union nbd_reply r;
 	struct nbd_option_reply o;
@@ -77,7 +73,7 @@ static void test_helpers(void)
 	put_be16(b, 0x1234);
 	g_assert_cmphex(b[0], ==, 0x12);
 	g_assert_cmphex(get_be16(b), ==, 0x1234);
-	put_be32(b + 1, 0xdeadbeef);  /* unaligned */
+	put_be32(b + 1, 0xdeadbeef); /* unaligned */
 	g_assert_cmphex(get_be32(b + 1), ==, 0xdeadbeef);
 	put_be64(b, UINT64_C(0x0102030405060708));
 	g_assert_cmphex(b[7], ==, 8);
