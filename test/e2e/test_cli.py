@@ -631,3 +631,47 @@ def test_tls_psk_unix(nbdkit, mount, tmp_path):
     srv = nbdkit("--tls=require", f"--tls-psk={psk}", "pattern", "1M")
     m = mount(f"nbds+unix://alice@/?socket={srv.sock}", opts=["-o", f"tls-psk={psk}"])
     assert read_file(m / "disk", 4096, 8) == pattern_bytes(4096, 8)
+
+
+def test_nbd_uri_default_port(mount):
+    """nbd://host with no port means 10809 (needs that port free: waits for it)."""
+    import socket as so
+
+    def port_free():
+        with so.socket(so.AF_INET, so.SOCK_STREAM) as s:
+            s.setsockopt(so.SOL_SOCKET, so.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", 10809))
+                return True
+            except OSError:
+                return False
+    wait_for(port_free, timeout=120, what="port 10809 to be free")
+    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p",
+                             "10809", "pattern", "1M"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                with so.create_connection(("127.0.0.1", 10809), timeout=0.5):
+                    return True
+            except OSError:
+                assert proc.poll() is None, "nbdkit could not listen on 10809"
+                return False
+        wait_for(up, timeout=30, what="nbdkit on 10809")
+        for uri in ("nbd://127.0.0.1", "nbd://127.0.0.1/", "nbd://localhost"):
+            m = mount(uri)
+            assert m.files() == ["disk"]
+            assert read_file(m / "disk", 8, 8) == pattern_bytes(8, 8)
+            m.unmount()
+    finally:
+        from nbdfs_e2e import kill_and_wait
+        kill_and_wait(proc)
+
+
+def test_all_exports_many(nbdkit, mount):
+    srv = nbdkit("eval", "list_exports=for i in $(seq 1 200); do echo exp$i; done",
+                 "get_size=echo 64K", "pread=head -c $3 /dev/zero")
+    m = mount(srv.uri(), opts=["-a"])
+    files = m.files()
+    assert len(files) == 200
+    assert set(files) == {f"exp{i}" for i in range(1, 201)}

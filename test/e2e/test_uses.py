@@ -136,3 +136,29 @@ def test_loop_direct_io_on_partition(tmp_path, server, mount, loopdev, loopmount
     losetup_detach(dev)
     d = loopmount(m / "disk-part1")
     assert open(os.path.join(d, "dio.bin"), "rb").read() == data
+
+
+def test_exports_as_files_cp_cmp_qemu_img(tmp_path, server, mount):
+    """SPEC §1: anything that reads files (cp, cmp, qemu-img) works on an export."""
+    img = image(tmp_path / "disk.img", 8 * MiB, "label: gpt\nsize=2M\n")
+    with open(img, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB))
+    srv = server("file", img, log=False)
+    m = mount(srv.uri())
+    copy = tmp_path / "copy.img"
+    run(["cp", m / "disk", copy])
+    assert read_file(copy) == nbd_read(srv.uri())
+    run(["cmp", m / "disk", img])
+    info = run(["qemu-img", "info", "--output=json", "-f", "raw", m / "disk"]).stdout.decode()
+    assert '"virtual-size": 8388608' in info
+    out = tmp_path / "out.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", m / "disk", out], timeout=300)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", m / "disk", out], timeout=300)
+
+
+def test_no_libnbd_in_the_product(nbdfs_bin):
+    """SPEC §1: its own NBD client core, no libnbd."""
+    out = run(["ldd", nbdfs_bin]).stdout.decode()
+    assert "libnbd" not in out, out
+    assert "libfuse3" in out
