@@ -19,6 +19,7 @@
 #include "wire.h"
 
 #define DISCONNECT_WAIT_US (5 * G_USEC_PER_SEC)
+#define MAX_CONNECTIONS 16u
 #define ZERO_BUF_LEN (1024u * 1024)
 
 void nbdc_config_init(struct nbdc_config *cfg)
@@ -252,6 +253,11 @@ Nbdc *nbdc_connect(const struct nbdc_config *cfg, GError **error)
 	gboolean mc = (neg.eflags & NBD_FLAG_CAN_MULTI_CONN) != 0;
 	if (want == 0)
 		want = mc ? 4 : 1;
+	if (want > MAX_CONNECTIONS) {
+		nbdc_log(cfg, NBDC_LOG_WARNING, "%s: %u connections asked, using %u", c->display,
+			 want, MAX_CONNECTIONS);
+		want = MAX_CONNECTIONS;
+	}
 	if (want > 1 && !mc) {
 		if (cfg->connections > 1)
 			nbdc_log(cfg, NBDC_LOG_WARNING,

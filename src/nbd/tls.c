@@ -6,6 +6,9 @@
 
 #include "transport.h"
 
+/* TLS 1.2 at least (the NBD spec's MUST). */
+#define PRIORITY "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1"
+
 /* Finds @user's hex key in a "user:hexkey" file.  Caller frees. */
 static char *psk_lookup(const char *file, const char *user, const char *display, GError **error)
 {
@@ -126,13 +129,13 @@ gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
 	}
 	nbdc_tr_install_tls_io(t);
 	if (cfg->tls_psk_file) {
-		r = gnutls_priority_set_direct(t->tls, "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
+		r = gnutls_priority_set_direct(t->tls, PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
 		if (r < 0)
 			return tls_fail(display, "priority", r, error);
 		if (!setup_psk(t, cfg, display, error))
 			return FALSE;
 	} else {
-		r = gnutls_set_default_priority(t->tls);
+		r = gnutls_priority_set_direct(t->tls, PRIORITY, NULL);
 		if (r < 0)
 			return tls_fail(display, "priority", r, error);
 		if (!setup_x509(t, cfg, display, error))
