@@ -174,3 +174,51 @@ def test_split_counts_in_the_sector_size(nbdkit, mount):
     assert os.path.getsize(m / "disk-part1") == 3 * 4096
     assert os.path.getsize(m / "disk-part2") == MiB - 3 * 4096
     assert getx(m / "disk-part2", "user.nbdfs.start") == "3"
+
+
+def test_namespace_is_fixed(nbdkit, mount):
+    """The files are the exports and partitions: nothing can be created,
+    removed or renamed (as with device nodes of disks)."""
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "split=disk:8"])
+    before = m.files()
+    attempts = [
+        lambda: open(m / "new", "w").close(),
+        lambda: os.mkdir(m / "dir"),
+        lambda: os.unlink(m / "disk-part1"),
+        lambda: os.rename(m / "disk", m / "other"),
+        lambda: os.symlink("disk", m / "link"),
+        lambda: os.link(m / "disk", m / "hard"),
+        lambda: os.rmdir(m.path),
+        lambda: os.chmod(m / "disk", 0o777),
+    ]
+    for i, fn in enumerate(attempts):
+        try:
+            fn()
+        except OSError:
+            continue
+        if i == len(attempts) - 1:
+            continue    # chmod may be accepted and ignored
+        raise AssertionError(f"namespace operation {i} succeeded")
+    assert m.files() == before
+    assert stat.S_IMODE(os.stat(m / "disk").st_mode) in (0o644, 0o777)
+
+
+def test_mmap_read(nbdkit, mount):
+    import mmap
+    from nbdfs_e2e import pattern_bytes
+    m = mount(nbdkit("pattern", "1M").uri())
+    with open(m / "disk", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            assert len(mm) == MiB
+            assert mm[123456:123556] == pattern_bytes(123456, 100)
+        finally:
+            mm.close()
+
+
+def test_ls_and_df(nbdkit, mount):
+    m = mount(nbdkit("memory", "1M").uri())
+    out = run(["ls", "-l", m.path]).stdout.decode()
+    assert "disk" in out and "1048576" in out
+    run(["df", m.path])
+    run(["stat", "-f", m.path])
