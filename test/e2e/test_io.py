@@ -453,10 +453,15 @@ def test_coherence_between_partition_and_export(tmp_path, server, mount):
         os.close(fp)
 
 
-def test_concurrent_unaligned_writers(server, mount):
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_concurrent_unaligned_writers(server, mount, sector):
     size = MiB
-    srv = server("memory", str(size), log=False)
-    m = mount(srv.uri(), opts=["-o", "split=disk:16"])
+    if sector == 512:
+        srv = server("memory", str(size), log=False)
+    else:   # a server that rejects anything not 4096-aligned
+        srv = server("--filter=blocksize-policy", "memory", str(size), "blocksize-minimum=4096",
+                     "blocksize-error-policy=error", log=False)
+    m = mount(srv.uri(), opts=["-o", f"split=disk:{16 * SECTOR // sector}"])
     region = 16384
     nthreads = 8
     stripe = 37        # ranges of 37 bytes, interleaved: every sector is shared
@@ -492,7 +497,7 @@ def test_concurrent_unaligned_writers(server, mount):
             off = 16 * SECTOR + (k * nthreads + t) * stripe
             model[off:off + stripe] = bytes([(t * 16 + 5) & 0xff]) * stripe
     assert read_file(m / "disk") == bytes(model)
-    assert nbd_read(srv.uri()) == bytes(model)
+    assert nbd_read(srv.uri(), request_size=65536, extents=False) == bytes(model)
 
 
 # ---------------------------------------------------------------- block sizes and odd sizes

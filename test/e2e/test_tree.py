@@ -4,6 +4,8 @@ entry index + 1 with gaps, nested partitions) and start/size against sfdisk."""
 import os
 import stat
 
+import pytest
+
 from nbdfs_e2e import (MiB, SECTOR, getx, image, read_file, run, set_partition, sfdisk,
                        sfdisk_json, sparse_file)
 
@@ -138,8 +140,10 @@ def test_partition_files_next_to_parent_for_each_export(tmp_path, nbdkit, mount)
     assert m.files() == ["a", "a-part1", "b", "b-part1", "b-part2"]
 
 
-def test_4096_sector_gpt(tmp_path, nbdkit, mount):
-    """GPT written for 4096-byte sectors, read with sector_size=4096."""
+@pytest.mark.parametrize("how", ["option", "server-minimum"])
+def test_4096_sector_gpt(tmp_path, nbdkit, mount, how):
+    """GPT written for 4096-byte sectors, read with sector_size=4096 or with a
+    server whose minimum block size is 4096 (the default sector size then)."""
     img = sparse_file(tmp_path / "g4k.img", 32 * MiB)
     dev = None
     # sfdisk on a file uses 512; write the table through a loop device with 4K sectors
@@ -150,7 +154,11 @@ def test_4096_sector_gpt(tmp_path, nbdkit, mount):
         t = sfdisk_json(dev)
     finally:
         run(["losetup", "-d", dev])
-    m = mount(nbdkit("file", img).uri(), opts=["-P", "-o", "sector_size=4096"])
+    if how == "option":
+        m = mount(nbdkit("file", img).uri(), opts=["-P", "-o", "sector_size=4096"])
+    else:
+        m = mount(nbdkit("--filter=blocksize-policy", "file", img, "blocksize-minimum=4096",
+                         "blocksize-error-policy=error").uri(), opts=["-P"])
     assert m.files() == ["disk", "disk-part1", "disk-part2"]
     for p in t["partitions"]:
         name = f"disk-part{p['number']}"
