@@ -345,6 +345,12 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean inte
 /* ---- reader ---- */
 
 /* Marks [rel, rel+n) of a structured READ as received; FALSE on overlap. */
+#define MAX_RANGES 4096 /* disjoint pieces of one READ before we call it abuse */
+
+/* Marks [rel, rel+n) of a structured READ as received; FALSE on overlap (or
+ * a pathological number of disjoint pieces).  @covered counts the bytes
+ * received; in-order chunks (the usual case) need no range list.  Ranges
+ * are kept sorted and coalesced, so their number is the number of gaps. */
 static gboolean cover(struct nbdc_req *req, uint64_t rel, uint64_t n)
 {
 	if (!req->ranges && rel == req->covered) {
@@ -359,45 +365,43 @@ static gboolean cover(struct nbdc_req *req, uint64_t rel, uint64_t n)
 			g_array_append_vals(req->ranges, r0, 1);
 		}
 	}
-	/* insertion point: first range with start >= rel */
-	guint i = 0;
-	guint lo = 0, hi = req->ranges->len;
+	GArray *a = req->ranges;
+	/* insertion point: the first range starting at or after @rel */
+	guint lo = 0, hi = a->len;
 	while (lo < hi) {
 		guint mid = (lo + hi) / 2;
-		const uint64_t *m = &g_array_index(req->ranges, uint64_t, mid * 2);
 
-		if (m[0] < rel)
+		if (g_array_index(a, uint64_t, mid * 2) < rel)
 			lo = mid + 1;
 		else
 			hi = mid;
 	}
-	i = lo;
-	if (i > 0) {
-		const uint64_t *p = &g_array_index(req->ranges, uint64_t, (i - 1) * 2);
-		if (p[1] > rel)
+	uint64_t *prev = lo > 0 ? &g_array_index(a, uint64_t, (lo - 1) * 2) : NULL;
+	uint64_t *next = lo < a->len ? &g_array_index(a, uint64_t, lo * 2) : NULL;
+	if ((prev && prev[1] > rel) || (next && next[0] < rel + n))
+		return FALSE;
+	req->covered += n;
+	if (prev && prev[1] == rel) {
+		prev[1] = rel + n;
+		if (next && next[0] == prev[1]) {
+			prev[1] = next[1];
+			g_array_remove_index(a, lo);
+		}
+	} else if (next && next[0] == rel + n) {
+		next[0] = rel;
+	} else {
+		if (a->len >= MAX_RANGES)
 			return FALSE;
+		uint64_t nr[2] = {rel, rel + n};
+
+		g_array_insert_vals(a, lo, nr, 1);
 	}
-	if (i < req->ranges->len) {
-		const uint64_t *q = &g_array_index(req->ranges, uint64_t, i * 2);
-		if (q[0] < rel + n)
-			return FALSE;
-	}
-	uint64_t nr[2] = {rel, rel + n};
-	g_array_insert_vals(req->ranges, i, nr, 1);
-	req->covered += 0;
 	return TRUE;
 }
 
 static uint64_t covered_bytes(const struct nbdc_req *req)
 {
-	if (!req->ranges)
-		return req->covered;
-	uint64_t sum = 0;
-	for (guint i = 0; i < req->ranges->len; i++) {
-		const uint64_t *p = &g_array_index(req->ranges, uint64_t, i * 2);
-		sum += p[1] - p[0];
-	}
-	return sum;
+	return req->covered;
 }
 
 static void set_err(struct nbdc_req *req, int err)
