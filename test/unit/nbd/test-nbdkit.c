@@ -17,6 +17,30 @@ static void quiet_log(void *opaque, enum nbdc_log_level level, const char *msg)
 		g_atomic_int_inc((gint *)opaque);
 }
 
+static struct debug_count {
+	gint lines;
+	GMutex m;
+	GString *text;
+} dbg;
+
+static void capture_log(void *opaque, enum nbdc_log_level level, const char *msg)
+{
+	g_mutex_lock(&dbg.m);
+	if (!dbg.text)
+		dbg.text = g_string_new(NULL);
+	g_string_append_printf(dbg.text, "%d %s\n", level, msg);
+	g_mutex_unlock(&dbg.m);
+}
+
+static char *captured(void)
+{
+	g_mutex_lock(&dbg.m);
+	char *s = dbg.text ? g_string_free(dbg.text, FALSE) : g_strdup("");
+	dbg.text = NULL;
+	g_mutex_unlock(&dbg.m);
+	return s;
+}
+
 /* Connects to a fresh `nbdkit -s ARGS...` over a socketpair. */
 static Nbdc *connect_fd(struct nbdkit **kp, struct nbdc_config *cfg, const char *const *args)
 {
@@ -147,7 +171,8 @@ static void test_unix_multiconn_async(void)
 
 	nbdc_config_init(&cfg);
 	cfg.socket_path = k->socket;
-	cfg.log = quiet_log;
+	cfg.log = capture_log;
+	cfg.debug = TRUE;
 	cfg.max_in_flight = 8;
 	Nbdc *c = nbdc_connect(&cfg, &err);
 	g_assert_no_error(err);
@@ -169,6 +194,12 @@ static void test_unix_multiconn_async(void)
 	async_wait(&a);
 	g_assert_cmpint(a.errors, ==, 0);
 	g_assert_cmpint(nbdc_flush(c), ==, 0);
+	/* every connection carried requests */
+	g_autofree char *log = captured();
+	for (int i = 0; i < 4; i++) {
+		g_autofree char *tag = g_strdup_printf(" conn=%d", i);
+		g_assert_nonnull(strstr(log, tag));
+	}
 	/* reads scattered over two iovecs each (uneven split) */
 	a.pending = N;
 	for (int i = 0; i < N; i++) {
@@ -218,30 +249,6 @@ static struct nbdkit *kit(const char *first, ...)
 	struct nbdkit *k = kit_v(FALSE, first, ap);
 	va_end(ap);
 	return k;
-}
-
-static struct debug_count {
-	gint lines;
-	GMutex m;
-	GString *text;
-} dbg;
-
-static void capture_log(void *opaque, enum nbdc_log_level level, const char *msg)
-{
-	g_mutex_lock(&dbg.m);
-	if (!dbg.text)
-		dbg.text = g_string_new(NULL);
-	g_string_append_printf(dbg.text, "%d %s\n", level, msg);
-	g_mutex_unlock(&dbg.m);
-}
-
-static char *captured(void)
-{
-	g_mutex_lock(&dbg.m);
-	char *s = dbg.text ? g_string_free(dbg.text, FALSE) : g_strdup("");
-	dbg.text = NULL;
-	g_mutex_unlock(&dbg.m);
-	return s;
 }
 
 static void cfg_unix(struct nbdc_config *cfg, struct nbdkit *k)
