@@ -594,3 +594,69 @@ def test_large_sequential_io_crosses_max_block_size(server, mount):
     finally:
         os.close(fd)
     assert nbd_read(srv.uri(), 12345, len(data), request_size=65536) == data
+
+
+# ---------------------------------------------------------------- servers lacking features
+
+def test_o_sync_without_fua_write_then_flush(server, mount):
+    srv = server("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero", "can_write=exit 0",
+                 "pwrite=cat >/dev/null", "can_flush=exit 0", "flush=exit 0",
+                 "can_fua=echo none")
+    m = mount(srv.uri())
+    fd = os.open(m / "disk", os.O_WRONLY | os.O_DSYNC)
+    try:
+        srv.log.clear()
+        os.pwrite(fd, b"s" * 4096, 8192)
+        reqs = srv.log.requests()
+        writes = [i for i, r in enumerate(reqs) if r["kind"] == "Write"]
+        assert writes, srv.log.text()
+        assert all(r.get("fua", 0) == 0 for r in reqs if r["kind"] == "Write")
+        assert any(r["kind"] == "Flush" for r in reqs[writes[-1] + 1:]), srv.log.text()
+    finally:
+        os.close(fd)
+
+
+def test_punch_and_zero_without_server_write_zeroes(server, mount):
+    """A server with no WRITE_ZEROES: the range still reads back as zeros."""
+    srv = server("--filter=nozero", "memory", "1M", "zeromode=none")
+    m = mount(srv.uri())
+    fd = os.open(m / "disk", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x77" * 65536, 0)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1000, 10000)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 30000, 5000)
+        want = bytearray(b"\x77" * 65536)
+        want[1000:11000] = bytes(10000)
+        want[30000:35000] = bytes(5000)
+        assert os.pread(fd, 65536, 0) == bytes(want)
+    finally:
+        os.close(fd)
+    assert nbd_read(srv.uri(), 0, 65536) == bytes(want)
+    assert srv.log.requests("Zero") == []
+
+
+def test_server_error_is_eio_at_once(tmp_path, server, mount):
+    """A connected server that answers with an error is not unreachable: EIO
+    without waiting for the timeout, and I/O works again once it recovers."""
+    inject = tmp_path / "inject"
+    srv = server("--filter=error", "pattern", "4M", "error-rate=100%", f"error-file={inject}",
+                 "error=EIO", log=False)
+    m = mount(srv.uri())      # default timeout: 60 s
+    import mmap
+    import time
+
+    def direct_read(off):
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(m / "disk", os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.preadv(fd, [buf], off)
+            return bytes(buf)
+        finally:
+            os.close(fd)
+    assert direct_read(0) == pattern_bytes(0, 4096)
+    inject.write_text("")
+    t0 = time.monotonic()
+    assert errno_of(direct_read, MiB) == errno.EIO
+    assert time.monotonic() - t0 < 30, "a server error waited like a lost server"
+    inject.unlink()
+    assert direct_read(2 * MiB) == pattern_bytes(2 * MiB, 4096)

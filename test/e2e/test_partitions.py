@@ -511,3 +511,19 @@ def test_nested_entry_beyond_its_parent_refused(tmp_path, nbdkit, mount):
     set_partition(m / "disk-part2", "auto")
     assert [f for f in m.files() if f.startswith("disk-part2-")] == ["disk-part2-part1"]
     assert os.path.getsize(m / "disk-part2-part1") == 2 * MiB
+
+
+def test_ebusy_while_loop_device_holds_partition(tmp_path, nbdkit, mount, loopdev):
+    img = image(tmp_path / "d.img", 16 * MiB, GPT2)
+    m = mount(nbdkit("file", img).uri(), opts=["-P"])
+    dev = loopdev(m / "disk-part2")
+    assert errno_of(set_partition, m / "disk", "none") == errno.EBUSY
+    assert errno_of(set_partition, m / "disk", "auto") == errno.EBUSY
+    from nbdfs_e2e import losetup_detach
+    losetup_detach(dev)
+    from nbdfs_e2e import wait_for
+
+    def released():
+        return errno_of(set_partition, m / "disk", "none") is None
+    wait_for(released, timeout=10, what="the partitions to be free after losetup -d")
+    assert m.files() == ["disk"]
