@@ -71,20 +71,13 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
 suite build/ci-werror -Dwerror=true
 suite build/ci-asan -Dwerror=true -Db_sanitize=address,undefined -Db_lundef=false
 
-step "fuzzers (clang libFuzzer)"
+step "fuzzers (clang libFuzzer, fixed run counts)"
 rm -rf build/ci-fuzz
-if CC=clang meson setup build/ci-fuzz -Dfuzzing=true -Dtests=false >build/ci-fuzz.setup.log 2>&1 &&
+if CC=clang meson setup build/ci-fuzz -Dfuzzing=true -Dtests=false \
+	-Db_sanitize=address,undefined -Db_lundef=false >build/ci-fuzz.setup.log 2>&1 &&
 	ninja -C build/ci-fuzz >build/ci-fuzz.build.log 2>&1; then
-	for fz in build/ci-fuzz/test/fuzz/*/fuzz-*; do
-		[ -x "$fz" ] || continue
-		name=$(basename "$fz")
-		corpus=$top/test/fuzz/$(basename "$(dirname "$fz")")/corpus
-		work=$(mktemp -d)
-		echo "-- $name: 20000 runs over $corpus"
-		run "$name" "$fz" -runs=20000 -max_total_time=300 -timeout=10 -print_final_stats=1 \
-			"$work" "$corpus"
-		rm -rf "$work"
-	done
+	run "fuzzers" meson test -C build/ci-fuzz --suite fuzz -v --no-rebuild
+	count_results build/ci-fuzz
 else
 	cat build/ci-fuzz.setup.log build/ci-fuzz.build.log 2>/dev/null | tail -40
 	failed+=("fuzz build")
