@@ -621,8 +621,10 @@ GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError 
 	g_autoptr(GPtrArray) list = g_ptr_array_new_with_free_func(export_free);
 	GPtrArray *ret = NULL;
 	uint64_t bytes = 0;
+	struct nbdc_config lcfg = *cfg;
 
-	if (!hs_start(&h, cfg, NULL, error))
+	lcfg.export_name = NULL; /* ignored: keep it out of messages too */
+	if (!hs_start(&h, &lcfg, NULL, error))
 		goto out;
 	if (h.oldstyle || !h.fixed) {
 		g_set_error(error, NBDC_ERROR, NBDC_ERROR_UNSUPPORTED,
