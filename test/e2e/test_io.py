@@ -660,3 +660,22 @@ def test_server_error_is_eio_at_once(tmp_path, server, mount):
     assert time.monotonic() - t0 < 30, "a server error waited like a lost server"
     inject.unlink()
     assert direct_read(2 * MiB) == pattern_bytes(2 * MiB, 4096)
+
+
+@pytest.mark.parametrize("direct", [0, 1], ids=["buffered", "direct"])
+def test_fio_verify(tmp_path, server, mount, direct):
+    """fio: 4 jobs of random writes (sizes not multiples of the sector in the
+    buffered run), each on its own range of a partition file, then verified;
+    bounded to 4 x 2 MiB."""
+    srv = server("memory", "16M", log=False)
+    m = mount(srv.uri(), opts=["-o", "split=disk:2048"])
+    bs = "4k-64k" if direct else "1000-9000"
+    cmd = ["fio", "--name=nbdfs", f"--filename={m / 'disk-part2'}", "--rw=randwrite",
+           f"--bsrange={bs}", "--size=2M", "--numjobs=4", "--offset_increment=2M",
+           f"--direct={direct}", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1",
+           "--do_verify=1", "--group_reporting", "--output-format=terse",
+           "--randseed=42"]
+    if not direct:
+        cmd.append("--bs_unaligned=1")
+    r = run(cmd, check=False, timeout=600)
+    assert r.returncode == 0, r.stdout.decode()[-2000:] + r.stderr.decode()[-2000:]
