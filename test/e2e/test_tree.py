@@ -230,3 +230,58 @@ def test_ls_and_df(nbdkit, mount):
     assert "disk" in out and "1048576" in out
     run(["df", m.path])
     run(["stat", "-f", m.path])
+
+
+def _all_readable_unique(m):
+    files = m.files()
+    assert len(files) == len(set(files)), files
+    for f in files:
+        st = os.stat(m / f)
+        with open(m / f, "rb") as fh:
+            fh.read(min(st.st_size, 4096))
+    return files
+
+
+def test_partition_name_colliding_with_an_export(tmp_path, nbdkit, mount):
+    """An export called disk-part1 next to an export disk with a table: no
+    crash, no two entries with one name; either a clear start-up failure or
+    a mount where every listed file works."""
+    img = image(tmp_path / "d.img", 8 * MiB, "label: gpt\nsize=2M\n")
+    a = nbdkit("file", img)
+    b = nbdkit("pattern", "1M")
+    m = mount(f"disk={a.uri()}", f"disk-part1={b.uri()}", opts=["-P"], check=False)
+    if m.rc != 0:
+        assert not m.mounted()
+        assert m.stderr.strip()
+        return
+    files = _all_readable_unique(m)
+    assert "disk" in files and "disk-part1" in files
+
+
+def test_runtime_split_colliding_with_an_export(nbdkit, mount):
+    import errno as e_
+    from nbdfs_e2e import errno_of, set_partition
+    a = nbdkit("memory", "1M")
+    b = nbdkit("pattern", "1M")
+    m = mount(f"a={a.uri()}", f"a-part1={b.uri()}")
+    err = errno_of(set_partition, m / "a", "100")
+    files = _all_readable_unique(m)
+    if err is None:
+        assert "a-part1" in files
+    else:
+        assert err in (e_.EEXIST, e_.EINVAL, e_.EBUSY)
+        assert files == ["a", "a-part1"]
+    # the export a-part1 still shows its own bytes under some name
+    from nbdfs_e2e import pattern_bytes
+    assert any(read_file(m / f, 0, 16) == pattern_bytes(0, 16) for f in files)
+
+
+def test_all_exports_collision_across_servers(nbdkit, mount):
+    a = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=explicit",
+               "exportname=x", "exportname=y")
+    b = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=explicit",
+               "exportname=x", "exportname=z")
+    m = mount(a.uri(), b.uri(), opts=["-a"], check=False)
+    assert m.rc != 0 and not m.mounted(), "two exports named x mounted"
+    lines = [l for l in m.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and a.sock in lines[0] and b.sock in lines[0], m.stderr
