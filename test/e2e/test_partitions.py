@@ -527,3 +527,43 @@ def test_ebusy_while_loop_device_holds_partition(tmp_path, nbdkit, mount, loopde
         return errno_of(set_partition, m / "disk", "none") is None
     wait_for(released, timeout=10, what="the partitions to be free after losetup -d")
     assert m.files() == ["disk"]
+
+
+def test_repartition_races_with_opens(tmp_path, nbdkit, mount):
+    """One thread opens and reads partition files while another replaces and
+    removes the partitions: every call ends in success, EBUSY or ENOENT, the
+    daemon survives, and the final state is consistent."""
+    import threading
+    img = image(tmp_path / "d.img", 16 * MiB, GPT2)
+    m = mount(nbdkit("file", img).uri(), opts=["-P"])
+    stop = threading.Event()
+    bad = []
+
+    def opener():
+        while not stop.is_set():
+            for name in ("disk-part1", "disk-part2"):
+                try:
+                    with open(m / name, "rb") as f:
+                        f.read(4096)
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ESTALE):
+                        bad.append(("open", name, e.errno))
+
+    th = [threading.Thread(target=opener) for _ in range(2)]
+    for t in th:
+        t.start()
+    try:
+        for i in range(150):
+            v = ("none", "auto", "2048", "auto")[i % 4]
+            e = errno_of(set_partition, m / "disk", v)
+            if e not in (None, errno.EBUSY):
+                bad.append(("setfattr", v, e))
+    finally:
+        stop.set()
+        for t in th:
+            t.join(timeout=60)
+    assert not any(t.is_alive() for t in th)
+    assert not bad, bad[:10]
+    set_partition(m / "disk", "auto")
+    assert m.files() == ["disk", "disk-part1", "disk-part2"]
+    assert getx(m / "disk-part1", "user.nbdfs.label") == "first"

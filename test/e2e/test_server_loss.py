@@ -181,3 +181,35 @@ def test_server_gone_at_mount_fails_at_once(tmp_path, mount):
     m = mount(f"nbd+unix:///?socket={sock}", check=False)
     assert m.rc != 0 and not is_mounted(m.path)
     assert time.monotonic() - t0 < 60
+
+
+def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
+    img, data = _data_image(tmp_path, 8 * MiB)
+    srv = server("file", img, log=False)
+    sock = srv.sock
+    m = mount(srv.uri(), opts=["-o", "timeout=30"])
+    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    srv.kill()
+    results = {}
+    tids = {}
+
+    def reader(i):
+        tids[i] = threading.get_native_id()
+        off = MiB + i * 65536
+        results[i] = _timed(lambda: _direct_read(m / "disk", off, 65536))
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(tids) == 8 and all(
+        _syscall_of(t) in ("17", "295", "327", "0", "19") for t in tids.values()),
+        timeout=20, what="8 pending reads")
+    server("file", img, log=False, sock=sock)
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(8):
+        r, e, dt = results[i]
+        off = MiB + i * 65536
+        assert e is None, f"read {i} failed with errno {e}"
+        assert r == data[off:off + 65536], f"read {i} wrong data"
