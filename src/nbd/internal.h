@@ -77,7 +77,16 @@ struct nbdc_op {
 				  * (bs_end 0 = not a looping block status) */
 	uint64_t bs_piece_end;	 /* end of the request in flight: the next one
 				  * goes out only if the reply reached it */
-	struct nbdc_req req;	 /* the first piece */
+	struct {		 /* what to send (kept for a deferred submission) */
+		uint16_t type, flags;
+		uint64_t offset, count;
+		uint32_t max;
+		const struct iovec *iov;
+		int iovcnt;
+		gboolean zero_buf;
+	} sub;
+	gboolean deferred;   /* asked for on a reader thread: the pool sends it */
+	struct nbdc_req req; /* the first piece */
 };
 
 struct nbdc_conn {

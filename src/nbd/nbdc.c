@@ -104,6 +104,7 @@ static void flush_done(void *opaque, int err)
 static int submit_flush(Nbdc *c, nbdc_done_fn done, void *opaque, gboolean nowait);
 static uint32_t big_max(Nbdc *c);
 static struct nbdc_conn *pick_conn(Nbdc *c);
+static int run_pieces(Nbdc *c, struct nbdc_op *op, gboolean deferred);
 
 /* Pool thread: the next block status request, from where the last reply's
  * extents ended.  Extents reach the caller in order because one piece is in
@@ -136,7 +137,10 @@ static void aux_run(gpointer data, gpointer user)
 	struct nbdc_op *op = data;
 	Nbdc *c = user;
 
-	if (bs_more(op)) {
+	if (op->deferred) {
+		op->deferred = FALSE;
+		run_pieces(c, op, TRUE); /* asked for on a reader thread */
+	} else if (bs_more(op)) {
 		bs_continue(c, op);
 	} else if (op->fua_flush && !op->flushing && op->err == 0) {
 		op->flushing = TRUE;
@@ -337,8 +341,14 @@ static struct nbdc_op *op_new(Nbdc *c, nbdc_done_fn done, void *opaque)
 
 /* Drops the submission reference.  @queued: pieces were sent.  Returns
  * what the aio call returns. */
-static int op_submitted(struct nbdc_op *op, guint queued, int err)
+static int op_submitted(struct nbdc_op *op, guint queued, int err, gboolean deferred)
 {
+	if (queued == 0 && deferred) {
+		/* The caller was told "queued": report through @done. */
+		op->done(op->opaque, err);
+		op_free(op);
+		return 0;
+	}
 	if (queued == 0) {
 		/* Nothing went out: the caller gets the error, @done never runs. */
 		op_free(op);
@@ -366,17 +376,16 @@ static int check_io(Nbdc *c, uint64_t count, uint64_t offset, gboolean write)
 	return 0;
 }
 
-/* Sends @count bytes at @offset as pieces of at most @max. */
-static int submit_pieces(Nbdc *c, struct nbdc_op *op, uint16_t type, uint16_t flags,
-			 uint64_t offset, uint64_t count, uint32_t max, const struct iovec *iov,
-			 int iovcnt, gboolean zero_buf)
+/* Sends @op->sub: @count bytes at @offset as pieces of at most @max (a
+ * FLUSH: one request of length 0). */
+static int run_pieces(Nbdc *c, struct nbdc_op *op, gboolean deferred)
 {
 	guint queued = 0;
 	uint64_t done = 0;
 	int err = 0;
 
-	while (done < count) {
-		uint32_t len = (uint32_t)MIN((uint64_t)max, count - done);
+	do {
+		uint32_t len = (uint32_t)MIN((uint64_t)op->sub.max, op->sub.count - done);
 		struct nbdc_req *req;
 
 		if (queued == 0) {
@@ -385,18 +394,18 @@ static int submit_pieces(Nbdc *c, struct nbdc_op *op, uint16_t type, uint16_t fl
 			req = g_new0(struct nbdc_req, 1);
 			req->op = op;
 		}
-		req->type = type;
-		req->flags = flags;
-		req->offset = offset + done;
+		req->type = op->sub.type;
+		req->flags = op->sub.flags;
+		req->offset = op->sub.offset + done;
 		req->len = len;
-		if (zero_buf) {
+		if (op->sub.zero_buf) {
 			req->one.iov_base = c->zero_buf;
 			req->one.iov_len = len;
 			req->iov = &req->one;
 			req->iovcnt = 1;
 		} else {
-			req->iov = iov;
-			req->iovcnt = iovcnt;
+			req->iov = op->sub.iov;
+			req->iovcnt = op->sub.iovcnt;
 			req->iov_off = done;
 		}
 		g_atomic_int_inc(&op->pending);
@@ -409,8 +418,32 @@ static int submit_pieces(Nbdc *c, struct nbdc_op *op, uint16_t type, uint16_t fl
 		}
 		queued++;
 		done += len;
+	} while (done < op->sub.count);
+	return op_submitted(op, queued, err, deferred);
+}
+
+/* Records what @op sends and sends it, from this thread; or, on a reader
+ * thread (a completion callback asking for more), from the pool: a reader
+ * that blocked in send() while the server blocks writing replies that only
+ * this reader reads would deadlock. */
+static int submit_pieces(Nbdc *c, struct nbdc_op *op, uint16_t type, uint16_t flags,
+			 uint64_t offset, uint64_t count, uint32_t max, const struct iovec *iov,
+			 int iovcnt, gboolean zero_buf)
+{
+	op->sub.type = type;
+	op->sub.flags = flags;
+	op->sub.offset = offset;
+	op->sub.count = count;
+	op->sub.max = max;
+	op->sub.iov = iov;
+	op->sub.iovcnt = iovcnt;
+	op->sub.zero_buf = zero_buf;
+	if (nbdc_on_reader_thread()) {
+		op->deferred = TRUE;
+		aux_push(c, op);
+		return 0;
 	}
-	return op_submitted(op, queued, err);
+	return run_pieces(c, op, FALSE);
 }
 
 /* Completes @op later with 0 without sending anything. */
@@ -487,16 +520,17 @@ static int submit_flush(Nbdc *c, nbdc_done_fn done, void *opaque, gboolean nowai
 		op_free(op);
 		return err;
 	}
-	return op_submitted(op, 1, 0);
+	return op_submitted(op, 1, 0, FALSE);
 }
 
 int nbdc_aio_flush(Nbdc *c, nbdc_done_fn done, void *opaque)
 {
 	if (!nbdc_is_alive(c))
 		return -ENOTCONN;
+	struct nbdc_op *op = op_new(c, done, opaque);
 	if (!(c->neg.eflags & NBD_FLAG_SEND_FLUSH))
-		return complete_later(c, op_new(c, done, opaque));
-	return submit_flush(c, done, opaque, FALSE);
+		return complete_later(c, op);
+	return submit_pieces(c, op, NBD_CMD_FLUSH, 0, 0, 0, 0, NULL, 0, FALSE);
 }
 
 /* Largest TRIM/ZERO/BLOCK_STATUS piece: 4 GiB - 1 MiB, a multiple of any

@@ -945,6 +945,64 @@ static void test_timeouts(void)
 	g_free(captured());
 }
 
+/* Completion callbacks that submit more work (as a read-modify-write layer
+ * does): a chain of 16 MiB writes and reads, each asked for from the
+ * previous one's callback, on one connection. */
+struct chain {
+	Nbdc *c;
+	int step;
+	uint8_t *buf;
+	struct iovec v;
+	struct async_ctx *a;
+};
+
+static void chain_done(void *opaque, int err)
+{
+	struct chain *ch = opaque;
+
+	g_assert_cmpint(err, ==, 0);
+	if (++ch->step == 8) {
+		async_done(ch->a, 0);
+		return;
+	}
+	uint64_t off = (uint64_t)(ch->step % 2) << 24;
+	int r = ch->step % 2 ? nbdc_aio_pwritev(ch->c, &ch->v, 1, off, 0, chain_done, ch)
+			     : nbdc_aio_preadv(ch->c, &ch->v, 1, off, 0, chain_done, ch);
+	g_assert_cmpint(r, ==, 0);
+}
+
+static void test_callback_chain(void)
+{
+	struct nbdkit *k = kit("memory", "32M", NULL);
+	struct nbdc_config cfg;
+	struct async_ctx a = {0};
+	struct chain ch = {0};
+
+	cfg_unix(&cfg, k);
+	cfg.connections = 1;
+	cfg.max_in_flight = 1;
+	Nbdc *c = must_connect(&cfg);
+	g_mutex_init(&a.m);
+	g_cond_init(&a.cv);
+	a.pending = 1;
+	ch.c = c;
+	ch.a = &a;
+	ch.buf = g_malloc(16 << 20);
+	memset(ch.buf, 0x3c, 16 << 20);
+	ch.v.iov_base = ch.buf;
+	ch.v.iov_len = 16 << 20;
+	g_assert_cmpint(nbdc_aio_pwritev(c, &ch.v, 1, 0, 0, chain_done, &ch), ==, 0);
+	async_wait(&a);
+	g_assert_cmpint(ch.step, ==, 8);
+	g_assert_cmpint(ch.buf[(16 << 20) - 1], ==, 0x3c);
+	nbdc_free(c);
+	g_free(ch.buf);
+	g_mutex_clear(&a.m);
+	g_cond_clear(&a.cv);
+	nbdkit_stop(k);
+	g_free(captured());
+}
+
 /* Disconnect with requests in flight: they finish first (bounded wait). */
 static void test_disconnect_in_flight(void)
 {
@@ -1005,6 +1063,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/nbdkit/multiconn-fallback", test_multiconn_fallback);
 	g_test_add_func("/nbdkit/server-death", test_server_death);
 	g_test_add_func("/nbdkit/timeouts", test_timeouts);
+	g_test_add_func("/nbdkit/callback-chain", test_callback_chain);
 	g_test_add_func("/nbdkit/disconnect-in-flight", test_disconnect_in_flight);
 	return g_test_run();
 }
