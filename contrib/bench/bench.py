@@ -160,7 +160,7 @@ class Resources:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def leftovers(workdir, loops_seen):
+def leftovers(workdir):
     """Mounts and loop devices of this run still present (should be none)."""
     left = []
     with open("/proc/mounts") as f:
@@ -169,10 +169,9 @@ def leftovers(workdir, loops_seen):
             if mp.startswith(workdir):
                 left.append(f"mount {mp}")
     out = run(["losetup", "-a"], check=False).stdout
-    for dev in loops_seen:
-        for line in out.splitlines():
-            if line.startswith(dev + ":"):
-                left.append(f"loop {line}")
+    for line in out.splitlines():
+        if workdir in line:
+            left.append(f"loop {line}")
     return left
 
 
@@ -186,6 +185,17 @@ def proc_cpu(pid):
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_minflt(pid):
+    """Minor page faults of a whole process (all threads, live and dead)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -304,12 +314,18 @@ def make_random_file(path, size):
 class Target:
     """One way of reaching the export: a file (FUSE, loop device) or raw NBD."""
 
-    def __init__(self, name, kind, path=None, server=None, daemon=None):
+    def __init__(self, name, kind, path=None, server=None, daemon=None, loop_over=None,
+                 hold_open=None):
         self.name = name          # row label
         self.kind = kind          # 'file' or 'raw'
         self.path = path
         self.server = server      # Server
         self.daemon = daemon      # Popen of the FUSE daemon, or None
+        # A loop device over this file is attached for each run and detached
+        # after it, so that it never holds an alias of the other rows open.
+        self.loop_over = loop_over
+        # A file of the same export held open (buffered) during the run.
+        self.hold_open = hold_open
 
     @property
     def daemon_pid(self):
@@ -375,12 +391,24 @@ def mount_nbdfs(res, workdir, nbdfs, server, tag, opts=()):
     return proc, mnt
 
 
-def attach_loop(res, path):
+def attach_loop(res, path, quiet=False):
     dev = run(["losetup", "--direct-io=on", "-f", "--show", path], timeout=30).stdout.strip()
     res.loops.append(dev)
     dio = run(["losetup", "-n", "-O", "DIO", "-l", dev], check=False).stdout.strip()
-    log(f"loop {dev} over {path} (direct I/O: {dio})")
+    if not quiet:
+        log(f"loop {dev} over {path} (direct I/O: {dio})")
     return dev, dio == "1"
+
+
+def detach_loop(res, dev, backing):
+    """Detaches and waits until the loop device has let go of its file."""
+    res.detach(dev)
+
+    def gone():
+        out = run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], check=False).stdout
+        return not any(line.split(None, 1)[0] == dev and backing in line
+                       for line in out.splitlines() if line.strip())
+    wait_until(gone, 30, f"{dev} to detach")
 
 
 # ---------------------------------------------------------------- workloads
@@ -416,10 +444,15 @@ WORKLOADS = [
 ]
 
 
+# Write rows also run on the export file while a partition file is held open.
+ALIAS_ROWS = ("seqwrite-1M-qd16", "dd-write-4k", "randwrite-4k-qd32")
+
+
 class Bench:
     def __init__(self, args, res, workdir, srcfile):
         self.args, self.res, self.workdir, self.srcfile = args, res, workdir, srcfile
-        self.current = None
+        self.loops_seen = set()
+        self.no_dio = set()
 
     def _spawn(self, cmd, **kw):
         p = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_child_signals, **kw)
@@ -538,11 +571,31 @@ class Bench:
                 "iops": None, "p50_us": None, "p99_us": None, "ios": None}
 
     def measure(self, w, t):
+        dev = held = None
+        try:
+            if t.loop_over:
+                dev, dio = attach_loop(self.res, t.loop_over, quiet=True)
+                self.loops_seen.add(dev)
+                if not dio:
+                    self.no_dio.add(t.name)
+                t.path = dev
+            if t.hold_open:
+                held = os.open(t.hold_open, os.O_RDONLY)
+            return self._measure(w, t)
+        finally:
+            if held is not None:
+                os.close(held)
+            if dev:
+                detach_loop(self.res, dev, t.loop_over)
+                t.path = None
+
+    def _measure(self, w, t):
         dpid, spid = t.daemon_pid, t.server.pid
         size = t.size()
         if dpid:
             reset_hwm(dpid)
             ctx0 = ctx_switches(dpid)
+            flt0 = proc_minflt(dpid)
         d0, s0 = proc_cpu(dpid), proc_cpu(spid)
         if w.kind == "fio":
             r = self.run_fio(w, t, size)
@@ -561,6 +614,9 @@ class Bench:
             r["rss_mib"] = hwm / 1024 if hwm else None
             ctx1 = ctx_switches(dpid)
             ios = r.get("ios")
+            flt1 = proc_minflt(dpid)
+            if flt0 is not None and flt1 is not None and ios:
+                r["minflt_per_io"] = (flt1 - flt0) / ios
             if ctx0 is not None and ctx1 is not None and ios:
                 vol, inv = ctx_delta(ctx0, ctx1)
                 r["vcs_per_io"] = vol / ios
@@ -710,6 +766,7 @@ def evaluate(results):
     peaks = {}
     for (wid, tname), r in results.items():
         base = {"nbdfs": "nbdfs", "nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs",
+                "nbdfs-alias": "nbdfs",
                 "nbdfuse": "nbdfuse", "nbdfuse-loop": "nbdfuse"}.get(tname)
         if base and r.get("rss_mib_max") is not None and not w_by_id[wid].delay:
             peaks[base] = max(peaks.get(base, 0), r["rss_mib_max"])
@@ -733,10 +790,10 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
     cols = ["workload", "via", "MB/s", "IOPS", "p50 us", "p99 us", "dCPU s/GiB",
             "kCPU s/GiB", "RSS MiB", "/nbdfuse", "/limit", "/base", "goals"]
     rows = []
-    order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfs-wb", "nbdfuse", "nbdfuse-loop",
-             "raw"]
+    order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfs-wb", "nbdfs-alias", "nbdfuse",
+             "nbdfuse-loop", "raw"]
     base_of = {"nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs-part2", "nbdfs-wb": "nbdfs",
-               "nbdfuse-loop": "nbdfuse"}
+               "nbdfs-alias": "nbdfs", "nbdfuse-loop": "nbdfuse"}
     for w in WORKLOADS:
         for tname in order:
             key = (w.id, tname)
@@ -789,7 +846,8 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
                "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
                "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
                "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); /base = "
-               "part2 over the export file, loop over the file under it, nbdfs-wb over nbdfs.")
+               "part2 over the export file, loop over the file under it, nbdfs-wb and nbdfs-alias "
+               "over nbdfs.")
     out.append("")
     out.append(GOALS_DOC)
     out.append("")
@@ -803,11 +861,12 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
                 prof.append(f"  {w.id:24} {tname:13} vol ctxsw/IO {r['vcs_per_io']:6.2f}  "
                             f"invol/IO {r.get('ivcs_per_io', 0):5.2f}  threads "
                             f"{fmt(r.get('threads'), 0)} (+{fmt(r.get('new_threads'), 0)} "
-                            f"new during the run)")
+                            f"new)  minflt/IO {fmt(r.get('minflt_per_io'), 1)}")
     if prof:
         out.append("")
-        out.append("daemon context switches per I/O (threads alive at the end of the run, "
-                   "a lower bound; dd: per bs block):")
+        out.append("daemon profile per I/O (dd: per bs block): context switches (threads "
+                   "alive at the end of the run: a lower bound), threads at the end (+ created "
+                   "during the run), minor page faults:")
         out += prof
     return "\n".join(out) + "\n"
 
@@ -877,7 +936,7 @@ def main(argv):
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     workdir = tempfile.mkdtemp(prefix="nbdfs-bench.", dir=base)
     res.dirs.append(workdir)
-    loops_seen = []
+    bench = None
     results, errors, notes_extra, failures = {}, {}, [], []
     raw_runs = {}
     header = version_lines(nbdfs)
@@ -902,11 +961,12 @@ def main(argv):
                 part2 = os.path.join(mnt, "disk-part2")
                 targets.append(Target("nbdfs-part2", "file", part2, main_srv, proc))
                 if not args.no_loop:
-                    dev, dio = attach_loop(res, part2)
-                    loops_seen.append(dev)
-                    notes_extra.append(f"nbdfs-loop: {dev} over disk-part2, direct-io "
-                                       f"{'on' if dio else 'OFF (fell back to buffered)'}")
-                    targets.append(Target("nbdfs-loop", "file", dev, main_srv, proc))
+                    targets.append(Target("nbdfs-loop", "file", None, main_srv, proc,
+                                          loop_over=part2))
+                targets.append(Target("nbdfs-alias", "file", os.path.join(mnt, "disk"),
+                                      main_srv, proc, hold_open=part2))
+                notes_extra.append("nbdfs-alias: the export file written while disk-part2 is "
+                                   "held open (alias coherence at work), write rows only")
                 if not args.no_writeback:
                     proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "wb", ["writeback"])
                     targets.append(Target("nbdfs-wb", "file", os.path.join(mnt, "disk"),
@@ -926,11 +986,8 @@ def main(argv):
             proc, path = mount_nbdfuse(res, workdir, main_srv, "main")
             targets.append(Target("nbdfuse", "file", path, main_srv, proc))
             if not args.no_loop:
-                dev, dio = attach_loop(res, path)
-                loops_seen.append(dev)
-                notes_extra.append(f"nbdfuse-loop: {dev} over nbdfuse's file, direct-io "
-                                   f"{'on' if dio else 'OFF (fell back to buffered)'}")
-                targets.append(Target("nbdfuse-loop", "file", dev, main_srv, proc))
+                targets.append(Target("nbdfuse-loop", "file", None, main_srv, proc,
+                                      loop_over=path))
             proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
             delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
         targets.append(Target("raw", "raw", server=main_srv))
@@ -950,6 +1007,8 @@ def main(argv):
                     ts = [t for t in ts if not t.name.endswith("-loop")]
                 else:
                     ts = [t for t in ts if t.name != "nbdfs-wb"]
+                if w.rw not in ("write", "randwrite") or w.id not in ALIAS_ROWS:
+                    ts = [t for t in ts if t.name != "nbdfs-alias"]
             ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
             plan += [(w, t) for t in ts]
         log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
@@ -967,10 +1026,17 @@ def main(argv):
                 raw_runs.setdefault(key, []).append(r)
                 p = primary(w, r)
                 log(f"rep {rep + 1} {w.id:24} {t.name:13} {fmt(p)} {w.metric}")
+        for name in ("nbdfs-loop", "nbdfuse-loop"):
+            if any(t.name == name for t in targets):
+                notes_extra.append(f"{name}: losetup --direct-io=on over "
+                                   f"{'disk-part2' if name == 'nbdfs-loop' else 'the file'}, "
+                                   "attached for each run only; direct I/O "
+                                   f"{'OFF (losetup fell back)' if name in bench.no_dio else 'on'}")
         for key, runs in raw_runs.items():
             m = {k: median([r.get(k) for r in runs]) for k in
                  ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
-                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads")}
+                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads",
+                  "minflt_per_io")}
             rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
             m["rss_mib_max"] = max(rss) if rss else None
             m["n"] = len(runs)
@@ -987,7 +1053,7 @@ def main(argv):
         try:
             res.release()
         finally:
-            left = leftovers(workdir, loops_seen)
+            left = leftovers(workdir)
         for s, h in old.items():
             signal.signal(s, h)
     if left:
