@@ -290,23 +290,24 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean inte
 	conn->tail = req;
 	conn->in_flight++;
 	conn->senders++;
-	g_mutex_unlock(&conn->lock);
-
-	/* Everything the send needs is read now; after the header is out
-	 * the reader may complete @req at any time. */
-	uint16_t type = req->type;
+	/* Everything the send needs is read before @lock is dropped: from
+	 * then on the reader may complete (and free) @req at any time, even
+	 * before we send (a server can guess cookies). */
+	uint16_t type = req->type, flags = req->flags;
 	uint32_t len = req->len;
-	uint64_t cookie = req->cookie;
+	uint64_t cookie = req->cookie, offset = req->offset;
 	struct iov_cur cur;
+
+	if (type == NBD_CMD_WRITE)
+		cur_init(&cur, req, 0);
+	g_mutex_unlock(&conn->lock);
 
 	if (c->cfg.debug)
 		nbdc_log(&c->cfg, NBDC_LOG_DEBUG,
 			 "%s cookie=%" G_GUINT64_FORMAT " off=%" G_GUINT64_FORMAT
 			 " len=%u flags=0x%x conn=%u",
-			 nbdc_cmd_name(type), cookie, req->offset, len, req->flags, conn->index);
-	nbd_encode_request(&hdr, req->flags, type, cookie, req->offset, len);
-	if (type == NBD_CMD_WRITE)
-		cur_init(&cur, req, 0);
+			 nbdc_cmd_name(type), cookie, offset, len, flags, conn->index);
+	nbd_encode_request(&hdr, flags, type, cookie, offset, len);
 
 	int r;
 	g_mutex_lock(&conn->send_lock);
