@@ -390,6 +390,12 @@ def nbdfs_bin():
 # Servers with logs (nbdkit with the log filter and stderr in a file,
 # qemu-nbd, nbd-server)
 
+def _die_with_parent():
+    """preexec_fn: PR_SET_PDEATHSIG(SIGKILL), so a server outlives no killed pytest."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
 def _connectable(srv):
     try:
         if srv.sock:
@@ -448,8 +454,9 @@ def server(e2e_stack, tmp_path):
         n[0] += 1
         srv.stderr_path = str(errp)
         errf = open(errp, "wb")
+        # servers without --exit-with-parent (qemu-nbd) die with pytest too
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
         errf.close()
         srv.proc = proc
         srv.cmd = cmd
