@@ -675,3 +675,15 @@ def test_all_exports_many(nbdkit, mount):
     files = m.files()
     assert len(files) == 200
     assert set(files) == {f"exp{i}" for i in range(1, 201)}
+
+
+def test_list_over_tls(nbdfs_bin, nbdkit, tmp_path):
+    psk = _psk(tmp_path, "k.psk")
+    srv = nbdkit("--tls=require", f"--tls-psk={psk}", "--filter=exportname", "memory", "1M",
+                 "exportname-list=explicit", "exportname=a", "exportname=b")
+    rc, out, err = nbdfs(nbdfs_bin, "--list", "-o", f"tls-psk={psk}",
+                         f"nbds+unix://alice@/?socket={srv.sock}")
+    assert rc == 0, err
+    assert out.split() == ["a", "b"]
+    rc, out, err = nbdfs(nbdfs_bin, "--list", srv.uri())
+    assert rc != 0 and "TLS" in err.upper(), (rc, err)
