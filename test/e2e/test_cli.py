@@ -498,9 +498,10 @@ def test_option_timeout_accepted(nbdkit, mount):
 
 
 def test_option_uid_gid(nbdkit, mount):
-    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "uid=1234,gid=5678"])
-    st = os.stat(m / "disk")
-    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "uid=1234,gid=5678,split=disk:8"])
+    for f in m.files():
+        st = os.stat(m / f)
+        assert (st.st_uid, st.st_gid) == (1234, 5678), f
 
 
 def test_owner_default_is_mounting_user(nbdkit, mount):
@@ -510,8 +511,8 @@ def test_owner_default_is_mounting_user(nbdkit, mount):
 
 
 def test_option_umask(nbdkit, mount):
-    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "umask=027"])
-    assert _modes(m) == {"disk": 0o640}
+    m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "umask=027,split=disk:8"])
+    assert _modes(m) == {"disk": 0o640, "disk-part1": 0o640, "disk-part2": 0o640}
     m2 = mount(nbdkit("memory", "1M").uri(), opts=["-o", "umask=077,ro"])
     assert _modes(m2) == {"disk": 0o400}
 

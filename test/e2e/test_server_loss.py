@@ -213,3 +213,28 @@ def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
         off = MiB + i * 65536
         assert e is None, f"read {i} failed with errno {e}"
         assert r == data[off:off + 65536], f"read {i} wrong data"
+
+
+def test_default_timeout_waits(tmp_path, server, mount):
+    """Default timeout is 60 s: a request is still waiting 5 s into an outage,
+    and succeeds once the server is back."""
+    img, data = _data_image(tmp_path)
+    srv = server("file", img, log=False)
+    sock = srv.sock
+    m = mount(srv.uri())
+    srv.kill()
+    result = {}
+
+    def reader():
+        result["tid"] = threading.get_native_id()
+        result["v"] = _timed(lambda: _direct_read(m / "disk", 2 * MiB, 4096))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    th.join(timeout=5)
+    assert th.is_alive(), f"the read gave up within 5 s: {result.get('v')}"
+    server("file", img, log=False, sock=sock)
+    th.join(timeout=60)
+    assert not th.is_alive()
+    r, e, dt = result["v"]
+    assert e is None and r == data[2 * MiB:2 * MiB + 4096]
