@@ -261,8 +261,10 @@ static void usage(FILE *f)
 		"  -o connections=N         NBD connections per export (multi-conn)\n"
 		"  -o timeout=SECS          wait for an unreachable server (default 60)\n"
 		"  -o tls-psk=FILE  -o tls-certificates=DIR  -o tls-verify-peer=on|off\n"
-		"  -o writeback             kernel writeback cache (gives up coherence\n"
-		"                           between an export file and its partitions)\n"
+		"  -o writeback             kernel writeback cache: faster small writes, but\n"
+		"                           gives up coherence between an export file and its\n"
+		"                           partition files, and errors (e.g. writes past the\n"
+		"                           end) surface only at fsync/close\n"
 		"  -o allow_other,uid=N,gid=N,umask=M   the usual FUSE ownership options\n"
 		"\n"
 		"Partitions later: setfattr -n user.nbdfs.partition -v auto|none|SECTORS FILE\n");
