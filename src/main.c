@@ -79,6 +79,8 @@ static GString *fuse_msg;
 static gboolean fuse_msg_capture = TRUE;
 
 static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
+	G_GNUC_PRINTF(2, 0);
+static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
 {
 	g_autofree char *m = g_strdup_vprintf(fmt, ap);
 	if (fuse_msg_capture) {

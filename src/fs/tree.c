@@ -299,12 +299,10 @@ static gboolean parse_sectors(const char *s, uint64_t *out)
 	return TRUE;
 }
 
-gboolean fs_apply_partition(Fs *fs, struct fs_node *node, const char *value, size_t len,
-			    gboolean mounting, GPtrArray *removed, GPtrArray *added,
-			    GError **error)
+static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value, size_t len,
+				gboolean mounting, GPtrArray *removed, GPtrArray *added,
+				GError **error)
 {
-	g_autoptr(GMutexLocker) pl = g_mutex_locker_new(&fs->part_lock);
-
 	/* Busy first, before the value is even looked at.  The kernel sends
 	 * RELEASE asynchronously after close(2), so a file closed just before
 	 * gets a moment to be released before it counts as open. */
@@ -446,6 +444,16 @@ gboolean fs_apply_partition(Fs *fs, struct fs_node *node, const char *value, siz
 		g_message("%s: partitions %s: %u file%s", node->name, v, nodes->len,
 			  nodes->len == 1 ? "" : "s");
 	return TRUE;
+}
+
+gboolean fs_apply_partition(Fs *fs, struct fs_node *node, const char *value, size_t len,
+			    gboolean mounting, GPtrArray *removed, GPtrArray *added,
+			    GError **error)
+{
+	g_mutex_lock(&fs->part_lock);
+	gboolean ok = apply_partition(fs, node, value, len, mounting, removed, added, error);
+	g_mutex_unlock(&fs->part_lock);
+	return ok;
 }
 
 char *fs_partition_value(Fs *fs, struct fs_node *node)
