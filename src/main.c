@@ -621,6 +621,12 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "nbdfs: %s: mountpoint: not a directory\n", mnt_arg);
 		goto out_args;
 	}
+	if (o.pidfile && !g_path_is_absolute(o.pidfile)) {
+		/* absolute: the daemon changes to / and removes it at exit */
+		char *abs = g_canonicalize_filename(o.pidfile, NULL);
+		g_free(o.pidfile);
+		o.pidfile = abs;
+	}
 	mountpoint = realpath(mnt_arg, NULL);
 	if (mountpoint == NULL) {
 		fprintf(stderr, "nbdfs: %s: mountpoint: %s\n", mnt_arg, g_strerror(errno));

@@ -267,11 +267,12 @@ def test_daemon_startup_failures(server, mount, tmp_path):
     assert not is_mounted(m.path)
 
 
-def test_daemon_sigterm_exit_0(server, mount):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_sigterm_exit_0(server, mount, sig):
     srv = server("memory", "1M", verbose=True, log=False)
     m = mount(srv.uri(), foreground=True)
     _pwrite(m / "disk", 0, b"bye")
-    m.proc.send_signal(signal.SIGTERM)
+    m.proc.send_signal(sig)
     assert m.proc.wait(timeout=60) == 0, m.log()
     assert not is_mounted(m.path)
     wait_for(lambda: srv.disc_count() >= 1, timeout=30, what="NBD_CMD_DISC")
