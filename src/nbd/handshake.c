@@ -450,7 +450,9 @@ static gboolean parse_info(struct hs *h, const struct reply *rep, struct nbdc_ne
 			return proto_fail(h, error, "NBD_INFO string contains NUL");
 		char **dst = type == NBD_INFO_NAME ? &neg->name : &neg->description;
 		g_free(*dst);
-		*dst = g_utf8_make_valid(s, (gssize)l);
+		/* Names stay byte-exact (they are sent back to the server);
+		 * descriptions are for display only. */
+		*dst = type == NBD_INFO_NAME ? g_strndup(s, l) : g_utf8_make_valid(s, (gssize)l);
 		break;
 	}
 	case NBD_INFO_BLOCK_SIZE: {
@@ -669,7 +671,7 @@ GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError 
 			goto out;
 		}
 		struct nbdc_export *e = g_new0(struct nbdc_export, 1);
-		e->name = g_utf8_make_valid(name, nl);
+		e->name = g_strndup(name, nl); /* byte-exact: used in GO/INFO */
 		e->description = g_utf8_make_valid(name + nl, rep.len - 4 - nl);
 		g_ptr_array_add(list, e);
 	}
