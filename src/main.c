@@ -558,7 +558,7 @@ int main(int argc, char *argv[])
 	fuse_set_log_func(fuse_log_cb);
 
 	if (fuse_opt_parse(&args, &o, opt_spec, opt_proc) < 0) {
-		fprintf(stderr, "nbdfs: bad options (see nbdfs --help)\n");
+		fprintf(stderr, "nbdfs: bad options: %s (see nbdfs --help)\n", fuse_msg_take());
 		goto out_args;
 	}
 	if (o.help) {
