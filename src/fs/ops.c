@@ -181,8 +181,12 @@ static void notify_worker(gpointer data, gpointer user_data);
 /* Replies to a finished write or zero. */
 static void io_reply(struct fs_io *io)
 {
-	if (io->result < 0)
+	if (io->result < 0) {
+		g_debug("%s: %s at %" G_GUINT64_FORMAT ": %s", io->node->name,
+			io->kind == FS_IO_WRITE ? "write" : "zero",
+			io->abs_start - io->node->start_byte, g_strerror((int)-io->result));
 		fuse_reply_err(io->req, (int)-io->result);
+	}
 	else if (io->kind == FS_IO_WRITE)
 		fuse_reply_write(io->req, (size_t)io->result);
 	else
@@ -689,10 +693,12 @@ static void read_done(void *opaque, ssize_t result)
 {
 	struct fs_read *r = opaque;
 	Fs *fs = r->fs;
-	if (result < 0)
+	if (result < 0) {
+		g_debug("%s: read: %s", r->node->name, g_strerror((int)-result));
 		fuse_reply_err(r->req, (int)-result);
-	else
+	} else {
 		fuse_reply_buf(r->req, (const char *)r->data, (size_t)result);
+	}
 	fs_node_unref(r->node);
 	g_free(r);
 	fs_inflight_end(fs);
