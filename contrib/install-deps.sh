@@ -7,7 +7,7 @@ pkgs=(
 	build-essential meson ninja-build pkg-config
 	libfuse3-dev fuse3 libglib2.0-dev libgnutls28-dev gnutls-bin
 	clang libclang-rt-14-dev
-	nbdkit libnbd-bin nbdfuse qemu-utils nbd-server
+	nbdkit libnbd-bin qemu-utils nbd-server
 	python3 python3-pytest fio attr util-linux
 	e2fsprogs xfsprogs dosfstools mtools fdisk gdisk
 )
