@@ -688,3 +688,13 @@ def test_list_over_tls(nbdfs_bin, nbdkit, tmp_path):
     assert out.split() == ["a", "b"]
     rc, out, err = nbdfs(nbdfs_bin, "--list", srv.uri())
     assert rc != 0 and "TLS" in err.upper(), (rc, err)
+
+
+def test_startup_mountpoint_not_a_directory(nbdkit, mount, tmp_path):
+    f = tmp_path / "plainfile"
+    f.write_text("x")
+    m = mount(nbdkit("memory", "1M").uri(), mnt=f, check=False)
+    assert m.rc != 0
+    assert not is_mounted(f)
+    lines = [l for l in m.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "plainfile" in lines[0], m.stderr
