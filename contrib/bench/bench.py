@@ -17,8 +17,9 @@ loop devices, fio/dd) is ended in a finally block, also on SIGINT/SIGTERM.
 
 --quick (1 rep of 1 s per run, about 2 minutes) is the CI smoke run. Speed is
 never asserted. Exit status: 0 when every run worked; 1 when a run failed,
-nbdfs (built) did not mount, or a mount/loop device was left behind; 2 when a
-tool or root is missing; 130 when interrupted (after cleaning up).
+nbdfs is missing (see --build, --no-nbdfs) or did not mount, or a mount/loop
+device was left behind; 2 when a tool or root is missing; 130 when interrupted
+(after cleaning up).
 """
 
 import argparse
@@ -912,9 +913,11 @@ def main(argv):
         print("bench: needs root (loop devices, drop_caches)", file=sys.stderr)
         return 2
     nbdfs = os.path.join(args.build, "src", "fs", "nbdfs")
+    missing_nbdfs = None
     if args.no_nbdfs or not os.access(nbdfs, os.X_OK):
         if not args.no_nbdfs:
-            log(f"no nbdfs at {nbdfs}: nbdfs rows skipped")
+            missing_nbdfs = f"no nbdfs at {nbdfs} (--build DIR; --no-nbdfs to skip it)"
+            log(f"{missing_nbdfs}: nbdfs rows skipped, exit status will be 1")
         nbdfs = None
     use_nbdfuse = not args.no_nbdfuse and shutil.which("nbdfuse") is not None
     enghelp = run(["fio", "--enghelp"], check=False).stdout
@@ -938,6 +941,9 @@ def main(argv):
     res.dirs.append(workdir)
     bench = None
     results, errors, notes_extra, failures = {}, {}, [], []
+    if missing_nbdfs:
+        failures.append(missing_nbdfs)
+        notes_extra.append(f"nbdfs: {missing_nbdfs}")
     raw_runs = {}
     header = version_lines(nbdfs)
     rc = 0
