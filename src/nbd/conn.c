@@ -163,6 +163,31 @@ static void list_remove(struct nbdc_conn *conn, struct nbdc_req *req)
 	req->prev = req->next = NULL;
 }
 
+/* Wakes the threads waiting on @conn->cond; @lock held.  GLib's broadcast
+ * is a futex syscall even with nobody waiting, so the waiters count
+ * themselves (cond_wait / cond_wait_until below) and the hot path skips
+ * the wake-up when there are none. */
+static void wake_waiters(struct nbdc_conn *conn)
+{
+	if (conn->waiters > 0)
+		g_cond_broadcast(&conn->cond);
+}
+
+static void cond_wait(struct nbdc_conn *conn)
+{
+	conn->waiters++;
+	g_cond_wait(&conn->cond, &conn->lock);
+	conn->waiters--;
+}
+
+static gboolean cond_wait_until(struct nbdc_conn *conn, gint64 until_us)
+{
+	conn->waiters++;
+	gboolean r = g_cond_wait_until(&conn->cond, &conn->lock, until_us);
+	conn->waiters--;
+	return r;
+}
+
 /* Removes @req from the table (reader only) and completes it. */
 static void complete(struct nbdc_conn *conn, struct nbdc_req *req, int err)
 {
@@ -179,7 +204,7 @@ static void complete(struct nbdc_conn *conn, struct nbdc_req *req, int err)
 	/* The slot is free only now, so that a drain also waits for callbacks. */
 	g_mutex_lock(&conn->lock);
 	conn->in_flight--;
-	g_cond_broadcast(&conn->cond);
+	wake_waiters(conn);
 	g_mutex_unlock(&conn->lock);
 }
 
@@ -198,7 +223,7 @@ static void kill_conn(struct nbdc_conn *conn, int err, const char *msg)
 	list = conn->head;
 	conn->head = conn->tail = NULL;
 	g_hash_table_remove_all(conn->table);
-	g_cond_broadcast(&conn->cond);
+	wake_waiters(conn);
 	g_mutex_unlock(&conn->lock);
 
 	if (msg) {
@@ -224,7 +249,7 @@ static void kill_conn(struct nbdc_conn *conn, int err, const char *msg)
 		nbdc_req_done(list, list->err ? list->err : err);
 		g_mutex_lock(&conn->lock);
 		conn->in_flight--;
-		g_cond_broadcast(&conn->cond);
+		wake_waiters(conn);
 		g_mutex_unlock(&conn->lock);
 		list = next;
 	}
@@ -271,7 +296,7 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean inte
 	g_mutex_lock(&conn->lock);
 	while (!nowait && !conn->dead && !g_atomic_int_get(&c->closing) &&
 	       (guint)conn->in_flight >= max)
-		g_cond_wait(&conn->cond, &conn->lock);
+		cond_wait(conn);
 	if (conn->dead || conn->fail_msg || conn->disc_sent ||
 	    (g_atomic_int_get(&c->closing) && !internal)) {
 		g_mutex_unlock(&conn->lock);
@@ -338,7 +363,7 @@ int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean inte
 			   r == -ETIMEDOUT ? "server stopped reading (timeout)" : g_strerror(-r));
 	g_mutex_lock(&conn->lock);
 	conn->senders--;
-	g_cond_broadcast(&conn->cond);
+	wake_waiters(conn);
 	g_mutex_unlock(&conn->lock);
 	return 0;
 }
@@ -743,7 +768,7 @@ static gpointer reader_main(gpointer data)
 	g_free(msg);
 	g_mutex_lock(&conn->lock);
 	conn->reader_done = TRUE;
-	g_cond_broadcast(&conn->cond);
+	wake_waiters(conn);
 	g_mutex_unlock(&conn->lock);
 	return NULL;
 }
@@ -774,7 +799,7 @@ gboolean nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us)
 
 	g_mutex_lock(&conn->lock);
 	while (conn->in_flight > 0 || conn->senders > 0)
-		if (!g_cond_wait_until(&conn->cond, &conn->lock, until_us))
+		if (!cond_wait_until(conn, until_us))
 			break;
 	idle = conn->in_flight == 0 && conn->senders == 0;
 	g_mutex_unlock(&conn->lock);
@@ -818,7 +843,7 @@ void nbdc_conn_stop(struct nbdc_conn *conn)
 
 		g_mutex_lock(&conn->lock);
 		while (!conn->reader_done)
-			if (!g_cond_wait_until(&conn->cond, &conn->lock, until))
+			if (!cond_wait_until(conn, until))
 				break;
 		g_mutex_unlock(&conn->lock);
 		nbdc_tr_shutdown(conn->t, SHUT_RDWR);

@@ -101,6 +101,7 @@ struct nbdc_conn {
 	struct nbdc_req *head, *tail;
 	gint in_flight; /* written under @lock; read racily for balancing */
 	guint senders;	/* submitters between insert and end of send */
+	guint waiters;	/* threads in a wait on @cond (under @lock) */
 	gboolean dead;
 	gboolean disc_sent;
 	gboolean shutdown_pending; /* server said ESHUTDOWN: DISC once idle */
