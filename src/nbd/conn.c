@@ -104,7 +104,62 @@ static int cur_fill(struct iov_cur *cur, struct iovec *out, int max, uint64_t *l
 	return k;
 }
 
-/* Reads @len payload bytes into @req's buffers at @rel. */
+/* ---- the receive buffer (reader only) ----
+ *
+ * One recv takes up to RBUF_SIZE bytes, often several replies at once at
+ * high queue depth; headers, offsets and small payloads are copied out of
+ * it.  A payload of RB_DIRECT_MIN bytes or more that is not buffered yet is
+ * read straight into the caller's iovecs (no copy).  The semantics of the
+ * reads below are those of nbdc_tr_read: -ENODATA only for EOF before the
+ * first byte of what was asked. */
+#define RBUF_SIZE (64u * 1024)
+#define RB_DIRECT_MIN (16u * 1024)
+
+static size_t rb_avail(const struct nbdc_conn *conn)
+{
+	return conn->rend - conn->rpos;
+}
+
+/* Refills the (drained) buffer with one read: >0, 0 on EOF, -errno. */
+static ssize_t rb_fill(struct nbdc_conn *conn)
+{
+	conn->rpos = conn->rend = 0;
+	ssize_t n = nbdc_tr_recv(conn->t, conn->rbuf, RBUF_SIZE);
+	if (n > 0)
+		conn->rend = (size_t)n;
+	return n;
+}
+
+/* Reads exactly @len bytes into @dst. */
+static int rb_read(struct nbdc_conn *conn, void *dst, size_t len)
+{
+	size_t got = 0;
+
+	while (got < len) {
+		size_t avail = rb_avail(conn);
+
+		if (avail == 0) {
+			if (len - got >= RB_DIRECT_MIN) {
+				int r = nbdc_tr_read(conn->t, (char *)dst + got, len - got);
+				return r == -ENODATA && got ? -ECONNRESET : r;
+			}
+			ssize_t n = rb_fill(conn);
+			if (n < 0)
+				return (int)n;
+			if (n == 0)
+				return got ? -ECONNRESET : -ENODATA;
+			continue;
+		}
+		size_t take = MIN(avail, len - got);
+		memcpy((char *)dst + got, conn->rbuf + conn->rpos, take);
+		conn->rpos += take;
+		got += take;
+	}
+	return 0;
+}
+
+/* Reads @len payload bytes into @req's buffers at @rel: buffered bytes
+ * first, then small rests through the buffer, big ones straight. */
 static int read_into(struct nbdc_conn *conn, struct nbdc_req *req, uint64_t rel, uint64_t len)
 {
 	struct iov_cur cur;
@@ -112,6 +167,30 @@ static int read_into(struct nbdc_conn *conn, struct nbdc_req *req, uint64_t rel,
 
 	cur_init(&cur, req, rel);
 	while (len > 0) {
+		size_t avail = rb_avail(conn);
+
+		if (avail) {
+			uint64_t part = MIN((uint64_t)avail, len), left = part;
+			int k = cur_fill(&cur, tmp, IOV_BATCH, &left);
+
+			if (k == 0)
+				return -EFAULT; /* caller's iov shorter than the request */
+			for (int i = 0; i < k; i++) {
+				memcpy(tmp[i].iov_base, conn->rbuf + conn->rpos, tmp[i].iov_len);
+				conn->rpos += tmp[i].iov_len;
+			}
+			len -= part - left;
+			continue;
+		}
+		if (len < RB_DIRECT_MIN) {
+			ssize_t n = rb_fill(conn);
+
+			if (n < 0)
+				return (int)n;
+			if (n == 0)
+				return -ECONNRESET;
+			continue;
+		}
 		int k = cur_fill(&cur, tmp, IOV_BATCH, &len);
 
 		if (k == 0)
@@ -533,7 +612,7 @@ static int read_buf(struct nbdc_conn *conn, uint32_t len)
 	}
 	if (!len)
 		return 0;
-	int r = nbdc_tr_read(conn->t, conn->buf, len);
+	int r = rb_read(conn, conn->buf, len);
 	return r == -ENODATA ? -ECONNRESET : r;
 }
 
@@ -594,7 +673,7 @@ static char *handle_chunk(struct nbdc_conn *conn, const union nbd_reply *rep, in
 		if (len < 9 || len - 8 > req->len)
 			return VIOLATION("OFFSET_DATA chunk of %u bytes for a %u byte read", len,
 					 req->len);
-		r = nbdc_tr_read(conn->t, ob, 8);
+		r = rb_read(conn, ob, 8);
 		if (r < 0)
 			goto io;
 		uint64_t off = get_be64(ob), dlen = len - 8;
@@ -680,7 +759,7 @@ static char *wait_reply(struct nbdc_conn *conn, int *kerr)
 {
 	guint tmo = conn->c->cfg.request_timeout_ms;
 
-	if (!tmo)
+	if (!tmo || rb_avail(conn))
 		return NULL;
 	for (;;) {
 		int r = nbdc_tr_wait_readable(conn->t, (int)MAX(tmo / 4, 10u));
@@ -720,7 +799,7 @@ static gpointer reader_main(gpointer data)
 		msg = wait_reply(conn, &kerr);
 		if (msg)
 			break;
-		r = nbdc_tr_read(conn->t, rep.raw, sizeof(struct nbd_simple_reply));
+		r = rb_read(conn, rep.raw, sizeof(struct nbd_simple_reply));
 		if (r == -ENODATA) {
 			/* EOF between replies: clean after our DISC. */
 			g_mutex_lock(&conn->lock);
@@ -740,7 +819,7 @@ static gpointer reader_main(gpointer data)
 		if (magic == NBD_SIMPLE_REPLY_MAGIC) {
 			msg = handle_simple(conn, &rep, &kerr);
 		} else if (magic == NBD_STRUCTURED_REPLY_MAGIC) {
-			r = nbdc_tr_read(conn->t, rep.raw + 16, 4);
+			r = rb_read(conn, rep.raw + 16, 4);
 			if (r < 0) {
 				kerr = io_err(r);
 				msg = io_msg(r == -ENODATA ? -ECONNRESET : r,
@@ -787,6 +866,7 @@ struct nbdc_conn *nbdc_conn_new(Nbdc *c, guint index, struct nbdc_transport *t,
 	g_mutex_init(&conn->lock);
 	g_cond_init(&conn->cond);
 	conn->table = g_hash_table_new(g_int64_hash, g_int64_equal);
+	conn->rbuf = g_malloc(RBUF_SIZE);
 	t->idle_ms = c->cfg.request_timeout_ms;
 	g_autofree char *name = g_strdup_printf("nbdc-reader-%u", index);
 	conn->reader = g_thread_new(name, reader_main, conn);
@@ -861,6 +941,7 @@ void nbdc_conn_free(struct nbdc_conn *conn)
 	nbdc_neg_clear(&conn->neg);
 	g_hash_table_unref(conn->table);
 	g_free(conn->buf);
+	g_free(conn->rbuf);
 	g_free(conn->fail_msg);
 	g_mutex_clear(&conn->send_lock);
 	g_mutex_clear(&conn->lock);

@@ -111,6 +111,10 @@ struct nbdc_conn {
 	GThread *reader;
 	uint8_t *buf; /* reader scratch (block status) */
 	size_t buf_size;
+	/* Reader only: what one recv brought beyond what was parsed so far
+	 * (rbuf[rpos..rend)); replies are parsed from here. */
+	uint8_t *rbuf;
+	size_t rpos, rend;
 };
 
 struct nbdc {

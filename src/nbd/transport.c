@@ -223,6 +223,11 @@ static ssize_t tr_recv(struct nbdc_transport *t, void *buf, size_t len)
 	}
 }
 
+ssize_t nbdc_tr_recv(struct nbdc_transport *t, void *buf, size_t len)
+{
+	return tr_recv(t, buf, len);
+}
+
 int nbdc_tr_read(struct nbdc_transport *t, void *buf, size_t len)
 {
 	size_t got = 0;

@@ -35,6 +35,9 @@ void nbdc_tr_close(struct nbdc_transport *t);
 /* Reads exactly @len bytes.  0, -ENODATA (EOF before the first byte),
  * -ECONNRESET (EOF part-way), -ETIMEDOUT or another -errno. */
 int nbdc_tr_read(struct nbdc_transport *t, void *buf, size_t len);
+/* One read of up to @len bytes (waiting as needed): >0 bytes, 0 on EOF,
+ * -errno.  For callers that buffer what arrives. */
+ssize_t nbdc_tr_recv(struct nbdc_transport *t, void *buf, size_t len);
 /* Reads into @iov (modified in place as it advances).  Same returns. */
 int nbdc_tr_readv(struct nbdc_transport *t, struct iovec *iov, int iovcnt);
 /* Discards @len bytes. */
