@@ -8,6 +8,9 @@
  *    table, every node's children/in_tree/nlookup/open_count/cached fields and
  *    the partition state.  It is never held across I/O, a FUSE reply or a
  *    kernel notification, and it may be taken from a completion callback.
+ *  - node->cache_lock protects node->cache_lo/cache_hi (the byte range that
+ *    may have page-cache pages); a leaf lock, taken inside the tree lock or
+ *    alone from the read/write handlers.
  *  - fs->part_lock serialises partitioning (setxattr, mount-time); it is held
  *    across table reads and taken before the tree lock.
  *  - export->wlock protects the export's list of writes in flight; it nests
@@ -54,10 +57,16 @@ struct fs_node {
 	gboolean in_tree;          /* visible in the directory */
 	uint64_t nlookup;          /* kernel references (lookup minus forget) */
 	guint open_count;          /* open file handles */
-	gboolean cached;           /* opened since its pages were last invalidated */
 	GPtrArray *children;       /* struct fs_node * (refs), partition files */
 	enum fs_part_kind part_kind;
 	uint64_t split_sectors;
+
+	/* Under cache_lock: [cache_lo, cache_hi) (bytes within the node, empty
+	 * when cache_lo >= cache_hi) covers every page-cache page the kernel may
+	 * hold for this inode: buffered (not O_DIRECT) reads and writes since its
+	 * pages in that range were last invalidated grow it, invalidations shrink it. */
+	GMutex cache_lock;
+	uint64_t cache_lo, cache_hi;
 };
 
 struct fs {

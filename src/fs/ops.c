@@ -30,11 +30,17 @@
  * export file and its partition files alias the same bytes but are different
  * inodes with different page caches.  So when a write (or zero) through one
  * file completes, every other file of the same export whose byte range
- * overlaps the written range, and that was opened since its pages were last
- * invalidated, gets fuse_lowlevel_notify_inval_inode() for the overlap,
- * BEFORE the write is answered: when write(2) returns, no alias can serve the
- * old bytes.  (A file that is not open has no pages worth keeping: we never
- * set keep_cache, so the kernel drops its pages at the next open.)
+ * overlaps the written range, and that may hold pages there, gets
+ * fuse_lowlevel_notify_inval_inode() for the overlap, BEFORE the write is
+ * answered: when write(2) returns, no alias can serve the old bytes.  Which
+ * files may hold pages: each node keeps one byte range (cache_lo/cache_hi)
+ * that every buffered read or write through it grows before it is sent, and
+ * every invalidation shrinks.  O_DIRECT reads and writes create no pages and
+ * do not grow it, so a direct-io loop device over a partition file does not
+ * make writes to the export file pay an invalidation.  (A file that is not
+ * open gives up its whole range at its first invalidation: nobody uses those
+ * pages, and we never set keep_cache, so the kernel drops them at the next
+ * open anyway.)
  *
  * Two deadlocks shape this:
  *  1. Invalidation waits for page locks.  A page of the alias may be locked by
@@ -157,19 +163,61 @@ static void io_register(struct fs_io *io)
 	g_mutex_unlock(&ex->wlock);
 }
 
+/* Records that the kernel may now cache pages of [off, off + len) of @node
+ * (a buffered read or write is going through).  Page-granular. */
+static void cache_mark(struct fs_node *node, uint64_t off, size_t len)
+{
+	uint64_t lo = off & ~(uint64_t)4095, hi = (off + len + 4095) & ~(uint64_t)4095;
+	g_mutex_lock(&node->cache_lock);
+	if (node->cache_lo >= node->cache_hi) {
+		node->cache_lo = lo;
+		node->cache_hi = hi;
+	} else {
+		node->cache_lo = MIN(node->cache_lo, lo);
+		node->cache_hi = MAX(node->cache_hi, hi);
+	}
+	g_mutex_unlock(&node->cache_lock);
+}
+
+/* Takes [lo, hi) (bytes within @node) out of its cached range.  Returns
+ * FALSE when the kernel can hold no page of it, else the part to invalidate
+ * in @inv_lo/@inv_hi.  A file that is not open (the tree lock is held) gives
+ * up all its pages at once: nobody uses them, so nothing can hold them locked. */
+static gboolean cache_take(struct fs_node *node, uint64_t lo, uint64_t hi, uint64_t *inv_lo,
+			   uint64_t *inv_hi)
+{
+	g_mutex_lock(&node->cache_lock);
+	uint64_t clo = node->cache_lo, chi = node->cache_hi;
+	gboolean hit = MAX(lo, clo) < MIN(hi, chi);
+	if (hit && node->open_count == 0) {
+		*inv_lo = clo;
+		*inv_hi = chi;
+		node->cache_lo = node->cache_hi = 0;
+	} else if (hit) {
+		*inv_lo = MAX(lo, clo);
+		*inv_hi = MIN(hi, chi);
+		if (lo <= clo && hi >= chi)
+			node->cache_lo = node->cache_hi = 0;
+		else if (lo <= clo)
+			node->cache_lo = hi;
+		else if (hi >= chi)
+			node->cache_hi = lo;
+	}
+	g_mutex_unlock(&node->cache_lock);
+	return hit;
+}
+
 /* Under the tree lock: adds invalidations of @node's subtree-and-siblings
- * overlapping [a, b) (export bytes), skipping @self. */
+ * overlapping [a, b) (export bytes) that may hold pages, skipping @self. */
 static void collect(struct fs_node *node, struct fs_node *self, uint64_t a, uint64_t b,
 		    GArray *out)
 {
-	if (node != self && node->in_tree && node->cached && node->info.size > 0) {
+	if (node != self && node->in_tree && node->info.size > 0) {
 		uint64_t s = node->start_byte, e = node->start_byte + node->info.size;
-		uint64_t lo = MAX(a, s), hi = MIN(b, e);
-		if (lo < hi) {
-			struct fs_inval inv = { fs_node_ref(node), lo - s, hi - lo };
+		uint64_t lo = MAX(a, s), hi = MIN(b, e), ilo, ihi;
+		if (lo < hi && cache_take(node, lo - s, hi - s, &ilo, &ihi)) {
+			struct fs_inval inv = { fs_node_ref(node), ilo, ihi - ilo };
 			g_array_append_val(out, inv);
-			if (node->open_count == 0)
-				node->cached = FALSE;
 		}
 	}
 	for (guint i = 0; i < node->children->len; i++)
@@ -571,10 +619,8 @@ static void fs_op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		err = ENOENT;
 	else if (writable && node->read_only)
 		err = EROFS;
-	if (err == 0) {
+	if (err == 0)
 		node->open_count++;
-		node->cached = TRUE;
-	}
 	g_mutex_unlock(&fs->lock);
 	if (err) {
 		fs_node_unref(node);
@@ -726,6 +772,8 @@ static void fs_op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	r->fs = fs;
 	r->req = req;
 	r->node = fs_node_ref(h->node);
+	if (!(fi->flags & O_DIRECT))
+		cache_mark(h->node, (uint64_t)off, size);
 	fs_inflight_begin(fs);
 	blockdev_pread_bytes(h->node->dev, r->data, size, (uint64_t)off, read_done, r);
 }
@@ -772,6 +820,8 @@ static void fs_op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t 
 		return;
 	}
 	memcpy(io->data, buf, size);
+	if (!(fi->flags & O_DIRECT))
+		cache_mark(h->node, (uint64_t)off, size);
 	uint32_t flags = (h->sync || (fi->flags & (O_SYNC | O_DSYNC))) ? BLOCKDEV_FUA : 0;
 	g_atomic_int_set(&h->dirty, 1);
 	fs_inflight_begin(io->fs);

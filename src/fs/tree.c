@@ -89,6 +89,7 @@ void fs_node_unref(struct fs_node *node)
 	if (node->parent)
 		fs_node_unref(node->parent);
 	blockdev_unref(node->dev);
+	g_mutex_clear(&node->cache_lock);
 	g_free(node->label);
 	g_free(node->name);
 	g_free(node);
@@ -110,6 +111,7 @@ static struct fs_node *node_new(Fs *fs, char *name, Blockdev *dev, struct fs_exp
 	node->export = export;
 	node->parent = parent ? fs_node_ref(parent) : NULL;
 	node->children = g_ptr_array_new();
+	g_mutex_init(&node->cache_lock);
 	return node;
 }
 
