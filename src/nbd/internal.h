@@ -86,6 +86,7 @@ struct nbdc_op {
 		gboolean zero_buf;
 	} sub;
 	gboolean deferred;   /* asked for on a reader thread: the pool sends it */
+	struct nbdc_op *next_free; /* in the handle's cache of free ops */
 	struct nbdc_req req; /* the first piece */
 };
 
@@ -135,6 +136,9 @@ struct nbdc {
 	gint aux_pending; /* pushed and not yet finished (under @lock) */
 	GCond aux_cond;	  /* @aux_pending reached 0 */
 	guint rr;
+	GMutex op_lock;		    /* @op_cache */
+	struct nbdc_op *op_cache;   /* freed ops kept for reuse (no malloc per I/O) */
+	guint op_cached;
 };
 
 /* conn.c */
