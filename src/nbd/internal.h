@@ -63,6 +63,12 @@ struct nbdc_req {
 	struct nbdc_req *prev, *next; /* the connection's in-flight list, send order */
 };
 
+/* A cookie table entry (cookie 0 = empty: cookies start at 1). */
+struct nbdc_slot {
+	uint64_t cookie;
+	struct nbdc_req *req;
+};
+
 /* One caller operation: completes once every piece has. */
 struct nbdc_op {
 	Nbdc *c;
@@ -98,7 +104,9 @@ struct nbdc_conn {
 	GMutex send_lock;  /* held across header + payload */
 	GMutex lock;	   /* table, list, counters, state */
 	GCond cond;	   /* slot freed / drained / reader ended */
-	GHashTable *table; /* cookie -> struct nbdc_req * */
+	struct nbdc_slot *table; /* cookie -> request: open addressing, see conn.c */
+	guint table_mask;	 /* size - 1 (a power of two) */
+	guint table_used;
 	struct nbdc_req *head, *tail;
 	gint in_flight; /* written under @lock; read racily for balancing */
 	guint senders;	/* submitters between insert and end of send */

@@ -7,7 +7,11 @@
  *
  *   bench-nbdc -U SOCKET [-m randread|randwrite|seqread|seqwrite] [-b BS]
  *              [-q QD] [-t THREADS] [-s SECONDS] [-c CONNS] [-n MAXREQS]
- */
+ *              [-i MAX_IN_FLIGHT] [-V]
+ *
+ * -V (reads against `nbdkit pattern`) checks every block read: each 8-byte
+ * word holds its own offset, so a reply delivered to the wrong request
+ * shows up as an error. */
 #include "config.h"
 
 #include <errno.h>
@@ -22,13 +26,20 @@
 static char *opt_socket, *opt_mode = "randread";
 static gint opt_bs = 4096, opt_qd = 32, opt_threads = 1, opt_secs = 5, opt_conns = 1;
 static gint64 opt_max; /* stop after this many requests per thread (0 = time only) */
+static gint opt_inflight; /* cfg.max_in_flight (0 = default) */
+static gboolean opt_verify;
+
+struct slot;
 
 struct worker {
+	struct slot *slots;
 	Nbdc *c;
 	GThread *th;
 	GMutex m;
 	GCond cv;
 	gint inflight;	/* under @m */
+	int *free_slots; /* stack of free slot indexes, under @m */
+	int nfree;
 	gboolean sleeping; /* under @m */
 	gint64 done, errs;
 	guint32 seed;
@@ -38,11 +49,32 @@ struct worker {
 
 static volatile gint stop;
 
+struct slot {
+	struct worker *w;
+	struct iovec iov;
+	uint64_t off;
+};
+
 static void on_done(void *opaque, int err)
 {
-	struct worker *w = opaque;
+	struct slot *sl = opaque;
+	struct worker *w = sl->w;
 
+	if (!err && opt_verify) {
+		const unsigned char *p = sl->iov.iov_base;
+
+		for (size_t i = 0; i + 8 <= sl->iov.iov_len; i += 8) {
+			uint64_t v;
+
+			memcpy(&v, p + i, 8);
+			if (GUINT64_FROM_BE(v) != sl->off + i) {
+				err = -EILSEQ;
+				break;
+			}
+		}
+	}
 	g_mutex_lock(&w->m);
+	w->free_slots[w->nfree++] = (int)(sl - w->slots);
 	w->inflight--;
 	w->done++;
 	if (err)
@@ -60,12 +92,16 @@ static gpointer worker_main(gpointer data)
 	uint64_t blocks = w->size / (uint64_t)opt_bs;
 	gint64 issued = 0;
 	/* One buffer slot per queue entry (contents irrelevant). */
-	struct iovec *iov = g_new(struct iovec, opt_qd);
-	int slot = 0;
+	struct slot *sl = g_new(struct slot, opt_qd);
+	int slot;
 
+	w->slots = sl;
+	w->free_slots = g_new(int, opt_qd);
 	for (int i = 0; i < opt_qd; i++) {
-		iov[i].iov_base = w->buf + (size_t)i * (size_t)opt_bs;
-		iov[i].iov_len = (size_t)opt_bs;
+		w->free_slots[w->nfree++] = i;
+		sl[i].w = w;
+		sl[i].iov.iov_base = w->buf + (size_t)i * (size_t)opt_bs;
+		sl[i].iov.iov_len = (size_t)opt_bs;
 	}
 	while (!g_atomic_int_get(&stop) && (!opt_max || issued < opt_max)) {
 		g_mutex_lock(&w->m);
@@ -75,6 +111,7 @@ static gpointer worker_main(gpointer data)
 			w->sleeping = FALSE;
 		}
 		w->inflight++;
+		slot = w->free_slots[--w->nfree];
 		g_mutex_unlock(&w->m);
 		uint64_t off;
 		if (rnd) {
@@ -86,13 +123,14 @@ static gpointer worker_main(gpointer data)
 			if (w->pos + (uint64_t)opt_bs > w->size)
 				w->pos = 0;
 		}
-		int r = rd ? nbdc_aio_preadv(w->c, &iov[slot], 1, off, 0, on_done, w)
-			   : nbdc_aio_pwritev(w->c, &iov[slot], 1, off, 0, on_done, w);
-		slot = (slot + 1) % opt_qd;
+		sl[slot].off = off;
+		int r = rd ? nbdc_aio_preadv(w->c, &sl[slot].iov, 1, off, 0, on_done, &sl[slot])
+			   : nbdc_aio_pwritev(w->c, &sl[slot].iov, 1, off, 0, on_done, &sl[slot]);
 		issued++;
 		if (r < 0) {
 			g_printerr("submit: %s\n", g_strerror(-r));
 			g_mutex_lock(&w->m);
+			w->free_slots[w->nfree++] = slot;
 			w->inflight--;
 			w->errs++;
 			g_mutex_unlock(&w->m);
@@ -106,7 +144,8 @@ static gpointer worker_main(gpointer data)
 		w->sleeping = FALSE;
 	}
 	g_mutex_unlock(&w->m);
-	g_free(iov);
+	g_free(sl);
+	g_free(w->free_slots);
 	return NULL;
 }
 
@@ -130,6 +169,8 @@ int main(int argc, char **argv)
 	    {"seconds", 's', 0, G_OPTION_ARG_INT, &opt_secs, "run time", "N"},
 	    {"conns", 'c', 0, G_OPTION_ARG_INT, &opt_conns, "connections (0 = default)", "N"},
 	    {"max", 'n', 0, G_OPTION_ARG_INT64, &opt_max, "requests per thread (0 = no limit)", "N"},
+	    {"in-flight", 'i', 0, G_OPTION_ARG_INT, &opt_inflight, "max_in_flight per connection", "N"},
+	    {"verify", 'V', 0, G_OPTION_ARG_NONE, &opt_verify, "check reads of nbdkit pattern", NULL},
 	    {NULL}};
 	g_autoptr(GOptionContext) ctx = g_option_context_new("- NBD core benchmark");
 	g_autoptr(GError) err = NULL;
@@ -144,6 +185,8 @@ int main(int argc, char **argv)
 	nbdc_config_init(&cfg);
 	cfg.socket_path = opt_socket;
 	cfg.connections = (guint)opt_conns;
+	if (opt_inflight > 0)
+		cfg.max_in_flight = (guint)opt_inflight;
 	Nbdc *c = nbdc_connect(&cfg, &err);
 	if (!c) {
 		g_printerr("%s\n", err->message);
