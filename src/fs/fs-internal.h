@@ -102,6 +102,8 @@ struct fs_io {
 	int kind;                  /* FS_IO_WRITE, FS_IO_ZERO */
 	uint64_t abs_start, abs_end;   /* bytes within the export */
 	gboolean registered;       /* in export->writes */
+	gboolean direct;           /* through a FOPEN_DIRECT_IO handle: holds no pages,
+	                            * and its own file's pages need invalidating */
 	ssize_t result;
 	GArray *now;               /* struct fs_inval: aliases to invalidate before the reply */
 	GArray *after;             /* struct fs_inval: to invalidate after the reply */

@@ -85,6 +85,7 @@ struct fs_handle {
 	struct fs_node *node;      /* ref */
 	gboolean writable;
 	gboolean sync;             /* O_SYNC / O_DSYNC: FUA writes */
+	gboolean direct_io;        /* opened O_DIRECT: FOPEN_DIRECT_IO, no page cache */
 	gint dirty;                /* written since the last flush (atomic) */
 };
 
@@ -252,13 +253,14 @@ static void io_complete(struct fs_io *io)
 
 	if (coherence_on(fs) && written > 0) {
 		uint64_t a = io->abs_start, b = io->abs_start + written;
-		if (g_atomic_int_get(&ex->nodes) > 1) {
+		if (g_atomic_int_get(&ex->nodes) > 1 || io->direct) {
 			io->now = inval_array();
 			g_mutex_lock(&fs->lock);
 			struct fs_node *root = node;
 			while (root->parent)
 				root = root->parent;
-			collect(root, node, a, b, io->now);
+			/* A direct write bypassed its own file's pages too. */
+			collect(root, io->direct ? NULL : node, a, b, io->now);
 			g_mutex_unlock(&fs->lock);
 		}
 		if (io->kind == FS_IO_ZERO) {
@@ -280,7 +282,8 @@ static void io_complete(struct fs_io *io)
 			struct fs_io *holder = NULL;
 			for (GList *l = ex->writes; l; l = l->next) {
 				struct fs_io *x = l->data;
-				if (x != io && x->kind == FS_IO_WRITE && x->node == inv->node &&
+				if (x != io && x->kind == FS_IO_WRITE && !x->direct &&
+				    x->node == inv->node &&
 				    x->abs_start < hi + 4096 && lo < x->abs_end + 4096) {
 					holder = x;
 					break;
@@ -631,11 +634,15 @@ static void fs_op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	h->node = node;
 	h->writable = writable;
 	h->sync = (fi->flags & (O_SYNC | O_DSYNC)) != 0;
+	/* O_DIRECT opens skip the kernel's cached write path, which asks for
+	 * security.capability (a GETXATTR round trip) before every write. */
+	h->direct_io = (fi->flags & O_DIRECT) != 0;
 	g_mutex_lock(&fs->lock);
 	g_hash_table_add(fs->handles, h);
 	g_mutex_unlock(&fs->lock);
 	fi->fh = (uintptr_t)h;
 	fi->keep_cache = 0;
+	fi->direct_io = h->direct_io;
 	if (fuse_reply_open(req, fi) == -ENOENT)
 		handle_free(fs, h);   /* interrupted: the kernel will not release it */
 }
@@ -772,7 +779,7 @@ static void fs_op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	r->fs = fs;
 	r->req = req;
 	r->node = fs_node_ref(h->node);
-	if (!(fi->flags & O_DIRECT))
+	if (!h->direct_io && !(fi->flags & O_DIRECT))
 		cache_mark(h->node, (uint64_t)off, size);
 	fs_inflight_begin(fs);
 	blockdev_pread_bytes(h->node->dev, r->data, size, (uint64_t)off, read_done, r);
@@ -820,7 +827,8 @@ static void fs_op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t 
 		return;
 	}
 	memcpy(io->data, buf, size);
-	if (!(fi->flags & O_DIRECT))
+	io->direct = h->direct_io;
+	if (!h->direct_io && !(fi->flags & O_DIRECT))
 		cache_mark(h->node, (uint64_t)off, size);
 	uint32_t flags = (h->sync || (fi->flags & (O_SYNC | O_DSYNC))) ? BLOCKDEV_FUA : 0;
 	g_atomic_int_set(&h->dirty, 1);
