@@ -679,3 +679,63 @@ def test_fio_verify(tmp_path, server, mount, direct):
         cmd.append("--bs_unaligned=1")
     r = run(cmd, check=False, timeout=600)
     assert r.returncode == 0, r.stdout.decode()[-2000:] + r.stderr.decode()[-2000:]
+
+
+def test_coherence_readahead_and_mmap(server, mount):
+    """Pages the kernel read ahead (never asked for by the test) and pages
+    mapped with mmap are invalidated too when an alias is written."""
+    srv = server("memory", "8M", log=False)
+    m = mount(srv.uri(), opts=["-o", "split=disk:2048"])
+    base = 2048 * SECTOR
+    exp, part = m / "disk", m / "disk-part2"
+    # a small read at the start of the partition: readahead fills more
+    assert _pread(part, 0, 4096) == bytes(4096)
+    with open(exp, "r+b") as f:
+        f.seek(base + 200000)
+        f.write(b"readahead-window")
+    assert _pread(part, 200000, 16) == b"readahead-window"
+    # mmap of the export, then a write through the partition
+    with open(exp, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            assert mm[base + 300000:base + 300004] == bytes(4)
+            with open(part, "r+b") as g:
+                g.seek(300000)
+                g.write(b"MMAP")
+            assert mm[base + 300000:base + 300004] == b"MMAP"
+        finally:
+            mm.close()
+
+
+def test_coherence_with_a_loop_device(server, mount, loopdev):
+    """Write through the export file while a loop device on the partition
+    file is attached: an O_DIRECT read of the loop device sees it."""
+    srv = server("memory", "8M", log=False)
+    m = mount(srv.uri(), opts=["-o", "split=disk:2048"])
+    dev = loopdev(m / "disk-part2")
+    base = 2048 * SECTOR
+
+    def dev_read(off, n):
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.preadv(fd, [buf], off)
+            return bytes(buf[:n])
+        finally:
+            os.close(fd)
+    assert dev_read(8192, 8) == bytes(8)
+    with open(m / "disk", "r+b") as f:
+        f.seek(base + 8192)
+        f.write(b"via-disk")
+    assert dev_read(8192, 8) == b"via-disk"
+    # and the reverse: through the loop device, seen in the export file
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"via-loop" + bytes(4088))
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwrite(fd, buf, 16384)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert _pread(m / "disk", base + 16384, 8) == b"via-loop"
+    assert nbd_read(srv.uri(), base + 16384, 8) == b"via-loop"
