@@ -89,7 +89,8 @@ struct fs {
 	/* Requests in flight (replied from completions), for shutdown. */
 	GMutex inflight_lock;
 	GCond inflight_cond;
-	guint inflight;
+	gint inflight;             /* atomic */
+	gint draining;             /* atomic: fs_shutdown is waiting for inflight == 0 */
 
 	GThreadPool *notify_pool;  /* completions that must notify the kernel */
 };

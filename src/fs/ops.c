@@ -16,7 +16,9 @@
  * answered before the session goes away; the NBD blockdev fails requests
  * after its timeout, so that wait is bounded and unmount always works.
  * Write data is copied out of the session's receive buffer (it is reused as
- * soon as the handler returns); read buffers are allocated per request.
+ * soon as the handler returns); read buffers are allocated per request (main()
+ * tunes malloc so that these 1 MiB blocks are reused, not mapped and faulted
+ * in each time).
  *
  * Thread model.  Session workers (up to max_threads), the NBD reader threads
  * of the block layer (run completions), and a small notify pool (g_thread_pool)
@@ -94,20 +96,23 @@ static inline struct fs_handle *fh(struct fuse_file_info *fi)
 	return (struct fs_handle *)(uintptr_t)fi->fh;
 }
 
+/* fs->inflight is atomic: no lock on the I/O path.  Only once teardown has
+ * set fs->draining does the last completion take the lock to wake it (both
+ * sides use sequentially consistent atomics, so either the completion sees
+ * draining or fs_shutdown sees the count at 0). */
 void fs_inflight_begin(Fs *fs)
 {
-	g_mutex_lock(&fs->inflight_lock);
-	fs->inflight++;
-	g_mutex_unlock(&fs->inflight_lock);
+	g_atomic_int_inc(&fs->inflight);
 }
 
 void fs_inflight_end(Fs *fs)
 {
-	g_mutex_lock(&fs->inflight_lock);
-	g_assert(fs->inflight > 0);
-	if (--fs->inflight == 0)
+	g_assert(g_atomic_int_get(&fs->inflight) > 0);
+	if (g_atomic_int_dec_and_test(&fs->inflight) && g_atomic_int_get(&fs->draining)) {
+		g_mutex_lock(&fs->inflight_lock);
 		g_cond_broadcast(&fs->inflight_cond);
-	g_mutex_unlock(&fs->inflight_lock);
+		g_mutex_unlock(&fs->inflight_lock);
+	}
 }
 
 /* ---- Coherence --------------------------------------------------------- */
@@ -795,9 +800,11 @@ static void io_bytes_done(void *opaque, ssize_t result)
 static struct fs_io *io_new(fuse_req_t req, struct fs_handle *h, int kind, uint64_t off,
 			    size_t len, size_t payload)
 {
-	struct fs_io *io = g_try_malloc0(sizeof(*io) + payload);
+	/* Not zeroed: the payload is overwritten at once. */
+	struct fs_io *io = g_try_malloc(sizeof(*io) + payload);
 	if (io == NULL)
 		return NULL;
+	memset(io, 0, sizeof(*io));
 	io->fs = req_fs(req);
 	io->req = req;
 	io->node = fs_node_ref(h->node);
@@ -1023,13 +1030,15 @@ gboolean fs_shutdown(Fs *fs)
 {
 	/* Every request still in flight gets its answer first (the NBD blockdev
 	 * fails them after its timeout if the server is gone). */
+	g_atomic_int_set(&fs->draining, 1);
 	g_mutex_lock(&fs->inflight_lock);
-	while (fs->inflight > 0) {
+	while (g_atomic_int_get(&fs->inflight) > 0) {
 		gint64 deadline = g_get_monotonic_time() + 10 * G_TIME_SPAN_SECOND;
+		int n;
 		if (!g_cond_wait_until(&fs->inflight_cond, &fs->inflight_lock, deadline) &&
-		    fs->inflight > 0)
-			g_message("unmount: waiting for %u request%s in flight", fs->inflight,
-				  fs->inflight == 1 ? "" : "s");
+		    (n = g_atomic_int_get(&fs->inflight)) > 0)
+			g_message("unmount: waiting for %d request%s in flight", n,
+				  n == 1 ? "" : "s");
 	}
 	g_mutex_unlock(&fs->inflight_lock);
 
