@@ -42,7 +42,8 @@ def test_empty_export_name_is_disk(nbdkit, mount):
     assert os.path.getsize(m / "disk") == MiB
 
 
-@pytest.mark.parametrize("export", ["a/b", "..", "."])
+@pytest.mark.parametrize("export", ["a/b", "..", ".", "L" * 300],
+                         ids=["slash", "dotdot", "dot", "too-long"])
 def test_unfit_names_are_escaped_not_dropped(nbdkit, mount, export):
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true",
                  f"exportname={export}")
@@ -51,7 +52,7 @@ def test_unfit_names_are_escaped_not_dropped(nbdkit, mount, export):
     files = m.files()
     assert len(files) == 1, files
     name = files[0]
-    assert name not in ("", ".", "..") and "/" not in name
+    assert name not in ("", ".", "..") and "/" not in name and len(name.encode()) <= 255
     assert os.path.getsize(m / name) == MiB
     assert getx(m / name, "user.nbdfs.export") == export
 
