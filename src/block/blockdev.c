@@ -96,12 +96,13 @@ int bdev_check_range(Blockdev *dev, uint64_t sector, uint64_t count)
 	return 0;
 }
 
-/* Sectors covered by @iov, or -EINVAL (negative count, overflow, not a whole
- * number of sectors). */
-static int64_t iov_sectors(Blockdev *dev, const struct iovec *iov, int iovcnt)
+/* Sets *@n to the sectors covered by @iov and returns 0, or returns -EINVAL
+ * (negative count, overflow, not a whole number of sectors). */
+static int iov_sectors(Blockdev *dev, const struct iovec *iov, int iovcnt, uint64_t *n)
 {
 	uint64_t total = 0;
 
+	*n = 0;
 	if (iovcnt < 0 || (iovcnt > 0 && !iov))
 		return -EINVAL;
 	for (int i = 0; i < iovcnt; i++) {
@@ -112,7 +113,8 @@ static int64_t iov_sectors(Blockdev *dev, const struct iovec *iov, int iovcnt)
 	}
 	if (total % dev->info.sector_size)
 		return -EINVAL;
-	return (int64_t)(total / dev->info.sector_size);
+	*n = total / dev->info.sector_size;
+	return 0;
 }
 
 /* Common checks; returns 0 to proceed, 1 when there is nothing to do, or a
@@ -131,80 +133,81 @@ static int check_req_full(Blockdev *dev, gboolean forwarded, gboolean write, uin
 	return count == 0 ? 1 : 0;
 }
 
-static int check_req(Blockdev *dev, gboolean write, uint64_t sector, uint64_t count)
+/* The one checked entry for every request, public or forwarded: TRUE when
+ * the request may go on to the driver; otherwise it has been completed
+ * (0 for an empty request, else the error) and FALSE is returned.  @err is
+ * an earlier error (from iov_sectors()) that wins over every check;
+ * @supported FALSE turns a valid non-empty request into -EOPNOTSUPP.
+ * Inlined with constant flags, so it costs what the open-coded checks did. */
+static inline gboolean admit(Blockdev *dev, gboolean forwarded, gboolean write, int err,
+			     uint64_t sector, uint64_t count, gboolean supported,
+			     blockdev_done_fn done, void *opaque)
 {
-	return check_req_full(dev, FALSE, write, sector, count);
+	int r = err ? err : check_req_full(dev, forwarded, write, sector, count);
+
+	if (r == 0 && !supported)
+		r = -EOPNOTSUPP;
+	if (r != 0) {
+		done(opaque, r < 0 ? r : 0);
+		return FALSE;
+	}
+	return TRUE;
 }
 
-static int check_fwd(Blockdev *dev, gboolean write, uint64_t sector, uint64_t count)
+static inline void submit_read(Blockdev *dev, gboolean forwarded, uint64_t sector,
+			       const struct iovec *iov, int iovcnt, blockdev_done_fn done,
+			       void *opaque)
 {
-	return check_req_full(dev, TRUE, write, sector, count);
+	uint64_t n;
+	int err = iov_sectors(dev, iov, iovcnt, &n);
+
+	if (admit(dev, forwarded, FALSE, err, sector, n, TRUE, done, opaque))
+		dev->ops->read(dev, sector, iov, iovcnt, done, opaque);
+}
+
+static inline void submit_block_status(Blockdev *dev, gboolean forwarded, uint64_t sector,
+				       uint64_t count, blockdev_extent_fn extent,
+				       blockdev_done_fn done, void *opaque)
+{
+	if (admit(dev, forwarded, FALSE, 0, sector, count, dev->info.can_block_status, done,
+		  opaque))
+		dev->ops->block_status(dev, sector, count, extent, done, opaque);
 }
 
 void bdev_submit_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
 		      blockdev_done_fn done, void *opaque)
 {
-	int64_t n = iov_sectors(dev, iov, iovcnt);
-	int r = n < 0 ? (int)n : check_fwd(dev, FALSE, sector, (uint64_t)n);
-
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->read(dev, sector, iov, iovcnt, done, opaque);
+	submit_read(dev, TRUE, sector, iov, iovcnt, done, opaque);
 }
 
 void bdev_submit_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
 		       uint32_t flags, blockdev_done_fn done, void *opaque)
 {
-	int64_t n = iov_sectors(dev, iov, iovcnt);
-	int r = n < 0 ? (int)n : check_fwd(dev, TRUE, sector, (uint64_t)n);
+	uint64_t n;
+	int err = iov_sectors(dev, iov, iovcnt, &n);
 
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->write(dev, sector, iov, iovcnt, flags, done, opaque);
+	if (admit(dev, TRUE, TRUE, err, sector, n, TRUE, done, opaque))
+		dev->ops->write(dev, sector, iov, iovcnt, flags, done, opaque);
 }
 
 void bdev_submit_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
 			      blockdev_done_fn done, void *opaque)
 {
-	int r = check_fwd(dev, TRUE, sector, count);
-
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->write_zeroes(dev, sector, count, flags, done, opaque);
+	if (admit(dev, TRUE, TRUE, 0, sector, count, TRUE, done, opaque))
+		dev->ops->write_zeroes(dev, sector, count, flags, done, opaque);
 }
 
 void bdev_submit_discard(Blockdev *dev, uint64_t sector, uint64_t count,
 			 blockdev_done_fn done, void *opaque)
 {
-	int r = check_fwd(dev, TRUE, sector, count);
-
-	if (r == 0 && !dev->info.can_trim)
-		r = -EOPNOTSUPP;
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->discard(dev, sector, count, done, opaque);
+	if (admit(dev, TRUE, TRUE, 0, sector, count, dev->info.can_trim, done, opaque))
+		dev->ops->discard(dev, sector, count, done, opaque);
 }
 
 void bdev_submit_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
 			      blockdev_extent_fn extent, blockdev_done_fn done, void *opaque)
 {
-	int r = check_fwd(dev, FALSE, sector, count);
-
-	if (r == 0 && !dev->info.can_block_status)
-		r = -EOPNOTSUPP;
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->block_status(dev, sector, count, extent, done, opaque);
+	submit_block_status(dev, TRUE, sector, count, extent, done, opaque);
 }
 
 /* ---- Public calls --------------------------------------------------------- */
@@ -212,14 +215,7 @@ void bdev_submit_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
 void blockdev_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
 		   blockdev_done_fn done, void *opaque)
 {
-	int64_t n = iov_sectors(dev, iov, iovcnt);
-	int r = n < 0 ? (int)n : check_req(dev, FALSE, sector, (uint64_t)n);
-
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->read(dev, sector, iov, iovcnt, done, opaque);
+	submit_read(dev, FALSE, sector, iov, iovcnt, done, opaque);
 }
 
 /* A public write-like call holding a shared entry in the root's lock table. */
@@ -292,40 +288,25 @@ static void submit_locked(Blockdev *dev, enum locked_kind kind, uint64_t sector,
 void blockdev_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
 		    uint32_t flags, blockdev_done_fn done, void *opaque)
 {
-	int64_t n = iov_sectors(dev, iov, iovcnt);
-	int r = n < 0 ? (int)n : check_req(dev, TRUE, sector, (uint64_t)n);
+	uint64_t n;
+	int err = iov_sectors(dev, iov, iovcnt, &n);
 
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	submit_locked(dev, LOCKED_WRITE, sector, (uint64_t)n, iov, iovcnt, flags, done, opaque);
+	if (admit(dev, FALSE, TRUE, err, sector, n, TRUE, done, opaque))
+		submit_locked(dev, LOCKED_WRITE, sector, n, iov, iovcnt, flags, done, opaque);
 }
 
 void blockdev_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
 			   blockdev_done_fn done, void *opaque)
 {
-	int r = check_req(dev, TRUE, sector, count);
-
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	submit_locked(dev, LOCKED_ZERO, sector, count, NULL, 0, flags, done, opaque);
+	if (admit(dev, FALSE, TRUE, 0, sector, count, TRUE, done, opaque))
+		submit_locked(dev, LOCKED_ZERO, sector, count, NULL, 0, flags, done, opaque);
 }
 
 void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count,
 		      blockdev_done_fn done, void *opaque)
 {
-	int r = check_req(dev, TRUE, sector, count);
-
-	if (r == 0 && !dev->info.can_trim)
-		r = -EOPNOTSUPP;
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	submit_locked(dev, LOCKED_DISCARD, sector, count, NULL, 0, 0, done, opaque);
+	if (admit(dev, FALSE, TRUE, 0, sector, count, dev->info.can_trim, done, opaque))
+		submit_locked(dev, LOCKED_DISCARD, sector, count, NULL, 0, 0, done, opaque);
 }
 
 void blockdev_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
@@ -344,15 +325,7 @@ void blockdev_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
 void blockdev_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
 			   blockdev_extent_fn extent, blockdev_done_fn done, void *opaque)
 {
-	int r = check_req(dev, FALSE, sector, count);
-
-	if (r == 0 && !dev->info.can_block_status)
-		r = -EOPNOTSUPP;
-	if (r != 0) {
-		done(opaque, r < 0 ? r : 0);
-		return;
-	}
-	dev->ops->block_status(dev, sector, count, extent, done, opaque);
+	submit_block_status(dev, FALSE, sector, count, extent, done, opaque);
 }
 
 void blockdev_disconnect(Blockdev *dev)
