@@ -508,8 +508,9 @@ static void signal_ready(gboolean foreground)
 }
 
 /* The kernel reads ahead at most its bdi default (128 KiB) on a FUSE mount,
- * whatever max_readahead says; raise this mount's to 1 MiB where we may
- * (root).  The device number comes from mountinfo: a stat of the mountpoint
+ * whatever max_readahead says; raise this mount's to 8 MiB where we may
+ * (root): several 1 MiB READs in flight keep a sequential reader's NBD
+ * connections busy (dd bs=1M: ~830 -> ~980 MB/s against 1 MiB).  The device number comes from mountinfo: a stat of the mountpoint
  * would need the session loop, which is not running yet. */
 static void raise_readahead(const char *mountpoint)
 {
@@ -532,7 +533,7 @@ static void raise_readahead(const char *mountpoint)
 		return;
 	g_autofree char *path = g_strdup_printf("/sys/class/bdi/%s/read_ahead_kb", dev);
 	g_autoptr(GError) err = NULL;
-	if (!g_file_set_contents_full(path, "1024\n", -1, G_FILE_SET_CONTENTS_NONE, 0644, &err))
+	if (!g_file_set_contents_full(path, "8192\n", -1, G_FILE_SET_CONTENTS_NONE, 0644, &err))
 		g_debug("readahead: %s", err->message);
 }
 
