@@ -268,25 +268,42 @@ static struct bytes_req *req_new(Blockdev *dev, enum bytes_kind kind, void *buf,
 	return req;
 }
 
+/* The checks every byte call starts with.  TRUE to go on, with *@len cut to
+ * the end of the device and to @max; otherwise the call has been completed
+ * (-ENOTCONN, -EROFS for a write on a read-only device, 0 for an empty
+ * request, @past_end (0 or -errno) for one that starts at or past the end)
+ * and FALSE is returned. */
+static gboolean bytes_admit(Blockdev *dev, gboolean write, uint64_t offset, uint64_t *len,
+			    uint64_t max, int past_end, blockdev_bytes_fn done, void *opaque)
+{
+	uint64_t size = dev->info.size;
+	int r = 1;
+
+	if (blockdev_is_disconnected(dev))
+		r = -ENOTCONN;
+	else if (write && !dev->info.read_write)
+		r = -EROFS;
+	else if (*len == 0)
+		r = 0;
+	else if (offset >= size)
+		r = past_end;
+	if (r <= 0) {
+		done(opaque, r);
+		return FALSE;
+	}
+	*len = MIN(MIN(*len, size - offset), max);
+	return TRUE;
+}
+
 void blockdev_pread_bytes(Blockdev *dev, void *buf, size_t len, uint64_t offset,
 			  blockdev_bytes_fn done, void *opaque)
 {
-	uint64_t size = dev->info.size;
+	uint64_t n = len;
 	struct bytes_req *req;
 
-	if (blockdev_is_disconnected(dev)) {
-		done(opaque, -ENOTCONN);
+	if (!bytes_admit(dev, FALSE, offset, &n, SSIZE_MAX, 0, done, opaque))
 		return;
-	}
-	if (len == 0 || offset >= size) {
-		done(opaque, 0);
-		return;
-	}
-	if (len > size - offset)
-		len = (size_t)(size - offset);
-	if (len > SSIZE_MAX)
-		len = SSIZE_MAX;
-	req = req_new(dev, BYTES_READ, buf, len, offset, 0, done, opaque);
+	req = req_new(dev, BYTES_READ, buf, (size_t)n, offset, 0, done, opaque);
 	g_atomic_int_set(&req->pending, 1);
 	if (req->need_head || req->need_tail)
 		submit_edge_reads(req);   /* resets pending to 1 + edges */
@@ -308,51 +325,15 @@ static void start_write(Blockdev *dev, enum bytes_kind kind, void *buf, size_t l
 void blockdev_pwrite_bytes(Blockdev *dev, const void *buf, size_t len, uint64_t offset,
 			   uint32_t flags, blockdev_bytes_fn done, void *opaque)
 {
-	uint64_t size = dev->info.size;
+	uint64_t n = len;
 
-	if (blockdev_is_disconnected(dev)) {
-		done(opaque, -ENOTCONN);
-		return;
-	}
-	if (!dev->info.read_write) {
-		done(opaque, -EROFS);
-		return;
-	}
-	if (len == 0) {
-		done(opaque, 0);
-		return;
-	}
-	if (offset >= size) {
-		done(opaque, -ENOSPC);
-		return;
-	}
-	if (len > size - offset)
-		len = (size_t)(size - offset);
-	if (len > SSIZE_MAX)
-		len = SSIZE_MAX;
-	start_write(dev, BYTES_WRITE, (void *)buf, len, offset, flags, done, opaque);
+	if (bytes_admit(dev, TRUE, offset, &n, SSIZE_MAX, -ENOSPC, done, opaque))
+		start_write(dev, BYTES_WRITE, (void *)buf, (size_t)n, offset, flags, done, opaque);
 }
 
 void blockdev_zero_bytes(Blockdev *dev, uint64_t offset, uint64_t len, uint32_t flags,
 			 blockdev_bytes_fn done, void *opaque)
 {
-	uint64_t size = dev->info.size;
-
-	if (blockdev_is_disconnected(dev)) {
-		done(opaque, -ENOTCONN);
-		return;
-	}
-	if (!dev->info.read_write) {
-		done(opaque, -EROFS);
-		return;
-	}
-	if (len == 0 || offset >= size) {
-		done(opaque, 0);
-		return;
-	}
-	if (len > size - offset)
-		len = size - offset;
-	if (len > SIZE_MAX)
-		len = SIZE_MAX;
-	start_write(dev, BYTES_ZERO, NULL, (size_t)len, offset, flags, done, opaque);
+	if (bytes_admit(dev, TRUE, offset, &len, SIZE_MAX, 0, done, opaque))
+		start_write(dev, BYTES_ZERO, NULL, (size_t)len, offset, flags, done, opaque);
 }
