@@ -76,74 +76,38 @@ static int io_flags(const struct nbdc_transport *t)
 	return (t->idle_ms || t->deadline_us) ? MSG_DONTWAIT : 0;
 }
 
-/* One raw recv of up to @len bytes, waiting as needed: >0 bytes, 0 on EOF,
- * -errno. */
+/* One raw transfer (@sending: sendmsg, else recvmsg) over @iov, waiting as
+ * needed: >0 bytes, 0 on EOF, -errno.  A fd that is not a socket (a pipe
+ * in tests) falls back to readv/writev. */
+static ssize_t raw_io(struct nbdc_transport *t, gboolean sending, struct iovec *iov, int iovcnt)
+{
+	for (;;) {
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
+		ssize_t n = sending ? sendmsg(t->fd, &m, io_flags(t) | MSG_NOSIGNAL)
+				    : recvmsg(t->fd, &m, io_flags(t));
+
+		if (n >= 0)
+			return n;
+		if (errno == EINTR)
+			continue;
+		if (errno == ENOTSOCK) {
+			n = sending ? writev(t->fd, iov, iovcnt) : readv(t->fd, iov, iovcnt);
+			if (n >= 0)
+				return n;
+		}
+		if (errno != EAGAIN && errno != EWOULDBLOCK)
+			return -errno;
+		int r = wait_fd(t, sending ? POLLOUT : POLLIN);
+		if (r < 0)
+			return r;
+	}
+}
+
 static ssize_t raw_recv(struct nbdc_transport *t, void *buf, size_t len)
 {
-	for (;;) {
-		ssize_t n = recv(t->fd, buf, len, io_flags(t));
+	struct iovec v = {.iov_base = buf, .iov_len = len};
 
-		if (n >= 0)
-			return n;
-		if (errno == EINTR)
-			continue;
-		if (errno == ENOTSOCK) {
-			n = read(t->fd, buf, len);
-			if (n >= 0)
-				return n;
-		}
-		if (errno != EAGAIN && errno != EWOULDBLOCK)
-			return -errno;
-		int r = wait_fd(t, POLLIN);
-		if (r < 0)
-			return r;
-	}
-}
-
-static ssize_t raw_recvmsg(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
-{
-	for (;;) {
-		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
-		ssize_t n = recvmsg(t->fd, &m, io_flags(t));
-
-		if (n >= 0)
-			return n;
-		if (errno == EINTR)
-			continue;
-		if (errno == ENOTSOCK) {
-			n = readv(t->fd, iov, iovcnt);
-			if (n >= 0)
-				return n;
-		}
-		if (errno != EAGAIN && errno != EWOULDBLOCK)
-			return -errno;
-		int r = wait_fd(t, POLLIN);
-		if (r < 0)
-			return r;
-	}
-}
-
-static ssize_t raw_sendmsg(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
-{
-	for (;;) {
-		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
-		ssize_t n = sendmsg(t->fd, &m, io_flags(t) | MSG_NOSIGNAL);
-
-		if (n >= 0)
-			return n;
-		if (errno == EINTR)
-			continue;
-		if (errno == ENOTSOCK) {
-			n = writev(t->fd, iov, iovcnt);
-			if (n >= 0)
-				return n;
-		}
-		if (errno != EAGAIN && errno != EWOULDBLOCK)
-			return -errno;
-		int r = wait_fd(t, POLLOUT);
-		if (r < 0)
-			return r;
-	}
+	return raw_io(t, FALSE, &v, 1);
 }
 
 /* gnutls transport callbacks: plain socket I/O with our waits. */
@@ -164,7 +128,7 @@ static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
 {
 	struct nbdc_transport *t = ptr;
 	struct iovec v = {.iov_base = (void *)buf, .iov_len = len};
-	ssize_t n = raw_sendmsg(t, &v, 1);
+	ssize_t n = raw_io(t, TRUE, &v, 1);
 
 	if (n < 0) {
 		t->wr_errno = (int)-n;
@@ -275,7 +239,7 @@ int nbdc_tr_readv(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
 		if (t->tls)
 			n = tr_recv(t, iov->iov_base, iov->iov_len);
 		else
-			n = raw_recvmsg(t, iov, MIN(iovcnt, IOV_BATCH));
+			n = raw_io(t, FALSE, iov, MIN(iovcnt, IOV_BATCH));
 		if (n < 0)
 			return (int)n;
 		if (n == 0)
@@ -315,7 +279,7 @@ int nbdc_tr_writev(struct nbdc_transport *t, struct iovec *iov, int iovcnt)
 			if (n < 0)
 				return tls_errno(t, n, t->wr_errno);
 		} else {
-			n = raw_sendmsg(t, iov, MIN(iovcnt, IOV_BATCH));
+			n = raw_io(t, TRUE, iov, MIN(iovcnt, IOV_BATCH));
 			if (n < 0)
 				return (int)n;
 		}
