@@ -259,6 +259,15 @@ static void assert_dead(Nbdc *c)
 	g_assert_cmpint(nbdc_flush(c), ==, -ENOTCONN);
 }
 
+/* Connects; the first 4 KiB read must then fail with @err and leave the
+ * connection dead (the common end of a bad-reply case). */
+static void ctx_first_read_kills(Ctx *t, int err)
+{
+	ctx_connect(t);
+	g_assert_cmpint(read_guarded(t->c, 4096, 0, 0), ==, err);
+	assert_dead(t->c);
+}
+
 /* The connection must still be alive. */
 static void assert_alive(Nbdc *c)
 {
@@ -1030,9 +1039,7 @@ static void test_tls_t1_bad_reply_magic(void)
 	fake_msg_u32(m, 0x12345678);
 	fake_msg_fill(m, 0, 12);
 	fake_send(t.fs, g_steal_pointer(&m));
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1049,9 +1056,7 @@ static void test_tls_t10_close_mid_payload(void)
 	fake_negotiate(t.fs, &rest, 0, 0);
 	fake_expect_request(t.fs, 0);
 	fake_send_partial_close(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096), 500);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -ENOTCONN);
 	ctx_end(&t);
 }
 
@@ -1475,9 +1480,7 @@ static void test_t1_bad_reply_magic(void)
 	fake_msg_u32(m, 0);
 	fake_msg_cookie(m, 0, 0);
 	fake_send(t.fs, g_steal_pointer(&m));
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1493,9 +1496,7 @@ static void test_t2_unknown_cookie_simple(void)
 	fake_msg_u32(m, 0);
 	fake_msg_cookie(m, 0, 1000);
 	fake_send(t.fs, g_steal_pointer(&m));
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1513,9 +1514,7 @@ static void test_t3_unknown_cookie_chunk(void)
 	fake_msg_cookie(m, 0, 1000);
 	fake_msg_u32(m, 0);
 	fake_send(t.fs, m);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1531,9 +1530,7 @@ static void test_t3_unknown_cookie_simple_error(void)
 	fake_msg_u32(m, FAKE_EIO);
 	fake_msg_cookie(m, 0, 1000);
 	fake_send(t.fs, m);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1623,9 +1620,7 @@ static void test_t7_chunk_without_sr(void)
 	t.e.sr = FALSE;
 	ctx_io(&t);
 	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096));
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1646,9 +1641,7 @@ static void test_t8_chunk_len_huge(void)
 	fake_msg_offset(m, 0, 0);
 	fake_msg_pattern(m, 0, 0, 4096);
 	fake_send(t.fs, m);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -EPROTO);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -EPROTO);
 	ctx_end(&t);
 }
 
@@ -1692,9 +1685,7 @@ static void test_t10_close_mid_header(void)
 	ctx_init(&t);
 	ctx_io(&t);
 	fake_send_partial_close(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096), 10);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -ENOTCONN);
 	ctx_end(&t);
 }
 
@@ -1706,9 +1697,7 @@ static void test_t10_close_mid_payload(void)
 	ctx_io(&t);
 	fake_send_partial_close(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096),
 				20 + 8 + 1000);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -ENOTCONN);
 	ctx_end(&t);
 }
 
@@ -1720,9 +1709,7 @@ static void test_t10_close_mid_simple_payload(void)
 	t.e.sr = FALSE;
 	ctx_io(&t);
 	fake_send_partial_close(t.fs, fake_simple_reply_data(0), 16 + 100);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -ENOTCONN);
 	ctx_end(&t);
 }
 
@@ -1733,9 +1720,7 @@ static void test_t11_close_between_replies(void)
 	ctx_init(&t);
 	ctx_io(&t);
 	fake_close(t.fs);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -ENOTCONN);
 	ctx_end(&t);
 }
 
@@ -1783,9 +1768,7 @@ static void test_t13_reply_never_arrives(void)
 	t.cfg.request_timeout_ms = 300;
 	ctx_io(&t);
 	fake_stall(t.fs);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ETIMEDOUT);
-	assert_dead(t.c);
+	ctx_first_read_kills(&t, -ETIMEDOUT);
 	ctx_end(&t);
 }
 
