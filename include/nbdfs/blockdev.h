@@ -123,5 +123,6 @@ void blockdev_zero_bytes(Blockdev *dev, uint64_t offset, uint64_t len, uint32_t 
 ssize_t blockdev_pread_bytes_sync(Blockdev *dev, void *buf, size_t len, uint64_t offset);
 ssize_t blockdev_pwrite_bytes_sync(Blockdev *dev, const void *buf, size_t len, uint64_t offset,
 				   uint32_t flags);
+ssize_t blockdev_zero_bytes_sync(Blockdev *dev, uint64_t offset, uint64_t len, uint32_t flags);
 
 G_END_DECLS

@@ -443,3 +443,13 @@ ssize_t blockdev_pwrite_bytes_sync(Blockdev *dev, const void *buf, size_t len, u
 	sync_wait(&s.w);
 	return s.result;
 }
+
+ssize_t blockdev_zero_bytes_sync(Blockdev *dev, uint64_t offset, uint64_t len, uint32_t flags)
+{
+	struct sync_bytes s;
+
+	sync_init(&s.w);
+	blockdev_zero_bytes(dev, offset, len, flags, sync_bytes_done, &s);
+	sync_wait(&s.w);
+	return s.result;
+}

@@ -16,42 +16,6 @@ static void fill_random(GRand *r, uint8_t *p, size_t n)
 		p[i] = (uint8_t)g_rand_int_range(r, 1, 256);
 }
 
-struct zero_wait {
-	GMutex mu;
-	GCond cond;
-	gboolean finished;
-	ssize_t res;
-};
-
-static void zero_done(void *opaque, ssize_t res)
-{
-	struct zero_wait *w = opaque;
-
-	g_mutex_lock(&w->mu);
-	w->res = res;
-	w->finished = TRUE;
-	g_cond_signal(&w->cond);
-	g_mutex_unlock(&w->mu);
-}
-
-static ssize_t zero_sync(Blockdev *dev, uint64_t off, uint64_t len, uint32_t flags)
-{
-	struct zero_wait w = { 0 };
-	ssize_t res;
-
-	g_mutex_init(&w.mu);
-	g_cond_init(&w.cond);
-	blockdev_zero_bytes(dev, off, len, flags, zero_done, &w);
-	g_mutex_lock(&w.mu);
-	while (!w.finished)
-		g_cond_wait(&w.cond, &w.mu);
-	res = w.res;
-	g_mutex_unlock(&w.mu);
-	g_mutex_clear(&w.mu);
-	g_cond_clear(&w.cond);
-	return res;
-}
-
 /* Every combination of head offset and length around sector boundaries,
  * on the root, on a window, and with a tiny max_request. */
 static void check_combos(Blockdev *dev, uint8_t *model, uint64_t base, uint64_t size,
@@ -92,7 +56,7 @@ static void check_combos(Blockdev *dev, uint8_t *model, uint64_t base, uint64_t 
 			if ((i + j) % 3 == 0 && off < size) {
 				uint64_t zl = (len + 1) / 2;
 
-				g_assert_cmpint(zero_sync(dev, off, zl, 0), ==, 0);
+				g_assert_cmpint(blockdev_zero_bytes_sync(dev, off, zl, 0), ==, 0);
 				memset(model + base + off, 0, MIN(zl, size - off));
 				g_assert_cmpmem(blockdev_mem_data(root), size + base, model,
 						size + base);
@@ -160,17 +124,17 @@ static void test_bytes_end(void)
 	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, buf, 0, 5000, 0), ==, 0);
 	/* Read-only. */
 	g_assert_cmpint(blockdev_pwrite_bytes_sync(ro, buf, 10, 0, 0), ==, -EROFS);
-	g_assert_cmpint(zero_sync(ro, 0, 10, 0), ==, -EROFS);
+	g_assert_cmpint(blockdev_zero_bytes_sync(ro, 0, 10, 0), ==, -EROFS);
 	/* Zero: clipped to the end, result 0. */
-	g_assert_cmpint(zero_sync(dev, 900, 5000, 0), ==, 0);
+	g_assert_cmpint(blockdev_zero_bytes_sync(dev, 900, 5000, 0), ==, 0);
 	for (int i = 0; i < 1024; i++)
 		g_assert_cmpint(d[i], ==, i < 900 ? 0xcc : 0);
-	g_assert_cmpint(zero_sync(dev, 5000, 10, 0), ==, 0);
+	g_assert_cmpint(blockdev_zero_bytes_sync(dev, 5000, 10, 0), ==, 0);
 	/* Disconnected. */
 	blockdev_disconnect(dev);
 	g_assert_cmpint(blockdev_pread_bytes_sync(dev, buf, 10, 0), ==, -ENOTCONN);
 	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, buf, 10, 0, 0), ==, -ENOTCONN);
-	g_assert_cmpint(zero_sync(dev, 0, 10, 0), ==, -ENOTCONN);
+	g_assert_cmpint(blockdev_zero_bytes_sync(dev, 0, 10, 0), ==, -ENOTCONN);
 }
 
 static void test_bytes_zero(gconstpointer data)
@@ -194,8 +158,9 @@ static void test_bytes_zero(gconstpointer data)
 
 				memset(model, 0xa5, size);
 				memset(blockdev_mem_data(dev), 0xa5, size);
-				g_assert_cmpint(zero_sync(t, off, len,
-							  j % 2 ? BLOCKDEV_MAY_TRIM : 0), ==, 0);
+				g_assert_cmpint(blockdev_zero_bytes_sync(t, off, len,
+									 j % 2 ? BLOCKDEV_MAY_TRIM : 0),
+						==, 0);
 				if (off < tsize)
 					memset(model + base + off, 0, MIN(len, tsize - off));
 				g_assert_cmpmem(blockdev_mem_data(dev), size, model, size);
@@ -261,7 +226,7 @@ static gpointer writer_main(gpointer opaque)
 		}
 		fill_random(r, buf, n);
 		if (g_rand_int_range(r, 0, 8) == 0) {
-			res = zero_sync(target, toff, n, 0);
+			res = blockdev_zero_bytes_sync(target, toff, n, 0);
 			g_assert_cmpint(res, ==, 0);
 			memset(c->model + off, 0, n);
 		} else {
