@@ -91,7 +91,11 @@ def nbdkit(tmp_path):
         else:
             sock = sock or str(tmp_path / f"nbdkit{len(procs)}.sock")
             where = ["-U", sock]
-        cmd = ["nbdkit", "-f", "--exit-with-parent"] + where + [str(a) for a in args]
+        # nbdkit writes its pid file only once it accepts connections (the
+        # socket file appears a moment earlier), so readiness is the pid file.
+        pidfile = str(tmp_path / f"nbdkit{len(procs)}.pid")
+        cmd = (["nbdkit", "-f", "--exit-with-parent", "-P", pidfile] + where
+               + [str(a) for a in args])
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=env, start_new_session=True)
         procs.append(proc)
@@ -101,14 +105,7 @@ def nbdkit(tmp_path):
             if proc.poll() is not None:
                 err = proc.stderr.read().decode(errors="replace")
                 pytest.fail(f"nbdkit exited ({proc.returncode}): {' '.join(cmd)}\n{err}")
-            if tcp:
-                import socket
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        return True
-                except OSError:
-                    return False
-            return os.path.exists(sock)
+            return os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
 
         wait_for(ready, timeout=30, what=f"nbdkit to listen ({' '.join(cmd)})")
         return srv
