@@ -674,7 +674,7 @@ def test_fio_verify(tmp_path, server, mount, direct):
            f"--bsrange={bs}", "--size=2M", "--numjobs=4", "--offset_increment=2M",
            f"--direct={direct}", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1",
            "--do_verify=1", "--group_reporting", "--output-format=terse",
-           "--randseed=42"]
+           "--randseed=42", "--verify_state_save=0"]
     if not direct:
         cmd.append("--bs_unaligned=1")
     r = run(cmd, check=False, timeout=600)
