@@ -77,7 +77,7 @@ if CC=clang meson setup build/ci-fuzz -Dfuzzing=true -Dtests=false \
 	-Db_sanitize=address,undefined -Db_lundef=false >build/ci-fuzz.setup.log 2>&1 &&
 	ninja -C build/ci-fuzz >build/ci-fuzz.build.log 2>&1; then
 	run "fuzzers" meson test -C build/ci-fuzz --suite fuzz --print-errorlogs --no-rebuild
-	grep -h -E "^(Done [0-9]+ runs|stat::number_of_executed_units|#[0-9]+ +DONE)" \
+	grep -h -E "^(Done [0-9]+ runs|stat::number_of_executed_units|#[0-9]+[[:space:]]+DONE)" \
 		build/ci-fuzz/meson-logs/testlog.txt || true
 	count_results build/ci-fuzz
 else
