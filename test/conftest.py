@@ -113,10 +113,15 @@ def nbdkit(tmp_path):
     try:
         yield start
     finally:
-        for p in procs:
-            kill_and_wait(p)
-            if p.stderr:
-                p.stderr.close()
+        stop_all(procs)
+
+
+def stop_all(procs):
+    """Ends every server process a fixture started and closes its stderr pipe."""
+    for p in procs:
+        kill_and_wait(p)
+        if p.stderr:
+            p.stderr.close()
 
 
 def pytest_report_header(config):

@@ -24,6 +24,7 @@ _spec.loader.exec_module(shared)
 build_path = shared.build_path
 wait_for = shared.wait_for
 kill_and_wait = shared.kill_and_wait
+stop_all = shared.stop_all
 NbdServer = shared.NbdServer
 free_tcp_port = shared._free_tcp_port
 
@@ -235,10 +236,25 @@ def qemu_nbd(tmp_path):
     try:
         yield start
     finally:
-        for p in procs:
-            kill_and_wait(p)
-            if p.stderr:
-                p.stderr.close()
+        stop_all(procs)
+
+
+def kill_server_under_stress(srv, log, cli_args):
+    """Runs `nbdc-cli --quiet-log CLI_ARGS` (an 8-thread stress), kills the
+    server with SIGKILL once its log shows >300 writes, and returns
+    (returncode, stderr text) of the client."""
+    proc = subprocess.Popen([cli_path(), "--quiet-log"] + [str(a) for a in cli_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count(" Write id=") > 300
+                 or proc.poll() is not None, timeout=60, what="stress to get going")
+        assert proc.poll() is None, proc.communicate()
+        srv.kill(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill_and_wait(proc, signal.SIGKILL)
+    return proc.returncode, err.decode(errors="replace")
 
 
 class _Daemon:

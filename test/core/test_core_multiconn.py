@@ -107,25 +107,11 @@ def test_stress_large_requests_single_connection(nbdkit):
 def test_stress_server_killed(nbdkit, tmp_path):
     """The server dies under load: every request completes (no hang, no
     crash) with ENOTCONN."""
-    import os
-    import signal
-    import subprocess
-    from nbdc_helpers import cli_path, kill_and_wait, wait_for
+    from nbdc_helpers import kill_server_under_stress
     log = tmp_path / "log"
     srv = nbdkit("--filter=log", "memory", "4M", f"logfile={log}")
-    proc = subprocess.Popen([cli_path(), "--quiet-log", srv.uri(), "stress", "8", "100000", "11"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        wait_for(lambda: log.exists() and log.read_text().count(" Write id=") > 300
-                 or proc.poll() is not None, timeout=60, what="stress to get going")
-        assert proc.poll() is None, proc.communicate()
-        srv.kill(signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        kill_and_wait(proc, signal.SIGKILL)
-    err = err.decode(errors="replace")
-    assert proc.returncode == 1, (proc.returncode, err[-3000:])
+    rc, err = kill_server_under_stress(srv, log, [srv.uri(), "stress", 8, 100000, 11])
+    assert rc == 1, (rc, err[-3000:])
     names = set(re.findall(r": (E[A-Z0-9]+)\b", err))
     assert names == {"ENOTCONN"}, err[-3000:]
 

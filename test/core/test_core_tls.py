@@ -170,24 +170,11 @@ def test_tls_verify_peer_uri_parameter(nbdkit, x509):
 
 def test_tls_server_killed_under_load(nbdkit, psk_file, tmp_path):
     """TLS connections die under load: ENOTCONN everywhere, no crash/hang."""
-    import signal
-    import subprocess
-    from nbdc_helpers import cli_path, kill_and_wait, wait_for
+    from nbdc_helpers import kill_server_under_stress
     log = tmp_path / "log"
     srv = nbdkit("--tls=require", f"--tls-psk={psk_file}", "--filter=log", "memory", "4M",
                  f"logfile={log}")
-    proc = subprocess.Popen([cli_path(), "--quiet-log", "--tls-psk", psk_file, psk_uri(srv),
-                             "stress", "8", "100000", "13"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        wait_for(lambda: log.exists() and log.read_text().count(" Write id=") > 300
-                 or proc.poll() is not None, timeout=60, what="stress to get going")
-        assert proc.poll() is None, proc.communicate()
-        srv.kill(signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        kill_and_wait(proc, signal.SIGKILL)
-    err = err.decode(errors="replace")
-    assert proc.returncode == 1, (proc.returncode, err[-3000:])
+    rc, err = kill_server_under_stress(
+        srv, log, ["--tls-psk", psk_file, psk_uri(srv), "stress", 8, 100000, 13])
+    assert rc == 1, (rc, err[-3000:])
     assert set(re.findall(r": (E[A-Z0-9]+)\b", err)) == {"ENOTCONN"}, err[-3000:]
