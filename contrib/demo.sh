@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 top=$PWD
 
 contrib/install-deps.sh
-if [ ! -x build/demo/src/fs/nbdfs ]; then
+if [ ! -x build/demo/src/nbdfs ]; then
 	meson setup build/demo >/dev/null
 fi
 ninja -C build/demo >/dev/null
-nbdfs=$top/build/demo/src/fs/nbdfs
+nbdfs=$top/build/demo/src/nbdfs
 
 work=$(mktemp -d /tmp/nbdfs-demo.XXXXXX)
 nbdkit_pid= loop= fsmnt= mnt=

@@ -16,7 +16,7 @@ BUILD_DIR = os.environ.get("NBDFS_BUILD_DIR", os.path.join(SRC_DIR, "build"))
 
 
 def build_path(*parts):
-    """Path of a built artefact (e.g. build_path('src', 'fs', 'nbdfs'))."""
+    """Path of a built artefact (e.g. build_path('src', 'nbdfs'))."""
     return os.path.join(BUILD_DIR, *parts)
 
 

@@ -880,7 +880,7 @@ def parse_args(argv):
                     help="1 rep of ~1 s per workload (CI smoke run; no speed assertions)")
     ap.add_argument("--build", default=os.environ.get("NBDFS_BUILD_DIR",
                                                       os.path.join(SRC_DIR, "build")),
-                    help="meson build dir holding src/fs/nbdfs (default $NBDFS_BUILD_DIR "
+                    help="meson build dir holding src/nbdfs (default $NBDFS_BUILD_DIR "
                          "or SRC/build)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per run (default 5)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
@@ -912,7 +912,7 @@ def main(argv):
     if os.geteuid() != 0:
         print("bench: needs root (loop devices, drop_caches)", file=sys.stderr)
         return 2
-    nbdfs = os.path.join(args.build, "src", "fs", "nbdfs")
+    nbdfs = os.path.join(args.build, "src", "nbdfs")
     missing_nbdfs = None
     if args.no_nbdfs or not os.access(nbdfs, os.X_OK):
         if not args.no_nbdfs:

@@ -81,9 +81,40 @@ void blockdev_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
 			   blockdev_extent_fn extent, blockdev_done_fn done, void *opaque);
 
 /* Marks this device disconnected: later requests fail with -ENOTCONN.  For
- * an export also flushes and sends NBD_CMD_DISC.  A partition's disconnect
- * never touches its parent or siblings.  Never fails, idempotent. */
+ * an export also fails the requests still waiting for a connection and sends
+ * NBD_CMD_DISC; it does not flush (the caller flushes first, with its own
+ * deadline).  Never blocks, never fails, idempotent.  A partition's
+ * disconnect never touches its parent or siblings. */
 void blockdev_disconnect(Blockdev *dev);
+
+/* ---- Use and health (answered by the root export) --------------------------
+ * A file of @dev was opened (@held TRUE) or closed (FALSE): an export opens
+ * its connection ahead of the first request, and closes idle connections
+ * only while nothing holds it.  Calls must pair. */
+void blockdev_hold(Blockdev *dev, gboolean held);
+
+enum blockdev_conn_state {
+	BLOCKDEV_CONN_IDLE,         /* no connection needed yet, or closed while idle */
+	BLOCKDEV_CONN_CONNECTED,
+	BLOCKDEV_CONN_RECONNECTING, /* lost; requests wait up to the timeout */
+	BLOCKDEV_CONN_FAILED,       /* the last wait ran out: requests failed with EIO */
+};
+
+struct blockdev_health {
+	enum blockdev_conn_state state;
+	uint64_t reconnects;        /* connections re-established after a loss */
+	/* Counts the times acknowledged writes that no flush had covered yet
+	 * were lost (a server restart before the flush, and the replay failed).
+	 * A file that saw it change since its last flush must fail its next
+	 * flush with EIO (once), as Linux's errseq does for a disk. */
+	uint64_t lost_writes_seq;
+};
+
+/* The root export's health; devices without a connection (memory) are
+ * always CONNECTED with zero counts. */
+void blockdev_get_health(Blockdev *dev, struct blockdev_health *out);
+/* "idle", "connected", "reconnecting", "failed" (static). */
+const char *blockdev_conn_state_name(enum blockdev_conn_state state);
 
 /* Blocking wrappers: return 0 or a negative errno. */
 int blockdev_read_sync(Blockdev *dev, uint64_t sector, void *buf, size_t len);

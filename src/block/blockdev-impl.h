@@ -29,6 +29,10 @@ struct blockdev_ops {
 			     blockdev_extent_fn extent, blockdev_done_fn done, void *opaque);
 	/* Optional: called once, by the first blockdev_disconnect. */
 	void (*disconnect)(Blockdev *dev);
+	/* Optional, roots only (blockdev.c forwards to the root): open-file
+	 * hints and connection health. */
+	void (*hold)(Blockdev *dev, gboolean held);
+	void (*get_health)(Blockdev *dev, struct blockdev_health *out);
 	/* Frees the device (the containing struct) and drops its references. */
 	void (*destroy)(Blockdev *dev);
 };

@@ -64,6 +64,39 @@ void blockdev_fini(Blockdev *dev)
 	g_clear_pointer(&dev->uri, g_free);
 }
 
+void blockdev_hold(Blockdev *dev, gboolean held)
+{
+	Blockdev *root = dev->root;
+
+	if (root->ops->hold)
+		root->ops->hold(root, held);
+}
+
+void blockdev_get_health(Blockdev *dev, struct blockdev_health *out)
+{
+	Blockdev *root = dev->root;
+
+	memset(out, 0, sizeof(*out));
+	out->state = BLOCKDEV_CONN_CONNECTED;
+	if (root->ops->get_health)
+		root->ops->get_health(root, out);
+}
+
+const char *blockdev_conn_state_name(enum blockdev_conn_state state)
+{
+	switch (state) {
+	case BLOCKDEV_CONN_IDLE:
+		return "idle";
+	case BLOCKDEV_CONN_CONNECTED:
+		return "connected";
+	case BLOCKDEV_CONN_RECONNECTING:
+		return "reconnecting";
+	case BLOCKDEV_CONN_FAILED:
+		return "failed";
+	}
+	return "unknown";
+}
+
 Blockdev *blockdev_ref(Blockdev *dev)
 {
 	g_assert(dev && g_atomic_int_get(&dev->refcount) > 0);

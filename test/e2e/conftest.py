@@ -380,7 +380,7 @@ def _need_root():
 @pytest.fixture
 def nbdfs_bin():
     """Path of the daemon under test; the test fails if it is not built."""
-    p = build_path("src", "fs", "nbdfs")
+    p = build_path("src", "nbdfs")
     if not os.access(p, os.X_OK):
         pytest.fail(f"nbdfs is not built: {p} (ninja -C {top.BUILD_DIR})")
     return p

@@ -1,0 +1,269 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* daemon.c: logging, the background fork and its ready pipe, the pid file,
+ * mount tuning (see daemon.h).
+ *
+ * Start-up without -f: the process forks before any thread exists; the
+ * parent waits on a pipe until the child has connected every export, built
+ * the tree and mounted, then exits 0 (or with the child's status if it
+ * failed).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+
+#include "daemon.h"
+
+/* ---- Logging ----------------------------------------------------------- */
+
+static gboolean log_verbose; /* -f or -d: info messages too */
+static gboolean log_debug;   /* -d: every NBD request */
+static gboolean log_syslog;  /* background, after start-up */
+
+static GLogWriterOutput log_writer(GLogLevelFlags level, const GLogField *fields, gsize n,
+				   gpointer user_data)
+{
+	const char *msg = NULL;
+
+	for (gsize i = 0; i < n; i++)
+		if (strcmp(fields[i].key, "MESSAGE") == 0)
+			msg = fields[i].value;
+	if (msg == NULL)
+		return G_LOG_WRITER_HANDLED;
+	int prio;
+	const char *tag = "";
+	if (level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL)) {
+		prio = LOG_ERR;
+		tag = "error: ";
+	} else if (level & G_LOG_LEVEL_WARNING) {
+		prio = LOG_WARNING;
+		tag = "warning: ";
+	} else if (level & (G_LOG_LEVEL_MESSAGE | G_LOG_LEVEL_INFO)) {
+		prio = LOG_INFO;
+		if (!log_verbose && !log_syslog)
+			return G_LOG_WRITER_HANDLED;
+	} else {
+		prio = LOG_DEBUG;
+		if (!log_debug)
+			return G_LOG_WRITER_HANDLED;
+	}
+	if (log_syslog)
+		syslog(prio, "%s%s", tag, msg);
+	else
+		fprintf(stderr, "nbdfs: %s%s\n", tag, msg);
+	return G_LOG_WRITER_HANDLED;
+}
+
+static GString *fuse_msg;
+static gboolean fuse_msg_capture = TRUE;
+
+static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
+	G_GNUC_PRINTF(2, 0);
+static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+	g_autofree char *m = g_strdup_vprintf(fmt, ap);
+
+	if (fuse_msg_capture) {
+		if (fuse_msg == NULL)
+			fuse_msg = g_string_new(NULL);
+		g_string_append(fuse_msg, m);
+		return;
+	}
+	g_strchomp(m);
+	if (level <= FUSE_LOG_ERR)
+		g_warning("%s", m);
+	else if (level <= FUSE_LOG_NOTICE)
+		g_message("%s", m);
+	else
+		g_debug("%s", m);
+}
+
+void daemon_log_init(gboolean verbose, gboolean debug)
+{
+	static gboolean installed;
+
+	log_verbose = verbose;
+	log_debug = debug;
+	if (!installed) {
+		g_log_set_writer_func(log_writer, NULL, NULL);
+		fuse_set_log_func(fuse_log_cb);
+		installed = TRUE;
+	}
+}
+
+const char *daemon_fuse_messages(void)
+{
+	static char *last;
+
+	g_free(last);
+	g_auto(GStrv) lines = g_strsplit(fuse_msg ? fuse_msg->str : "", "\n", -1);
+	GString *one = g_string_new(NULL);
+	for (char **l = lines; *l; l++) {
+		g_strstrip(*l);
+		if (**l == '\0')
+			continue;
+		if (one->len)
+			g_string_append(one, "; ");
+		g_string_append(one, *l);
+	}
+	if (fuse_msg)
+		g_string_free(fuse_msg, TRUE);
+	fuse_msg = NULL;
+	last = g_string_free(one, FALSE);
+	return last;
+}
+
+/* ---- Background -------------------------------------------------------- */
+
+static int ready_fd = -1;
+
+/* The parent: wait for the child's "ready" byte, else its exit status. */
+static int wait_for_child(pid_t pid, int fd)
+{
+	char c;
+	ssize_t r;
+
+	do
+		r = read(fd, &c, 1);
+	while (r < 0 && errno == EINTR);
+	close(fd);
+	if (r == 1 && c == 'R')
+		return 0;
+	int status;
+	while (waitpid(pid, &status, 0) < 0) {
+		if (errno != EINTR)
+			return 1;
+	}
+	if (WIFEXITED(status))
+		return WEXITSTATUS(status) ? WEXITSTATUS(status) : 1;
+	return 1;
+}
+
+gboolean daemon_fork(void)
+{
+	int p[2];
+
+	if (pipe(p) < 0) {
+		fprintf(stderr, "nbdfs: pipe: %s\n", g_strerror(errno));
+		return FALSE;
+	}
+	fflush(stdout);
+	fflush(stderr);
+	pid_t pid = fork();
+	if (pid < 0) {
+		fprintf(stderr, "nbdfs: fork: %s\n", g_strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		return FALSE;
+	}
+	if (pid > 0) {
+		/* Ctrl-C ends the waiting parent; the child sees the signal
+		 * pending and gives up before mounting. */
+		sigset_t none;
+		sigemptyset(&none);
+		pthread_sigmask(SIG_SETMASK, &none, NULL);
+		close(p[1]);
+		_exit(wait_for_child(pid, p[0]));
+	}
+	close(p[0]);
+	fcntl(p[1], F_SETFD, FD_CLOEXEC);
+	ready_fd = p[1];
+	return TRUE;
+}
+
+static gboolean write_pidfile(const char *path)
+{
+	g_autofree char *s = g_strdup_printf("%d\n", (int)getpid());
+	g_autoptr(GError) err = NULL;
+
+	if (!g_file_set_contents(path, s, -1, &err)) {
+		fprintf(stderr, "nbdfs: --pidfile: %s\n", err->message);
+		return FALSE;
+	}
+	return TRUE;
+}
+
+gboolean daemon_ready(gboolean foreground, const char *pidfile)
+{
+	if (pidfile && !write_pidfile(pidfile))
+		return FALSE;
+	if (ready_fd >= 0) {
+		char c = 'R';
+		ssize_t r;
+
+		do
+			r = write(ready_fd, &c, 1);
+		while (r < 0 && errno == EINTR);
+		close(ready_fd);
+		ready_fd = -1;
+	}
+	if (!foreground) {
+		setsid();
+		if (chdir("/") < 0) {
+			/* not fatal */
+		}
+		int null = open("/dev/null", O_RDWR);
+		if (null >= 0) {
+			dup2(null, STDIN_FILENO);
+			dup2(null, STDOUT_FILENO);
+			dup2(null, STDERR_FILENO);
+			if (null > STDERR_FILENO)
+				close(null);
+		}
+		openlog("nbdfs", LOG_PID, LOG_DAEMON);
+		log_syslog = TRUE;
+	}
+	fuse_msg_capture = FALSE;
+	daemon_fuse_messages();
+	return TRUE;
+}
+
+void daemon_remove_pidfile(const char *pidfile)
+{
+	if (pidfile)
+		unlink(pidfile);
+}
+
+/* ---- The mount ---------------------------------------------------------- */
+
+/* The kernel reads ahead at most its bdi default (128 KiB) on a FUSE mount,
+ * whatever max_readahead says; raise this mount's to 8 MiB where we may
+ * (root): several 1 MiB READs in flight keep a sequential reader's NBD
+ * connections busy (dd bs=1M: ~830 -> ~980 MB/s against 1 MiB).  The device
+ * number comes from mountinfo: a stat of the mountpoint would need the
+ * request loop, which may not be running yet. */
+void daemon_tune_mount(const char *mountpoint)
+{
+	g_autofree char *info = NULL;
+
+	if (!g_file_get_contents("/proc/self/mountinfo", &info, NULL, NULL))
+		return;
+	g_autofree char *dev = NULL;
+	g_auto(GStrv) lines = g_strsplit(info, "\n", -1);
+	for (char **l = lines; *l; l++) {
+		g_auto(GStrv) f = g_strsplit(*l, " ", 6);
+		if (g_strv_length(f) < 5)
+			continue;
+		g_autofree char *mp = g_strcompress(f[4]); /* undoes \040 escapes */
+		if (strcmp(mp, mountpoint) == 0) {
+			g_free(dev);
+			dev = g_strdup(f[2]);
+		}
+	}
+	if (dev == NULL)
+		return;
+	g_autofree char *path = g_strdup_printf("/sys/class/bdi/%s/read_ahead_kb", dev);
+	g_autoptr(GError) err = NULL;
+	if (!g_file_set_contents_full(path, "8192\n", -1, G_FILE_SET_CONTENTS_NONE, 0644, &err))
+		g_debug("readahead: %s", err->message);
+}
