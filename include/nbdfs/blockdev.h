@@ -29,6 +29,15 @@ G_BEGIN_DECLS
 
 typedef struct blockdev Blockdev;
 
+/* Set-up errors of the block layer (constructors, windows, splits). */
+#define BLOCKDEV_ERROR (blockdev_error_quark())
+GQuark blockdev_error_quark(void);
+
+typedef enum {
+	BLOCKDEV_ERROR_INVALID,   /* a bad parameter (e.g. a sector size) */
+	BLOCKDEV_ERROR_RANGE,     /* a window or split beyond the end of its parent */
+} BlockdevError;
+
 struct blockdev_info {
 	uint32_t sector_size;      /* 512 or 4096 (any power of two >= 512) */
 	uint64_t size;             /* bytes; may end with a partial sector */

@@ -140,6 +140,8 @@ void loop_defer(Loop *loop, struct loop_defer *d, loop_fn fn, void *opaque);
 struct completion;
 
 struct completion *completion_new(void);
+/* Another waiter's reference (each waiter drops one with completion_unref). */
+struct completion *completion_ref(struct completion *c);
 void completion_unref(struct completion *c);
 /* Callbacks with the shapes of blockdev_done_fn / nbdc_done_fn and
  * blockdev_bytes_fn: record @result, wake the waiter, drop their reference. */

@@ -1,14 +1,20 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* nbd.h: the nbdfs NBD client core (handshake, listing, pipelined async I/O).
  *
- * One `Nbdc` handle is one negotiated export, carried by one or more
- * connections (multi-conn, only where the server advertises CAN_MULTI_CONN).
- * Setup calls (parse, connect, list) report failures as GError in the
+ * One `Nbdc` handle is one export, carried by one or more connections
+ * (multi-conn, only where the server advertises CAN_MULTI_CONN).  A handle
+ * made by nbdc_connect() is connected at once; one made by nbdc_open() (with
+ * what nbdc_probe_exports() learnt) connects on first use, opens extra
+ * connections when requests queue up, and closes them when idle.  With
+ * cfg.reconnect a lost connection is made again and its requests resent.
+ * Setup calls (parse, connect, list, probe) report failures as GError in the
  * NBDC_ERROR domain, with messages shaped "context: what: why".  I/O calls
  * report failures as a negative errno; see "I/O errors" below.
  *
- * Threads: every function here is thread-safe.  Each connection has one
- * reader thread that reads replies and runs the completion callbacks; a
- * caller never needs a thread blocked per request.
+ * Threads: every function here is thread-safe.  Connections are state
+ * machines on the event loops of include/nbdfs/loop.h (cfg.loops); the
+ * completion callbacks run on those loops.  No call blocks except the
+ * synchronous ones, which must not be called on a loop.
  */
 #pragma once
 
@@ -91,8 +97,10 @@ char *nbdc_uri_to_display(const struct nbdc_uri *uri);
 enum nbdc_log_level { NBDC_LOG_DEBUG, NBDC_LOG_INFO, NBDC_LOG_WARNING };
 typedef void (*nbdc_log_fn)(void *opaque, enum nbdc_log_level level, const char *msg);
 
+typedef struct loop_set LoopSet;
+
 /* All strings are borrowed: they must outlive every handle made from this
- * config (including reconnections through nbdc_connect again). */
+ * config (a handle reconnects with them). */
 struct nbdc_config {
 	/* Where to connect: exactly one of host, socket_path, fd. */
 	const char *host;
@@ -115,10 +123,31 @@ struct nbdc_config {
 	gboolean block_status;         /* ask for base:allocation; default TRUE */
 	guint connections;             /* 0 = default (4 if CAN_MULTI_CONN, else 1); N>1
 	                                * without CAN_MULTI_CONN gives 1 and logs a warning */
-	guint max_in_flight;           /* per connection; default 64; callers block beyond it */
-	guint handshake_timeout_ms;    /* connect + negotiate; default 30000; 0 = none */
-	guint request_timeout_ms;      /* per request; default 0 = none; expiry kills the
-	                                * connection and fails its requests with -ETIMEDOUT */
+	guint max_in_flight;           /* per connection; default 64; more wait in a queue */
+	guint handshake_timeout_ms;    /* resolve + connect + negotiate; default 30000; 0 = none */
+	guint request_timeout_ms;      /* a sent request unanswered this long (or a server
+	                                * that stops reading our bytes) means the connection
+	                                * is lost; default 0 = never.  Without reconnect its
+	                                * requests fail with -ETIMEDOUT.  On TCP it also sets
+	                                * keepalive and TCP_USER_TIMEOUT. */
+
+	/* Where connections run: NULL = a process-wide default set of loops. */
+	LoopSet *loops;
+	/* Reconnection: a lost connection is made again (backoff 50 ms doubling
+	 * to 2 s) and its requests resent; a request waits at most
+	 * reconnect_timeout_ms for a connection (0: fails at once when there is
+	 * none), then fails with -EIO.  Without it a lost connection ends the
+	 * handle (-ENOTCONN, -EPROTO, -ETIMEDOUT).  Default FALSE. */
+	gboolean reconnect;
+	guint reconnect_timeout_ms;
+	/* With reconnect: writes acknowledged but not yet covered by a flush
+	 * are kept (copied, bounded) and replayed on a new connection before
+	 * anything else; where that fails, nbdc_health.lost_writes_seq counts
+	 * the loss.  Default TRUE. */
+	gboolean replay;
+	/* nbdc_open() handles: close connections idle this long while nothing
+	 * holds the handle (nbdc_hold); 0 = never.  Default 60000. */
+	guint idle_timeout_ms;
 
 	/* Logging: warnings always; NBDC_LOG_DEBUG (one line per request) only when
 	 * debug is TRUE.  May be called from any thread.  NULL = stderr. */
@@ -140,13 +169,18 @@ void nbdc_config_set_uri(struct nbdc_config *cfg, const struct nbdc_uri *uri);
 struct nbdc_export {
 	char *name;                /* never NULL */
 	char *description;         /* "" when none */
-	/* Filled only when nbdc_list_exports was asked for details and the
-	 * server answered NBD_OPT_INFO for this export (has_info): */
+	/* Filled only when the server answered NBD_OPT_INFO for this export
+	 * (details asked, or a probe): */
 	gboolean has_info;
 	uint64_t size;
 	uint16_t eflags;
 	gboolean read_only;
 	uint32_t block_min, block_pref, block_max;   /* 0 = not advertised */
+	char *canonical_name;      /* NBD_INFO_NAME, or NULL */
+	/* Probes only: why this export could not be described, or NULL.
+	 * NBDC_ERROR_UNSUPPORTED: the server cannot describe exports without
+	 * connecting to them (no NBD_OPT_INFO, oldstyle...): use nbdc_connect. */
+	GError *error;
 };
 
 /* Lists the server's exports in the server's order.  Returns a GPtrArray of
@@ -156,6 +190,16 @@ struct nbdc_export {
  * or a connect/handshake error.  With @details, asks NBD_OPT_INFO for each
  * export.  The export name in @cfg is ignored.  Ends with NBD_OPT_ABORT. */
 GPtrArray *nbdc_list_exports(const struct nbdc_config *cfg, gboolean details, GError **error);
+
+/* Learns size, flags and block sizes of the exports @names (@n of them), or
+ * with @all of every export the server lists, with NBD_OPT_INFO over at most
+ * @parallel control connections at once (0 = 8), each reused for as many
+ * exports as the server allows.  Returns a GPtrArray of struct nbdc_export *
+ * (in the order asked, or the server's order; failures per export in
+ * e->error) that the caller unrefs, or NULL + GError when nothing could be
+ * learnt at all (unreachable, TLS, listing refused...). */
+GPtrArray *nbdc_probe_exports(const struct nbdc_config *cfg, const char *const *names, guint n,
+			      gboolean all, guint parallel, GError **error);
 
 /* ---- Connecting (the seed's `negotiate`) -------------------------------- */
 
@@ -185,8 +229,36 @@ struct nbdc_info {
 	const char *description;   /* "" when none */
 };
 
-/* Fills @out.  Strings are borrowed, valid until nbdc_free. */
+/* A handle for the export @known describes (a probe result with has_info),
+ * with no connection yet: the first request (or nbdc_hold) connects.
+ * Returns a new handle (caller frees with nbdc_free) or NULL + GError
+ * (NBDC_ERROR_INVALID: @known has no info; a TLS credential error). */
+Nbdc *nbdc_open(const struct nbdc_config *cfg, const struct nbdc_export *known, GError **error);
+
+/* Fills @out.  Strings are borrowed, valid until nbdc_free.  Before a
+ * handle from nbdc_open() connected, structured replies and block status
+ * are reported as the configuration asks for them. */
 void nbdc_get_info(const Nbdc *c, struct nbdc_info *out);
+
+/* Something uses the handle (an open file): connect now if not connected,
+ * and keep idle connections open until the matching nbdc_hold(c, FALSE). */
+void nbdc_hold(Nbdc *c, gboolean held);
+
+enum nbdc_state {
+	NBDC_STATE_IDLE,          /* no connection needed yet, or closed while idle */
+	NBDC_STATE_CONNECTED,
+	NBDC_STATE_RECONNECTING,  /* lost; requests wait up to reconnect_timeout_ms */
+	NBDC_STATE_FAILED,        /* the last wait ran out: requests failed with -EIO */
+};
+
+struct nbdc_health {
+	enum nbdc_state state;
+	guint connections;        /* open now */
+	uint64_t reconnects;      /* connections re-made after a loss */
+	uint64_t lost_writes_seq; /* times acknowledged, unflushed writes were lost */
+};
+
+void nbdc_get_health(Nbdc *c, struct nbdc_health *out);
 
 /* FALSE once any connection of the handle has died or was disconnected. */
 gboolean nbdc_is_alive(const Nbdc *c);
@@ -196,15 +268,16 @@ const char *nbdc_get_error(const Nbdc *c);
 
 /* ---- Asynchronous I/O -----------------------------------------------------
  * Each call returns 0 when the request was queued: then @done is called
- * exactly once, later, from a core thread (never from inside the call), with
+ * exactly once, later, on an event loop (never from inside the call), with
  * 0 or a negative errno.  It returns a negative errno when nothing was queued
- * (then @done is never called).  It may block briefly for back-pressure.
+ * (then @done is never called).  It never blocks: beyond max_in_flight,
+ * requests wait in the connection's queue.
  * Requests larger than max_request (reads/writes) or 4 GiB - block_min
  * (trim/zero/block status) are split; the first error wins.  Offsets and
  * lengths must be multiples of block_min when one was advertised (-EINVAL).
  * The iov array and the buffers it points to must stay valid until @done.
  * Read data goes straight from the socket into the caller's buffers.
- * Callbacks must not block for long: they run on a connection's reader. */
+ * Callbacks must not block: they run on the connection's event loop. */
 
 typedef void (*nbdc_done_fn)(void *opaque, int err);
 
@@ -233,7 +306,7 @@ int nbdc_aio_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
 
 /* base:allocation states (wire values). */
 enum { NBDC_STATE_HOLE = 1 << 0, NBDC_STATE_ZERO = 1 << 1 };
-/* Called from the reader for each extent, in order, before @done; extents
+/* Called on the loop for each extent, in order, before @done; extents
  * are validated (non-empty, inside the request, clamped to the export). */
 typedef void (*nbdc_extent_fn)(void *opaque, uint64_t offset, uint64_t length, uint32_t flags);
 /* Without negotiated block status: -EOPNOTSUPP. */
@@ -254,11 +327,18 @@ int nbdc_block_status(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
 
 /* Stops accepting requests, waits (bounded, a few seconds) for in-flight ones,
  * sends NBD_CMD_DISC on every connection, shuts TLS down and closes.
- * Idempotent.  Later requests fail with -ENOTCONN. */
+ * Idempotent.  Later requests fail with -ENOTCONN.  Must not be called on a
+ * loop (use nbdc_abandon there). */
 void nbdc_disconnect(Nbdc *c);
 
-/* Disconnects if needed, joins the reader threads, frees.  NULL is a no-op.
- * Must not be called from a completion callback. */
+/* Stops accepting requests without waiting: requests still waiting for a
+ * connection or in flight fail with -ENOTCONN, idle connections get
+ * NBD_CMD_DISC.  Any thread, never blocks, idempotent. */
+void nbdc_abandon(Nbdc *c);
+
+/* Disconnects if needed and frees; off a loop it waits (bounded) until every
+ * connection is closed and every callback ran.  NULL is a no-op.  On a loop
+ * (the last reference dropped in a callback) the teardown finishes later. */
 void nbdc_free(Nbdc *c);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(Nbdc, nbdc_free)
 

@@ -13,6 +13,10 @@
 
 #include "blockdev-impl.h"
 
+/* clang-format off */
+G_DEFINE_QUARK(nbdfs-blockdev-error-quark, blockdev_error)
+/* clang-format on */
+
 void blockdev_init_root(Blockdev *dev, const struct blockdev_ops *ops,
 			const char *export_name, const char *uri)
 {

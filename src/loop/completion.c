@@ -22,6 +22,12 @@ struct completion *completion_new(void)
 	return c;
 }
 
+struct completion *completion_ref(struct completion *c)
+{
+	g_atomic_int_inc(&c->refs);
+	return c;
+}
+
 void completion_unref(struct completion *c)
 {
 	if (c && g_atomic_int_dec_and_test(&c->refs)) {

@@ -1,4 +1,6 @@
-/* errors.c: the NBDC_ERROR quark, NBD error code -> errno, logging, server names. */
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* errors.c: the NBDC_ERROR quark, NBD error code -> errno, logging, names of
+ * servers and commands, export records. */
 #include "config.h"
 
 #include <errno.h>
@@ -8,7 +10,9 @@
 #include "internal.h"
 #include "wire.h"
 
-G_DEFINE_QUARK(nbdc - error - quark, nbdc_error)
+/* clang-format off */
+G_DEFINE_QUARK(nbdc-error-quark, nbdc_error)
+/* clang-format on */
 
 int nbdc_errno_from_nbd(uint32_t nbd_error)
 {
@@ -74,4 +78,41 @@ void nbdc_neg_clear(struct nbdc_neg *neg)
 {
 	g_clear_pointer(&neg->name, g_free);
 	g_clear_pointer(&neg->description, g_free);
+}
+
+void nbdc_export_free(gpointer p)
+{
+	struct nbdc_export *e = p;
+
+	if (!e)
+		return;
+	g_free(e->name);
+	g_free(e->description);
+	g_free(e->canonical_name);
+	g_clear_error(&e->error);
+	g_free(e);
+}
+
+const char *nbdc_cmd_name(uint16_t type)
+{
+	switch (type) {
+	case NBD_CMD_READ:
+		return "READ";
+	case NBD_CMD_WRITE:
+		return "WRITE";
+	case NBD_CMD_DISC:
+		return "DISC";
+	case NBD_CMD_FLUSH:
+		return "FLUSH";
+	case NBD_CMD_TRIM:
+		return "TRIM";
+	case NBD_CMD_CACHE:
+		return "CACHE";
+	case NBD_CMD_WRITE_ZEROES:
+		return "WRITE_ZEROES";
+	case NBD_CMD_BLOCK_STATUS:
+		return "BLOCK_STATUS";
+	default:
+		return "CMD?";
+	}
 }

@@ -1,9 +1,18 @@
-/* handshake.c: NBD negotiation: greeting, options (STARTTLS, STRUCTURED_REPLY,
- * SET_META_CONTEXT, GO/INFO, EXPORT_NAME, LIST, ABORT).
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* handshake.c: NBD negotiation as a state machine over byte buffers.
  *
- * Negotiation is strictly one option at a time, synchronous, on the caller's
- * thread, bounded by the handshake deadline in the transport.  Every reply
- * length is checked against a small bound before anything is allocated.
+ * No I/O here: the connection (conn.c) feeds what arrived into an input
+ * buffer, calls nbdc_hs_step(), sends whatever the step appended to the
+ * output buffer, and runs the TLS handshake when asked.  One step consumes
+ * as many complete messages as the input holds; it stops when it needs more
+ * bytes.  So negotiation runs on an event loop with no thread of its own,
+ * and the same code is what the fuzzer drives.
+ *
+ * Sequence: greeting (oldstyle, newstyle, fixed newstyle), [STARTTLS], then
+ * for a data connection STRUCTURED_REPLY, SET_META_CONTEXT base:allocation and
+ * GO (falling back to EXPORT_NAME); for a control connection LIST and/or one
+ * INFO per export name, then ABORT.  Options go strictly one at a time.
+ * Every reply length is checked against a small bound before it is used.
  */
 #include "config.h"
 
@@ -13,27 +22,45 @@
 #include "internal.h"
 #include "wire.h"
 
-struct hs {
-	const struct nbdc_config *cfg;
-	struct nbdc_transport *t;
+enum hs_state {
+	ST_GREETING,      /* 16 bytes: NBDMAGIC + oldstyle magic or IHAVEOPT */
+	ST_OLDSTYLE,      /* the 136-byte oldstyle tail */
+	ST_GFLAGS,        /* 2 bytes of handshake flags */
+	ST_NEXT,          /* choose the next option */
+	ST_REPLY,         /* an option reply (header + payload) to h->opt */
+	ST_EXPORT_NAME,   /* the EXPORT_NAME reply */
+	ST_TLS,           /* the connection runs the TLS handshake */
+	ST_ABORT_WAIT,    /* ABORT sent: its reply or EOF ends it */
+	ST_DONE,
+	ST_FAILED,
+};
+
+struct nbdc_hs {
+	const struct nbdc_config *cfg; /* borrowed */
 	char *display;
-	const char *export_name;
-	gboolean oldstyle, fixed, no_zeroes;
-	gboolean tls_on;
+	const char *export_name;       /* borrowed from cfg ("" = default) */
+	struct nbdc_hs_goal goal;
+	enum hs_state state;
+	gboolean oldstyle, fixed, no_zeroes, tls_on;
 	const char *protocol;
+	/* progress through the options */
+	gboolean sr_done, meta_done, list_done, go_sent;
+	uint32_t opt;                  /* option whose replies we read */
+	gboolean neg_sr, neg_meta;     /* STRUCTURED_REPLY, base:allocation agreed */
+	uint32_t neg_meta_id;
+	/* GO / INFO in progress */
+	struct nbdc_neg neg;
+	gboolean seen_export;
+	char *info_name;               /* INFO: the export asked about */
+	gboolean info_unsup;           /* the server has no NBD_OPT_INFO */
+	/* LIST */
+	GPtrArray *list;               /* struct nbdc_export * */
+	uint64_t list_bytes;
+	guint detail_i;                /* list_details: next entry to ask INFO about */
+	GError *error;
 };
 
-struct reply {
-	uint32_t type;
-	uint32_t len;
-	uint8_t *data; /* len bytes + a NUL; owned */
-};
-
-static void reply_clear(struct reply *r)
-{
-	g_clear_pointer(&r->data, g_free);
-	r->len = 0;
-}
+/* ---- errors ---- */
 
 static const char *opt_name(uint32_t opt)
 {
@@ -59,107 +86,32 @@ static const char *opt_name(uint32_t opt)
 	}
 }
 
-/* Sets @error from a transport failure @r during @what. */
-static gboolean io_fail(struct hs *h, int r, const char *what, GError **error)
-{
-	if (r == -ETIMEDOUT)
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_TIMEOUT,
-			    "%s: handshake timed out (%u ms) during %s", h->display,
-			    h->cfg->handshake_timeout_ms, what);
-	else if (r == -ENODATA || r == -ECONNRESET || r == -EPIPE)
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE,
-			    "%s: server closed the connection during %s", h->display, what);
-	else
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE, "%s: %s: %s", h->display, what,
-			    g_strerror(-r));
-	return FALSE;
-}
-
-static gboolean proto_fail(struct hs *h, GError **error, const char *fmt, ...) G_GNUC_PRINTF(3, 4);
-static gboolean proto_fail(struct hs *h, GError **error, const char *fmt, ...)
+static int fail(struct nbdc_hs *h, NbdcError code, const char *fmt, ...) G_GNUC_PRINTF(3, 4);
+static int fail(struct nbdc_hs *h, NbdcError code, const char *fmt, ...)
 {
 	va_list ap;
 
-	va_start(ap, fmt);
-	g_autofree char *m = g_strdup_vprintf(fmt, ap);
-	va_end(ap);
-	g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE, "%s: protocol error: %s", h->display,
-		    m);
-	return FALSE;
-}
-
-static gboolean send_option(struct hs *h, uint32_t opt, const void *data, uint32_t len,
-			    GError **error)
-{
-	struct nbd_option_hdr hdr;
-	struct iovec v[2] = {{&hdr, sizeof(hdr)}, {(void *)data, len}};
-
-	nbd_encode_option(&hdr, opt, len);
-	int r = nbdc_tr_writev(h->t, v, len ? 2 : 1);
-	if (r < 0)
-		return io_fail(h, r, opt_name(opt), error);
-	return TRUE;
-}
-
-static gboolean read_reply_inner(struct hs *h, uint32_t opt, struct reply *rep, GError **error);
-
-/* Reads one option reply to @opt, payload bounded by NBD_MAX_OPTION_REPLY.
- * On failure @rep is left empty. */
-static gboolean read_reply(struct hs *h, uint32_t opt, struct reply *rep, GError **error)
-{
-	if (read_reply_inner(h, opt, rep, error))
-		return TRUE;
-	reply_clear(rep);
-	return FALSE;
-}
-
-static gboolean read_reply_inner(struct hs *h, uint32_t opt, struct reply *rep, GError **error)
-{
-	struct nbd_option_reply hdr;
-	int r = nbdc_tr_read(h->t, &hdr, sizeof(hdr));
-
-	reply_clear(rep);
-	if (r < 0)
-		return io_fail(h, r, opt_name(opt), error);
-	if (be64toh(hdr.magic) != NBD_REP_MAGIC)
-		return proto_fail(h, error, "bad option reply magic 0x%" G_GINT64_MODIFIER "x",
-				  (guint64)be64toh(hdr.magic));
-	if (be32toh(hdr.option) != opt)
-		return proto_fail(h, error, "reply to %s echoes option %u", opt_name(opt),
-				  be32toh(hdr.option));
-	rep->type = be32toh(hdr.type);
-	rep->len = be32toh(hdr.len);
-	if (rep->len > NBD_MAX_OPTION_REPLY) {
-		uint32_t l = rep->len;
-
-		rep->len = 0;
-		return proto_fail(h, error, "reply to %s too long (%u bytes)", opt_name(opt), l);
+	if (!h->error) {
+		va_start(ap, fmt);
+		g_autofree char *m = g_strdup_vprintf(fmt, ap);
+		va_end(ap);
+		h->error = g_error_new(NBDC_ERROR, code, "%s: %s", h->display, m);
 	}
-	rep->data = g_malloc(rep->len + 1);
-	rep->data[rep->len] = 0;
-	if (rep->len) {
-		r = nbdc_tr_read(h->t, rep->data, rep->len);
-		if (r < 0)
-			return io_fail(h, r == -ENODATA ? -ECONNRESET : r, opt_name(opt), error);
-	}
-	if (rep->type == NBD_REP_ACK && rep->len != 0)
-		return proto_fail(h, error, "ACK to %s with %u payload bytes", opt_name(opt),
-				  rep->len);
-	if ((rep->type & NBD_REP_FLAG_ERROR) && rep->len > NBD_MAX_STRING)
-		return proto_fail(h, error, "error message to %s too long (%u bytes)",
-				  opt_name(opt), rep->len);
-	return TRUE;
+	h->state = ST_FAILED;
+	return NBDC_HS_FAILED;
 }
 
-/* Builds the GError for an error reply @rep to @opt; @what is the context
- * ("export 'x'", "list", ...). */
-static gboolean reply_error(struct hs *h, const struct reply *rep, const char *what, GError **error)
+#define PROTO(h, ...) fail(h, NBDC_ERROR_HANDSHAKE, "protocol error: " __VA_ARGS__)
+
+/* The GError for an error reply of @type to an option about @what. */
+static GError *reply_error(struct nbdc_hs *h, uint32_t type, const uint8_t *msg, uint32_t len,
+			   const char *what)
 {
 	NbdcError kind = NBDC_ERROR_SERVER;
 	const char *why;
 	g_autofree char *unknown = NULL;
 
-	switch (rep->type) {
+	switch (type) {
 	case NBD_REP_ERR_UNSUP:
 		kind = NBDC_ERROR_UNSUPPORTED;
 		why = "server does not support this";
@@ -193,157 +145,26 @@ static gboolean reply_error(struct hs *h, const struct reply *rep, const char *w
 		why = "request too big for the server";
 		break;
 	default:
-		why = unknown = g_strdup_printf("server error 0x%x", rep->type);
+		why = unknown = g_strdup_printf("server error 0x%x", type);
 		break;
 	}
-	g_autofree char *msg = NULL;
-	if (rep->len && memchr(rep->data, 0, rep->len) == NULL &&
-	    g_utf8_validate((char *)rep->data, rep->len, NULL))
-		msg = g_strdup_printf(" (server says: %s)", (char *)rep->data);
-	g_set_error(error, NBDC_ERROR, kind, "%s: %s: %s%s", h->display, what, why, msg ? msg : "");
-	return FALSE;
+	g_autofree char *said = NULL;
+	if (len && memchr(msg, 0, len) == NULL && g_utf8_validate((const char *)msg, len, NULL))
+		said = g_strdup_printf(" (server says: %.*s)", (int)len, (const char *)msg);
+	return g_error_new(NBDC_ERROR, kind, "%s: %s: %s%s", h->display, what, why,
+			   said ? said : "");
 }
 
-/* Best-effort NBD_OPT_ABORT: the server may ACK or just close. */
-static void send_abort(struct hs *h)
+/* ---- output ---- */
+
+static void put_option(GByteArray *out, uint32_t opt, const void *data, uint32_t len)
 {
-	struct reply rep = {0};
+	struct nbd_option_hdr hdr;
 
-	if (!h->t || h->oldstyle || !h->fixed)
-		return;
-	gint64 dl = g_get_monotonic_time() + G_USEC_PER_SEC;
-	if (!h->t->deadline_us || h->t->deadline_us > dl)
-		h->t->deadline_us = dl;
-	if (send_option(h, NBD_OPT_ABORT, NULL, 0, NULL))
-		read_reply(h, NBD_OPT_ABORT, &rep, NULL);
-	reply_clear(&rep);
-	if (h->tls_on)
-		nbdc_tls_bye(h->t);
-}
-
-static gboolean check_eflags(struct hs *h, uint64_t size, uint16_t eflags, GError **error)
-{
-	if (!(eflags & NBD_FLAG_HAS_FLAGS))
-		return proto_fail(h, error, "transmission flags 0x%x lack HAS_FLAGS", eflags);
-	if (size > INT64_MAX)
-		return proto_fail(h, error, "export size %" G_GUINT64_FORMAT " is too large", size);
-	return TRUE;
-}
-
-/* Reads NBDMAGIC and the second magic, then the oldstyle tail or the
- * handshake flags, and answers with the client flags. */
-static gboolean greeting(struct hs *h, struct nbdc_neg *neg, GError **error)
-{
-	uint8_t buf[16];
-	int r = nbdc_tr_read(h->t, buf, sizeof(buf));
-
-	if (r < 0)
-		return io_fail(h, r, "greeting", error);
-	if (get_be64(buf) != NBD_MAGIC)
-		return proto_fail(h, error, "not an NBD server (bad greeting magic)");
-	uint64_t m2 = get_be64(buf + 8);
-	if (m2 == NBD_OLDSTYLE_MAGIC) {
-		struct nbd_oldstyle_tail tail;
-
-		r = nbdc_tr_read(h->t, &tail, sizeof(tail));
-		if (r < 0)
-			return io_fail(h, r == -ENODATA ? -ECONNRESET : r, "oldstyle greeting",
-				       error);
-		uint32_t flags = be32toh(tail.flags);
-		if (flags >> 16)
-			return proto_fail(h, error, "oldstyle global flags 0x%x are not zero",
-					  flags >> 16);
-		h->oldstyle = TRUE;
-		h->protocol = "oldstyle";
-		if (neg) {
-			neg->size = be64toh(tail.size);
-			neg->eflags = (uint16_t)flags;
-		}
-		return TRUE;
-	}
-	if (m2 != NBD_IHAVEOPT)
-		return proto_fail(h, error,
-				  "unknown handshake style (magic 0x%" G_GINT64_MODIFIER "x)",
-				  (guint64)m2);
-	uint16_t gflags;
-	r = nbdc_tr_read(h->t, &gflags, sizeof(gflags));
-	if (r < 0)
-		return io_fail(h, r == -ENODATA ? -ECONNRESET : r, "greeting", error);
-	gflags = be16toh(gflags);
-	h->fixed = (gflags & NBD_FLAG_FIXED_NEWSTYLE) != 0;
-	h->no_zeroes = (gflags & NBD_FLAG_NO_ZEROES) != 0;
-	h->protocol = h->fixed ? "newstyle-fixed" : "newstyle";
-	uint32_t cflags = htobe32(gflags & (NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES));
-	r = nbdc_tr_write(h->t, &cflags, sizeof(cflags));
-	if (r < 0)
-		return io_fail(h, r, "client flags", error);
-	return TRUE;
-}
-
-static gboolean starttls(struct hs *h, GError **error)
-{
-	struct reply rep = {0};
-	gboolean ok = FALSE;
-
-	if (h->oldstyle || !h->fixed) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
-			    "%s: TLS: server is %s and cannot do TLS", h->display,
-			    h->oldstyle ? "oldstyle" : "not fixed-newstyle");
-		return FALSE;
-	}
-	if (!send_option(h, NBD_OPT_STARTTLS, NULL, 0, error) ||
-	    !read_reply(h, NBD_OPT_STARTTLS, &rep, error))
-		goto out;
-	if (rep.type == NBD_REP_ACK) {
-		const char *hn = h->cfg->tls_hostname ? h->cfg->tls_hostname : h->cfg->host;
-
-		ok = nbdc_tls_start(h->t, h->cfg, hn, h->display, error);
-		h->tls_on = ok;
-	} else if (rep.type & NBD_REP_FLAG_ERROR) {
-		g_autoptr(GError) e = NULL;
-
-		reply_error(h, &rep, "TLS", &e);
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS, "%s", e->message);
-		send_abort(h);
-	} else {
-		proto_fail(h, error, "unexpected reply type %u to NBD_OPT_STARTTLS", rep.type);
-	}
-out:
-	reply_clear(&rep);
-	return ok;
-}
-
-/* Common start of every connection: socket, greeting, STARTTLS. */
-static gboolean hs_start(struct hs *h, const struct nbdc_config *cfg, struct nbdc_neg *neg,
-			 GError **error)
-{
-	gint64 dl = cfg->handshake_timeout_ms
-			? g_get_monotonic_time() + (gint64)cfg->handshake_timeout_ms * 1000
-			: 0;
-
-	h->cfg = cfg;
-	h->display = nbdc_cfg_display(cfg);
-	h->export_name = cfg->export_name ? cfg->export_name : "";
-	h->t = nbdc_tr_open(cfg, h->display, dl, error);
-	if (!h->t)
-		return FALSE;
-	if (strlen(h->export_name) > NBD_MAX_STRING) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_INVALID,
-			    "%s: export name longer than %u bytes", h->display, NBD_MAX_STRING);
-		return FALSE;
-	}
-	if (!greeting(h, neg, error))
-		return FALSE;
-	if (cfg->tls && !starttls(h, error))
-		return FALSE;
-	return TRUE;
-}
-
-static void hs_clear(struct hs *h)
-{
-	nbdc_tr_close(h->t);
-	h->t = NULL;
-	g_clear_pointer(&h->display, g_free);
+	nbd_encode_option(&hdr, opt, len);
+	g_byte_array_append(out, (const guint8 *)&hdr, sizeof(hdr));
+	if (len)
+		g_byte_array_append(out, data, len);
 }
 
 /* Length-prefixed name payload for GO/INFO/SET_META_CONTEXT. */
@@ -356,66 +177,78 @@ static void put_name(GByteArray *b, const char *name)
 	g_byte_array_append(b, (const guint8 *)name, (guint)strlen(name));
 }
 
-static gboolean structured_reply(struct hs *h, struct nbdc_neg *neg, GError **error)
+static void send_simple(struct nbdc_hs *h, GByteArray *out, uint32_t opt)
 {
-	struct reply rep = {0};
-
-	if (!send_option(h, NBD_OPT_STRUCTURED_REPLY, NULL, 0, error) ||
-	    !read_reply(h, NBD_OPT_STRUCTURED_REPLY, &rep, error))
-		return FALSE;
-	if (rep.type == NBD_REP_ACK)
-		neg->structured_replies = TRUE;
-	else if (!(rep.type & NBD_REP_FLAG_ERROR)) {
-		reply_clear(&rep);
-		return proto_fail(h, error, "unexpected reply type %u to NBD_OPT_STRUCTURED_REPLY",
-				  rep.type);
-	}
-	reply_clear(&rep);
-	return TRUE;
+	put_option(out, opt, NULL, 0);
+	h->opt = opt;
+	h->state = ST_REPLY;
 }
 
-static gboolean set_meta_context(struct hs *h, struct nbdc_neg *neg, GError **error)
+/* GO or INFO for @name, asking for block sizes, name and description. */
+static void send_go_info(struct nbdc_hs *h, GByteArray *out, uint32_t opt, const char *name)
+{
+	g_autoptr(GByteArray) b = g_byte_array_new();
+	uint8_t n[8];
+
+	put_name(b, name);
+	put_be16(n, 3);
+	put_be16(n + 2, NBD_INFO_BLOCK_SIZE);
+	put_be16(n + 4, NBD_INFO_NAME);
+	put_be16(n + 6, NBD_INFO_DESCRIPTION);
+	g_byte_array_append(b, n, 8);
+	put_option(out, opt, b->data, b->len);
+	nbdc_neg_clear(&h->neg);
+	memset(&h->neg, 0, sizeof(h->neg));
+	h->seen_export = FALSE;
+	h->opt = opt;
+	h->state = ST_REPLY;
+}
+
+static void send_meta(struct nbdc_hs *h, GByteArray *out)
 {
 	static const char ctx[] = "base:allocation";
 	g_autoptr(GByteArray) b = g_byte_array_new();
-	struct reply rep = {0};
 	uint8_t n[4];
 
 	put_name(b, h->export_name);
 	put_be32(n, 1);
 	g_byte_array_append(b, n, 4);
 	put_name(b, ctx);
-	if (!send_option(h, NBD_OPT_SET_META_CONTEXT, b->data, b->len, error))
-		return FALSE;
-	for (;;) {
-		if (!read_reply(h, NBD_OPT_SET_META_CONTEXT, &rep, error))
-			goto fail;
-		if (rep.type == NBD_REP_ACK)
-			break;
-		if (rep.type & NBD_REP_FLAG_ERROR) {
-			/* No block status; GO reports anything serious. */
-			neg->meta = FALSE;
-			break;
-		}
-		if (rep.type != NBD_REP_META_CONTEXT) {
-			proto_fail(h, error, "unexpected reply type %u to NBD_OPT_SET_META_CONTEXT",
-				   rep.type);
-			goto fail;
-		}
-		if (rep.len <= 4 || rep.len > 4 + NBD_MAX_STRING) {
-			proto_fail(h, error, "meta context reply of bad length %u", rep.len);
-			goto fail;
-		}
-		if (rep.len - 4 == strlen(ctx) && memcmp(rep.data + 4, ctx, strlen(ctx)) == 0) {
-			neg->meta = TRUE;
-			neg->meta_id = get_be32(rep.data);
-		}
-	}
-	reply_clear(&rep);
-	return TRUE;
-fail:
-	reply_clear(&rep);
-	return FALSE;
+	put_option(out, NBD_OPT_SET_META_CONTEXT, b->data, b->len);
+	h->opt = NBD_OPT_SET_META_CONTEXT;
+	h->state = ST_REPLY;
+}
+
+static int send_abort(struct nbdc_hs *h, GByteArray *out)
+{
+	put_option(out, NBD_OPT_ABORT, NULL, 0);
+	h->opt = NBD_OPT_ABORT;
+	h->state = ST_ABORT_WAIT;
+	return NBDC_HS_WANT;
+}
+
+/* ---- input ---- */
+
+static gboolean have(const struct nbdc_rbuf *in, size_t n)
+{
+	return in->end - in->pos >= n;
+}
+
+static const uint8_t *take(struct nbdc_rbuf *in, size_t n)
+{
+	const uint8_t *p = in->data + in->pos;
+
+	in->pos += n;
+	return p;
+}
+
+static int check_eflags(struct nbdc_hs *h, uint64_t size, uint16_t eflags)
+{
+	if (!(eflags & NBD_FLAG_HAS_FLAGS))
+		return PROTO(h, "transmission flags 0x%x lack HAS_FLAGS", eflags);
+	if (size > INT64_MAX)
+		return PROTO(h, "export size %" G_GUINT64_FORMAT " is too large", size);
+	return NBDC_HS_WANT;
 }
 
 static gboolean pow2(uint32_t v)
@@ -423,32 +256,31 @@ static gboolean pow2(uint32_t v)
 	return v && !(v & (v - 1));
 }
 
-/* Parses one NBD_REP_INFO into @neg; @seen_export set by NBD_INFO_EXPORT. */
-static gboolean parse_info(struct hs *h, const struct reply *rep, struct nbdc_neg *neg,
-			   gboolean *seen_export, GError **error)
+/* One NBD_REP_INFO into h->neg. */
+static int parse_info(struct nbdc_hs *h, const uint8_t *d, uint32_t len)
 {
-	if (rep->len < 2)
-		return proto_fail(h, error, "NBD_REP_INFO of %u bytes", rep->len);
-	uint16_t type = get_be16(rep->data);
+	if (len < 2)
+		return PROTO(h, "NBD_REP_INFO of %u bytes", len);
+	uint16_t type = get_be16(d);
 
 	switch (type) {
 	case NBD_INFO_EXPORT:
-		if (rep->len != sizeof(struct nbd_info_export))
-			return proto_fail(h, error, "NBD_INFO_EXPORT of %u bytes", rep->len);
-		neg->size = get_be64(rep->data + 2);
-		neg->eflags = get_be16(rep->data + 10);
-		*seen_export = TRUE;
+		if (len != sizeof(struct nbd_info_export))
+			return PROTO(h, "NBD_INFO_EXPORT of %u bytes", len);
+		h->neg.size = get_be64(d + 2);
+		h->neg.eflags = get_be16(d + 10);
+		h->seen_export = TRUE;
 		break;
 	case NBD_INFO_NAME:
 	case NBD_INFO_DESCRIPTION: {
-		if (rep->len > 2 + NBD_MAX_STRING)
-			return proto_fail(h, error, "NBD_INFO %s of %u bytes",
-					  type == NBD_INFO_NAME ? "NAME" : "DESCRIPTION", rep->len);
-		const char *s = (const char *)rep->data + 2;
-		size_t l = rep->len - 2;
+		if (len > 2 + NBD_MAX_STRING)
+			return PROTO(h, "NBD_INFO %s of %u bytes",
+				     type == NBD_INFO_NAME ? "NAME" : "DESCRIPTION", len);
+		const char *s = (const char *)d + 2;
+		size_t l = len - 2;
 		if (memchr(s, 0, l))
-			return proto_fail(h, error, "NBD_INFO string contains NUL");
-		char **dst = type == NBD_INFO_NAME ? &neg->name : &neg->description;
+			return PROTO(h, "NBD_INFO string contains NUL");
+		char **dst = type == NBD_INFO_NAME ? &h->neg.name : &h->neg.description;
 		g_free(*dst);
 		/* Names stay byte-exact (they are sent back to the server);
 		 * descriptions are for display only. */
@@ -456,261 +288,521 @@ static gboolean parse_info(struct hs *h, const struct reply *rep, struct nbdc_ne
 		break;
 	}
 	case NBD_INFO_BLOCK_SIZE: {
-		if (rep->len != sizeof(struct nbd_info_block_size))
-			return proto_fail(h, error, "NBD_INFO_BLOCK_SIZE of %u bytes", rep->len);
-		uint32_t mn = get_be32(rep->data + 2), pr = get_be32(rep->data + 6),
-			 mx = get_be32(rep->data + 10);
+		if (len != sizeof(struct nbd_info_block_size))
+			return PROTO(h, "NBD_INFO_BLOCK_SIZE of %u bytes", len);
+		uint32_t mn = get_be32(d + 2), pr = get_be32(d + 6), mx = get_be32(d + 10);
 		if (!pow2(mn) || mn > 65536 || !pow2(pr) || pr < MAX(mn, 512u) || mx < pr ||
 		    (mx != UINT32_MAX && mx % mn)) {
 			nbdc_log(h->cfg, NBDC_LOG_WARNING,
 				 "%s: ignoring invalid block sizes min=%u pref=%u max=%u",
 				 h->display, mn, pr, mx);
-			neg->block_min = neg->block_pref = neg->block_max = 0;
+			h->neg.block_min = h->neg.block_pref = h->neg.block_max = 0;
 		} else {
-			neg->block_min = mn;
-			neg->block_pref = pr;
-			neg->block_max = mx;
+			h->neg.block_min = mn;
+			h->neg.block_pref = pr;
+			h->neg.block_max = mx;
 		}
 		break;
 	}
 	default:
 		break; /* unknown info: skipped */
 	}
-	return TRUE;
+	return NBDC_HS_WANT;
 }
 
-/* NBD_OPT_GO or NBD_OPT_INFO for @name.  Returns TRUE when the export was
- * described (and, for GO, transmission began); FALSE + error otherwise.
- * *@unsup is set when the server does not know the option at all. */
-static gboolean go_or_info(struct hs *h, uint32_t opt, const char *name, struct nbdc_neg *neg,
-			   gboolean *unsup, GError **error)
+/* An INFO reply sequence for h->info_name ended: report it. */
+static void info_finished(struct nbdc_hs *h, GError *err)
 {
-	g_autoptr(GByteArray) b = g_byte_array_new();
-	struct reply rep = {0};
-	gboolean seen_export = FALSE;
-	uint8_t n[8];
-	g_autofree char *what = g_strdup_printf("export '%s'", name);
+	struct nbdc_export e = {0};
 
-	*unsup = FALSE;
-	put_name(b, name);
-	put_be16(n, 3);
-	put_be16(n + 2, NBD_INFO_BLOCK_SIZE);
-	put_be16(n + 4, NBD_INFO_NAME);
-	put_be16(n + 6, NBD_INFO_DESCRIPTION);
-	g_byte_array_append(b, n, 8);
-	if (!send_option(h, opt, b->data, b->len, error))
-		return FALSE;
-	for (;;) {
-		if (!read_reply(h, opt, &rep, error))
-			goto fail;
-		if (rep.type == NBD_REP_ACK) {
-			if (!seen_export) {
-				proto_fail(h, error, "%s: server omitted NBD_INFO_EXPORT", what);
-				goto fail;
+	if (!err) {
+		e.name = h->info_name;
+		e.description = h->neg.description ? h->neg.description : (char *)"";
+		e.has_info = TRUE;
+		e.size = h->neg.size;
+		e.eflags = h->neg.eflags;
+		e.read_only = (h->neg.eflags & NBD_FLAG_READ_ONLY) != 0;
+		e.block_min = h->neg.block_min;
+		e.block_pref = h->neg.block_pref;
+		e.block_max = h->neg.block_max;
+		e.canonical_name = h->neg.name;
+	}
+	if (h->goal.list_details) {
+		struct nbdc_export *le = h->list->pdata[h->detail_i - 1];
+
+		if (!err) {
+			le->has_info = TRUE;
+			le->size = e.size;
+			le->eflags = e.eflags;
+			le->read_only = e.read_only;
+			le->block_min = e.block_min;
+			le->block_pref = e.block_pref;
+			le->block_max = e.block_max;
+			if (h->neg.description && h->neg.description[0] && !le->description[0]) {
+				g_free(le->description);
+				le->description = g_steal_pointer(&h->neg.description);
 			}
-			break;
 		}
-		if (rep.type == NBD_REP_INFO) {
-			if (!parse_info(h, &rep, neg, &seen_export, error))
-				goto fail;
-			continue;
-		}
-		if (rep.type & NBD_REP_FLAG_ERROR) {
-			if (rep.type == NBD_REP_ERR_UNSUP)
-				*unsup = TRUE;
-			reply_error(h, &rep, what, error);
-			goto fail;
-		}
-		proto_fail(h, error, "unexpected reply type %u to %s", rep.type, opt_name(opt));
-		goto fail;
+	} else if (h->goal.probe_result) {
+		h->goal.probe_result(h->goal.opaque, h->info_name, err ? NULL : &e, err);
 	}
-	reply_clear(&rep);
-	return check_eflags(h, neg->size, neg->eflags, error);
-fail:
-	reply_clear(&rep);
-	return FALSE;
+	g_clear_error(&err);
+	g_clear_pointer(&h->info_name, g_free);
+	nbdc_neg_clear(&h->neg);
 }
 
-static gboolean export_name(struct hs *h, struct nbdc_neg *neg, GError **error)
+/* Handles one complete option reply (@type, payload @d of @len bytes). */
+static int on_reply(struct nbdc_hs *h, GByteArray *out, uint32_t type, const uint8_t *d,
+		    uint32_t len)
 {
-	struct nbd_export_name_reply rep;
-	size_t len = h->no_zeroes ? 10 : sizeof(rep);
+	gboolean err = (type & NBD_REP_FLAG_ERROR) != 0;
 
-	if (!send_option(h, NBD_OPT_EXPORT_NAME, h->export_name, (uint32_t)strlen(h->export_name),
-			 error))
-		return FALSE;
-	int r = nbdc_tr_read(h->t, &rep, len);
-	if (r == -ENODATA) {
-		g_set_error(
-		    error, NBDC_ERROR, NBDC_ERROR_NO_EXPORT,
-		    "%s: export '%s': server closed the connection (it does not know this export)",
-		    h->display, h->export_name);
-		return FALSE;
-	}
-	if (r < 0)
-		return io_fail(h, r, "NBD_OPT_EXPORT_NAME", error);
-	neg->size = be64toh(rep.size);
-	neg->eflags = be16toh(rep.eflags);
-	return check_eflags(h, neg->size, neg->eflags, error);
-}
+	switch (h->opt) {
+	case NBD_OPT_STARTTLS:
+		if (type == NBD_REP_ACK) {
+			h->state = ST_TLS;
+			return NBDC_HS_START_TLS;
+		}
+		if (err) {
+			GError *e = reply_error(h, type, d, len, "TLS");
 
-struct nbdc_transport *nbdc_hs_connect(const struct nbdc_config *cfg, struct nbdc_neg *neg,
-				       GError **error)
-{
-	struct hs h = {0};
-	struct nbdc_transport *t = NULL;
+			fail(h, NBDC_ERROR_TLS, "%s", e->message + strlen(h->display) + 2);
+			g_error_free(e);
+			/* Soft end: the server is still negotiating. */
+			send_abort(h, out);
+			h->state = ST_FAILED;
+			return NBDC_HS_FAILED;
+		}
+		return PROTO(h, "unexpected reply type %u to NBD_OPT_STARTTLS", type);
 
-	memset(neg, 0, sizeof(*neg));
-	if (!hs_start(&h, cfg, neg, error))
-		goto fail;
-	if (h.oldstyle) {
-		if (!check_eflags(&h, neg->size, neg->eflags, error))
-			goto fail;
-	} else if (h.fixed) {
-		gboolean unsup = FALSE;
+	case NBD_OPT_STRUCTURED_REPLY:
+		if (type == NBD_REP_ACK)
+			h->neg_sr = TRUE;
+		else if (!err)
+			return PROTO(h, "unexpected reply type %u to NBD_OPT_STRUCTURED_REPLY",
+				     type);
+		h->sr_done = TRUE;
+		h->state = ST_NEXT;
+		return NBDC_HS_WANT;
 
-		if (cfg->structured_replies && !structured_reply(&h, neg, error))
-			goto fail;
-		if (neg->structured_replies && cfg->block_status &&
-		    !set_meta_context(&h, neg, error))
-			goto fail;
-		if (!go_or_info(&h, NBD_OPT_GO, h.export_name, neg, &unsup, error)) {
-			if (!unsup) {
-				send_abort(&h);
-				goto fail;
+	case NBD_OPT_SET_META_CONTEXT:
+		if (type == NBD_REP_ACK || err) {
+			/* An error only means no block status; GO reports
+			 * anything serious. */
+			if (err)
+				h->neg_meta = FALSE;
+			h->meta_done = TRUE;
+			h->state = ST_NEXT;
+			return NBDC_HS_WANT;
+		}
+		if (type != NBD_REP_META_CONTEXT)
+			return PROTO(h, "unexpected reply type %u to NBD_OPT_SET_META_CONTEXT", type);
+		if (len <= 4 || len > 4 + NBD_MAX_STRING)
+			return PROTO(h, "meta context reply of bad length %u", len);
+		if (len - 4 == strlen("base:allocation") &&
+		    memcmp(d + 4, "base:allocation", len - 4) == 0) {
+			h->neg_meta = TRUE;
+			h->neg_meta_id = get_be32(d);
+		}
+		return NBDC_HS_WANT;
+
+	case NBD_OPT_GO:
+	case NBD_OPT_INFO: {
+		g_autofree char *what = g_strdup_printf(
+		    "export '%s'", h->opt == NBD_OPT_GO ? h->export_name : h->info_name);
+
+		if (type == NBD_REP_INFO)
+			return parse_info(h, d, len);
+		if (type == NBD_REP_ACK) {
+			if (!h->seen_export)
+				return PROTO(h, "%s: server omitted NBD_INFO_EXPORT", what);
+			int r = check_eflags(h, h->neg.size, h->neg.eflags);
+			if (r == NBDC_HS_FAILED)
+				return r;
+			if (h->opt == NBD_OPT_GO) {
+				h->state = ST_DONE;
+				return NBDC_HS_DONE;
 			}
-			g_clear_error(error);
-			if (!export_name(&h, neg, error))
-				goto fail;
+			info_finished(h, NULL);
+			h->state = ST_NEXT;
+			return NBDC_HS_WANT;
 		}
-	} else if (!export_name(&h, neg, error)) {
-		goto fail;
+		if (!err)
+			return PROTO(h, "unexpected reply type %u to %s", type, opt_name(h->opt));
+		if (h->opt == NBD_OPT_GO) {
+			if (type == NBD_REP_ERR_UNSUP) {
+				/* No GO: the old way, which has no error channel. */
+				g_autofree char *name = g_strdup(h->export_name);
+
+				put_option(out, NBD_OPT_EXPORT_NAME, name, (uint32_t)strlen(name));
+				h->opt = NBD_OPT_EXPORT_NAME;
+				h->state = ST_EXPORT_NAME;
+				return NBDC_HS_WANT;
+			}
+			GError *e = reply_error(h, type, d, len, what);
+			h->error = e;
+			send_abort(h, out);
+			h->state = ST_FAILED;
+			return NBDC_HS_FAILED;
+		}
+		/* INFO: an unknown option ends the details (names only);
+		 * another error is this export's alone. */
+		if (type == NBD_REP_ERR_UNSUP)
+			h->info_unsup = TRUE;
+		info_finished(h, reply_error(h, type, d, len, what));
+		h->state = ST_NEXT;
+		return NBDC_HS_WANT;
 	}
-	if (!neg->name)
-		neg->name = g_strdup(h.export_name);
-	if (!neg->description)
-		neg->description = g_strdup("");
-	if (!neg->structured_replies) {
-		neg->meta = FALSE;
-		neg->eflags &= ~NBD_FLAG_SEND_DF;
-	}
-	neg->protocol = h.protocol;
-	neg->tls = h.tls_on;
-	t = h.t;
-	h.t = NULL;
-	t->deadline_us = 0;
-	goto out;
-fail:
-	nbdc_neg_clear(neg);
-out:
-	hs_clear(&h);
-	return t;
-}
 
-static void export_free(gpointer p)
-{
-	struct nbdc_export *e = p;
-
-	g_free(e->name);
-	g_free(e->description);
-	g_free(e);
-}
-
-GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError **error)
-{
-	struct hs h = {0};
-	struct reply rep = {0};
-	g_autoptr(GPtrArray) list = g_ptr_array_new_with_free_func(export_free);
-	GPtrArray *ret = NULL;
-	uint64_t bytes = 0;
-	struct nbdc_config lcfg = *cfg;
-
-	lcfg.export_name = NULL; /* ignored: keep it out of messages too */
-	if (!hs_start(&h, &lcfg, NULL, error))
-		goto out;
-	if (h.oldstyle || !h.fixed) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_UNSUPPORTED,
-			    "%s: list: server is %s and cannot list exports", h.display,
-			    h.oldstyle ? "oldstyle" : "not fixed-newstyle");
-		goto out;
-	}
-	if (!send_option(&h, NBD_OPT_LIST, NULL, 0, error))
-		goto out;
-	for (;;) {
-		if (!read_reply(&h, NBD_OPT_LIST, &rep, error))
-			goto out;
-		if (rep.type == NBD_REP_ACK)
-			break;
-		if (rep.type & NBD_REP_FLAG_ERROR) {
-			reply_error(&h, &rep, "list", error);
-			send_abort(&h);
-			goto out;
+	case NBD_OPT_LIST: {
+		if (type == NBD_REP_ACK) {
+			h->list_done = TRUE;
+			h->state = ST_NEXT;
+			return NBDC_HS_WANT;
 		}
-		if (rep.type != NBD_REP_SERVER) {
-			proto_fail(&h, error, "unexpected reply type %u to NBD_OPT_LIST", rep.type);
-			goto out;
+		if (err) {
+			h->error = reply_error(h, type, d, len, "list");
+			send_abort(h, out);
+			h->state = ST_FAILED;
+			return NBDC_HS_FAILED;
 		}
-		if (rep.len < 4) {
-			proto_fail(&h, error, "NBD_REP_SERVER of %u bytes", rep.len);
-			goto out;
-		}
-		uint32_t nl = get_be32(rep.data);
-		if (nl > rep.len - 4 || nl > NBD_MAX_STRING || rep.len - 4 - nl > NBD_MAX_STRING) {
-			proto_fail(&h, error, "NBD_REP_SERVER name length %u in %u bytes", nl,
-				   rep.len);
-			goto out;
-		}
-		bytes += rep.len;
-		if (list->len >= NBD_MAX_LIST_EXPORTS || bytes > NBD_MAX_LIST_BYTES) {
-			proto_fail(&h, error, "export list too long (%u exports)", list->len);
-			goto out;
-		}
-		const char *name = (const char *)rep.data + 4;
-		if (memchr(name, 0, rep.len - 4)) {
-			proto_fail(&h, error, "export name contains NUL");
-			goto out;
-		}
+		if (type != NBD_REP_SERVER)
+			return PROTO(h, "unexpected reply type %u to NBD_OPT_LIST", type);
+		if (len < 4)
+			return PROTO(h, "NBD_REP_SERVER of %u bytes", len);
+		uint32_t nl = get_be32(d);
+		if (nl > len - 4 || nl > NBD_MAX_STRING || len - 4 - nl > NBD_MAX_STRING)
+			return PROTO(h, "NBD_REP_SERVER name length %u in %u bytes", nl, len);
+		h->list_bytes += len;
+		if (h->list->len >= NBD_MAX_LIST_EXPORTS || h->list_bytes > NBD_MAX_LIST_BYTES)
+			return PROTO(h, "export list too long (%u exports)", h->list->len);
+		const char *name = (const char *)d + 4;
+		if (memchr(name, 0, len - 4))
+			return PROTO(h, "export name contains NUL");
 		struct nbdc_export *e = g_new0(struct nbdc_export, 1);
 		e->name = g_strndup(name, nl); /* byte-exact: used in GO/INFO */
-		e->description = g_utf8_make_valid(name + nl, rep.len - 4 - nl);
-		g_ptr_array_add(list, e);
+		e->description = g_utf8_make_valid(name + nl, len - 4 - nl);
+		g_ptr_array_add(h->list, e);
+		return NBDC_HS_WANT;
 	}
-	if (details) {
-		for (guint i = 0; i < list->len; i++) {
-			struct nbdc_export *e = list->pdata[i];
-			struct nbdc_neg neg = {0};
-			gboolean unsup = FALSE;
-			g_autoptr(GError) e2 = NULL;
 
-			if (!go_or_info(&h, NBD_OPT_INFO, e->name, &neg, &unsup, &e2)) {
-				nbdc_neg_clear(&neg);
-				if (e2->code == NBDC_ERROR_HANDSHAKE ||
-				    e2->code == NBDC_ERROR_TIMEOUT) {
-					g_propagate_error(error, g_steal_pointer(&e2));
-					goto out;
-				}
-				if (unsup)
-					break; /* no NBD_OPT_INFO: names only */
+	case NBD_OPT_ABORT:
+		h->state = ST_DONE;
+		return NBDC_HS_DONE;
+	}
+	return PROTO(h, "reply to an option never sent");
+}
+
+/* Chooses and sends the next option. */
+static int next_option(struct nbdc_hs *h, GByteArray *out)
+{
+	const struct nbdc_hs_goal *g = &h->goal;
+
+	if (!g->go) {
+		if (h->oldstyle || !h->fixed)
+			return fail(h, NBDC_ERROR_UNSUPPORTED, "%s: server is %s and cannot %s",
+				    g->list ? "list" : "info",
+				    h->oldstyle ? "oldstyle" : "not fixed-newstyle",
+				    g->list ? "list exports" : "describe exports");
+		if (g->list && !h->list_done) {
+			send_simple(h, out, NBD_OPT_LIST);
+			return NBDC_HS_WANT;
+		}
+		if (g->list_details && !h->info_unsup && h->detail_i < h->list->len) {
+			struct nbdc_export *le = h->list->pdata[h->detail_i++];
+
+			h->info_name = g_strdup(le->name);
+			send_go_info(h, out, NBD_OPT_INFO, le->name);
+			return NBDC_HS_WANT;
+		}
+		if (g->probe_next && !h->info_unsup) {
+			const char *name = g->probe_next(g->opaque);
+
+			if (name) {
+				h->info_name = g_strdup(name);
+				send_go_info(h, out, NBD_OPT_INFO, name);
+				return NBDC_HS_WANT;
+			}
+		}
+		return send_abort(h, out);
+	}
+	if (h->oldstyle) {
+		h->state = ST_DONE;
+		return check_eflags(h, h->neg.size, h->neg.eflags) == NBDC_HS_FAILED
+			       ? NBDC_HS_FAILED
+			       : NBDC_HS_DONE;
+	}
+	if (!h->fixed) {
+		put_option(out, NBD_OPT_EXPORT_NAME, h->export_name,
+			   (uint32_t)strlen(h->export_name));
+		h->opt = NBD_OPT_EXPORT_NAME;
+		h->state = ST_EXPORT_NAME;
+		return NBDC_HS_WANT;
+	}
+	if (h->cfg->structured_replies && !h->sr_done) {
+		send_simple(h, out, NBD_OPT_STRUCTURED_REPLY);
+		return NBDC_HS_WANT;
+	}
+	if (h->neg_sr && h->cfg->block_status && !h->meta_done) {
+		send_meta(h, out);
+		return NBDC_HS_WANT;
+	}
+	/* GO (neg is reset: keep what the options above negotiated). */
+	gboolean sr = h->neg_sr, meta = h->neg_meta;
+	uint32_t meta_id = h->neg_meta_id;
+	send_go_info(h, out, NBD_OPT_GO, h->export_name);
+	h->neg_sr = sr;
+	h->neg_meta = meta;
+	h->neg_meta_id = meta_id;
+	return NBDC_HS_WANT;
+}
+
+struct nbdc_hs *nbdc_hs_new(const struct nbdc_config *cfg, const struct nbdc_hs_goal *goal)
+{
+	struct nbdc_hs *h = g_new0(struct nbdc_hs, 1);
+
+	h->cfg = cfg;
+	h->goal = *goal;
+	h->export_name = goal->go && cfg->export_name ? cfg->export_name : "";
+	struct nbdc_config shown = *cfg;
+	if (!goal->go)
+		shown.export_name = NULL; /* a control connection names no export */
+	h->display = nbdc_cfg_display(&shown);
+	h->state = ST_GREETING;
+	if (goal->list)
+		h->list = g_ptr_array_new_with_free_func(nbdc_export_free);
+	return h;
+}
+
+void nbdc_hs_free(struct nbdc_hs *h)
+{
+	if (!h)
+		return;
+	g_free(h->display);
+	g_free(h->info_name);
+	nbdc_neg_clear(&h->neg);
+	if (h->list)
+		g_ptr_array_unref(h->list);
+	g_clear_error(&h->error);
+	g_free(h);
+}
+
+int nbdc_hs_check(struct nbdc_hs *h)
+{
+	if (strlen(h->export_name) > NBD_MAX_STRING)
+		return fail(h, NBDC_ERROR_INVALID, "export name longer than %u bytes",
+			    NBD_MAX_STRING);
+	return NBDC_HS_WANT;
+}
+
+int nbdc_hs_step(struct nbdc_hs *h, struct nbdc_rbuf *in, GByteArray *out)
+{
+	for (;;) {
+		switch (h->state) {
+		case ST_GREETING: {
+			if (!have(in, 16))
+				return NBDC_HS_WANT;
+			const uint8_t *p = take(in, 16);
+			if (get_be64(p) != NBD_MAGIC)
+				return PROTO(h, "not an NBD server (bad greeting magic)");
+			uint64_t m2 = get_be64(p + 8);
+			if (m2 == NBD_OLDSTYLE_MAGIC) {
+				h->state = ST_OLDSTYLE;
 				continue;
 			}
-			e->has_info = TRUE;
-			e->size = neg.size;
-			e->eflags = neg.eflags;
-			e->read_only = (neg.eflags & NBD_FLAG_READ_ONLY) != 0;
-			e->block_min = neg.block_min;
-			e->block_pref = neg.block_pref;
-			e->block_max = neg.block_max;
-			if (neg.description && neg.description[0] && !e->description[0]) {
-				g_free(e->description);
-				e->description = g_steal_pointer(&neg.description);
+			if (m2 != NBD_IHAVEOPT)
+				return PROTO(h, "unknown handshake style (magic 0x%" G_GINT64_MODIFIER
+						"x)", (guint64)m2);
+			h->state = ST_GFLAGS;
+			continue;
+		}
+		case ST_OLDSTYLE: {
+			if (!have(in, sizeof(struct nbd_oldstyle_tail)))
+				return NBDC_HS_WANT;
+			const uint8_t *p = take(in, sizeof(struct nbd_oldstyle_tail));
+			uint32_t flags = get_be32(p + 8);
+			if (flags >> 16)
+				return PROTO(h, "oldstyle global flags 0x%x are not zero",
+					     flags >> 16);
+			h->oldstyle = TRUE;
+			h->protocol = "oldstyle";
+			h->neg.size = get_be64(p);
+			h->neg.eflags = (uint16_t)flags;
+			if (h->cfg->tls)
+				return fail(h, NBDC_ERROR_TLS,
+					    "TLS: server is oldstyle and cannot do TLS");
+			h->state = ST_NEXT;
+			continue;
+		}
+		case ST_GFLAGS: {
+			if (!have(in, 2))
+				return NBDC_HS_WANT;
+			uint16_t gflags = get_be16(take(in, 2));
+			uint8_t cf[4];
+
+			h->fixed = (gflags & NBD_FLAG_FIXED_NEWSTYLE) != 0;
+			h->no_zeroes = (gflags & NBD_FLAG_NO_ZEROES) != 0;
+			h->protocol = h->fixed ? "newstyle-fixed" : "newstyle";
+			put_be32(cf, gflags & (NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES));
+			g_byte_array_append(out, cf, 4);
+			if (h->cfg->tls) {
+				if (!h->fixed)
+					return fail(h, NBDC_ERROR_TLS,
+						    "TLS: server is not fixed-newstyle and "
+						    "cannot do TLS");
+				send_simple(h, out, NBD_OPT_STARTTLS);
+				continue;
 			}
-			nbdc_neg_clear(&neg);
+			h->state = ST_NEXT;
+			continue;
+		}
+		case ST_NEXT: {
+			int r = next_option(h, out);
+
+			if (r != NBDC_HS_WANT)
+				return r;
+			continue;
+		}
+		case ST_REPLY:
+		case ST_ABORT_WAIT: {
+			if (!have(in, sizeof(struct nbd_option_reply)))
+				return NBDC_HS_WANT;
+			const uint8_t *p = in->data + in->pos;
+			if (get_be64(p) != NBD_REP_MAGIC)
+				return PROTO(h, "bad option reply magic 0x%" G_GINT64_MODIFIER "x",
+					     (guint64)get_be64(p));
+			if (get_be32(p + 8) != h->opt)
+				return PROTO(h, "reply to %s echoes option %u", opt_name(h->opt),
+					     get_be32(p + 8));
+			uint32_t type = get_be32(p + 12), len = get_be32(p + 16);
+			if (len > NBD_MAX_OPTION_REPLY)
+				return PROTO(h, "reply to %s too long (%u bytes)", opt_name(h->opt),
+					     len);
+			if (!have(in, sizeof(struct nbd_option_reply) + len))
+				return NBDC_HS_WANT;
+			take(in, sizeof(struct nbd_option_reply));
+			const uint8_t *d = take(in, len);
+			if (type == NBD_REP_ACK && len != 0)
+				return PROTO(h, "ACK to %s with %u payload bytes", opt_name(h->opt),
+					     len);
+			if ((type & NBD_REP_FLAG_ERROR) && len > NBD_MAX_STRING)
+				return PROTO(h, "error message to %s too long (%u bytes)",
+					     opt_name(h->opt), len);
+			if (h->state == ST_ABORT_WAIT) {
+				h->state = ST_DONE;
+				return h->error ? NBDC_HS_FAILED : NBDC_HS_DONE;
+			}
+			int r = on_reply(h, out, type, d, len);
+			if (r != NBDC_HS_WANT)
+				return r;
+			continue;
+		}
+		case ST_EXPORT_NAME: {
+			size_t n = h->no_zeroes ? 10 : sizeof(struct nbd_export_name_reply);
+
+			if (!have(in, n))
+				return NBDC_HS_WANT;
+			const uint8_t *p = take(in, n);
+			h->neg.size = get_be64(p);
+			h->neg.eflags = get_be16(p + 8);
+			h->state = ST_DONE;
+			return check_eflags(h, h->neg.size, h->neg.eflags) == NBDC_HS_FAILED
+				       ? NBDC_HS_FAILED
+				       : NBDC_HS_DONE;
+		}
+		case ST_TLS:
+			return NBDC_HS_START_TLS;
+		case ST_DONE:
+			return h->error ? NBDC_HS_FAILED : NBDC_HS_DONE;
+		case ST_FAILED:
+			return NBDC_HS_FAILED;
 		}
 	}
-	send_abort(&h);
-	ret = g_steal_pointer(&list);
-out:
-	reply_clear(&rep);
-	hs_clear(&h);
-	return ret;
+}
+
+void nbdc_hs_tls_done(struct nbdc_hs *h)
+{
+	g_assert(h->state == ST_TLS);
+	h->tls_on = TRUE;
+	h->state = ST_NEXT;
+}
+
+int nbdc_hs_eof(struct nbdc_hs *h, gboolean midway)
+{
+	switch (h->state) {
+	case ST_ABORT_WAIT:
+		/* The ACK to ABORT is optional: closing is a fine answer. */
+		h->state = ST_DONE;
+		return h->error ? NBDC_HS_FAILED : NBDC_HS_DONE;
+	case ST_DONE:
+		return h->error ? NBDC_HS_FAILED : NBDC_HS_DONE;
+	case ST_FAILED:
+		return NBDC_HS_FAILED;
+	case ST_EXPORT_NAME:
+		if (!midway)
+			return fail(h, NBDC_ERROR_NO_EXPORT,
+				    "export '%s': server closed the connection (it does not know "
+				    "this export)", h->export_name);
+		break;
+	default:
+		break;
+	}
+	const char *what = h->state == ST_GREETING || h->state == ST_OLDSTYLE ||
+				   h->state == ST_GFLAGS
+			       ? "greeting"
+			       : opt_name(h->opt);
+	return fail(h, NBDC_ERROR_HANDSHAKE, "server closed the connection during %s", what);
+}
+
+const char *nbdc_hs_waiting_for(const struct nbdc_hs *h)
+{
+	switch (h->state) {
+	case ST_GREETING:
+	case ST_OLDSTYLE:
+	case ST_GFLAGS:
+		return "greeting";
+	case ST_TLS:
+		return "TLS handshake";
+	default:
+		return opt_name(h->opt);
+	}
+}
+
+gboolean nbdc_hs_aborting(const struct nbdc_hs *h)
+{
+	return h->state == ST_ABORT_WAIT || (h->state == ST_FAILED && h->opt == NBD_OPT_ABORT);
+}
+
+GError *nbdc_hs_take_error(struct nbdc_hs *h)
+{
+	GError *e = h->error;
+
+	h->error = NULL;
+	return e;
+}
+
+
+void nbdc_hs_result(struct nbdc_hs *h, struct nbdc_neg *neg)
+{
+	*neg = h->neg;
+	memset(&h->neg, 0, sizeof(h->neg));
+	if (!neg->name)
+		neg->name = g_strdup(h->export_name);
+	if (!neg->description)
+		neg->description = g_strdup("");
+	neg->structured_replies = h->neg_sr;
+	neg->meta = h->neg_sr && h->neg_meta;
+	neg->meta_id = h->neg_meta_id;
+	if (!neg->structured_replies)
+		neg->eflags &= ~NBD_FLAG_SEND_DF;
+	neg->protocol = h->protocol;
+	neg->tls = h->tls_on;
+}
+
+GPtrArray *nbdc_hs_take_list(struct nbdc_hs *h)
+{
+	GPtrArray *l = h->list;
+
+	h->list = NULL;
+	return l;
 }

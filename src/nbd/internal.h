@@ -1,13 +1,27 @@
-/* internal.h: types shared by the NBD core's files (private). */
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* internal.h: types shared by the NBD core's files (private).
+ *
+ * The layers inside the core, each calling only down:
+ *   nbdc.c, sync.c   the public calls: checks, splitting, emulation, waiting
+ *   export.c         one export: its connections, parking, reconnect, replay
+ *   probe.c          control connections: LIST and INFO for many exports
+ *   conn.c           one connection: connect, handshake, close (a state machine
+ *                    on one loop); send.c its send queue, reply.c its replies
+ *   handshake.c      negotiation over byte buffers; transport.c, tls.c bytes
+ * A lower file reaches an upper one only through the function pointers of
+ * struct nbdc_conn_owner.  doc/ARCHITECTURE.md has the threads.
+ */
 #pragma once
 
 #include <glib.h>
 #include <stdint.h>
 
+#include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 #include "transport.h"
 
-/* What one connection's negotiation produced. */
+/* ---- What a negotiation produced ---- */
+
 struct nbdc_neg {
 	uint64_t size;
 	uint16_t eflags;
@@ -15,9 +29,9 @@ struct nbdc_neg {
 	gboolean meta; /* base:allocation negotiated */
 	uint32_t meta_id;
 	uint32_t block_min, block_pref, block_max; /* 0 = not advertised */
-	char *name;				   /* canonical or requested name; owned */
-	char *description;			   /* owned, "" when none */
-	const char *protocol;			   /* static */
+	char *name;                                /* canonical or requested name; owned */
+	char *description;                         /* owned, "" when none */
+	const char *protocol;                      /* static */
 	gboolean tls;
 };
 
@@ -25,23 +39,72 @@ void nbdc_neg_clear(struct nbdc_neg *neg);
 
 /* errors.c */
 void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const char *fmt, ...)
-    G_GNUC_PRINTF(3, 4);
+	G_GNUC_PRINTF(3, 4);
 /* "nbd://host:port/export", "nbd+unix:///export?socket=path" or "fd N":
  * names the server in messages.  Caller frees. */
 char *nbdc_cfg_display(const struct nbdc_config *cfg);
+const char *nbdc_cmd_name(uint16_t type);
+/* The loops of @cfg, or the process-wide default set (started on first use). */
+LoopSet *nbdc_cfg_loops(const struct nbdc_config *cfg);
 
-/* handshake.c: connects and negotiates the export of @cfg; returns a
- * transport in transmission phase (deadline cleared) and fills @neg. */
-struct nbdc_transport *nbdc_hs_connect(const struct nbdc_config *cfg, struct nbdc_neg *neg,
-				       GError **error);
-GPtrArray *nbdc_hs_list(const struct nbdc_config *cfg, gboolean details, GError **error);
+/* ---- Input buffer ---- */
 
-/* ---- Transmission (conn.c, nbdc.c) ----------------------------------- */
+/* Bytes received and not yet parsed: data[pos..end). */
+struct nbdc_rbuf {
+	uint8_t *data;
+	size_t pos, end, cap;
+};
+
+/* ---- handshake.c ---- */
+
+struct nbdc_hs;
+
+struct nbdc_hs_goal {
+	gboolean go;           /* negotiate cfg->export_name for transmission */
+	gboolean list;         /* NBD_OPT_LIST */
+	gboolean list_details; /* then NBD_OPT_INFO for each listed export */
+	/* INFO for each name @probe_next returns (NULL: no more), results to
+	 * @probe_result (@e borrowed for the call; NULL with @err). */
+	const char *(*probe_next)(void *opaque);
+	void (*probe_result)(void *opaque, const char *name, const struct nbdc_export *e,
+			     const GError *err);
+	void *opaque;
+};
+
+enum { NBDC_HS_WANT, NBDC_HS_START_TLS, NBDC_HS_DONE, NBDC_HS_FAILED };
+
+/* @cfg and the goal's callbacks are borrowed for the negotiation. */
+struct nbdc_hs *nbdc_hs_new(const struct nbdc_config *cfg, const struct nbdc_hs_goal *goal);
+void nbdc_hs_free(struct nbdc_hs *h);
+/* Checks the request before any byte goes out: NBDC_HS_WANT or FAILED. */
+int nbdc_hs_check(struct nbdc_hs *h);
+/* Consumes complete messages from @in, appends what to send to @out. */
+int nbdc_hs_step(struct nbdc_hs *h, struct nbdc_rbuf *in, GByteArray *out);
+/* The TLS handshake after STARTTLS succeeded: continue with nbdc_hs_step. */
+void nbdc_hs_tls_done(struct nbdc_hs *h);
+/* The server closed the stream (@midway: in the middle of a message). */
+int nbdc_hs_eof(struct nbdc_hs *h, gboolean midway);
+/* TRUE once ABORT was sent: however the server ends the stream now is fine. */
+gboolean nbdc_hs_aborting(const struct nbdc_hs *h);
+/* What the negotiation waits for (for timeout messages); static. */
+const char *nbdc_hs_waiting_for(const struct nbdc_hs *h);
+/* After NBDC_HS_FAILED: the error (caller frees). */
+GError *nbdc_hs_take_error(struct nbdc_hs *h);
+/* After NBDC_HS_DONE of a GO: what was negotiated (moves the strings). */
+void nbdc_hs_result(struct nbdc_hs *h, struct nbdc_neg *neg);
+/* After NBDC_HS_DONE of a LIST: the exports (caller unrefs). */
+GPtrArray *nbdc_hs_take_list(struct nbdc_hs *h);
+void nbdc_export_free(gpointer e);
+
+/* ---- Requests ---- */
 
 struct nbdc_op;
 struct nbdc_conn;
+struct nbdc_log_entry;
 
-/* One NBD request on the wire (one piece of a possibly split operation). */
+/* One NBD request on the wire (one piece of a possibly split operation).
+ * It lives in exactly one list at a time: an export's parked queue, a
+ * connection's inbox, send queue or in-flight list. */
 struct nbdc_req {
 	uint64_t cookie;
 	uint16_t type, flags;
@@ -49,18 +112,68 @@ struct nbdc_req {
 	uint32_t len;
 	const struct iovec *iov; /* READ/WRITE data (borrowed from the caller) */
 	int iovcnt;
-	size_t iov_off;	  /* where this piece starts in @iov */
-	struct iovec one; /* backing for @iov when we own the buffer */
+	size_t iov_off;          /* where this piece starts in @iov */
+	struct iovec one;        /* backing for @iov when we own the buffer */
 	struct nbdc_op *op;
-	int err;	      /* first error, negative errno */
-	gboolean embedded;    /* lives inside its op: not freed alone */
-	gboolean bs_seen;     /* a block status chunk was delivered */
-	guint content_chunks; /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
-	/* structured READ coverage: fast path while chunks arrive in order */
-	uint64_t covered;
-	GArray *ranges;		      /* sorted [start,end) pairs once out of order */
-	gint64 deadline;	      /* monotonic us; 0 = none */
-	struct nbdc_req *prev, *next; /* the connection's in-flight list, send order */
+	int err;                 /* first error, negative errno */
+	gboolean embedded;       /* lives inside its op: not freed alone */
+	/* reply state (reset before a resend) */
+	gboolean bs_seen;        /* a block status chunk was delivered */
+	guint content_chunks;    /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
+	uint64_t covered;        /* structured READ: bytes received */
+	GArray *ranges;          /* sorted [start,end) pairs once out of order */
+	/* timing */
+	gint64 sent_us;          /* fully written to the socket; 0 = not yet */
+	gint64 wait_since_us;    /* parked (waiting for a connection) since; 0 = never */
+	struct nbdc_log_entry *log; /* a WRITE's copy for the replay log, once sent */
+	guint64 flush_seq;       /* FLUSH: the log sequence it covers */
+	gboolean internal;       /* the core's own (replay, early flush) */
+	/* block status: extents go to @extent; @bs_reached = where they ended */
+	nbdc_extent_fn extent;
+	void *extent_opaque;
+	uint64_t bs_reached;
+	/* called once when the request is finished (0 or -errno) */
+	void (*complete)(struct nbdc_req *req, int err);
+	uint8_t hdr[28];         /* the encoded request header */
+	struct nbdc_req *prev, *next;
+};
+
+/* Clears the reply state of @req before it is sent again. */
+void nbdc_req_reset(struct nbdc_req *req);
+
+/* ---- Connections (conn.c, send.c, reply.c) ---- */
+
+/* How a connection reports to its owner (the export of a data connection,
+ * the probe of a control connection).  All run on the connection's loop. */
+struct nbdc_conn_owner {
+	/* GO finished: requests may be sent (data connections). */
+	void (*ready)(struct nbdc_conn *conn, void *data);
+	/* The connection ended before it was ready (@err set), or a control
+	 * connection's negotiation finished (@err NULL).  The callee owns @err. */
+	void (*finished)(struct nbdc_conn *conn, void *data, GError *err);
+	/* A ready connection died (@err: -ENOTCONN, -EPROTO, -ETIMEDOUT) or
+	 * was closed (@msg NULL).  @reqs: every request it still held, in
+	 * order (linked by next), now owned by the callee. */
+	void (*lost)(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs, int err,
+		     const char *msg);
+	/* A request finished with @err (0 or -errno); runs the completion. */
+	void (*done)(struct nbdc_conn *conn, void *data, struct nbdc_req *req, int err);
+	/* A WRITE was fully sent: the owner may copy it for its replay log. */
+	void (*sent)(struct nbdc_conn *conn, void *data, struct nbdc_req *req);
+	/* The server answered NBD_ESHUTDOWN: the connection takes no new
+	 * requests and closes once idle. */
+	void (*shutting_down)(struct nbdc_conn *conn, void *data);
+};
+
+enum nbdc_conn_phase {
+	NBDC_CP_NEW,
+	NBDC_CP_RESOLVING,
+	NBDC_CP_CONNECTING,
+	NBDC_CP_HANDSHAKE,
+	NBDC_CP_TLS,
+	NBDC_CP_READY,
+	NBDC_CP_CLOSING, /* DISC sent, waiting for EOF */
+	NBDC_CP_DEAD,
 };
 
 /* A cookie table entry (cookie 0 = empty: cookies start at 1). */
@@ -69,109 +182,238 @@ struct nbdc_slot {
 	struct nbdc_req *req;
 };
 
-/* One caller operation: completes once every piece has. */
-struct nbdc_op {
-	Nbdc *c;
-	gint pending; /* pieces in flight + 1 while submitting */
-	gint err;     /* first error */
-	nbdc_done_fn done;
-	void *opaque;
-	nbdc_extent_fn extent;
-	gboolean fua_flush;	 /* emulated FUA: flush once the pieces succeed */
-	gboolean flushing;	 /* the emulated flush was sent */
-	uint64_t bs_pos, bs_end; /* block status: described so far / wanted end
-				  * (bs_end 0 = not a looping block status) */
-	uint64_t bs_piece_end;	 /* end of the request in flight: the next one
-				  * goes out only if the reply reached it */
-	struct {		 /* what to send (kept for a deferred submission) */
-		uint16_t type, flags;
-		uint64_t offset, count;
-		uint32_t max;
-		const struct iovec *iov;
-		int iovcnt;
-		gboolean zero_buf;
-	} sub;
-	gboolean deferred;   /* asked for on a reader thread: the pool sends it */
-	struct nbdc_op *next_free; /* in the handle's cache of free ops */
-	struct nbdc_req req; /* the first piece */
-};
+struct addrinfo;
 
 struct nbdc_conn {
-	Nbdc *c;
+	gint refs;
+	Loop *loop;
+	const struct nbdc_config *cfg;     /* borrowed from the owner */
+	struct nbdc_tls_ctx *tls;          /* ref, or NULL */
+	const struct nbdc_conn_owner *owner;
+	void *owner_data;
+	char *display;
 	guint index;
+	int fd_in;                         /* cfg->fd to use, taken at start; -1 */
+	enum nbdc_conn_phase phase;        /* loop only, read racily elsewhere */
 	struct nbdc_transport *t;
+	struct loop_watch w;
+	struct loop_timer timer;           /* handshake deadline, request timeout, goodbye */
+	gint64 deadline;                   /* of the handshake; 0 = none */
+	gboolean quiet;                    /* a close we asked for: no warning */
+	GError *fail_error;                /* the precise error of a failure, if known */
+
+	/* resolving and connecting */
+	struct addrinfo *ai_list, *ai_next;
+	int connect_errno;
+
+	/* negotiation */
+	struct nbdc_hs *hs;
+	struct nbdc_hs_goal goal;
+	GByteArray *wbuf;                  /* negotiation bytes not yet sent: [wpos, len) */
+	gsize wpos;
+	struct nbdc_rbuf rb;
 	struct nbdc_neg neg;
-	GMutex send_lock;  /* held across header + payload */
-	GMutex lock;	   /* table, list, counters, state */
-	GCond cond;	   /* slot freed / drained / reader ended */
-	struct nbdc_slot *table; /* cookie -> request: open addressing, see conn.c */
-	guint table_mask;	 /* size - 1 (a power of two) */
-	guint table_used;
-	struct nbdc_req *head, *tail;
-	gint in_flight; /* written under @lock; read racily for balancing */
-	guint senders;	/* submitters between insert and end of send */
-	guint waiters;	/* threads in a wait on @cond (under @lock) */
-	gboolean dead;
-	gboolean disc_sent;
-	gboolean shutdown_pending; /* server said ESHUTDOWN: DISC once idle */
-	gboolean reader_done;
-	char *fail_msg; /* set by a failed sender before shutdown */
-	int fail_err;
-	GThread *reader;
-	uint8_t *buf; /* reader scratch (block status) */
-	size_t buf_size;
-	/* Reader only: what one recv brought beyond what was parsed so far
-	 * (rbuf[rpos..rend)); replies are parsed from here. */
-	uint8_t *rbuf;
-	size_t rpos, rend;
+
+	/* sending (send.c) */
+	struct nbdc_req *txq_head, *txq_tail; /* queued, not fully sent */
+	size_t tx_off;                     /* bytes of txq_head already written */
+	guint tx_count;                    /* requests in the send queue */
+	struct loop_defer tx_defer;
+	gint64 stall_since;                /* the socket stopped taking bytes; 0 = not */
+	uint64_t next_cookie;
+	/* in flight: fully sent, waiting for the reply */
+	struct nbdc_slot *table;           /* cookie -> request: open addressing */
+	guint table_mask, table_used;
+	struct nbdc_req *inf_head, *inf_tail; /* send order */
+	guint inf_count;
+	gint load;                         /* queued + in flight (atomic: for balancing) */
+	gboolean disc_sent, shutdown_pending;
+	gboolean draining;                 /* closing gracefully: no new requests */
+	gboolean counted;                  /* the owner counts it as ready (owner's field) */
+
+	/* receiving (reply.c) */
+	int rx_state;
+	struct nbdc_req *rx_req;
+	union {
+		uint8_t raw[20];
+	} rx_hdr;
+	uint16_t rx_flags, rx_type;
+	uint32_t rx_len;
+	uint64_t rx_rel, rx_left;          /* payload destination and bytes left */
+	uint8_t *buf;                      /* a chunk's payload (block status, errors) */
+	size_t buf_size, buf_have;
+
+	/* the inbox: requests handed over by other threads */
+	GMutex inq_lock;
+	struct nbdc_req *inq_head, *inq_tail;
+	gboolean inq_posted, inq_closed;
+	struct loop_task inq_task;
+	struct loop_task kill_task;
+	gboolean kill_posted;
+};
+
+/* A connection to the server of @cfg (borrowed, must outlive it) on @loop,
+ * negotiating @goal.  @tls: the credentials when cfg->tls.  Not started. */
+struct nbdc_conn *nbdc_conn_new(Loop *loop, const struct nbdc_config *cfg,
+				struct nbdc_tls_ctx *tls, const struct nbdc_hs_goal *goal,
+				const struct nbdc_conn_owner *owner, void *owner_data, int fd);
+struct nbdc_conn *nbdc_conn_ref(struct nbdc_conn *conn);
+/* The last reference frees (the connection must be dead or never started). */
+void nbdc_conn_unref(struct nbdc_conn *conn);
+/* Starts connecting; any thread (posts to the connection's loop). */
+void nbdc_conn_start(struct nbdc_conn *conn);
+/* Queues @req; any thread.  FALSE when the connection no longer takes
+ * requests (then @req is untouched). */
+gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req);
+/* Ends the connection; any thread (posted).  @graceful: NBD_CMD_DISC once
+ * the requests in flight finished, else abandon them now (they go to
+ * owner->lost with -ENOTCONN). */
+void nbdc_conn_close(struct nbdc_conn *conn, gboolean graceful);
+/* Loop only: dies with @err and @msg (NULL: a quiet close). */
+void nbdc_conn_fail(struct nbdc_conn *conn, int err, const char *msg);
+/* Loop only: a draining connection's last request finished: DISC. */
+void nbdc_conn_drained(struct nbdc_conn *conn);
+/* Loop only: the watch events the connection needs now. */
+void nbdc_conn_update_events(struct nbdc_conn *conn);
+gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn);
+
+/* send.c (loop only) */
+void nbdc_send_init(struct nbdc_conn *conn);
+void nbdc_send_fini(struct nbdc_conn *conn);
+void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req);
+/* Writes what the socket takes; <0 when the connection must die (@msg set). */
+int nbdc_send_flush(struct nbdc_conn *conn, char **msg);
+void nbdc_send_schedule(struct nbdc_conn *conn);
+struct nbdc_req *nbdc_table_lookup(const struct nbdc_conn *conn, uint64_t cookie);
+/* A reply finished @req: out of the table and the in-flight list. */
+void nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
+/* Every request the connection holds, in order, unlinked (for death). */
+struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn);
+/* The request timeout: arms or checks the timer; <0 = expired (@msg set). */
+int nbdc_send_check_timeout(struct nbdc_conn *conn, char **msg);
+/* Sends NBD_CMD_DISC now (nothing may be in flight). */
+void nbdc_send_disc(struct nbdc_conn *conn);
+
+/* reply.c (loop only) */
+/* Reads and handles what arrived; <0 when the connection must die (@msg set,
+ * or NULL for a clean EOF after our DISC). */
+int nbdc_reply_read(struct nbdc_conn *conn, char **msg);
+/* Fills conn->rb with one read during negotiation: >0, 0 EOF, -EAGAIN, -errno. */
+ssize_t nbdc_rb_fill(struct nbdc_conn *conn);
+void nbdc_reply_fini(struct nbdc_conn *conn);
+
+#define NBDC_RBUF_SIZE (68u * 1024) /* >= header + NBD_MAX_OPTION_REPLY */
+
+/* ---- The handle: one export (export.c, nbdc.c, sync.c) ---- */
+
+/* An acknowledged write (or zero) that no flush covered yet. */
+struct nbdc_log_entry {
+	struct nbdc_log_entry *next;
+	uint64_t offset;
+	uint32_t len;
+	uint16_t type, flags;      /* NBD_CMD_WRITE or NBD_CMD_WRITE_ZEROES, wire flags */
+	guint64 seq;               /* order of acknowledgement; 0 = not yet */
+	uint8_t data[];            /* WRITE payload */
+};
+
+enum nbdc_ex_state {
+	NBDC_EX_IDLE,       /* no connection, none needed yet */
+	NBDC_EX_CONNECTING, /* the first connection (or the first after idle) */
+	NBDC_EX_READY,
+	NBDC_EX_RECOVERING, /* lost: reconnecting, replaying, then resending */
+	NBDC_EX_FAILED,     /* gave up until the next request */
+	NBDC_EX_CLOSED,
 };
 
 struct nbdc {
-	struct nbdc_config cfg;
+	gint refs;                     /* the user's, one per connection, one per task */
+	struct nbdc_config cfg;        /* copy; strings borrowed from the caller */
+	LoopSet *loops;                /* borrowed: outlives the handle */
+	Loop *home;                    /* runs the export's timers and state changes */
 	char *display;
-	struct nbdc_neg neg; /* of the first connection */
-	struct nbdc_conn **conns;
-	guint nconns;
-	guint64 next_cookie; /* atomic */
-	gint closing;	     /* atomic: no new requests */
-	gint dead;	     /* atomic: some connection died */
-	GMutex lock;	     /* @error, @aux creation */
-	char *error;
+	struct nbdc_tls_ctx *tls;      /* ref, or NULL */
+	struct nbdc_neg neg;           /* what the export is; fixed once known */
 	uint32_t max_request;
+	guint max_conns;
+	gboolean lazy;                 /* made by nbdc_open: on-demand connections */
+	gboolean had_fd;               /* cfg.fd given: one connection, never again */
+	gboolean log_on;               /* keep unflushed writes for replay */
+
+	GMutex lock;                   /* the export lock: everything below */
+	GPtrArray *conns;              /* struct nbdc_conn * (refs): connecting or ready */
+	guint nready, nopening;
+	guint rr;                      /* round-robin start among connections */
+	enum nbdc_ex_state state;
+	gint closing;                  /* atomic: no new requests */
+	gboolean dead;                 /* without reconnect: a connection died */
+	char *error;                   /* why it died (or the last attempt failed) */
+	struct nbdc_req *parked_head, *parked_tail;
+	guint nparked;
+	struct nbdc_req *throttled_head, *throttled_tail;
+	Loop *prefer;                  /* where the next connection should live */
+	gint64 lost_at;                /* the outage began */
+	gboolean warned;               /* this outage was logged */
+	guint attempts;
+	gint64 backoff_us, next_attempt;
+	guint holds;                   /* nbdc_hold */
+	gint in_flight;                /* atomic: requests submitted, not finished */
+	guint64 reconnects, lost_seq;
+	gboolean ever_ready;
+	/* the replay log */
+	struct nbdc_log_entry *log_head, *log_tail;
+	guint64 log_bytes, log_seq;
+	gboolean log_flushing, replaying;
+	gboolean replay_owed;          /* this outage's replay is still to do */
+	struct nbdc_log_entry *replay_cursor; /* next entry to write again */
+	guint replay_pending;
+	gboolean replay_failed;
+
+	/* the home loop's machinery (home loop only, but kick_posted) */
+	struct loop_task kick_task;
+	gboolean kick_posted;          /* under @lock */
+	struct loop_timer retry_timer, expiry_timer, idle_timer;
+	gboolean idle_fired;
+	guint next_index;
+	/* nbdc_connect waiting for its connections */
+	gboolean connecting_sync;
+	guint sync_waiting;            /* outcomes still due */
+	struct completion *sync_wait;  /* done when they are in */
+	GError *sync_error;            /* the first connection's failure */
+	/* teardown */
+	struct completion *gone;       /* done when the last connection ended */
+	gboolean gone_done;
+	struct completion *drained;    /* done when nothing is in flight */
+
+	/* nbdc.c: ops and the zero buffer */
+	GMutex op_lock;
+	struct nbdc_op *op_cache;
+	guint op_cached;
 	uint32_t zero_len;
 	void *zero_buf;
-	GThreadPool *aux; /* deferred completions, emulated FUA flushes */
-	gint aux_pending; /* pushed and not yet finished (under @lock) */
-	GCond aux_cond;	  /* @aux_pending reached 0 */
-	guint rr;
-	GMutex op_lock;		    /* @op_cache */
-	struct nbdc_op *op_cache;   /* freed ops kept for reuse (no malloc per I/O) */
-	guint op_cached;
 };
 
-/* conn.c */
-struct nbdc_conn *nbdc_conn_new(Nbdc *c, guint index, struct nbdc_transport *t,
-				struct nbdc_neg *neg);
-/* Queues @req on @conn and sends it from this thread.  0, or -ENOTCONN
- * when the connection is dead or closing (nothing queued).  @internal: the
- * core's own follow-up work (emulated FUA flush, next block status piece):
- * no back-pressure wait, allowed while the handle drains.  Reader threads
- * (callbacks) never wait for back-pressure either. */
-int nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req, gboolean internal);
-/* TRUE on a connection's reader thread (inside completion callbacks). */
-gboolean nbdc_on_reader_thread(void);
-/* Waits up to @until_us (monotonic) for in-flight requests to finish
- * (their callbacks included).  TRUE when none is left. */
-gboolean nbdc_conn_drain(struct nbdc_conn *conn, gint64 until_us);
-/* Sends NBD_CMD_DISC, closes TLS and the write side; the reader then sees EOF. */
-void nbdc_conn_disconnect(struct nbdc_conn *conn);
-/* Waits briefly for the reader to see EOF, then forces it out and joins it;
- * every request of @conn is complete afterwards. */
-void nbdc_conn_stop(struct nbdc_conn *conn);
-/* Stops (if needed) and frees. */
-void nbdc_conn_free(struct nbdc_conn *conn);
-/* Marks the handle dead with @msg (first message wins). */
-void nbdc_set_dead(Nbdc *c, const char *msg);
-/* A piece finished with @err (0 or -errno). Called by the reader. */
-void nbdc_req_done(struct nbdc_req *req, int err);
-const char *nbdc_cmd_name(uint16_t type);
+/* nbdc.c: frees the cache of finished ops (the handle is going). */
+void nbdc_op_cache_free(Nbdc *c);
+
+/* export.c */
+Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **error);
+void nbdc_export_ref(Nbdc *c);
+void nbdc_export_unref(Nbdc *c);
+/* Hands a prepared request to a connection, or parks it (any thread);
+ * req->complete runs exactly once, never inside this call. */
+void nbdc_export_submit(Nbdc *c, struct nbdc_req *req);
+/* Runs req->complete(req, err) soon on a loop (never inside the caller). */
+void nbdc_complete_later(Nbdc *c, struct nbdc_req *req, int err);
+/* Under c->lock: a new data connection on @loop, registered (the caller
+ * starts it after unlocking and drops the returned reference). */
+struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop);
+/* nbdc_connect: opens the connections now and waits for them (bounded). */
+gboolean nbdc_export_connect(Nbdc *c, GError **error);
+void nbdc_export_hold(Nbdc *c, gboolean held);
+void nbdc_export_health(Nbdc *c, struct nbdc_health *out);
+/* Stops new requests; @wait_us > 0 (off a loop): waits that long for those in
+ * flight first.  Then fails what is left and closes every connection. */
+void nbdc_export_close(Nbdc *c, gint64 wait_us);
+/* Waits (bounded) until every connection of a closed handle ended. */
+void nbdc_export_wait_gone(Nbdc *c);
+gboolean nbdc_export_alive(const Nbdc *c);

@@ -1,4 +1,10 @@
-/* tls.c: gnutls client session after NBD_OPT_STARTTLS: PSK or X.509, SNI, peer checks. */
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* tls.c: gnutls client sessions after NBD_OPT_STARTTLS: PSK or X.509, SNI,
+ * peer checks, a non-blocking handshake.
+ *
+ * Credentials are loaded once per configuration (a context shared by every
+ * connection made from it), so a reconnect or a thousand exports never read
+ * key files again, and a bad file is a start-up error. */
 #include "config.h"
 
 #include <errno.h>
@@ -47,13 +53,24 @@ static gboolean tls_fail(const char *display, const char *what, int r, GError **
 	return FALSE;
 }
 
-static gboolean setup_x509(struct nbdc_transport *t, const struct nbdc_config *cfg,
+struct nbdc_tls_ctx {
+	gint refs;
+	gboolean psk_mode;
+	gnutls_psk_client_credentials_t psk;
+	gnutls_certificate_credentials_t x509;
+	char *hostname; /* SNI and verification name, or NULL */
+	gboolean verify_peer;
+};
+
+static gboolean setup_x509(struct nbdc_tls_ctx *ctx, const struct nbdc_config *cfg,
 			   const char *display, GError **error)
 {
-	int r = gnutls_certificate_allocate_credentials(&t->x509);
+	int r = gnutls_certificate_allocate_credentials(&ctx->x509);
 
-	if (r < 0)
+	if (r < 0) {
+		ctx->x509 = NULL;
 		return tls_fail(display, "credentials", r, error);
+	}
 	if (cfg->tls_certificates) {
 		g_autofree char *ca = g_build_filename(cfg->tls_certificates, "ca-cert.pem", NULL);
 		g_autofree char *crl = g_build_filename(cfg->tls_certificates, "ca-crl.pem", NULL);
@@ -63,34 +80,32 @@ static gboolean setup_x509(struct nbdc_transport *t, const struct nbdc_config *c
 		    g_build_filename(cfg->tls_certificates, "client-key.pem", NULL);
 
 		if (g_file_test(ca, G_FILE_TEST_EXISTS)) {
-			r = gnutls_certificate_set_x509_trust_file(t->x509, ca,
+			r = gnutls_certificate_set_x509_trust_file(ctx->x509, ca,
 								   GNUTLS_X509_FMT_PEM);
 			if (r < 0)
 				return tls_fail(display, ca, r, error);
 		} else {
-			gnutls_certificate_set_x509_system_trust(t->x509);
+			gnutls_certificate_set_x509_system_trust(ctx->x509);
 		}
 		if (g_file_test(crl, G_FILE_TEST_EXISTS)) {
-			r = gnutls_certificate_set_x509_crl_file(t->x509, crl, GNUTLS_X509_FMT_PEM);
+			r = gnutls_certificate_set_x509_crl_file(ctx->x509, crl,
+								 GNUTLS_X509_FMT_PEM);
 			if (r < 0)
 				return tls_fail(display, crl, r, error);
 		}
 		if (g_file_test(cert, G_FILE_TEST_EXISTS) && g_file_test(key, G_FILE_TEST_EXISTS)) {
-			r = gnutls_certificate_set_x509_key_file(t->x509, cert, key,
+			r = gnutls_certificate_set_x509_key_file(ctx->x509, cert, key,
 								 GNUTLS_X509_FMT_PEM);
 			if (r < 0)
 				return tls_fail(display, cert, r, error);
 		}
 	} else {
-		gnutls_certificate_set_x509_system_trust(t->x509);
+		gnutls_certificate_set_x509_system_trust(ctx->x509);
 	}
-	r = gnutls_credentials_set(t->tls, GNUTLS_CRD_CERTIFICATE, t->x509);
-	if (r < 0)
-		return tls_fail(display, "credentials", r, error);
 	return TRUE;
 }
 
-static gboolean setup_psk(struct nbdc_transport *t, const struct nbdc_config *cfg,
+static gboolean setup_psk(struct nbdc_tls_ctx *ctx, const struct nbdc_config *cfg,
 			  const char *display, GError **error)
 {
 	const char *user = cfg->tls_username ? cfg->tls_username : g_get_user_name();
@@ -99,20 +114,57 @@ static gboolean setup_psk(struct nbdc_transport *t, const struct nbdc_config *cf
 	if (!key)
 		return FALSE;
 	gnutls_datum_t k = {.data = (unsigned char *)key, .size = (unsigned)strlen(key)};
-	int r = gnutls_psk_allocate_client_credentials(&t->psk);
+	int r = gnutls_psk_allocate_client_credentials(&ctx->psk);
+	if (r < 0)
+		ctx->psk = NULL;
 	if (r >= 0)
-		r = gnutls_psk_set_client_credentials(t->psk, user, &k, GNUTLS_PSK_KEY_HEX);
+		r = gnutls_psk_set_client_credentials(ctx->psk, user, &k, GNUTLS_PSK_KEY_HEX);
 	explicit_bzero(key, strlen(key));
 	if (r < 0)
 		return tls_fail(display, "PSK key", r, error);
-	r = gnutls_credentials_set(t->tls, GNUTLS_CRD_PSK, t->psk);
-	if (r < 0)
-		return tls_fail(display, "credentials", r, error);
 	return TRUE;
 }
 
-gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
-			const char *hostname, const char *display, GError **error)
+struct nbdc_tls_ctx *nbdc_tls_ctx_new(const struct nbdc_config *cfg, const char *display,
+				      GError **error)
+{
+	struct nbdc_tls_ctx *ctx = g_new0(struct nbdc_tls_ctx, 1);
+	const char *hn = cfg->tls_hostname ? cfg->tls_hostname : cfg->host;
+
+	ctx->refs = 1;
+	ctx->psk_mode = cfg->tls_psk_file != NULL;
+	ctx->hostname = g_strdup(hn);
+	ctx->verify_peer = cfg->tls_verify_peer;
+	if (!(ctx->psk_mode ? setup_psk(ctx, cfg, display, error)
+			    : setup_x509(ctx, cfg, display, error))) {
+		nbdc_tls_ctx_unref(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+struct nbdc_tls_ctx *nbdc_tls_ctx_ref(struct nbdc_tls_ctx *ctx)
+{
+	g_atomic_int_inc(&ctx->refs);
+	return ctx;
+}
+
+void nbdc_tls_ctx_unref(struct nbdc_tls_ctx *ctx)
+{
+	if (!ctx || !g_atomic_int_dec_and_test(&ctx->refs))
+		return;
+	if (ctx->psk)
+		gnutls_psk_free_client_credentials(ctx->psk);
+	if (ctx->x509)
+		gnutls_certificate_free_credentials(ctx->x509);
+	g_free(ctx->hostname);
+	g_free(ctx);
+}
+
+void nbdc_tr_install_tls_io(struct nbdc_transport *t);
+
+gboolean nbdc_tls_start(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,
+			GError **error)
 {
 	int r;
 
@@ -122,67 +174,67 @@ gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
 			    display);
 		return FALSE;
 	}
-	r = gnutls_init(&t->tls, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL);
+	r = gnutls_init(&t->tls, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL | GNUTLS_NONBLOCK);
 	if (r < 0) {
 		t->tls = NULL;
 		return tls_fail(display, "init", r, error);
 	}
+	t->ctx = nbdc_tls_ctx_ref(ctx);
 	nbdc_tr_install_tls_io(t);
-	if (cfg->tls_psk_file) {
+	if (ctx->psk_mode) {
 		r = gnutls_priority_set_direct(t->tls, PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
 		if (r < 0)
 			return tls_fail(display, "priority", r, error);
-		if (!setup_psk(t, cfg, display, error))
-			return FALSE;
+		r = gnutls_credentials_set(t->tls, GNUTLS_CRD_PSK, ctx->psk);
 	} else {
 		r = gnutls_priority_set_direct(t->tls, PRIORITY, NULL);
 		if (r < 0)
 			return tls_fail(display, "priority", r, error);
-		if (!setup_x509(t, cfg, display, error))
-			return FALSE;
-		if (hostname && !g_hostname_is_ip_address(hostname))
-			gnutls_server_name_set(t->tls, GNUTLS_NAME_DNS, hostname, strlen(hostname));
-		if (cfg->tls_verify_peer)
-			gnutls_session_set_verify_cert(t->tls, hostname, 0);
+		r = gnutls_credentials_set(t->tls, GNUTLS_CRD_CERTIFICATE, ctx->x509);
+		if (r >= 0 && ctx->hostname && !g_hostname_is_ip_address(ctx->hostname))
+			gnutls_server_name_set(t->tls, GNUTLS_NAME_DNS, ctx->hostname,
+					       strlen(ctx->hostname));
+		if (r >= 0 && ctx->verify_peer)
+			gnutls_session_set_verify_cert(t->tls, ctx->hostname, 0);
 	}
+	if (r < 0)
+		return tls_fail(display, "credentials", r, error);
 	gnutls_handshake_set_timeout(t->tls, GNUTLS_INDEFINITE_TIMEOUT);
-	do {
-		r = gnutls_handshake(t->tls);
-	} while (r < 0 && !gnutls_error_is_fatal(r));
-	if (r < 0) {
-		if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
-			gnutls_datum_t out = {0};
-			unsigned status = gnutls_session_get_verify_cert_status(t->tls);
-
-			if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509,
-									 &out, 0) == 0) {
-				g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
-					    "%s: TLS: server certificate: %s", display,
-					    g_strstrip((char *)out.data));
-				gnutls_free(out.data);
-				return FALSE;
-			}
-		}
-		if ((r == GNUTLS_E_PULL_ERROR && t->rd_errno == ETIMEDOUT) ||
-		    (r == GNUTLS_E_PUSH_ERROR && t->wr_errno == ETIMEDOUT)) {
-			g_set_error(error, NBDC_ERROR, NBDC_ERROR_TIMEOUT,
-				    "%s: TLS: handshake timed out", display);
-			return FALSE;
-		}
-		return tls_fail(display, "handshake", r, error);
-	}
 	return TRUE;
+}
+
+int nbdc_tls_handshake_step(struct nbdc_transport *t, const char *display, GError **error)
+{
+	int r = gnutls_handshake(t->tls);
+
+	if (r == 0)
+		return 1;
+	if (!gnutls_error_is_fatal(r))
+		return 0;
+	if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
+		gnutls_datum_t out = {0};
+		unsigned status = gnutls_session_get_verify_cert_status(t->tls);
+
+		if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out,
+								 0) == 0) {
+			g_set_error(error, NBDC_ERROR, NBDC_ERROR_TLS,
+				    "%s: TLS: server certificate: %s", display,
+				    g_strstrip((char *)out.data));
+			gnutls_free(out.data);
+			return -1;
+		}
+	}
+	tls_fail(display, "handshake", r, error);
+	return -1;
+}
+
+gboolean nbdc_tls_wants_write(struct nbdc_transport *t)
+{
+	return gnutls_record_get_direction(t->tls) == 1;
 }
 
 void nbdc_tls_bye(struct nbdc_transport *t)
 {
-	if (!t || !t->tls)
-		return;
-	gint64 dl = g_get_monotonic_time() + G_USEC_PER_SEC;
-	if (!t->deadline_us || t->deadline_us > dl)
-		t->deadline_us = dl;
-	int r;
-	do {
-		r = gnutls_bye(t->tls, GNUTLS_SHUT_WR);
-	} while (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED);
+	if (t && t->tls)
+		gnutls_bye(t->tls, GNUTLS_SHUT_WR); /* non-blocking: one attempt */
 }

@@ -1,10 +1,12 @@
-/* transport.h: one byte stream to a server, plain socket or gnutls session (private).
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* transport.h: one non-blocking byte stream to a server: a plain socket or a
+ * gnutls session over it (private).
  *
- * All I/O loops over short transfers and EINTR, never raises SIGPIPE
- * (MSG_NOSIGNAL), and waits with poll() so that a deadline (handshake) or an
- * inactivity limit (a stalled server mid-message) can end it with -ETIMEDOUT.
- * Reads and writes may run at the same time from two threads (the reader and
- * one sender under the connection's send lock); nothing else is concurrent.
+ * Calls never wait: reads return >0 bytes, 0 at EOF, -EAGAIN when nothing is
+ * there yet, or -errno; writes return the bytes taken (a TLS transport takes
+ * everything it encrypted, even when the socket is full: see
+ * nbdc_tr_want_write) or -EAGAIN / -errno.  No SIGPIPE (MSG_NOSIGNAL).  Used
+ * only on the connection's loop thread.
  */
 #pragma once
 
@@ -15,48 +17,51 @@
 
 #include "nbdfs/nbd.h"
 
+struct nbdc_tls_ctx;
+
 struct nbdc_transport {
 	int fd;
-	gnutls_session_t tls;		       /* NULL while plaintext */
-	gnutls_psk_client_credentials_t psk;   /* owned, or NULL */
-	gnutls_certificate_credentials_t x509; /* owned, or NULL */
-	gint64 deadline_us;		       /* absolute g_get_monotonic_time(); 0 = none */
-	guint idle_ms;			       /* max wait without progress; 0 = none */
-	int rd_errno, wr_errno;		       /* errno seen by the gnutls pull/push functions */
+	gboolean is_socket;          /* FALSE: a pipe in tests (readv/writev) */
+	gnutls_session_t tls;        /* NULL while plaintext */
+	struct nbdc_tls_ctx *ctx;    /* ref while tls */
+	gboolean tls_flush_pending;  /* encrypted bytes wait for the socket */
+	int rd_errno, wr_errno;      /* errno seen by the gnutls pull/push functions */
 };
 
-/* Opens a connected socket for @cfg (host/port, socket_path or fd; takes
- * the fd).  Sets TCP_NODELAY on TCP.  @display names the server in errors. */
-struct nbdc_transport *nbdc_tr_open(const struct nbdc_config *cfg, const char *display,
-				    gint64 deadline_us, GError **error);
-/* Closes the fd (and frees the TLS session).  NULL is a no-op. */
+/* Wraps a connected (or connecting) fd, made non-blocking.  Takes the fd. */
+struct nbdc_transport *nbdc_tr_new(int fd);
+/* Closes the fd and frees the TLS session.  NULL is a no-op. */
 void nbdc_tr_close(struct nbdc_transport *t);
 
-/* Reads exactly @len bytes.  0, -ENODATA (EOF before the first byte),
- * -ECONNRESET (EOF part-way), -ETIMEDOUT or another -errno. */
-int nbdc_tr_read(struct nbdc_transport *t, void *buf, size_t len);
-/* One read of up to @len bytes (waiting as needed): >0 bytes, 0 on EOF,
- * -errno.  For callers that buffer what arrives. */
 ssize_t nbdc_tr_recv(struct nbdc_transport *t, void *buf, size_t len);
-/* Reads into @iov (modified in place as it advances).  Same returns. */
-int nbdc_tr_readv(struct nbdc_transport *t, struct iovec *iov, int iovcnt);
-/* Discards @len bytes. */
-int nbdc_tr_skip(struct nbdc_transport *t, uint64_t len);
-/* Writes all of @iov (modified in place).  0 or -errno. */
-int nbdc_tr_writev(struct nbdc_transport *t, struct iovec *iov, int iovcnt);
-int nbdc_tr_write(struct nbdc_transport *t, const void *buf, size_t len);
-/* Waits until data is readable: 1 ready, 0 after @timeout_ms (-1 = none), -errno. */
-int nbdc_tr_wait_readable(struct nbdc_transport *t, int timeout_ms);
-/* shutdown(2) of the socket; safe from any thread. */
+/* Reads into @iov (not modified). */
+ssize_t nbdc_tr_readv(struct nbdc_transport *t, const struct iovec *iov, int iovcnt);
+/* Writes what it can of @iov (not modified). */
+ssize_t nbdc_tr_writev(struct nbdc_transport *t, const struct iovec *iov, int iovcnt);
+/* TRUE when TLS holds decrypted bytes no poll will announce. */
+gboolean nbdc_tr_read_pending(struct nbdc_transport *t);
+/* TRUE when encrypted bytes are waiting for the socket to take them (wait
+ * for EPOLLOUT and call nbdc_tr_writev, even with nothing new). */
+gboolean nbdc_tr_want_write(const struct nbdc_transport *t);
+/* shutdown(2) of the socket. */
 void nbdc_tr_shutdown(struct nbdc_transport *t, int how);
 
-/* Routes gnutls I/O on @t->tls through the waits above. */
-void nbdc_tr_install_tls_io(struct nbdc_transport *t);
+/* ---- TLS (tls.c) ---------------------------------------------------------- */
 
-/* tls.c: STARTTLS was acknowledged: runs the TLS handshake on @t with the
- * credentials of @cfg.  @hostname is used for SNI and verification (may be
- * NULL for unix sockets).  FALSE + NBDC_ERROR_TLS on failure. */
-gboolean nbdc_tls_start(struct nbdc_transport *t, const struct nbdc_config *cfg,
-			const char *hostname, const char *display, GError **error);
-/* Sends close_notify (bounded by the transport's timeouts); ignores errors. */
+/* The credentials of @cfg, loaded once (files read here, on the caller's
+ * thread) and shared by every connection made from it.  NULL + GError
+ * (NBDC_ERROR_TLS) when a file cannot be used. */
+struct nbdc_tls_ctx *nbdc_tls_ctx_new(const struct nbdc_config *cfg, const char *display,
+				      GError **error);
+struct nbdc_tls_ctx *nbdc_tls_ctx_ref(struct nbdc_tls_ctx *ctx);
+void nbdc_tls_ctx_unref(struct nbdc_tls_ctx *ctx);
+
+/* Starts a client session on @t (after STARTTLS was acknowledged). */
+gboolean nbdc_tls_start(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,
+			GError **error);
+/* One step of the handshake: 1 done, 0 in progress (wait for what
+ * nbdc_tls_wants_write() says), -1 failed (@error set). */
+int nbdc_tls_handshake_step(struct nbdc_transport *t, const char *display, GError **error);
+gboolean nbdc_tls_wants_write(struct nbdc_transport *t);
+/* Best-effort close_notify (one non-blocking attempt). */
 void nbdc_tls_bye(struct nbdc_transport *t);

@@ -198,11 +198,11 @@ static void test_nbd_sector_size(void)
 	server_init(&s);
 	server_start(&s, args);
 	dev = connect_dev(&s, &cfg, 5, 512, FALSE, &error);
-	g_assert_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_INVALID);
 	g_assert_null(dev);
 	g_clear_error(&error);
 	dev = connect_dev(&s, &cfg, 5, 3000, FALSE, &error);
-	g_assert_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT);
+	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_INVALID);
 	g_clear_error(&error);
 	dev = connect_dev(&s, &cfg, 5, 0, TRUE, &error);
 	g_assert_no_error(error);
