@@ -21,6 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 #include "nbdc-cli.h"
 #include "stress.h"
@@ -378,10 +379,7 @@ static void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t f
 /* The aio path: one opaque for the extents and the completion. */
 struct extent_wait {
 	struct extent_list l;
-	GMutex lock;
-	GCond cond;
-	gboolean done;
-	int err;
+	struct completion *done; /* the done callback's reference */
 };
 
 static void aio_extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -395,37 +393,29 @@ static void aio_extent_done(void *opaque, int err)
 {
 	struct extent_wait *w = opaque;
 
-	g_mutex_lock(&w->lock);
-	w->err = err;
-	w->done = TRUE;
-	g_cond_broadcast(&w->cond);
-	g_mutex_unlock(&w->lock);
+	completion_done(w->done, err);
 }
 
 static int aio_block_status(Nbdc *c, uint64_t count, uint64_t offset, struct extent_list *l)
 {
-	struct extent_wait w = { .l = *l };
+	struct extent_wait w = { .l = *l, .done = completion_new() };
 	gint64 deadline = g_get_monotonic_time() + WATCHDOG_US;
+	gint64 err;
 	int r;
 
-	g_mutex_init(&w.lock);
-	g_cond_init(&w.cond);
 	r = nbdc_aio_block_status(c, count, offset, opt.req_one ? NBDC_CMD_FLAG_REQ_ONE : 0,
 				  aio_extent_cb, aio_extent_done, &w);
 	if (r == 0) {
-		g_mutex_lock(&w.lock);
-		while (!w.done) {
-			if (!g_cond_wait_until(&w.cond, &w.lock, deadline)) {
-				fprintf(stderr, "nbdc-cli: aio-extents: request never completed\n");
-				fflush(stderr);
-				_exit(3);   /* the callback still references our stack */
-			}
+		if (!completion_wait_until(w.done, deadline, &err)) {
+			fprintf(stderr, "nbdc-cli: aio-extents: request never completed\n");
+			fflush(stderr);
+			_exit(3);   /* the callback still references our stack */
 		}
-		g_mutex_unlock(&w.lock);
-		r = w.err;
+		r = (int)err;
+	} else {
+		completion_done(w.done, r); /* refused: no callback will drop its reference */
 	}
-	g_mutex_clear(&w.lock);
-	g_cond_clear(&w.cond);
+	completion_unref(w.done);
 	*l = w.l;
 	return r;
 }
@@ -619,14 +609,12 @@ struct aread {
 	uint8_t *buf;
 	struct iovec iov;   /* must stay valid until the completion */
 	int err;
-	gboolean done;
+	struct completion *done; /* NULL until submitted */
 };
 
 struct aread_set {
 	GMutex lock;
-	GCond cond;
-	guint pending;
-	GPtrArray *order;   /* struct aread * in completion order */
+	GPtrArray *order;   /* struct aread * in completion order, under @lock */
 	guint64 len;
 };
 
@@ -642,11 +630,9 @@ static void aread_done(void *opaque, int err)
 
 	g_mutex_lock(&s->lock);
 	op->r->err = err;
-	op->r->done = TRUE;
 	g_ptr_array_add(s->order, op->r);
-	s->pending--;
-	g_cond_broadcast(&s->cond);
 	g_mutex_unlock(&s->lock);
+	completion_done(op->r->done, err);
 }
 
 /* aio-reads LEN N OFF1 ... OFFN: prints "done OFF ERR SHA256" per read. */
@@ -678,7 +664,6 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 	rs = g_new0(struct aread, n);
 	ops = g_new0(struct aread_op, n);
 	g_mutex_init(&s.lock);
-	g_cond_init(&s.cond);
 	s.order = g_ptr_array_new();
 	s.len = len;
 	for (uint64_t i = 0; i < n; i++) {
@@ -694,14 +679,10 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 		rs[i].iov.iov_len = len;
 		ops[i].set = &s;
 		ops[i].r = &rs[i];
-		g_mutex_lock(&s.lock);
-		s.pending++;
-		g_mutex_unlock(&s.lock);
+		rs[i].done = completion_new();
 		r = nbdc_aio_preadv(c, &rs[i].iov, 1, rs[i].off, 0, aread_done, &ops[i]);
 		if (r < 0) {
-			g_mutex_lock(&s.lock);
-			s.pending--;
-			g_mutex_unlock(&s.lock);
+			completion_done(rs[i].done, r); /* refused: no callback will run */
 			io_fail("aio-reads", rs[i].off, len, r);
 			status = 1;
 			break;
@@ -715,15 +696,17 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 		       (g_get_monotonic_time() - t0) / 1000);
 	}
 	deadline = g_get_monotonic_time() + WATCHDOG_US;
-	g_mutex_lock(&s.lock);
-	while (s.pending) {
-		if (!g_cond_wait_until(&s.cond, &s.lock, deadline)) {
-			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n", s.pending);
+	for (uint64_t i = 0; i < n && rs[i].done; i++) {
+		if (!completion_wait_until(rs[i].done, deadline, NULL)) {
+			guint pending = 0;
+
+			for (uint64_t k = 0; k < n && rs[k].done; k++)
+				pending += !completion_is_done(rs[k].done);
+			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n", pending);
 			fflush(stderr);
 			_exit(3);   /* callbacks still reference our stack: cannot return */
 		}
 	}
-	g_mutex_unlock(&s.lock);
 	for (guint i = 0; i < s.order->len; i++) {
 		struct aread *r = g_ptr_array_index(s.order, i);
 		g_autofree char *sum = NULL;
@@ -736,11 +719,12 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 			status = 1;
 	}
 	fflush(stdout);
-	for (uint64_t i = 0; i < n; i++)
+	for (uint64_t i = 0; i < n; i++) {
 		g_free(rs[i].buf);
+		completion_unref(rs[i].done);
+	}
 	g_ptr_array_unref(s.order);
 	g_mutex_clear(&s.lock);
-	g_cond_clear(&s.cond);
 	return status;
 }
 

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "nbdc-cli.h"
+#include "nbdfs/loop.h"
 
 #define REGION (64u << 10)
 #define STRESS_MAX_LEN (32u << 10)   /* default; --stress-max-len */
@@ -46,7 +47,7 @@ static __thread gboolean in_submit;
 
 struct sop {
 	struct stress *st;
-	struct sbatch *b;
+	struct completion *done; /* async ops: the waiter's reference */
 	int kind;
 	gboolean sync;
 	uint64_t off;
@@ -56,12 +57,6 @@ struct sop {
 	int iovcnt;
 	int err;
 	gint done_count;
-};
-
-struct sbatch {
-	GMutex lock;
-	GCond cond;
-	int pending;
 };
 
 static void stress_fail(struct stress *st, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
@@ -81,7 +76,6 @@ static void stress_fail(struct stress *st, const char *fmt, ...)
 static void stress_done(void *opaque, int err)
 {
 	struct sop *op = opaque;
-	struct sbatch *b = op->b;
 
 	if (in_submit)
 		g_atomic_int_inc(&op->st->reentrant);
@@ -90,10 +84,7 @@ static void stress_done(void *opaque, int err)
 		return;
 	}
 	op->err = err;
-	g_mutex_lock(&b->lock);
-	b->pending--;
-	g_cond_broadcast(&b->cond);
-	g_mutex_unlock(&b->lock);
+	completion_done(op->done, err);
 }
 
 static guint64 xorshift(guint64 *s)
@@ -227,7 +218,6 @@ static gpointer stress_thread(gpointer data)
 
 	while (done < st->ops && g_atomic_int_get(&st->failures) == 0) {
 		struct sop ops[BATCH];
-		struct sbatch b;
 		int k = g_rand_int_range(rnd, 1, BATCH + 1), nops = 0;
 		gint64 deadline;
 
@@ -259,7 +249,6 @@ static gpointer stress_thread(gpointer data)
 					want[r] = TRUE;
 				memset(&ops[nops], 0, sizeof(ops[nops]));
 				ops[nops].st = st;
-				ops[nops].b = &b;
 				ops[nops].off = off;
 				ops[nops].len = (uint32_t)len;
 				nops++;
@@ -272,9 +261,6 @@ static gpointer stress_thread(gpointer data)
 			if (want[r])
 				g_mutex_lock(&st->locks[r]);
 
-		g_mutex_init(&b.lock);
-		g_cond_init(&b.cond);
-		b.pending = 0;
 		for (int i = 0; i < nops; i++) {
 			struct sop *op = &ops[i];
 			guint p = g_rand_int_range(rnd, 0, 100);
@@ -295,16 +281,12 @@ static gpointer stress_thread(gpointer data)
 
 			if (op->sync)
 				continue;
-			g_mutex_lock(&b.lock);
-			b.pending++;
-			g_mutex_unlock(&b.lock);
+			op->done = completion_new();
 			r = stress_submit(st, op);
 			if (r < 0) {
-				g_mutex_lock(&b.lock);
-				b.pending--;
-				g_mutex_unlock(&b.lock);
 				op->err = r;
 				g_atomic_int_inc(&op->done_count);
+				completion_done(op->done, r); /* refused: no callback will run */
 			}
 		}
 		for (int i = 0; i < nops; i++) {
@@ -314,25 +296,26 @@ static gpointer stress_thread(gpointer data)
 			}
 		}
 		deadline = g_get_monotonic_time() + WATCHDOG_US;
-		g_mutex_lock(&b.lock);
-		while (b.pending) {
-			if (!g_cond_wait_until(&b.cond, &b.lock, deadline)) {
+		for (int i = 0; i < nops; i++) {
+			if (ops[i].done && !completion_wait_until(ops[i].done, deadline, NULL)) {
+				int pending = 0;
+
+				for (int j = 0; j < nops; j++)
+					pending += ops[j].done && !completion_is_done(ops[j].done);
 				fprintf(stderr, "nbdc-cli: stress: %d requests never completed\n",
-					b.pending);
+					pending);
 				fflush(stderr);
 				_exit(3);   /* callbacks still reference our stack */
 			}
 		}
-		g_mutex_unlock(&b.lock);
 		for (int i = 0; i < nops; i++) {
+			completion_unref(ops[i].done);
 			stress_check(st, &ops[i]);
 			g_free(ops[i].buf);
 		}
 		for (guint r = st->nregions; r-- > 0;)
 			if (want[r])
 				g_mutex_unlock(&st->locks[r]);
-		g_mutex_clear(&b.lock);
-		g_cond_clear(&b.cond);
 		done += nops;
 
 		if (st->can_flush && g_rand_int_range(rnd, 0, 64) == 0) {

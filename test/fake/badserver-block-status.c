@@ -7,8 +7,8 @@
 
 /* The async API shares one opaque between the extent and done callbacks. */
 typedef struct {
-	Done d; /* first: done_cb gets this struct */
-	GArray *ext;
+	struct completion *done; /* the done callback's reference */
+	GArray *ext;             /* borrowed */
 } BsWait;
 
 static void bs_extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -16,16 +16,21 @@ static void bs_extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_
 	extent_cb(((BsWait *)opaque)->ext, offset, length, flags);
 }
 
+static void bs_done_cb(void *opaque, int err)
+{
+	completion_done(((BsWait *)opaque)->done, err);
+}
+
 static int block_status_wait(Nbdc *c, uint64_t count, uint64_t off, uint32_t flags, GArray *ext)
 {
-	BsWait w = { .ext = ext };
+	BsWait w = { .done = completion_new(), .ext = ext };
 	int r;
 
-	done_init(&w.d);
-	r = nbdc_aio_block_status(c, count, off, flags, bs_extent_cb, done_cb, &w);
+	r = nbdc_aio_block_status(c, count, off, flags, bs_extent_cb, bs_done_cb, &w);
 	if (r == 0)
-		r = done_wait(&w.d);
-	done_clear(&w.d);
+		return done_wait(w.done);
+	completion_done(w.done, r); /* refused: no callback will drop its reference */
+	completion_unref(w.done);
 	return r;
 }
 

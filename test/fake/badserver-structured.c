@@ -319,7 +319,7 @@ static void test_p_interleaved_chunks(void)
 {
 	Ctx t;
 	Buf a, b;
-	Done da, db;
+	struct completion *da, *db;
 	struct iovec va, vb;
 
 	ctx_init(&t);
@@ -333,20 +333,18 @@ static void test_p_interleaved_chunks(void)
 	ctx_connect(&t);
 	a = buf_new(4096);
 	b = buf_new(4096);
-	done_init(&da);
-	done_init(&db);
+	da = completion_new();
+	db = completion_new();
 	va = (struct iovec){ a.p, 4096 };
 	vb = (struct iovec){ b.p, 4096 };
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 0, 0, done_cb, &da), ==, 0);
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 131072, 0, done_cb, &db), ==, 0);
-	g_assert_cmpint(done_wait(&da), ==, 0);
-	g_assert_cmpint(done_wait(&db), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 0, 0, completion_done, da), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 131072, 0, completion_done, db), ==, 0);
+	g_assert_cmpint(done_wait(da), ==, 0);
+	g_assert_cmpint(done_wait(db), ==, 0);
 	buf_check_pattern(&a, 0, 0, 4096);
 	buf_check_pattern(&b, 131072, 0, 4096);
 	buf_free(&a);
 	buf_free(&b);
-	done_clear(&da);
-	done_clear(&db);
 	ctx_end(&t);
 }
 

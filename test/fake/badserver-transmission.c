@@ -76,7 +76,7 @@ static void test_t4_duplicate_reply(void)
 {
 	Ctx t;
 	Buf a, b;
-	Done da, db;
+	struct completion *da, *db;
 	int ra, rb;
 	struct iovec va, vb;
 
@@ -89,14 +89,14 @@ static void test_t4_duplicate_reply(void)
 	ctx_connect(&t);
 	a = buf_new(4096);
 	b = buf_new(4096);
-	done_init(&da);
-	done_init(&db);
+	da = completion_new();
+	db = completion_new();
 	va = (struct iovec){ a.p, 4096 };
 	vb = (struct iovec){ b.p, 4096 };
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 0, 0, done_cb, &da), ==, 0);
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 65536, 0, done_cb, &db), ==, 0);
-	ra = done_wait(&da);
-	rb = done_wait(&db);
+	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 0, 0, completion_done, da), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 65536, 0, completion_done, db), ==, 0);
+	ra = done_wait(da);
+	rb = done_wait(db);
 	note("first %d, second %d", ra, rb);
 	g_assert_true((ra == 0 && rb == -EPROTO) || (ra == -EPROTO && rb == 0));
 	if (ra == 0)
@@ -105,8 +105,6 @@ static void test_t4_duplicate_reply(void)
 		buf_check_pattern(&b, 65536, 0, 4096);
 	buf_free(&a);
 	buf_free(&b);
-	done_clear(&da);
-	done_clear(&db);
 	assert_dead(t.c);
 	ctx_end(&t);
 }
@@ -305,7 +303,7 @@ static void test_t11_close_with_three_in_flight(void)
 {
 	Ctx t;
 	Buf b[3];
-	Done d[3];
+	struct completion *d[3];
 	struct iovec v[3];
 
 	ctx_init(&t);
@@ -317,15 +315,15 @@ static void test_t11_close_with_three_in_flight(void)
 	ctx_connect(&t);
 	for (int i = 0; i < 3; i++) {
 		b[i] = buf_new(4096);
-		done_init(&d[i]);
+		d[i] = completion_new();
 		v[i] = (struct iovec){ b[i].p, 4096 };
-		g_assert_cmpint(nbdc_aio_preadv(t.c, &v[i], 1, (uint64_t)i * 4096, 0, done_cb, &d[i]),
-				==, 0);
+		g_assert_cmpint(
+		    nbdc_aio_preadv(t.c, &v[i], 1, (uint64_t)i * 4096, 0, completion_done, d[i]),
+		    ==, 0);
 	}
 	for (int i = 0; i < 3; i++) {
-		g_assert_cmpint(done_wait(&d[i]), ==, -ENOTCONN);
+		g_assert_cmpint(done_wait(d[i]), ==, -ENOTCONN);
 		buf_free(&b[i]);
-		done_clear(&d[i]);
 	}
 	assert_dead(t.c);
 	ctx_end(&t);
@@ -336,7 +334,7 @@ static void test_t12_out_of_order(void)
 {
 	Ctx t;
 	Buf a, b;
-	Done da, db;
+	struct completion *da, *db;
 	struct iovec va, vb;
 
 	ctx_init(&t);
@@ -349,20 +347,18 @@ static void test_t12_out_of_order(void)
 	ctx_connect(&t);
 	a = buf_new(4096);
 	b = buf_new(8192);
-	done_init(&da);
-	done_init(&db);
+	da = completion_new();
+	db = completion_new();
 	va = (struct iovec){ a.p, 4096 };
 	vb = (struct iovec){ b.p, 8192 };
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 4096, 0, done_cb, &da), ==, 0);
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 65536, 0, done_cb, &db), ==, 0);
-	g_assert_cmpint(done_wait(&da), ==, 0);
-	g_assert_cmpint(done_wait(&db), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 4096, 0, completion_done, da), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 65536, 0, completion_done, db), ==, 0);
+	g_assert_cmpint(done_wait(da), ==, 0);
+	g_assert_cmpint(done_wait(db), ==, 0);
 	buf_check_pattern(&a, 4096, 0, 4096);
 	buf_check_pattern(&b, 65536, 0, 8192);
 	buf_free(&a);
 	buf_free(&b);
-	done_clear(&da);
-	done_clear(&db);
 	assert_alive(t.c);
 	ctx_end(&t);
 }

@@ -263,47 +263,15 @@ void serve_followup(FakeServer *fs, enum after mode)
 
 /* ---- Async helpers -------------------------------------------------------- */
 
-void done_init(Done *d)
-{
-	g_mutex_init(&d->m);
-	g_cond_init(&d->cv);
-	d->fired = FALSE;
-	d->calls = 0;
-	d->err = 1;
-}
-
-void done_cb(void *opaque, int err)
-{
-	Done *d = opaque;
-
-	g_mutex_lock(&d->m);
-	d->fired = TRUE;
-	d->calls++;
-	d->err = err;
-	g_cond_signal(&d->cv);
-	g_mutex_unlock(&d->m);
-}
-
-int done_wait(Done *d)
+int done_wait(struct completion *c)
 {
 	gint64 end = g_get_monotonic_time() + 10 * G_USEC_PER_SEC;
-	int err;
+	gint64 err = 1;
+	gboolean fired = completion_wait_until(c, end, &err);
 
-	g_mutex_lock(&d->m);
-	while (!d->fired)
-		if (!g_cond_wait_until(&d->cv, &d->m, end))
-			break;
-	g_assert_true(d->fired);
-	g_assert_cmpint(d->calls, ==, 1);
-	err = d->err;
-	g_mutex_unlock(&d->m);
-	return err;
-}
-
-void done_clear(Done *d)
-{
-	g_mutex_clear(&d->m);
-	g_cond_clear(&d->cv);
+	g_assert_true(fired);
+	completion_unref(c);
+	return (int)err;
 }
 
 void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)

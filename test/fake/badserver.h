@@ -22,6 +22,7 @@
 #pragma once
 
 #include "fake-server.h"
+#include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 
 #include <errno.h>
@@ -117,20 +118,11 @@ void serve_followup(FakeServer *fs, enum after mode);
 
 /* ---- Async helpers -------------------------------------------------------- */
 
-typedef struct {
-	GMutex m;
-	GCond cv;
-	gboolean fired;
-	int calls;
-	int err;
-} Done;
-
-void done_init(Done *d);
-/* The nbdc completion callback; @opaque is a Done. */
-void done_cb(void *opaque, int err);
-/* Waits (10 s at most) for the one call of done_cb(); returns its err. */
-int done_wait(Done *d);
-void done_clear(Done *d);
+/* Waits (10 s at most) for the one call of the callback of @c (struct
+ * completion, include/nbdfs/loop.h: completion_done is the nbdc done
+ * callback, a second call aborts), drops the waiter's reference, and returns
+ * the callback's err. */
+int done_wait(struct completion *c);
 
 typedef struct {
 	uint64_t off, len;
