@@ -14,10 +14,12 @@
  * Mode byte: bit 0 list instead of connect, bit 1 list with details,
  * bit 2 no structured replies, bit 3 no block status.
  *
- * Built two ways: with clang -fsanitize=fuzzer as a libFuzzer target
- * (test/fuzz/nbd), and with -DNBD_FUZZ_REPLAY as a plain program that runs
- * every file of the seed corpus once (a regression test in every build).
+ * Linked two ways: with clang -fsanitize=fuzzer as a libFuzzer target
+ * (test/fuzz/nbd), and into test/unit/nbd/corpus-replay.c, which runs every
+ * file of the seed corpus once (a regression test in every build).
  */
+#include "fuzz-nbd.h"
+
 #include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 
@@ -39,8 +41,6 @@
  * gate costs this much time; under heavy load a record may go out early,
  * which changes the path taken, never the verdict). */
 #define PEER_IDLE_MS 3
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 struct peer {
 	int fd;
@@ -142,6 +142,11 @@ static gpointer peer_main(gpointer opaque)
 
 /* Replay only: NBD_FUZZ_VERBOSE=1 shows the core's log and each result. */
 static gboolean verbose;
+
+void nbd_fuzz_set_verbose(gboolean on)
+{
+	verbose = on;
+}
 
 static void quiet(void *opaque, enum nbdc_log_level level, const char *msg)
 {
@@ -267,61 +272,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	g_thread_join(th);
 	return 0;
 }
-
-#ifdef NBD_FUZZ_REPLAY
-static int cmp_path(gconstpointer a, gconstpointer b)
-{
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* Runs every file named on the command line (directories: every file in
- * them) through the target once. */
-static int replay_file(const char *path)
-{
-	g_autofree char *contents = NULL;
-	gsize len = 0;
-	g_autoptr(GError) err = NULL;
-
-	if (!g_file_get_contents(path, &contents, &len, &err)) {
-		fprintf(stderr, "%s\n", err->message);
-		return -1;
-	}
-	LLVMFuzzerTestOneInput((const uint8_t *)contents, len);
-	return 0;
-}
-
-int main(int argc, char **argv)
-{
-	int n = 0;
-
-	verbose = g_strcmp0(g_getenv("NBD_FUZZ_VERBOSE"), "1") == 0;
-	for (int i = 1; i < argc; i++) {
-		if (g_file_test(argv[i], G_FILE_TEST_IS_DIR)) {
-			g_autoptr(GDir) dir = g_dir_open(argv[i], 0, NULL);
-			g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
-			const char *name;
-
-			if (!dir)
-				return 1;
-			while ((name = g_dir_read_name(dir)))
-				g_ptr_array_add(names, g_build_filename(argv[i], name, NULL));
-			g_ptr_array_sort(names, cmp_path);
-			for (guint k = 0; k < names->len; k++) {
-				const char *f = g_ptr_array_index(names, k);
-
-				if (replay_file(f) < 0)
-					return 1;
-				printf("ok %s\n", f);
-				n++;
-			}
-		} else {
-			if (replay_file(argv[i]) < 0)
-				return 1;
-			printf("ok %s\n", argv[i]);
-			n++;
-		}
-	}
-	printf("%d inputs replayed\n", n);
-	return n > 0 ? 0 : 1;
-}
-#endif
