@@ -11,6 +11,7 @@
  * Exit status: 0 success, 1 an error (I/O: the errno name on stderr; setup:
  * the NbdcError kind and the GError message on stderr), 2 `list` refused with
  * POLICY or UNSUPPORTED, 3 a request that never completed (watchdog).
+ * The `stress` engine lives in stress.c.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -20,11 +21,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
+#include "nbdc-cli.h"
+#include "stress.h"
 
 #define MAX_BUFFER (256u << 20)   /* largest read/write buffer we allocate */
-#define CHUNK (1u << 20)          /* verify/fill/expect work in these steps */
-#define WATCHDOG_US (120 * G_USEC_PER_SEC)
 
 static struct {
 	gint connections;
@@ -88,20 +90,6 @@ struct ctx {
 
 /* ---- helpers ------------------------------------------------------------ */
 
-static const char *errname(int e)
-{
-	static __thread char buf[32];
-	const char *n;
-
-	if (e < 0)
-		e = -e;
-	n = strerrorname_np(e);
-	if (n)
-		return n;
-	snprintf(buf, sizeof(buf), "E%d", e);
-	return buf;
-}
-
 static const char *kind_name(int code)
 {
 	switch (code) {
@@ -126,13 +114,6 @@ static void print_gerror(const char *what, const GError *err)
 		fprintf(stderr, "nbdc-cli: %s: %s: %s\n", what, kind_name(err->code), err->message);
 	else
 		fprintf(stderr, "nbdc-cli: %s: OTHER: %s\n", what, err ? err->message : "(no GError)");
-}
-
-static int io_fail(const char *cmd, uint64_t off, uint64_t len, int r)
-{
-	fprintf(stderr, "nbdc-cli: %s %" PRIu64 " %" PRIu64 ": %s (%s)\n", cmd, off, len,
-		errname(r), g_strerror(-r));
-	return 1;
 }
 
 /* Parses a byte count or offset: decimal or 0x hex, optional k/K, M, G suffix. */
@@ -398,10 +379,7 @@ static void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t f
 /* The aio path: one opaque for the extents and the completion. */
 struct extent_wait {
 	struct extent_list l;
-	GMutex lock;
-	GCond cond;
-	gboolean done;
-	int err;
+	struct completion *done; /* the done callback's reference */
 };
 
 static void aio_extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -415,37 +393,29 @@ static void aio_extent_done(void *opaque, int err)
 {
 	struct extent_wait *w = opaque;
 
-	g_mutex_lock(&w->lock);
-	w->err = err;
-	w->done = TRUE;
-	g_cond_broadcast(&w->cond);
-	g_mutex_unlock(&w->lock);
+	completion_done(w->done, err);
 }
 
 static int aio_block_status(Nbdc *c, uint64_t count, uint64_t offset, struct extent_list *l)
 {
-	struct extent_wait w = { .l = *l };
+	struct extent_wait w = { .l = *l, .done = completion_new() };
 	gint64 deadline = g_get_monotonic_time() + WATCHDOG_US;
+	gint64 err;
 	int r;
 
-	g_mutex_init(&w.lock);
-	g_cond_init(&w.cond);
 	r = nbdc_aio_block_status(c, count, offset, opt.req_one ? NBDC_CMD_FLAG_REQ_ONE : 0,
 				  aio_extent_cb, aio_extent_done, &w);
 	if (r == 0) {
-		g_mutex_lock(&w.lock);
-		while (!w.done) {
-			if (!g_cond_wait_until(&w.cond, &w.lock, deadline)) {
-				fprintf(stderr, "nbdc-cli: aio-extents: request never completed\n");
-				fflush(stderr);
-				_exit(3);   /* the callback still references our stack */
-			}
+		if (!completion_wait_until(w.done, deadline, &err)) {
+			fprintf(stderr, "nbdc-cli: aio-extents: request never completed\n");
+			fflush(stderr);
+			_exit(3);   /* the callback still references our stack */
 		}
-		g_mutex_unlock(&w.lock);
-		r = w.err;
+		r = (int)err;
+	} else {
+		completion_done(w.done, r); /* refused: no callback will drop its reference */
 	}
-	g_mutex_clear(&w.lock);
-	g_cond_clear(&w.cond);
+	completion_unref(w.done);
 	*l = w.l;
 	return r;
 }
@@ -639,14 +609,12 @@ struct aread {
 	uint8_t *buf;
 	struct iovec iov;   /* must stay valid until the completion */
 	int err;
-	gboolean done;
+	struct completion *done; /* NULL until submitted */
 };
 
 struct aread_set {
 	GMutex lock;
-	GCond cond;
-	guint pending;
-	GPtrArray *order;   /* struct aread * in completion order */
+	GPtrArray *order;   /* struct aread * in completion order, under @lock */
 	guint64 len;
 };
 
@@ -662,11 +630,9 @@ static void aread_done(void *opaque, int err)
 
 	g_mutex_lock(&s->lock);
 	op->r->err = err;
-	op->r->done = TRUE;
 	g_ptr_array_add(s->order, op->r);
-	s->pending--;
-	g_cond_broadcast(&s->cond);
 	g_mutex_unlock(&s->lock);
+	completion_done(op->r->done, err);
 }
 
 /* aio-reads LEN N OFF1 ... OFFN: prints "done OFF ERR SHA256" per read. */
@@ -698,7 +664,6 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 	rs = g_new0(struct aread, n);
 	ops = g_new0(struct aread_op, n);
 	g_mutex_init(&s.lock);
-	g_cond_init(&s.cond);
 	s.order = g_ptr_array_new();
 	s.len = len;
 	for (uint64_t i = 0; i < n; i++) {
@@ -714,14 +679,10 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 		rs[i].iov.iov_len = len;
 		ops[i].set = &s;
 		ops[i].r = &rs[i];
-		g_mutex_lock(&s.lock);
-		s.pending++;
-		g_mutex_unlock(&s.lock);
+		rs[i].done = completion_new();
 		r = nbdc_aio_preadv(c, &rs[i].iov, 1, rs[i].off, 0, aread_done, &ops[i]);
 		if (r < 0) {
-			g_mutex_lock(&s.lock);
-			s.pending--;
-			g_mutex_unlock(&s.lock);
+			completion_done(rs[i].done, r); /* refused: no callback will run */
 			io_fail("aio-reads", rs[i].off, len, r);
 			status = 1;
 			break;
@@ -735,15 +696,17 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 		       (g_get_monotonic_time() - t0) / 1000);
 	}
 	deadline = g_get_monotonic_time() + WATCHDOG_US;
-	g_mutex_lock(&s.lock);
-	while (s.pending) {
-		if (!g_cond_wait_until(&s.cond, &s.lock, deadline)) {
-			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n", s.pending);
+	for (uint64_t i = 0; i < n && rs[i].done; i++) {
+		if (!completion_wait_until(rs[i].done, deadline, NULL)) {
+			guint pending = 0;
+
+			for (uint64_t k = 0; k < n && rs[k].done; k++)
+				pending += !completion_is_done(rs[k].done);
+			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n", pending);
 			fflush(stderr);
 			_exit(3);   /* callbacks still reference our stack: cannot return */
 		}
 	}
-	g_mutex_unlock(&s.lock);
 	for (guint i = 0; i < s.order->len; i++) {
 		struct aread *r = g_ptr_array_index(s.order, i);
 		g_autofree char *sum = NULL;
@@ -756,448 +719,31 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 			status = 1;
 	}
 	fflush(stdout);
-	for (uint64_t i = 0; i < n; i++)
+	for (uint64_t i = 0; i < n; i++) {
 		g_free(rs[i].buf);
+		completion_unref(rs[i].done);
+	}
 	g_ptr_array_unref(s.order);
 	g_mutex_clear(&s.lock);
-	g_cond_clear(&s.cond);
 	return status;
-}
-
-/* ---- stress -------------------------------------------------------------
- * THREADS threads each run OPS operations (reads, writes, zeroes; async in
- * batches of up to four, plus synchronous ones while the batch is in flight)
- * on random ranges aligned to the export's unit.  The export is cut into
- * REGION-sized regions with one mutex each; a batch takes the mutexes of every
- * region it touches, in ascending order (no deadlock), and the ranges inside
- * one batch never share a region.  So every byte has one writer at a time and
- * the in-memory model is exact.  At the end everything is re-read.
- */
-#define REGION (64u << 10)
-#define STRESS_MAX_LEN (32u << 10)   /* default; --stress-max-len */
-#define BATCH 4
-
-enum { OP_READ, OP_WRITE, OP_ZERO };
-
-struct stress {
-	Nbdc *c;
-	uint64_t size;      /* the part of the export we use (whole units) */
-	uint32_t unit;
-	uint8_t *model;
-	GMutex *locks;
-	guint nregions;
-	guint ops;
-	guint32 seed;
-	uint32_t max_len;
-	gboolean writable, can_flush;
-	gint failures, reentrant, double_done, mismatches;
-	gint64 nreads, nwrites, nzeroes, nsync, nflush, bytes;
-};
-
-static __thread gboolean in_submit;
-
-struct sop {
-	struct stress *st;
-	struct sbatch *b;
-	int kind;
-	gboolean sync;
-	uint64_t off;
-	uint32_t len;
-	uint8_t *buf;
-	struct iovec iov[3];
-	int iovcnt;
-	int err;
-	gint done_count;
-};
-
-struct sbatch {
-	GMutex lock;
-	GCond cond;
-	int pending;
-};
-
-static void stress_fail(struct stress *st, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
-static void stress_fail(struct stress *st, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (g_atomic_int_add(&st->failures, 1) >= 20)
-		return;
-	va_start(ap, fmt);
-	fprintf(stderr, "nbdc-cli: stress: ");
-	vfprintf(stderr, fmt, ap);
-	fprintf(stderr, "\n");
-	va_end(ap);
-}
-
-static void stress_done(void *opaque, int err)
-{
-	struct sop *op = opaque;
-	struct sbatch *b = op->b;
-
-	if (in_submit)
-		g_atomic_int_inc(&op->st->reentrant);
-	if (g_atomic_int_add(&op->done_count, 1) != 0) {
-		g_atomic_int_inc(&op->st->double_done);
-		return;
-	}
-	op->err = err;
-	g_mutex_lock(&b->lock);
-	b->pending--;
-	g_cond_broadcast(&b->cond);
-	g_mutex_unlock(&b->lock);
-}
-
-static guint64 xorshift(guint64 *s)
-{
-	guint64 v = *s;
-
-	v ^= v << 13;
-	v ^= v >> 7;
-	v ^= v << 17;
-	*s = v;
-	return v;
-}
-
-static void fill_random(uint8_t *buf, size_t len, guint64 *s)
-{
-	size_t i = 0;
-
-	for (; i + 8 <= len; i += 8) {
-		guint64 v = xorshift(s);
-
-		memcpy(buf + i, &v, 8);
-	}
-	for (; i < len; i++)
-		buf[i] = (uint8_t)xorshift(s);
-}
-
-static void make_iov(struct sop *op, GRand *rnd)
-{
-	op->iovcnt = g_rand_int_range(rnd, 1, 4);
-	if (op->len < 3)
-		op->iovcnt = 1;
-	if (op->iovcnt == 1) {
-		op->iov[0].iov_base = op->buf;
-		op->iov[0].iov_len = op->len;
-		return;
-	}
-	{
-		uint32_t cut1 = g_rand_int_range(rnd, 1, op->len - 1);
-		uint32_t cut2 = op->iovcnt == 3 ? (uint32_t)g_rand_int_range(rnd, cut1 + 1, op->len) : op->len;
-
-		op->iov[0].iov_base = op->buf;
-		op->iov[0].iov_len = cut1;
-		op->iov[1].iov_base = op->buf + cut1;
-		op->iov[1].iov_len = cut2 - cut1;
-		if (op->iovcnt == 3) {
-			op->iov[2].iov_base = op->buf + cut2;
-			op->iov[2].iov_len = op->len - cut2;
-		}
-	}
-}
-
-static int stress_submit(struct stress *st, struct sop *op)
-{
-	int r;
-
-	in_submit = TRUE;
-	switch (op->kind) {
-	case OP_READ:
-		r = nbdc_aio_preadv(st->c, op->iov, op->iovcnt, op->off, 0, stress_done, op);
-		break;
-	case OP_WRITE:
-		r = nbdc_aio_pwritev(st->c, op->iov, op->iovcnt, op->off, 0, stress_done, op);
-		break;
-	default:
-		r = nbdc_aio_zero(st->c, op->len, op->off, 0, stress_done, op);
-		break;
-	}
-	in_submit = FALSE;
-	return r;
-}
-
-static int stress_sync(struct stress *st, struct sop *op)
-{
-	switch (op->kind) {
-	case OP_READ:
-		return nbdc_pread(st->c, op->buf, op->len, op->off, 0);
-	case OP_WRITE:
-		return nbdc_pwrite(st->c, op->buf, op->len, op->off, 0);
-	default:
-		return nbdc_zero(st->c, op->len, op->off, 0);
-	}
-}
-
-static const char *op_name(int kind)
-{
-	return kind == OP_READ ? "read" : kind == OP_WRITE ? "write" : "zero";
-}
-
-static void stress_check(struct stress *st, struct sop *op)
-{
-	if (op->err) {
-		stress_fail(st, "%s %s %" PRIu64 "+%u: %s", op->sync ? "sync" : "async",
-			    op_name(op->kind), op->off, op->len, errname(op->err));
-		return;
-	}
-	g_atomic_pointer_add(&st->bytes, op->len);
-	switch (op->kind) {
-	case OP_READ:
-		g_atomic_pointer_add(&st->nreads, 1);
-		if (memcmp(op->buf, st->model + op->off, op->len) != 0) {
-			uint32_t i = 0;
-
-			while (i < op->len && op->buf[i] == st->model[op->off + i])
-				i++;
-			g_atomic_int_inc(&st->mismatches);
-			stress_fail(st, "%s read %" PRIu64 "+%u: data differs from the model at %"
-				    PRIu64, op->sync ? "sync" : "async", op->off, op->len, op->off + i);
-		}
-		break;
-	case OP_WRITE:
-		g_atomic_pointer_add(&st->nwrites, 1);
-		memcpy(st->model + op->off, op->buf, op->len);
-		break;
-	default:
-		g_atomic_pointer_add(&st->nzeroes, 1);
-		memset(st->model + op->off, 0, op->len);
-		break;
-	}
-}
-
-static gpointer stress_thread(gpointer data)
-{
-	struct stress *st = ((struct stress **)data)[0];
-	guint idx = GPOINTER_TO_UINT(((gpointer *)data)[1]);
-	g_autoptr(GRand) rnd = g_rand_new_with_seed(st->seed * 7919u + idx);
-	guint64 xs = ((guint64)st->seed << 32) ^ (idx + 1) ^ 0x9e3779b97f4a7c15ull;
-	g_autofree gboolean *want = g_new0(gboolean, st->nregions);
-	uint64_t nunits = st->size / st->unit;
-	uint64_t maxunits = MAX(1, MIN(st->max_len, st->size) / st->unit);
-	guint done = 0;
-
-	while (done < st->ops && g_atomic_int_get(&st->failures) == 0) {
-		struct sop ops[BATCH];
-		struct sbatch b;
-		int k = g_rand_int_range(rnd, 1, BATCH + 1), nops = 0;
-		gint64 deadline;
-
-		if ((guint)k > st->ops - done)
-			k = st->ops - done;
-		memset(want, 0, st->nregions * sizeof(gboolean));
-		for (int i = 0; i < k; i++) {
-			for (int tries = 0; tries < 8; tries++) {
-				uint64_t lu = 1 + (uint64_t)(g_rand_double(rnd) * maxunits);
-				uint64_t off, len, r0, r1;
-				gboolean clash = FALSE;
-
-				if (lu > maxunits)
-					lu = maxunits;
-				if (lu > nunits)
-					lu = nunits;
-				off = (uint64_t)(g_rand_double(rnd) * (nunits - lu + 1));
-				if (off > nunits - lu)
-					off = nunits - lu;
-				off *= st->unit;
-				len = lu * st->unit;
-				r0 = off / REGION;
-				r1 = (off + len - 1) / REGION;
-				for (uint64_t r = r0; r <= r1; r++)
-					clash |= want[r];
-				if (clash)
-					continue;
-				for (uint64_t r = r0; r <= r1; r++)
-					want[r] = TRUE;
-				memset(&ops[nops], 0, sizeof(ops[nops]));
-				ops[nops].st = st;
-				ops[nops].b = &b;
-				ops[nops].off = off;
-				ops[nops].len = (uint32_t)len;
-				nops++;
-				break;
-			}
-		}
-		if (nops == 0)
-			continue;
-		for (guint r = 0; r < st->nregions; r++)
-			if (want[r])
-				g_mutex_lock(&st->locks[r]);
-
-		g_mutex_init(&b.lock);
-		g_cond_init(&b.cond);
-		b.pending = 0;
-		for (int i = 0; i < nops; i++) {
-			struct sop *op = &ops[i];
-			guint p = g_rand_int_range(rnd, 0, 100);
-
-			op->kind = !st->writable ? OP_READ : p < 45 ? OP_READ : p < 92 ? OP_WRITE : OP_ZERO;
-			op->sync = g_rand_int_range(rnd, 0, 100) < 20;
-			op->buf = g_malloc(op->len);
-			if (op->kind == OP_WRITE)
-				fill_random(op->buf, op->len, &xs);
-			else
-				memset(op->buf, 0xa5, op->len);
-			make_iov(op, rnd);
-		}
-		/* Submit every async op first, then run the sync ones meanwhile. */
-		for (int i = 0; i < nops; i++) {
-			struct sop *op = &ops[i];
-			int r;
-
-			if (op->sync)
-				continue;
-			g_mutex_lock(&b.lock);
-			b.pending++;
-			g_mutex_unlock(&b.lock);
-			r = stress_submit(st, op);
-			if (r < 0) {
-				g_mutex_lock(&b.lock);
-				b.pending--;
-				g_mutex_unlock(&b.lock);
-				op->err = r;
-				g_atomic_int_inc(&op->done_count);
-			}
-		}
-		for (int i = 0; i < nops; i++) {
-			if (ops[i].sync) {
-				ops[i].err = stress_sync(st, &ops[i]);
-				g_atomic_pointer_add(&st->nsync, 1);
-			}
-		}
-		deadline = g_get_monotonic_time() + WATCHDOG_US;
-		g_mutex_lock(&b.lock);
-		while (b.pending) {
-			if (!g_cond_wait_until(&b.cond, &b.lock, deadline)) {
-				fprintf(stderr, "nbdc-cli: stress: %d requests never completed\n",
-					b.pending);
-				fflush(stderr);
-				_exit(3);   /* callbacks still reference our stack */
-			}
-		}
-		g_mutex_unlock(&b.lock);
-		for (int i = 0; i < nops; i++) {
-			stress_check(st, &ops[i]);
-			g_free(ops[i].buf);
-		}
-		for (guint r = st->nregions; r-- > 0;)
-			if (want[r])
-				g_mutex_unlock(&st->locks[r]);
-		g_mutex_clear(&b.lock);
-		g_cond_clear(&b.cond);
-		done += nops;
-
-		if (st->can_flush && g_rand_int_range(rnd, 0, 64) == 0) {
-			int r = nbdc_flush(st->c);
-
-			g_atomic_pointer_add(&st->nflush, 1);
-			if (r < 0)
-				stress_fail(st, "flush: %s", errname(r));
-		}
-	}
-	return NULL;
-}
-
-static int stress_read_all(struct stress *st, uint8_t *dst)
-{
-	for (uint64_t off = 0; off < st->size; off += CHUNK) {
-		uint64_t n = MIN(CHUNK, st->size - off);
-		int r = nbdc_pread(st->c, dst + off, n, off, 0);
-
-		if (r < 0) {
-			io_fail("stress: read-all", off, n, r);
-			return -1;
-		}
-	}
-	return 0;
 }
 
 static int cmd_stress(struct ctx *x, char **a)
 {
 	uint64_t nthreads, nops, seed;
-	struct stress st = { 0 };
-	struct nbdc_info info;
-	g_autofree GThread **threads = NULL;
-	g_autofree gpointer *args = NULL;
-	g_autofree uint8_t *check = NULL;
-	int status = 0;
+	Nbdc *c;
 
 	if (!parse_u64(a[0], &nthreads) || !parse_u64(a[1], &nops) || !parse_u64(a[2], &seed) ||
 	    nthreads == 0 || nthreads > 64 || nops > 10000000) {
 		fprintf(stderr, "nbdc-cli: stress THREADS OPS SEED: bad arguments\n");
 		return 1;
 	}
-	if (!(st.c = get_handle(x)))
+	if (!(c = get_handle(x)))
 		return 1;
-	nbdc_get_info(st.c, &info);
-	st.unit = info.block_min ? info.block_min : 512;
-	if (st.unit > REGION) {
-		fprintf(stderr, "nbdc-cli: stress: block_min %u too large\n", st.unit);
-		return 1;
-	}
-	st.size = info.size / st.unit * st.unit;
-	if (st.size == 0 || st.size > (64u << 20)) {
-		fprintf(stderr, "nbdc-cli: stress: export size %" PRIu64 " unsuitable\n", info.size);
-		return 1;
-	}
-	st.writable = info.read_write;
-	st.can_flush = info.can_flush;
-	st.ops = nops;
-	st.seed = (guint32)seed;
-	st.max_len = opt.stress_max_len > 0 ? (uint32_t)opt.stress_max_len : STRESS_MAX_LEN;
-	if (st.max_len > (64u << 20))
-		st.max_len = 64u << 20;
-	st.nregions = (st.size + REGION - 1) / REGION;
-	st.locks = g_new0(GMutex, st.nregions);
-	for (guint r = 0; r < st.nregions; r++)
-		g_mutex_init(&st.locks[r]);
-	st.model = g_malloc(st.size);
-	if (stress_read_all(&st, st.model) < 0) {
-		status = 1;
-		goto out;
-	}
-
-	threads = g_new0(GThread *, nthreads);
-	args = g_new0(gpointer, 2 * nthreads);
-	for (uint64_t t = 0; t < nthreads; t++) {
-		args[2 * t] = &st;
-		args[2 * t + 1] = GUINT_TO_POINTER((guint)t);
-		threads[t] = g_thread_new("stress", stress_thread, &args[2 * t]);
-	}
-	for (uint64_t t = 0; t < nthreads; t++)
-		g_thread_join(threads[t]);
-
-	if (st.can_flush && st.writable) {
-		int r = nbdc_flush(st.c);
-
-		if (r < 0)
-			stress_fail(&st, "final flush: %s", errname(r));
-	}
-	check = g_malloc(st.size);
-	if (stress_read_all(&st, check) < 0) {
-		status = 1;
-	} else if (memcmp(check, st.model, st.size) != 0) {
-		uint64_t i = 0;
-
-		while (check[i] == st.model[i])
-			i++;
-		stress_fail(&st, "final re-read differs from the model at %" PRIu64, i);
-	}
-	printf("stress threads=%" PRIu64 " reads=%" G_GINT64_FORMAT " writes=%" G_GINT64_FORMAT
-	       " zeroes=%" G_GINT64_FORMAT " sync=%" G_GINT64_FORMAT " flushes=%" G_GINT64_FORMAT
-	       " bytes=%" G_GINT64_FORMAT " failures=%d mismatches=%d reentrant=%d double_done=%d\n",
-	       nthreads, st.nreads, st.nwrites, st.nzeroes, st.nsync, st.nflush, st.bytes,
-	       st.failures, st.mismatches, st.reentrant, st.double_done);
-	fflush(stdout);
-	if (st.failures || st.reentrant || st.double_done)
-		status = 1;
-out:
-	for (guint r = 0; r < st.nregions; r++)
-		g_mutex_clear(&st.locks[r]);
-	g_free(st.locks);
-	g_free(st.model);
-	return status;
+	return stress_run(c, nthreads, nops, seed,
+			  opt.stress_max_len > 0 ? (uint32_t)opt.stress_max_len : 0);
 }
+
 
 /* ---- command dispatch ---------------------------------------------------- */
 

@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from nbdc_helpers import pattern_bytes, run_cli, wait_for
+from nbdfs_test.core import run_cli
+from nbdfs_test.data import pattern_bytes
+from nbdfs_test.polling import wait_for
 
 KiB = 1024
 MiB = 1024 * 1024

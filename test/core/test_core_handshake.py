@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from nbdc_helpers import run_cli
+from nbdfs_test.core import run_cli
 
 MiB = 1024 * 1024
 

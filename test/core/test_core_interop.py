@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nbdc_helpers import run_cli
+from nbdfs_test.core import run_cli
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -7,7 +7,10 @@ import socket
 
 import pytest
 
-from nbdc_helpers import free_tcp_port, pattern_bytes, run_cli, wait_for
+from nbdfs_test.core import run_cli
+from nbdfs_test.data import pattern_bytes
+from nbdfs_test.polling import wait_for
+from nbdfs_test.servers import free_tcp_port
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -165,7 +168,7 @@ def test_unreachable_tcp():
 def test_ipv6():
     # The shared fixture only knows 127.0.0.1; start on ::1 by hand.
     import subprocess
-    from nbdc_helpers import kill_and_wait
+    from nbdfs_test.polling import kill_and_wait
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
         s.bind(("::1", 0))
         port = s.getsockname()[1]

@@ -2,7 +2,7 @@
 command checks every read against an in-memory model)."""
 import re
 
-from nbdc_helpers import run_cli
+from nbdfs_test.core import run_cli
 
 MiB = 1024 * 1024
 
@@ -107,7 +107,7 @@ def test_stress_large_requests_single_connection(nbdkit):
 def test_stress_server_killed(nbdkit, tmp_path):
     """The server dies under load: every request completes (no hang, no
     crash) with ENOTCONN."""
-    from nbdc_helpers import kill_server_under_stress
+    from nbdfs_test.core import kill_server_under_stress
     log = tmp_path / "log"
     srv = nbdkit("--filter=log", "memory", "4M", f"logfile={log}")
     rc, err = kill_server_under_stress(srv, log, [srv.uri(), "stress", 8, 100000, 11])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from nbdc_helpers import run_cli
+from nbdfs_test.core import run_cli
 
 MiB = 1024 * 1024
 
@@ -170,7 +170,7 @@ def test_tls_verify_peer_uri_parameter(nbdkit, x509):
 
 def test_tls_server_killed_under_load(nbdkit, psk_file, tmp_path):
     """TLS connections die under load: ENOTCONN everywhere, no crash/hang."""
-    from nbdc_helpers import kill_server_under_stress
+    from nbdfs_test.core import kill_server_under_stress
     log = tmp_path / "log"
     srv = nbdkit("--tls=require", f"--tls-psk={psk_file}", "--filter=log", "memory", "4M",
                  f"logfile={log}")

@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from nbdfs_e2e import (MiB, find_daemon_pids, getx, is_mounted, mount_entry, pattern_bytes,
-                       read_file, run, wait_for, wait_pid_exit)
+from nbdfs_test.data import MiB, getx, pattern_bytes, read_file
+from nbdfs_test.mounts import find_daemon_pids, is_mounted, mount_entry
+from nbdfs_test.polling import run, wait_for, wait_pid_exit
 
 
 def nbdfs(binary, *args, timeout=60):
@@ -175,7 +176,7 @@ def test_startup_unreachable(mount, tmp_path):
 
 
 def test_startup_unreachable_tcp(mount):
-    from nbdfs_e2e import free_tcp_port
+    from nbdfs_test.servers import free_tcp_port
     uri = f"nbd://127.0.0.1:{free_tcp_port()}/"
     m = mount(uri, check=False)
     _assert_startup_failure(mount, m, uri)
@@ -307,7 +308,7 @@ def test_signal_flushes_disconnects_exits_0(server, mount, sig):
     assert len(srv.log.requests("Flush")) > flushes, "no NBD_CMD_FLUSH at exit"
     wait_for(lambda: srv.disc_count() >= 1, timeout=10, what="NBD_CMD_DISC on the server")
     assert srv.eof_count() == 0, "a connection was dropped without NBD_CMD_DISC"
-    from nbdfs_e2e import nbd_read
+    from nbdfs_test.data import nbd_read
     assert nbd_read(srv.uri(), 1000, 11) == b"signal-data"
 
 
@@ -666,7 +667,7 @@ def test_nbd_uri_default_port(mount):
             assert read_file(m / "disk", 8, 8) == pattern_bytes(8, 8)
             m.unmount()
     finally:
-        from nbdfs_e2e import kill_and_wait
+        from nbdfs_test.polling import kill_and_wait
         kill_and_wait(proc)
 
 

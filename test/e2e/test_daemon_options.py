@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from nbdfs_e2e import (MiB, errno_of, getx, is_mounted, read_file, run, wait_for,
-                       wait_pid_exit, find_daemon_pids, free_tcp_port, kill_and_wait)
+from nbdfs_test.data import MiB, errno_of, getx, read_file
+from nbdfs_test.mounts import find_daemon_pids, is_mounted
+from nbdfs_test.polling import kill_and_wait, run, wait_for, wait_pid_exit
+from nbdfs_test.servers import free_tcp_port
 
 
 def test_daemon_ownership_options(server, mount):

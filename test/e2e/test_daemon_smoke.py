@@ -10,10 +10,12 @@ import time
 
 import pytest
 
-from nbdfs_e2e import (MiB, errno_of, fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-                       free_tcp_port, kill_and_wait,
-                       FALLOC_FL_ZERO_RANGE, getx, is_mounted, nbd_read, pattern_bytes,
-                       read_file, set_partition, wait_for, wait_pid_exit)
+from nbdfs_test.data import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, MiB,
+                             errno_of, fallocate, getx, nbd_read, pattern_bytes, read_file,
+                             set_partition)
+from nbdfs_test.mounts import is_mounted
+from nbdfs_test.polling import kill_and_wait, wait_for, wait_pid_exit
+from nbdfs_test.servers import free_tcp_port
 
 
 def _pwrite(path, off, data, flags=0):

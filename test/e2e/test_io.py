@@ -14,9 +14,9 @@ import threading
 
 import pytest
 
-from nbdfs_e2e import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, MiB,
-                       SECTOR, errno_of, fallocate, nbd_read, pattern_bytes, read_file, run,
-                       wait_for)
+from nbdfs_test.data import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, MiB,
+                             SECTOR, errno_of, fallocate, nbd_read, pattern_bytes, read_file)
+from nbdfs_test.polling import run, wait_for
 
 ODD = [(0, 1), (1, 1), (7, 9), (511, 2), (512, 512), (513, 1000), (4095, 4097), (12345, 65537),
        (1000000, 3), (3 * MiB - 1, 1), (3 * MiB - 3, 3)]

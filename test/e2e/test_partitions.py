@@ -10,8 +10,9 @@ import zlib
 
 import pytest
 
-from nbdfs_e2e import (MiB, SECTOR, errno_of, getx, image, nbd_read, read_file, run,
-                       set_partition, setx, sfdisk_json, sparse_file)
+from nbdfs_test.data import (MiB, SECTOR, errno_of, getx, image, nbd_read, read_file, set_partition,
+                             setx, sfdisk_json, sparse_file)
+from nbdfs_test.polling import run
 
 GPT2 = "label: gpt\nsize=4M, name=first\nsize=8M, name=second\n"
 
@@ -55,7 +56,7 @@ def test_split_at_mount(nbdkit, mount):
     assert os.path.getsize(m / "disk-part2") == 4 * MiB - 2048 * SECTOR
     assert getx(m / "disk", "user.nbdfs.partition") == "split:2048"
     assert getx(m / "disk-part2", "user.nbdfs.start") == "2048"
-    from nbdfs_e2e import pattern_bytes
+    from nbdfs_test.data import pattern_bytes
     assert read_file(m / "disk-part2", 0, 64) == pattern_bytes(2048 * SECTOR, 64)
     assert read_file(m / "disk-part1", 2048 * SECTOR - 8, 100) == pattern_bytes(2048 * SECTOR - 8, 8)
 
@@ -519,9 +520,9 @@ def test_ebusy_while_loop_device_holds_partition(tmp_path, nbdkit, mount, loopde
     dev = loopdev(m / "disk-part2")
     assert errno_of(set_partition, m / "disk", "none") == errno.EBUSY
     assert errno_of(set_partition, m / "disk", "auto") == errno.EBUSY
-    from nbdfs_e2e import losetup_detach
+    from nbdfs_test.mounts import losetup_detach
     losetup_detach(dev)
-    from nbdfs_e2e import wait_for
+    from nbdfs_test.polling import wait_for
 
     def released():
         return errno_of(set_partition, m / "disk", "none") is None

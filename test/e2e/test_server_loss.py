@@ -9,7 +9,9 @@ import subprocess
 import threading
 import time
 
-from nbdfs_e2e import MiB, is_mounted, nbd_read, read_file, sparse_file, wait_for, wait_pid_exit
+from nbdfs_test.data import MiB, nbd_read, read_file, sparse_file
+from nbdfs_test.mounts import is_mounted
+from nbdfs_test.polling import wait_for, wait_pid_exit
 
 
 def _data_image(tmp_path, size=4 * MiB):
@@ -140,7 +142,7 @@ def test_recovers_after_a_failed_request(tmp_path, server, mount):
 def test_slow_server_is_not_unreachable(server, mount):
     srv = server("--filter=delay", "pattern", "1M", "delay-read=3", log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=1"])
-    from nbdfs_e2e import pattern_bytes
+    from nbdfs_test.data import pattern_bytes
     r, e, dt = _timed(lambda: _direct_read(m / "disk", 65536, 4096))
     assert e is None, f"slow read failed with errno {e}"
     assert r == pattern_bytes(65536, 4096)

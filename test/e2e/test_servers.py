@@ -5,8 +5,10 @@ import os
 
 import pytest
 
-from nbdfs_e2e import (MiB, SECTOR, errno_of, image, nbd_read, read_file, run, sfdisk_json, sparse_file,
-                       umount)
+from nbdfs_test.data import (MiB, SECTOR, errno_of, image, nbd_read, read_file, sfdisk_json,
+                             sparse_file)
+from nbdfs_test.mounts import umount
+from nbdfs_test.polling import run
 
 
 def _flow(tmp_path, uri, img, mount, loopmount):

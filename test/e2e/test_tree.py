@@ -6,8 +6,9 @@ import stat
 
 import pytest
 
-from nbdfs_e2e import (MiB, SECTOR, getx, image, read_file, run, set_partition, sfdisk,
-                       sfdisk_json, sparse_file)
+from nbdfs_test.data import (MiB, SECTOR, getx, image, read_file, set_partition, sfdisk,
+                             sfdisk_json, sparse_file)
+from nbdfs_test.polling import run
 
 
 def test_size_is_export_size(nbdkit, mount):
@@ -213,7 +214,7 @@ def test_namespace_is_fixed(nbdkit, mount):
 
 def test_mmap_read(nbdkit, mount):
     import mmap
-    from nbdfs_e2e import pattern_bytes
+    from nbdfs_test.data import pattern_bytes
     m = mount(nbdkit("pattern", "1M").uri())
     with open(m / "disk", "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
@@ -260,7 +261,7 @@ def test_partition_name_colliding_with_an_export(tmp_path, nbdkit, mount):
 
 def test_runtime_split_colliding_with_an_export(nbdkit, mount):
     import errno as e_
-    from nbdfs_e2e import errno_of, set_partition
+    from nbdfs_test.data import errno_of, set_partition
     a = nbdkit("memory", "1M")
     b = nbdkit("pattern", "1M")
     m = mount(f"a={a.uri()}", f"a-part1={b.uri()}")
@@ -272,7 +273,7 @@ def test_runtime_split_colliding_with_an_export(nbdkit, mount):
         assert err in (e_.EEXIST, e_.EINVAL, e_.EBUSY)
         assert files == ["a", "a-part1"]
     # the export a-part1 still shows its own bytes under some name
-    from nbdfs_e2e import pattern_bytes
+    from nbdfs_test.data import pattern_bytes
     assert any(read_file(m / f, 0, 16) == pattern_bytes(0, 16) for f in files)
 
 

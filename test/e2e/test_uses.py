@@ -4,8 +4,9 @@ mkfs + loop-mount a partition file and find the files again after a remount;
 by independent clients; xfs loop-mounted, vfat checked with mtools."""
 import os
 
-from nbdfs_e2e import (MiB, SECTOR, image, losetup_detach, nbd_read, read_file, run,
-                       sfdisk_json, sparse_file, umount)
+from nbdfs_test.data import MiB, SECTOR, image, nbd_read, read_file, sfdisk_json, sparse_file
+from nbdfs_test.mounts import losetup_detach, umount
+from nbdfs_test.polling import run
 
 
 def _part(img, number):

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD_DIR = os.environ.get("NBDFS_BUILD_DIR", os.path.join(SRC_DIR, "build"))
-PART_DUMP = os.path.join(BUILD_DIR, "test", "unit", "part", "part-dump")
+from nbdfs_test.build import build_path
+
+PART_DUMP = build_path("test", "unit", "part", "part-dump")
 MiB = 1 << 20
 EXTENDED = {0x05, 0x0F, 0x85}
 

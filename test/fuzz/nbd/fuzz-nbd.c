@@ -14,10 +14,13 @@
  * Mode byte: bit 0 list instead of connect, bit 1 list with details,
  * bit 2 no structured replies, bit 3 no block status.
  *
- * Built two ways: with clang -fsanitize=fuzzer as a libFuzzer target
- * (test/fuzz/nbd), and with -DNBD_FUZZ_REPLAY as a plain program that runs
- * every file of the seed corpus once (a regression test in every build).
+ * Linked two ways: with clang -fsanitize=fuzzer as a libFuzzer target
+ * (test/fuzz/nbd), and into test/unit/nbd/corpus-replay.c, which runs every
+ * file of the seed corpus once (a regression test in every build).
  */
+#include "fuzz-nbd.h"
+
+#include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 
 #include <errno.h>
@@ -38,8 +41,6 @@
  * gate costs this much time; under heavy load a record may go out early,
  * which changes the path taken, never the verdict). */
 #define PEER_IDLE_MS 3
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 struct peer {
 	int fd;
@@ -142,6 +143,11 @@ static gpointer peer_main(gpointer opaque)
 /* Replay only: NBD_FUZZ_VERBOSE=1 shows the core's log and each result. */
 static gboolean verbose;
 
+void nbd_fuzz_set_verbose(gboolean on)
+{
+	verbose = on;
+}
+
 static void quiet(void *opaque, enum nbdc_log_level level, const char *msg)
 {
 	if (verbose)
@@ -155,43 +161,26 @@ static int show(const char *what, int r)
 	return r;
 }
 
-/* Done and extent callbacks share one opaque in the async API. */
-struct wait {
-	GMutex m;
-	GCond cv;
-	int pending;
-	int err;
-	uint64_t extents;
-};
-
-static void wait_done(void *opaque, int err)
+/* The extent callback of block status (its opaque, shared with the done
+ * callback, is the completion). */
+static void check_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
 {
-	struct wait *w = opaque;
-
-	g_mutex_lock(&w->m);
-	w->pending--;
-	if (err && !w->err)
-		w->err = err;
-	g_cond_signal(&w->cv);
-	g_mutex_unlock(&w->m);
-}
-
-static void wait_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
-{
-	struct wait *w = opaque;
-
 	g_assert(length > 0); /* the core promises validated extents */
-	g_mutex_lock(&w->m);
-	w->extents++;
-	g_mutex_unlock(&w->m);
 }
 
-static void wait_all(struct wait *w)
+/* The result of the done callback of @c for a request whose submission
+ * returned @r (when it was refused, no callback runs: 0); drops the
+ * waiter's reference. */
+static int wait_done(struct completion *c, int r)
 {
-	g_mutex_lock(&w->m);
-	while (w->pending > 0)
-		g_cond_wait(&w->cv, &w->m);
-	g_mutex_unlock(&w->m);
+	gint64 res = 0;
+
+	if (r == 0)
+		res = completion_wait(c);
+	else
+		completion_done(c, 0); /* drops the reference no callback will drop */
+	completion_unref(c);
+	return (int)res;
 }
 
 static void exercise(Nbdc *c)
@@ -199,36 +188,29 @@ static void exercise(Nbdc *c)
 	struct nbdc_info info;
 	static uint8_t buf[3][8192];
 	struct iovec iov[2] = { { buf[1], 4096 }, { buf[2], 4096 } };
-	struct wait w = { 0 };
+	struct completion *bs = completion_new(), *r5 = completion_new(), *r6 = completion_new();
+	int s, e, s5, s6, e5, e6;
 
 	nbdc_get_info(c, &info);
 	g_assert(info.size <= INT64_MAX);
 	show("read", nbdc_pread(c, buf[0], 4096, 0, 0));         /* cookie 1 */
 
-	g_mutex_init(&w.m);
-	g_cond_init(&w.cv);
-	w.pending = 1;
-	if (show("block status", nbdc_aio_block_status(c, 8192, 0, 0, wait_extent, wait_done,
-						       &w)) == 0) {   /* 2 */
-		wait_all(&w);
-		show("block status done", w.err);
-	}
+	s = show("block status", nbdc_aio_block_status(c, 8192, 0, 0, check_extent, completion_done,
+						       bs));   /* 2 */
+	e = wait_done(bs, s);
+	if (s == 0)
+		show("block status done", e);
 	show("write", nbdc_pwrite(c, buf[0], 512, 0, NBDC_CMD_FLAG_FUA)); /* 3 */
 	show("flush", nbdc_flush(c));                             /* 4 */
-	w.err = 0;
-	w.pending = 2;
-	if (nbdc_aio_preadv(c, &iov[0], 1, 4096, 0, wait_done, &w) != 0)  /* 5 */
-		w.pending--;
-	if (nbdc_aio_preadv(c, &iov[1], 1, 8192, 0, wait_done, &w) != 0)  /* 6 */
-		w.pending--;
-	wait_all(&w);
-	show("2 reads", w.err);
+	s5 = nbdc_aio_preadv(c, &iov[0], 1, 4096, 0, completion_done, r5);  /* 5 */
+	s6 = nbdc_aio_preadv(c, &iov[1], 1, 8192, 0, completion_done, r6);  /* 6 */
+	e5 = wait_done(r5, s5);
+	e6 = wait_done(r6, s6);
+	show("2 reads", e5 ? e5 : e6);
 	show("trim", nbdc_trim(c, 4096, 0, 0));                   /* 7 */
 	show("zero", nbdc_zero(c, 4096, 0, 0));                   /* 8 */
 	nbdc_is_alive(c);
 	nbdc_get_error(c);
-	g_mutex_clear(&w.m);
-	g_cond_clear(&w.cv);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -290,61 +272,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	g_thread_join(th);
 	return 0;
 }
-
-#ifdef NBD_FUZZ_REPLAY
-static int cmp_path(gconstpointer a, gconstpointer b)
-{
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* Runs every file named on the command line (directories: every file in
- * them) through the target once. */
-static int replay_file(const char *path)
-{
-	g_autofree char *contents = NULL;
-	gsize len = 0;
-	g_autoptr(GError) err = NULL;
-
-	if (!g_file_get_contents(path, &contents, &len, &err)) {
-		fprintf(stderr, "%s\n", err->message);
-		return -1;
-	}
-	LLVMFuzzerTestOneInput((const uint8_t *)contents, len);
-	return 0;
-}
-
-int main(int argc, char **argv)
-{
-	int n = 0;
-
-	verbose = g_strcmp0(g_getenv("NBD_FUZZ_VERBOSE"), "1") == 0;
-	for (int i = 1; i < argc; i++) {
-		if (g_file_test(argv[i], G_FILE_TEST_IS_DIR)) {
-			g_autoptr(GDir) dir = g_dir_open(argv[i], 0, NULL);
-			g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
-			const char *name;
-
-			if (!dir)
-				return 1;
-			while ((name = g_dir_read_name(dir)))
-				g_ptr_array_add(names, g_build_filename(argv[i], name, NULL));
-			g_ptr_array_sort(names, cmp_path);
-			for (guint k = 0; k < names->len; k++) {
-				const char *f = g_ptr_array_index(names, k);
-
-				if (replay_file(f) < 0)
-					return 1;
-				printf("ok %s\n", f);
-				n++;
-			}
-		} else {
-			if (replay_file(argv[i]) < 0)
-				return 1;
-			printf("ok %s\n", argv[i]);
-			n++;
-		}
-	}
-	printf("%d inputs replayed\n", n);
-	return n > 0 ? 0 : 1;
-}
-#endif

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "nbdfs/blockdev-nbd.h"
+#include "nbdfs/loop.h"
 #include "nbdfs/partition.h"
 
 #define DEADLINE_US (30 * G_USEC_PER_SEC)
@@ -219,35 +220,15 @@ static void test_nbd_sector_size(void)
 	server_fini(&s);
 }
 
-/* An asynchronous byte request whose completion we can wait for. */
-struct pending {
-	GMutex mu;
-	GCond cond;
-	gboolean finished;
-	ssize_t result;
-};
-
-static void pending_done(void *opaque, ssize_t result)
+/* Waits for the asynchronous byte request whose callback is
+ * completion_done_bytes(@c), drops the waiter's reference to @c, returns
+ * the request's result. */
+static ssize_t pending_wait(struct completion *c)
 {
-	struct pending *p = opaque;
+	gint64 r = 0;
 
-	g_mutex_lock(&p->mu);
-	p->result = result;
-	p->finished = TRUE;
-	g_cond_signal(&p->cond);
-	g_mutex_unlock(&p->mu);
-}
-
-static ssize_t pending_wait(struct pending *p)
-{
-	gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
-	ssize_t r;
-
-	g_mutex_lock(&p->mu);
-	while (!p->finished)
-		g_assert_true(g_cond_wait_until(&p->cond, &p->mu, deadline));
-	r = p->result;
-	g_mutex_unlock(&p->mu);
+	g_assert_true(completion_wait_until(c, g_get_monotonic_time() + DEADLINE_US, &r));
+	completion_unref(c);
 	return r;
 }
 
@@ -261,7 +242,7 @@ static void test_nbd_reconnect(void)
 	const char *args[4] = { "file", NULL, NULL, NULL };
 	g_autofree char *filearg = NULL;
 	uint8_t wbuf[1500], rbuf[1500];
-	struct pending p = { 0 }, q = { 0 };
+	struct completion *p = completion_new(), *q = completion_new();
 
 	server_init(&s);
 	file = g_build_filename(s.dir, "disk", NULL);
@@ -282,16 +263,12 @@ static void test_nbd_reconnect(void)
 
 	/* Outage: requests issued now complete after the restart. */
 	server_kill(&s);
-	g_mutex_init(&p.mu);
-	g_cond_init(&p.cond);
-	g_mutex_init(&q.mu);
-	g_cond_init(&q.cond);
-	blockdev_pread_bytes(dev, rbuf, 1500, 777, pending_done, &p);
-	blockdev_pwrite_bytes(dev, wbuf, 100, 5000, 0, pending_done, &q);
+	blockdev_pread_bytes(dev, rbuf, 1500, 777, completion_done_bytes, p);
+	blockdev_pwrite_bytes(dev, wbuf, 100, 5000, 0, completion_done_bytes, q);
 	server_start(&s, args);
-	g_assert_cmpint(pending_wait(&p), ==, 1500);
+	g_assert_cmpint(pending_wait(p), ==, 1500);
 	g_assert_cmpmem(rbuf, 1500, wbuf, 1500);
-	g_assert_cmpint(pending_wait(&q), ==, 100);
+	g_assert_cmpint(pending_wait(q), ==, 100);
 	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 100, 5000), ==, 100);
 	g_assert_cmpmem(rbuf, 100, wbuf, 100);
 
@@ -303,10 +280,6 @@ static void test_nbd_reconnect(void)
 
 	blockdev_disconnect(dev);
 	g_clear_pointer(&dev, blockdev_unref);
-	g_mutex_clear(&p.mu);
-	g_cond_clear(&p.cond);
-	g_mutex_clear(&q.mu);
-	g_cond_clear(&q.cond);
 	server_fini(&s);
 }
 
@@ -319,7 +292,8 @@ static void test_nbd_gone(gconstpointer data)
 	g_autoptr(GError) error = NULL;
 	Blockdev *dev;
 	uint8_t buf[512];
-	struct pending p = { 0 };
+	struct completion *p = completion_new();
+	ssize_t r;
 
 	server_init(&s);
 	server_start(&s, args);
@@ -333,17 +307,14 @@ static void test_nbd_gone(gconstpointer data)
 	}
 	/* A pending request when the device is disconnected fails promptly
 	 * (with a 600 s timeout, only the disconnect can end it in time). */
-	g_mutex_init(&p.mu);
-	g_cond_init(&p.cond);
-	blockdev_pread_bytes(dev, buf, 10, 0, pending_done, &p);
+	blockdev_pread_bytes(dev, buf, 10, 0, completion_done_bytes, p);
 	blockdev_disconnect(dev);
-	g_assert_cmpint(pending_wait(&p), <, 0);
+	r = pending_wait(p);
+	g_assert_cmpint(r, <, 0);
 	if (timeout_s >= 10)
-		g_assert_cmpint(p.result, ==, -ENOTCONN);
+		g_assert_cmpint(r, ==, -ENOTCONN);
 	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, -ENOTCONN);
 	blockdev_unref(dev);
-	g_mutex_clear(&p.mu);
-	g_cond_clear(&p.cond);
 	server_fini(&s);
 }
 
@@ -372,11 +343,9 @@ static void test_nbd_size_changed(void)
 
 /* ---- block status and concurrent unaligned writers over a real server ---- */
 
+/* Block status shares one opaque between the extent and done callbacks. */
 struct bs_collect {
-	GMutex mu;
-	GCond cond;
-	gboolean finished;
-	int err;
+	struct completion *done;      /* the done callback's reference */
 	GArray *ext;                  /* uint64_t triples: offset, length, flags */
 };
 
@@ -392,11 +361,7 @@ static void bs_collect_done(void *opaque, int err)
 {
 	struct bs_collect *b = opaque;
 
-	g_mutex_lock(&b->mu);
-	b->err = err;
-	b->finished = TRUE;
-	g_cond_signal(&b->cond);
-	g_mutex_unlock(&b->mu);
+	completion_done(b->done, err);
 }
 
 static void test_nbd_block_status(void)
@@ -408,6 +373,7 @@ static void test_nbd_block_status(void)
 	g_autoptr(Blockdev) dev = NULL;
 	g_autoptr(Blockdev) w = NULL;
 	struct bs_collect b = { 0 };
+	gint64 err = -1;
 	uint8_t buf[4096];
 	uint64_t covered = 0;
 	gboolean saw_data = FALSE;
@@ -421,15 +387,12 @@ static void test_nbd_block_status(void)
 	/* Through a window starting at sector 64: the data is at window byte 32K. */
 	w = part_window_new(dev, 64, 256, &error);
 	g_assert_no_error(error);
-	g_mutex_init(&b.mu);
-	g_cond_init(&b.cond);
+	b.done = completion_new();
 	b.ext = g_array_new(FALSE, FALSE, sizeof(uint64_t));
 	blockdev_block_status(w, 0, 256, bs_collect_extent, bs_collect_done, &b);
-	g_mutex_lock(&b.mu);
-	while (!b.finished)
-		g_cond_wait(&b.cond, &b.mu);
-	g_mutex_unlock(&b.mu);
-	g_assert_cmpint(b.err, ==, 0);
+	g_assert_true(completion_wait_until(b.done, g_get_monotonic_time() + DEADLINE_US, &err));
+	completion_unref(b.done);
+	g_assert_cmpint(err, ==, 0);
 	for (guint i = 0; i < b.ext->len; i += 3) {
 		uint64_t off = g_array_index(b.ext, uint64_t, i);
 		uint64_t len = g_array_index(b.ext, uint64_t, i + 1);
@@ -445,8 +408,6 @@ static void test_nbd_block_status(void)
 	}
 	g_assert_true(saw_data);
 	g_array_unref(b.ext);
-	g_mutex_clear(&b.mu);
-	g_cond_clear(&b.cond);
 	g_clear_pointer(&w, blockdev_unref);
 	g_clear_pointer(&dev, blockdev_unref);
 	server_fini(&s);

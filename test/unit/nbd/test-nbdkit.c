@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 #include "nbdkit-helper.h"
 
@@ -122,37 +123,21 @@ static void test_read_write(void)
 	nbdkit_stop(k);
 }
 
-struct async_ctx {
-	GMutex m;
-	GCond cv;
-	int pending;
-	int errors;
-	int first_err;
-};
-
-static void async_done(void *opaque, int err)
-{
-	struct async_ctx *a = opaque;
-
-	g_mutex_lock(&a->m);
-	if (err) {
-		a->errors++;
-		if (!a->first_err)
-			a->first_err = err;
-	}
-	a->pending--;
-	g_cond_broadcast(&a->cv);
-	g_mutex_unlock(&a->m);
-}
-
-static void async_wait(struct async_ctx *a)
+/* Waits (60 s at most) for the done callbacks (completion_done) of @n async
+ * requests, drops the waiter's references; returns how many failed. */
+static int async_wait(struct completion **cs, int n)
 {
 	gint64 until = g_get_monotonic_time() + 60 * G_USEC_PER_SEC;
+	int errors = 0;
 
-	g_mutex_lock(&a->m);
-	while (a->pending > 0)
-		g_assert_true(g_cond_wait_until(&a->cv, &a->m, until));
-	g_mutex_unlock(&a->m);
+	for (int i = 0; i < n; i++) {
+		gint64 err = 0;
+
+		g_assert_true(completion_wait_until(cs[i], until, &err));
+		completion_unref(cs[i]);
+		errors += err != 0;
+	}
+	return errors;
 }
 
 /* Unix socket, default connections (4 with multi-conn), 256 async writes
@@ -164,8 +149,8 @@ static void test_unix_multiconn_async(void)
 	const char *args[] = {"memory", "4M", NULL};
 	struct nbdkit *k = nbdkit_start_unix(args);
 	g_autoptr(GError) err = NULL;
-	struct async_ctx a = {0};
 	enum { N = 256, BS = 16384 };
+	struct completion *cs[N];
 	g_autofree uint8_t *wbuf = g_malloc(N * BS), *rbuf = g_malloc0(N * BS);
 	struct iovec wv[N], rv[N * 2];
 
@@ -182,17 +167,14 @@ static void test_unix_multiconn_async(void)
 
 	for (int i = 0; i < N * BS; i++)
 		wbuf[i] = (uint8_t)g_random_int();
-	g_mutex_init(&a.m);
-	g_cond_init(&a.cv);
-	a.pending = N;
 	for (int i = 0; i < N; i++) {
 		wv[i].iov_base = wbuf + (size_t)i * BS;
 		wv[i].iov_len = BS;
-		g_assert_cmpint(nbdc_aio_pwritev(c, &wv[i], 1, (uint64_t)i * BS, 0, async_done, &a),
-				==, 0);
+		cs[i] = completion_new();
+		g_assert_cmpint(
+		    nbdc_aio_pwritev(c, &wv[i], 1, (uint64_t)i * BS, 0, completion_done, cs[i]), ==, 0);
 	}
-	async_wait(&a);
-	g_assert_cmpint(a.errors, ==, 0);
+	g_assert_cmpint(async_wait(cs, N), ==, 0);
 	g_assert_cmpint(nbdc_flush(c), ==, 0);
 	/* every connection carried requests */
 	g_autofree char *log = captured();
@@ -201,29 +183,27 @@ static void test_unix_multiconn_async(void)
 		g_assert_nonnull(strstr(log, tag));
 	}
 	/* reads scattered over two iovecs each (uneven split) */
-	a.pending = N;
 	for (int i = 0; i < N; i++) {
 		rv[2 * i].iov_base = rbuf + (size_t)i * BS;
 		rv[2 * i].iov_len = 1000;
 		rv[2 * i + 1].iov_base = rbuf + (size_t)i * BS + 1000;
 		rv[2 * i + 1].iov_len = BS - 1000;
+		cs[i] = completion_new();
 		g_assert_cmpint(
-		    nbdc_aio_preadv(c, &rv[2 * i], 2, (uint64_t)i * BS, 0, async_done, &a), ==, 0);
+		    nbdc_aio_preadv(c, &rv[2 * i], 2, (uint64_t)i * BS, 0, completion_done, cs[i]),
+		    ==, 0);
 	}
-	async_wait(&a);
-	g_assert_cmpint(a.errors, ==, 0);
+	g_assert_cmpint(async_wait(cs, N), ==, 0);
 	g_assert_cmpmem(wbuf, N * BS, rbuf, N * BS);
 	/* one big read over the whole range as a single iovec array */
 	memset(rbuf, 0, N * BS);
-	a.pending = 1;
-	g_assert_cmpint(nbdc_aio_preadv(c, rv, 2 * N, 0, 0, async_done, &a), ==, 0);
-	async_wait(&a);
+	cs[0] = completion_new();
+	g_assert_cmpint(nbdc_aio_preadv(c, rv, 2 * N, 0, 0, completion_done, cs[0]), ==, 0);
+	async_wait(cs, 1);
 	g_assert_cmpmem(wbuf, N * BS, rbuf, N * BS);
 	nbdc_disconnect(c);
 	g_assert_cmpstr(nbdc_get_error(c), !=, NULL);
 	nbdc_free(c);
-	g_mutex_clear(&a.m);
-	g_cond_clear(&a.cv);
 	nbdkit_stop(k);
 }
 
@@ -953,7 +933,7 @@ struct chain {
 	int step;
 	uint8_t *buf;
 	struct iovec v;
-	struct async_ctx *a;
+	struct completion *done; /* dropped by the last step */
 };
 
 static void chain_done(void *opaque, int err)
@@ -962,7 +942,7 @@ static void chain_done(void *opaque, int err)
 
 	g_assert_cmpint(err, ==, 0);
 	if (++ch->step == 8) {
-		async_done(ch->a, 0);
+		completion_done(ch->done, 0);
 		return;
 	}
 	uint64_t off = (uint64_t)(ch->step % 2) << 24;
@@ -975,30 +955,24 @@ static void test_callback_chain(void)
 {
 	struct nbdkit *k = kit("memory", "32M", NULL);
 	struct nbdc_config cfg;
-	struct async_ctx a = {0};
 	struct chain ch = {0};
 
 	cfg_unix(&cfg, k);
 	cfg.connections = 1;
 	cfg.max_in_flight = 1;
 	Nbdc *c = must_connect(&cfg);
-	g_mutex_init(&a.m);
-	g_cond_init(&a.cv);
-	a.pending = 1;
 	ch.c = c;
-	ch.a = &a;
+	ch.done = completion_new();
 	ch.buf = g_malloc(16 << 20);
 	memset(ch.buf, 0x3c, 16 << 20);
 	ch.v.iov_base = ch.buf;
 	ch.v.iov_len = 16 << 20;
 	g_assert_cmpint(nbdc_aio_pwritev(c, &ch.v, 1, 0, 0, chain_done, &ch), ==, 0);
-	async_wait(&a);
+	async_wait(&ch.done, 1);
 	g_assert_cmpint(ch.step, ==, 8);
 	g_assert_cmpint(ch.buf[(16 << 20) - 1], ==, 0x3c);
 	nbdc_free(c);
 	g_free(ch.buf);
-	g_mutex_clear(&a.m);
-	g_cond_clear(&a.cv);
 	nbdkit_stop(k);
 	g_free(captured());
 }
@@ -1008,29 +982,29 @@ static void test_disconnect_in_flight(void)
 {
 	struct nbdkit *k = kit("--filter=delay", "memory", "1M", "delay-read=300ms", NULL);
 	struct nbdc_config cfg;
-	struct async_ctx a = {0};
+	struct completion *cs[8], *refused = completion_new();
 	static char bufs[8][4096];
 
 	cfg_unix(&cfg, k);
 	Nbdc *c = must_connect(&cfg);
-	g_mutex_init(&a.m);
-	g_cond_init(&a.cv);
-	a.pending = 8;
 	static struct iovec vs[8]; /* must outlive the requests */
 	for (int i = 0; i < 8; i++) {
 		vs[i].iov_base = bufs[i];
 		vs[i].iov_len = 4096;
+		cs[i] = completion_new();
 		g_assert_cmpint(
-		    nbdc_aio_preadv(c, &vs[i], 1, (uint64_t)i * 4096, 0, async_done, &a), ==, 0);
+		    nbdc_aio_preadv(c, &vs[i], 1, (uint64_t)i * 4096, 0, completion_done, cs[i]),
+		    ==, 0);
 	}
 	nbdc_disconnect(c);
-	g_assert_cmpint(a.pending, ==, 0);
-	g_assert_cmpint(a.errors, ==, 0);
+	for (int i = 0; i < 8; i++) /* all finished before nbdc_disconnect returned */
+		g_assert_true(completion_is_done(cs[i]));
+	g_assert_cmpint(async_wait(cs, 8), ==, 0);
 	struct iovec v = {bufs[0], 4096};
-	g_assert_cmpint(nbdc_aio_preadv(c, &v, 1, 0, 0, async_done, &a), ==, -ENOTCONN);
+	g_assert_cmpint(nbdc_aio_preadv(c, &v, 1, 0, 0, completion_done, refused), ==, -ENOTCONN);
+	completion_done(refused, 0); /* refused: no callback will drop its reference */
+	completion_unref(refused);
 	nbdc_free(c);
-	g_mutex_clear(&a.m);
-	g_cond_clear(&a.cv);
 	nbdkit_stop(k);
 	g_free(captured());
 }

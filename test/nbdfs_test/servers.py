@@ -1,0 +1,174 @@
+"""Real NBD servers as the tests see them: NbdServer (a process and where it
+listens), LoggedServer (plus its stderr file and nbdkit's log filter), NbdLog
+(the requests that filter recorded), and readiness checks.  The fixtures that
+start and stop servers are in the conftest.py files."""
+import ctypes
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from nbdfs_test.polling import kill_and_wait, wait_for
+
+
+class NbdServer:
+    """A real NBD server process listening on a Unix socket (or TCP port)."""
+
+    def __init__(self, proc, sock=None, port=None, export=""):
+        self.proc = proc
+        self.sock = sock
+        self.port = port
+        self.export = export
+
+    def uri(self, export=None, scheme="nbd"):
+        name = self.export if export is None else export
+        if self.sock:
+            return f"{scheme}+unix:///{name}?socket={self.sock}"
+        return f"{scheme}://127.0.0.1:{self.port}/{name}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def kill(self, sig=signal.SIGKILL):
+        return kill_and_wait(self.proc, sig)
+
+
+def free_tcp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent():
+    """preexec_fn: PR_SET_PDEATHSIG(SIGKILL), so a server outlives no killed pytest."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def connectable(srv):
+    try:
+        if srv.sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(srv.sock)
+        else:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=0.5):
+                pass
+        return True
+    except OSError:
+        return False
+
+
+def wait_unix_socket(path, proc, what, timeout=30):
+    def ready():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what} exited early ({proc.returncode})")
+        if not os.path.exists(path):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(path)
+                return True
+            except OSError:
+                return False
+    wait_for(ready, timeout=timeout, what=f"{what} to listen on {path}")
+
+
+class LoggedServer(NbdServer):
+    def __init__(self, proc, sock=None, port=None, export="", log=None, stderr_path=None,
+                 cmd=None):
+        super().__init__(proc, sock=sock, port=port, export=export)
+        self.log = log
+        self.stderr_path = stderr_path
+        self.cmd = cmd
+
+    def stderr(self):
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
+        except (FileNotFoundError, TypeError):
+            return ""
+
+    def disc_count(self):
+        """How many clients ended with NBD_CMD_DISC (needs verbose=True)."""
+        return self.stderr().count("client sent NBD_CMD_DISC")
+
+    def eof_count(self):
+        """How many clients just closed the socket (needs verbose=True)."""
+        return self.stderr().count("client closed input socket")
+
+
+class NbdLog:
+    """The requests nbdkit's log filter (`--filter=log logfile=F`) recorded.
+    requests(kind) gives one dict per request of that kind (Read, Write, Zero,
+    Trim, Flush, Extents, Cache), with integer offset/count and the flags."""
+
+    _req = re.compile(r"connection=(\d+) (\w+) id=(\d+) (.*?)(?: \.\.\.)?$")
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def text(self):
+        try:
+            with open(self.path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def requests(self, kind=None):
+        out = []
+        for line in self.text().splitlines():
+            m = self._req.search(line)
+            if not m or " ..." not in line or "...%s" % m.group(2) in line:
+                continue
+            conn, k, rid, rest = m.groups()
+            if kind and k.lower() != kind.lower():
+                continue
+            d = {"conn": int(conn), "kind": k, "id": int(rid)}
+            for kv in rest.split():
+                if "=" in kv:
+                    key, v = kv.split("=", 1)
+                    try:
+                        d[key] = int(v, 0)
+                    except ValueError:
+                        d[key] = v
+            out.append(d)
+        return out
+
+    def connects(self):
+        return [l for l in self.text().splitlines() if " Connect export=" in l]
+
+    def clear(self):
+        with open(self.path, "w"):
+            pass
+
+
+class PidfileDaemon:
+    """A daemonized server known by its pid file (nbd-server forks)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def poll(self):
+        try:
+            os.kill(self.pid, 0)
+            return None
+        except ProcessLookupError:
+            return 0
+
+    def kill(self, sig=signal.SIGTERM):
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.poll() is None:
+            time.sleep(0.05)
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
