@@ -276,7 +276,7 @@ static void tcp_options(struct nbdc_conn *conn, int fd)
 static void start_handshake(struct nbdc_conn *conn)
 {
 	conn->phase = NBDC_CP_HANDSHAKE;
-	conn->hs = nbdc_hs_new(conn->cfg, &conn->goal);
+	conn->hs = nbdc_hs_new(conn->cfg, &conn->goal, conn->display);
 	conn->wbuf = g_byte_array_new();
 	conn->rb.cap = NBDC_RBUF_SIZE;
 	conn->rb.data = g_malloc(conn->rb.cap);
@@ -587,8 +587,12 @@ static void hs_drive(struct nbdc_conn *conn)
 				return;
 			}
 			if (conn->rb.pos != conn->rb.end) {
-				nbdc_conn_fail(conn, -EPROTO,
-					       "protocol error: data after the STARTTLS reply");
+				/* The server speaks second in TLS: bytes now are not TLS. */
+				conn->fail_error = g_error_new(
+				    NBDC_ERROR, NBDC_ERROR_TLS,
+				    "%s: TLS: handshake: the server sent data before our hello",
+				    conn->display);
+				nbdc_conn_fail(conn, -EPROTO, "TLS handshake failed");
 				return;
 			}
 			if (!conn->tls) {

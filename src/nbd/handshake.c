@@ -557,17 +557,15 @@ static int next_option(struct nbdc_hs *h, GByteArray *out)
 	return NBDC_HS_WANT;
 }
 
-struct nbdc_hs *nbdc_hs_new(const struct nbdc_config *cfg, const struct nbdc_hs_goal *goal)
+struct nbdc_hs *nbdc_hs_new(const struct nbdc_config *cfg, const struct nbdc_hs_goal *goal,
+			    const char *display)
 {
 	struct nbdc_hs *h = g_new0(struct nbdc_hs, 1);
 
 	h->cfg = cfg;
 	h->goal = *goal;
 	h->export_name = goal->go && cfg->export_name ? cfg->export_name : "";
-	struct nbdc_config shown = *cfg;
-	if (!goal->go)
-		shown.export_name = NULL; /* a control connection names no export */
-	h->display = nbdc_cfg_display(&shown);
+	h->display = g_strdup(display);
 	h->state = ST_GREETING;
 	if (goal->list)
 		h->list = g_ptr_array_new_with_free_func(nbdc_export_free);

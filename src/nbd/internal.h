@@ -73,8 +73,10 @@ struct nbdc_hs_goal {
 
 enum { NBDC_HS_WANT, NBDC_HS_START_TLS, NBDC_HS_DONE, NBDC_HS_FAILED };
 
-/* @cfg and the goal's callbacks are borrowed for the negotiation. */
-struct nbdc_hs *nbdc_hs_new(const struct nbdc_config *cfg, const struct nbdc_hs_goal *goal);
+/* @cfg and the goal's callbacks are borrowed for the negotiation; @display
+ * (copied) names the server in errors. */
+struct nbdc_hs *nbdc_hs_new(const struct nbdc_config *cfg, const struct nbdc_hs_goal *goal,
+			    const char *display);
 void nbdc_hs_free(struct nbdc_hs *h);
 /* Checks the request before any byte goes out: NBDC_HS_WANT or FAILED. */
 int nbdc_hs_check(struct nbdc_hs *h);
