@@ -20,6 +20,7 @@
 
 #include "daemon.h"
 #include "fs/fs.h"
+#include "list.h"
 #include "nbdfs/loop.h"
 #include "options.h"
 #include "sources.h"
@@ -173,7 +174,7 @@ int main(int argc, char *argv[])
 		goto out;
 	daemon_log_init(o.foreground, o.debug);
 	if (o.list) {
-		ret = sources_list(&o);
+		ret = list_exports(&o, &args);
 		goto out;
 	}
 	if (o.args->len < 2) {

@@ -200,6 +200,11 @@ gboolean options_check(struct options *o)
 			(char *)o->unknown_long->pdata[0]);
 		return FALSE;
 	}
+	if ((o->list_long || o->list_json) && !o->list) {
+		fprintf(stderr, "nbdfs: %s goes with --list (see nbdfs --help)\n",
+			o->list_json ? "--json" : "--long");
+		return FALSE;
+	}
 	o->timeout = 60;
 	o->io_timeout = 120;
 	o->idle_timeout = 60;
