@@ -36,11 +36,11 @@
  * write() on an O_APPEND descriptor, so lines never interleave. */
 enum log_dest { LOG_DEST_STDERR, LOG_DEST_SYSLOG, LOG_DEST_FILE };
 
-static gboolean log_verbose;            /* -f or -d: info messages on stderr too */
-static gboolean log_debug;              /* -d: every NBD request */
+static gboolean log_verbose; /* -f or -d: info messages on stderr too */
+static gboolean log_debug;   /* -d: every NBD request */
 static enum log_dest log_dest = LOG_DEST_STDERR;
-static int log_fd = -1;                 /* LOG_DEST_FILE: O_APPEND, close-on-exec */
-static gboolean log_started;            /* the mount is ready: destination only */
+static int log_fd = -1;      /* LOG_DEST_FILE: O_APPEND, close-on-exec */
+static gboolean log_started; /* the mount is ready: destination only */
 
 /* One line "TIME nbdfs[PID]: TAGMSG" with the local time to the millisecond;
  * line breaks inside @msg become spaces. */

@@ -26,20 +26,22 @@
 
 /* Transmission flags (NBD protocol "Transmission flags", the core's
  * NBD_FLAG_*), under the keys nbdinfo gives them. */
+/* clang-format off */
 static const struct {
 	guint16 bit;
 	const char *key;
 } json_flags[] = {
-	{1u << 4, "is_rotational"},  /* NBD_FLAG_ROTATIONAL */
-	{1u << 10, "can_cache"},     /* NBD_FLAG_SEND_CACHE */
-	{1u << 7, "can_df"},         /* NBD_FLAG_SEND_DF */
-	{1u << 11, "can_fast_zero"}, /* NBD_FLAG_SEND_FAST_ZERO */
-	{1u << 2, "can_flush"},      /* NBD_FLAG_SEND_FLUSH */
-	{1u << 3, "can_fua"},        /* NBD_FLAG_SEND_FUA */
-	{1u << 8, "can_multi_conn"}, /* NBD_FLAG_CAN_MULTI_CONN */
-	{1u << 5, "can_trim"},       /* NBD_FLAG_SEND_TRIM */
-	{1u << 6, "can_zero"},       /* NBD_FLAG_SEND_WRITE_ZEROES */
+	{1u << 4,  "is_rotational"},  /* NBD_FLAG_ROTATIONAL */
+	{1u << 10, "can_cache"},      /* NBD_FLAG_SEND_CACHE */
+	{1u << 7,  "can_df"},         /* NBD_FLAG_SEND_DF */
+	{1u << 11, "can_fast_zero"},  /* NBD_FLAG_SEND_FAST_ZERO */
+	{1u << 2,  "can_flush"},      /* NBD_FLAG_SEND_FLUSH */
+	{1u << 3,  "can_fua"},        /* NBD_FLAG_SEND_FUA */
+	{1u << 8,  "can_multi_conn"}, /* NBD_FLAG_CAN_MULTI_CONN */
+	{1u << 5,  "can_trim"},       /* NBD_FLAG_SEND_TRIM */
+	{1u << 6,  "can_zero"},       /* NBD_FLAG_SEND_WRITE_ZEROES */
 };
+/* clang-format on */
 
 /* ---- JSON ---------------------------------------------------------------- */
 
@@ -120,9 +122,10 @@ static void json_export(GString *out, const struct nbdc_uri *server, const struc
 	g_string_append(out, !e->has_info ? "null" : e->read_only ? "true" : "false");
 	for (gsize i = 0; i < G_N_ELEMENTS(json_flags); i++) {
 		json_key(out, ",\n\t\t", json_flags[i].key);
-		g_string_append(out, !e->has_info			  ? "null"
-				      : (e->eflags & json_flags[i].bit) ? "true"
-									   : "false");
+		if (!e->has_info)
+			g_string_append(out, "null");
+		else
+			g_string_append(out, (e->eflags & json_flags[i].bit) ? "true" : "false");
 	}
 	json_block_size(out, "block_size_minimum", e->block_min, e->has_info);
 	json_block_size(out, "block_size_preferred", e->block_pref, e->has_info);
@@ -212,7 +215,8 @@ int list_exports(const struct options *o, const struct fuse_args *args)
 			return 2;
 		}
 		if (g_error_matches(err, NBDC_ERROR, NBDC_ERROR_UNSUPPORTED)) {
-			fprintf(stderr, "nbdfs: %s: server too old to list exports: %s\n", arg, why);
+			fprintf(stderr, "nbdfs: %s: server too old to list exports: %s\n", arg,
+				why);
 			return 2;
 		}
 		sources_fail_line(arg, NULL, why);
