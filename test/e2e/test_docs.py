@@ -84,7 +84,7 @@ def test_man_page_has_the_whole_contract(man_text):
     headings = re.findall(r"^([A-Z][A-Z /-]+)$", text, re.M)
     for h in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "THE MOUNT", "PARTITIONS",
               "EXTENDED ATTRIBUTES", "I/O SEMANTICS", "SERVER LOSS", "STOPPING", "EXIT STATUS",
-              "ENVIRONMENT", "FILES", "EXAMPLES", "SEE ALSO"]:
+              "ENVIRONMENT", "FILES", "EXAMPLES", "SEE ALSO", "SCALE"]:
         assert h in headings, f"nbdfs(1) has no {h} section (has {headings})"
     for xattr in ["partition", "start", "sectors", "sector_size", "export", "uri", "type",
                   "uuid", "label", "state", "stats"]:
