@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages nbdfs needs to build, test, benchmark and run
 # its demo.  Does nothing when they are all present; needs root otherwise.
+# python3-docutils: rst2man for the man page; man-db: the test that renders it
+# (man -l); bash-completion: its pkg-config file says where the completion goes.
 set -euo pipefail
 
 pkgs=(
@@ -10,6 +12,7 @@ pkgs=(
 	nbdkit libnbd-bin qemu-utils nbd-server
 	python3 python3-pytest fio attr util-linux
 	e2fsprogs xfsprogs dosfstools mtools fdisk gdisk
+	python3-docutils man-db bash-completion
 )
 
 missing=()

@@ -20,9 +20,11 @@
 
 #include "daemon.h"
 #include "fs/fs.h"
+#include "list.h"
 #include "nbdfs/loop.h"
 #include "options.h"
 #include "sources.h"
+#include "version.h"
 
 /* ---- Phases ------------------------------------------------------------ */
 
@@ -165,7 +167,7 @@ int main(int argc, char *argv[])
 		goto out;
 	}
 	if (o.version) {
-		printf("nbdfs %s\n", PACKAGE_VERSION);
+		version_print(stdout);
 		ret = 0;
 		goto out;
 	}
@@ -173,7 +175,7 @@ int main(int argc, char *argv[])
 		goto out;
 	daemon_log_init(o.foreground, o.debug);
 	if (o.list) {
-		ret = sources_list(&o);
+		ret = list_exports(&o, &args);
 		goto out;
 	}
 	if (o.args->len < 2) {
@@ -182,6 +184,8 @@ int main(int argc, char *argv[])
 					 : "need a source and a mountpoint");
 		goto out;
 	}
+	if (!daemon_log_open(o.log, o.foreground))
+		goto out;
 	mountpoint = check_mountpoint(o.args->pdata[o.args->len - 1]);
 	if (!mountpoint)
 		goto out;
@@ -244,6 +248,7 @@ int main(int argc, char *argv[])
 	g_info("mounted %s", mountpoint);
 
 	ret = serve(se, &oldsigs);
+	daemon_notify_stopping();
 	fuse_session_unmount(se);
 	if (!fs_shutdown(fs))
 		ret = 1;

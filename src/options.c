@@ -67,6 +67,7 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("subtype=%s", subtype, 0),
 	OPT("pidfile=%s", pidfile, 0),
 	OPT("--pidfile=%s", pidfile, 0),
+	OPT("log=%s", log, 0),
 	OPT("--log=%s", log, 0),
 	FUSE_OPT_KEY("split=", KEY_SPLIT),
 	FUSE_OPT_KEY("--split=", KEY_SPLIT),
@@ -200,6 +201,11 @@ gboolean options_check(struct options *o)
 			(char *)o->unknown_long->pdata[0]);
 		return FALSE;
 	}
+	if ((o->list_long || o->list_json) && !o->list) {
+		fprintf(stderr, "nbdfs: %s goes with --list (see nbdfs --help)\n",
+			o->list_json ? "--json" : "--long");
+		return FALSE;
+	}
 	o->timeout = 60;
 	o->io_timeout = 120;
 	o->idle_timeout = 60;
@@ -275,6 +281,8 @@ void options_usage(FILE *f)
 		"  -f, --foreground         stay in the foreground, log to stderr\n"
 		"  -d, --debug              log every NBD request (implies -f)\n"
 		"  --pidfile FILE           write the pid once the mount is ready\n"
+		"  --log=stderr|syslog|FILE where messages go (default: stderr with -f,\n"
+		"                           else syslog); also -o log=...\n"
 		"  -P                       same as -o partitions=auto\n"
 		"  -h, --help  -V, --version\n"
 		"\n"
@@ -284,7 +292,8 @@ void options_usage(FILE *f)
 		"  -o sector_size=512|4096  override the sector size\n"
 		"  -o connections=N         NBD connections per export (multi-conn, 1-16)\n"
 		"  -o timeout=SECS          wait for an unreachable server (default 60);\n"
-		"                           also the bound on stopping\n"
+		"                           also the bound on stopping: in-flight requests\n"
+		"                           and final flushes get at most SECS together\n"
 		"  -o io_timeout=SECS       a sent request unanswered this long means the\n"
 		"                           connection is lost (default 120, 0 = never)\n"
 		"  -o idle_timeout=SECS     close unused connections (default 60, 0 = never)\n"
@@ -296,5 +305,7 @@ void options_usage(FILE *f)
 		"  -o allow_other,uid=N,gid=N,umask=M   the usual FUSE ownership options\n"
 		"  -o fsname=NAME,subtype=TYPE          as in other FUSE filesystems\n"
 		"\n"
-		"Partitions later: setfattr -n user.nbdfs.partition -v auto|none|SECTORS FILE\n");
+		"Partitions later: setfattr -n user.nbdfs.partition -v auto|none|SECTORS FILE\n"
+		"-o options of nbdfs are also long options (-o timeout=5: --timeout=5).\n"
+		"See nbdfs(1).\n");
 }

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* sources.c: SOURCE arguments -> servers -> exports -> devices, and --list.
+/* sources.c: SOURCE arguments -> servers -> exports -> devices, and the
+ * helpers --list (list.c) shares.
  *
  * Every start-up failure is one line "nbdfs: SOURCE: cause" on stderr.
  */
@@ -136,6 +137,23 @@ static void fail_line(const char *source, const char *cause)
 	fail_line_uri(source, NULL, cause);
 }
 
+/* -o tls-psk= or tls-certificates= with no TLS source at all would be
+ * silently ignored: refuse it, naming the first source.  (With a mix of
+ * nbd:// and nbds:// sources the credentials are for the TLS ones.) */
+static gboolean check_tls_options(Sources *s)
+{
+	for (guint i = 0; i < s->servers->len; i++) {
+		struct server *srv = s->servers->pdata[i];
+
+		if (srv->uri->tls)
+			return TRUE;
+	}
+	if (s->servers->len == 0)
+		return TRUE;
+	struct server *first = s->servers->pdata[0];
+	return sources_check_tls_options(s->o, first->arg, first->uri);
+}
+
 Sources *sources_parse(const struct options *o)
 {
 	g_autoptr(Sources) s = g_new0(Sources, 1);
@@ -153,6 +171,8 @@ Sources *sources_parse(const struct options *o)
 		}
 		g_ptr_array_add(s->servers, srv);
 	}
+	if (!check_tls_options(s))
+		return NULL;
 	if (s->servers->len > 0) {
 		struct server *first = s->servers->pdata[0];
 
@@ -251,58 +271,42 @@ void sources_disconnect(Sources *s)
 	}
 }
 
-/* ---- --list ------------------------------------------------------------ */
+/* ---- For --list (list.c) ------------------------------------------------ */
 
-int sources_list(const struct options *o)
+NbdcUri *sources_parse_uri(const char *arg, GError **error)
 {
-	if (o->args->len != 1) {
-		fprintf(stderr, "nbdfs: --list takes exactly one URI\n");
-		return 1;
-	}
-	const char *arg = o->args->pdata[0];
-	g_autoptr(GError) err = NULL;
-	struct server *s = server_parse(arg, &err);
-	if (s == NULL) {
-		fail_line(arg, err->message);
-		return 1;
-	}
-	struct nbdc_config cfg;
-	config_for(&cfg, o, s->uri);
-	g_autoptr(GPtrArray) list = nbdc_list_exports(&cfg, o->list_long, &err);
-	int ret = 0;
-	if (list == NULL) {
-		g_autofree char *display = nbdc_uri_to_display(s->uri);
-		const char *why = strip_prefix(strip_prefix(err->message, arg), display);
+	struct server *s = server_parse(arg, error);
 
-		if (g_error_matches(err, NBDC_ERROR, NBDC_ERROR_POLICY)) {
-			fprintf(stderr, "nbdfs: %s: listing exports refused by policy: %s\n", arg,
-				why);
-			ret = 2;
-		} else if (g_error_matches(err, NBDC_ERROR, NBDC_ERROR_UNSUPPORTED)) {
-			fprintf(stderr, "nbdfs: %s: server too old to list exports: %s\n", arg, why);
-			ret = 2;
-		} else {
-			fail_line(arg, why);
-			ret = 1;
-		}
-		server_free(s);
-		return ret;
-	}
-	for (guint i = 0; i < list->len; i++) {
-		struct nbdc_export *e = list->pdata[i];
-
-		if (!o->list_long) {
-			printf("%s\n", e->name);
-			continue;
-		}
-		if (e->has_info)
-			printf("%s\tsize=%" G_GUINT64_FORMAT "\t%s\tblock=%u/%u/%u\t%s\n", e->name,
-			       e->size, e->read_only ? "ro" : "rw", e->block_min, e->block_pref,
-			       e->block_max, e->description);
-		else
-			printf("%s\tsize=?\t?\tblock=?\t%s\n", e->name, e->description);
-	}
-	fflush(stdout);
+	if (s == NULL)
+		return NULL;
+	NbdcUri *uri = g_steal_pointer(&s->uri);
 	server_free(s);
-	return 0;
+	return uri;
+}
+
+gboolean sources_check_tls_options(const struct options *o, const char *arg,
+				   const struct nbdc_uri *uri)
+{
+	const char *opt = o->tls_psk ? "tls-psk" : o->tls_certificates ? "tls-certificates" : NULL;
+
+	if (opt == NULL || uri->tls)
+		return TRUE;
+	fprintf(stderr, "nbdfs: %s: %s= needs a TLS URI (nbds:// or nbds+unix://)\n", arg, opt);
+	return FALSE;
+}
+
+void sources_config_for(struct nbdc_config *cfg, const struct options *o,
+			const struct nbdc_uri *uri)
+{
+	config_for(cfg, o, uri);
+}
+
+void sources_fail_line(const char *source, const struct nbdc_uri *uri, const char *cause)
+{
+	fail_line_uri(source, uri, cause);
+}
+
+const char *sources_strip_prefix(const char *cause, const char *prefix)
+{
+	return strip_prefix(cause, prefix);
 }
