@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <syslog.h>
 #include <unistd.h>
@@ -412,4 +413,17 @@ void daemon_tune_mount(const char *mountpoint)
 	g_autoptr(GError) err = NULL;
 	if (!g_file_set_contents_full(path, "8192\n", -1, G_FILE_SET_CONTENTS_NONE, 0644, &err))
 		g_debug("readahead: %s", err->message);
+}
+
+void daemon_raise_nofile(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= rl.rlim_max)
+		return;
+	rlim_t was = rl.rlim_cur;
+	rl.rlim_cur = rl.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+		g_debug("open file limit raised from %llu to %llu", (unsigned long long)was,
+			(unsigned long long)rl.rlim_max);
 }

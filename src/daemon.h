@@ -47,5 +47,9 @@ void daemon_notify_stopping(void);
 /* Removes the pid file at exit (NULL is a no-op). */
 void daemon_remove_pidfile(const char *pidfile);
 
+/* Raises the soft limit on open files to the hard limit (each export's
+ * connection is a file).  Logs (debug) what it got. */
+void daemon_raise_nofile(void);
+
 /* Raises the mount's read-ahead (bdi read_ahead_kb) where we may (root). */
 void daemon_tune_mount(const char *mountpoint);

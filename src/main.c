@@ -219,6 +219,7 @@ int main(int argc, char *argv[])
 	if (!o.foreground && !daemon_fork())
 		goto out;
 
+	daemon_raise_nofile();
 	loops = loop_set_new(0, 0, &err);
 	if (!loops) {
 		fprintf(stderr, "nbdfs: %s\n", err->message);

@@ -30,6 +30,7 @@ struct export_src {
 
 struct sources {
 	const struct options *o; /* borrowed */
+	LoopSet *loops;          /* borrowed: the daemon's */
 	GPtrArray *servers;      /* struct server * */
 	GPtrArray *exports;      /* struct export_src * */
 	char *display;
@@ -196,67 +197,114 @@ const char *sources_display_name(Sources *s)
 	return s->display ? s->display : "nbdfs";
 }
 
+/* The handshake bound: the timeout (connecting to a server that answers
+ * nothing must not outlast the requests waiting for it), 30 s without one. */
+static guint handshake_ms(const struct options *o)
+{
+	return o->timeout ? MIN(o->timeout, 3600u) * 1000 : 30000;
+}
+
+/* Makes the device of export @e of @srv (lazily when the probe described
+ * it, else by connecting now) and adds it to @fs.  FALSE + @error. */
+static gboolean add_export(Sources *s, struct server *srv, const struct nbdc_export *e, Fs *fs,
+			   GError **error)
+{
+	const struct options *o = s->o;
+	struct export_src *x = g_new0(struct export_src, 1);
+
+	x->srv = srv;
+	x->export_name = g_strdup(e->name);
+	x->display = display_for(srv->uri, x->export_name);
+	x->label = o->all_exports ? g_strdup(x->display) : g_strdup(srv->arg);
+	config_for(&x->cfg, o, srv->uri);
+	x->cfg.export_name = x->export_name;
+	x->cfg.loops = s->loops;
+	x->cfg.handshake_timeout_ms = handshake_ms(o);
+	g_ptr_array_add(s->exports, x);
+
+	struct blockdev_nbd_opts bopts = {
+		.sector_size = o->sector_size,
+		.timeout_s = o->timeout,
+		.io_timeout_s = o->io_timeout,
+		.idle_timeout_s = o->idle_timeout,
+		.read_only = o->read_only,
+		.uri = x->display,
+	};
+	/* Without INFO the server must be asked by connecting; and some servers
+	 * (nbd-server) answer INFO with size 0 for an export they have not
+	 * opened: a size 0 is checked the same way. */
+	if (e->has_info && e->size > 0)
+		x->dev = blockdev_nbd_open(&x->cfg, &bopts, e, error);
+	else
+		x->dev = blockdev_nbd_new(&x->cfg, &bopts, error);
+	if (!x->dev)
+		return FALSE;
+	const char *name = (!o->all_exports && srv->name) ? srv->name : x->export_name;
+	return fs_add_export(fs, name, x->label, x->dev, error);
+}
+
+/* Learns the exports of @srv (its one export, or with -a all it lists). */
+static GPtrArray *probe_server(Sources *s, struct server *srv, GError **error)
+{
+	const struct options *o = s->o;
+	struct nbdc_config cfg;
+	const char *name = srv->uri->export_name;
+
+	config_for(&cfg, o, srv->uri);
+	cfg.loops = s->loops;
+	cfg.handshake_timeout_ms = handshake_ms(o);
+	return nbdc_probe_exports(&cfg, &name, 1, o->all_exports, 0, error);
+}
+
 gboolean sources_connect(Sources *s, LoopSet *loops, Fs *fs)
 {
 	const struct options *o = s->o;
+	guint shown = 0;
 
-	(void)loops;
+	s->loops = loops;
 	for (guint i = 0; i < s->servers->len; i++) {
 		struct server *srv = s->servers->pdata[i];
-		g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+		g_autoptr(GError) err = NULL;
+		g_autoptr(GPtrArray) found = probe_server(s, srv, &err);
 
-		if (o->all_exports) {
-			struct nbdc_config lcfg;
-			g_autoptr(GError) err = NULL;
+		if (!found) {
+			fail_line_uri(srv->arg, srv->uri, err->message);
+			return FALSE;
+		}
+		if (o->all_exports && found->len == 0)
+			g_warning("%s: the server lists no exports", srv->arg);
+		for (guint j = 0; j < found->len; j++) {
+			struct nbdc_export *e = found->pdata[j];
+			g_autoptr(GError) e_err = NULL;
 
-			config_for(&lcfg, o, srv->uri);
-			g_autoptr(GPtrArray) list = nbdc_list_exports(&lcfg, FALSE, &err);
-			if (list == NULL) {
-				fail_line_uri(srv->arg, srv->uri, err->message);
+			/* The server cannot describe it without a connection:
+			 * connect to it now (old servers, oldstyle). */
+			if (!e->has_info && e->error &&
+			    !g_error_matches(e->error, NBDC_ERROR, NBDC_ERROR_UNSUPPORTED))
+				e_err = g_error_copy(e->error);
+			if (!e_err && add_export(s, srv, e, fs, &e_err)) {
+				shown++;
+				continue;
+			}
+			if (g_error_matches(e_err, FS_ERROR, FS_ERROR_NAME_CLASH) || !o->all_exports) {
+				struct export_src *x = s->exports->len ? g_ptr_array_index(
+									  s->exports, s->exports->len - 1)
+								      : NULL;
+				const char *label = x && x->srv == srv ? x->label : srv->arg;
+
+				fail_line_uri(label, srv->uri, e_err->message);
 				return FALSE;
 			}
-			for (guint j = 0; j < list->len; j++) {
-				struct nbdc_export *e = list->pdata[j];
-
-				g_ptr_array_add(names, g_strdup(e->name));
-			}
-			if (list->len == 0)
-				g_warning("%s: the server lists no exports", srv->arg);
-		} else {
-			g_ptr_array_add(names, g_strdup(srv->uri->export_name));
-		}
-		for (guint j = 0; j < names->len; j++) {
-			struct export_src *e = g_new0(struct export_src, 1);
-
-			e->srv = srv;
-			e->export_name = g_strdup(names->pdata[j]);
-			e->display = display_for(srv->uri, e->export_name);
-			e->label = o->all_exports ? g_strdup(e->display) : g_strdup(srv->arg);
-			config_for(&e->cfg, o, srv->uri);
-			e->cfg.export_name = e->export_name;
-			g_ptr_array_add(s->exports, e);
+			/* -a goes on: one export that cannot be opened is skipped. */
+			g_autofree char *display = display_for(srv->uri, e->name);
+			g_warning("%s: skipped: %s", display,
+				  strip_prefix(strip_prefix(e_err->message, display), srv->arg));
 		}
 	}
-	for (guint i = 0; i < s->exports->len; i++) {
-		struct export_src *e = s->exports->pdata[i];
-		struct blockdev_nbd_opts bopts = {
-			.sector_size = o->sector_size,
-			.timeout_s = o->timeout,
-			.read_only = o->read_only,
-			.uri = e->display,
-		};
-		g_autoptr(GError) err = NULL;
-
-		e->dev = blockdev_nbd_new(&e->cfg, &bopts, &err);
-		if (e->dev == NULL) {
-			fail_line_uri(e->label, e->srv->uri, strip_prefix(err->message, e->display));
-			return FALSE;
-		}
-		const char *name = (!o->all_exports && e->srv->name) ? e->srv->name : e->export_name;
-		if (!fs_add_export(fs, name, e->label, e->dev, &err)) {
-			fail_line(e->label, err->message);
-			return FALSE;
-		}
+	if (shown == 0 && o->all_exports) {
+		fprintf(stderr, "nbdfs: %s: no export could be shown\n",
+			s->servers->len ? ((struct server *)s->servers->pdata[0])->arg : "");
+		return FALSE;
 	}
 	return TRUE;
 }

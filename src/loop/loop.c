@@ -48,6 +48,7 @@ struct loop {
 	/* Timers: a binary min-heap of struct loop_timer * by @when (1-based). */
 	struct loop_timer **heap;
 	guint heap_len, heap_cap;
+	gint64 timers_now;            /* while running timers: their "now" */
 
 	/* Posted tasks (any thread). */
 	GMutex tasks_lock;
@@ -125,6 +126,10 @@ void loop_timer_start(Loop *loop, struct loop_timer *t, gint64 when, loop_fn fn,
 	g_assert(loop_is_current(loop) || loop->thread == NULL);
 	if (t->loop)
 		loop_timer_stop(t);
+	/* A timer (re)armed for the past while timers run fires next turn, not
+	 * in this one: a callback that re-arms itself cannot spin the loop. */
+	if (loop->timers_now && when <= loop->timers_now)
+		when = loop->timers_now + 1;
 	t->loop = loop;
 	t->when = when;
 	t->fn = fn;
@@ -157,6 +162,7 @@ static void run_timers(Loop *l)
 		return;
 	gint64 now = g_get_monotonic_time();
 
+	l->timers_now = now;
 	while (l->heap_len > 0 && l->heap[1]->when <= now) {
 		struct loop_timer *t = l->heap[1];
 
@@ -165,6 +171,7 @@ static void run_timers(Loop *l)
 		t->index = 0;
 		t->fn(t->opaque);
 	}
+	l->timers_now = 0;
 }
 
 /* The epoll timeout in ms until the nearest timer (-1: none). */

@@ -363,7 +363,8 @@ struct nbdc {
 	gboolean ever_ready;
 	/* the replay log */
 	struct nbdc_log_entry *log_head, *log_tail;
-	guint64 log_bytes, log_seq;
+	guint64 log_bytes, log_seq;     /* payload bytes held; last sequence given */
+	guint log_entries;
 	gboolean log_flushing, replaying;
 	gboolean replay_owed;          /* this outage's replay is still to do */
 	struct nbdc_log_entry *replay_cursor; /* next entry to write again */
@@ -396,6 +397,41 @@ struct nbdc {
 
 /* nbdc.c: frees the cache of finished ops (the handle is going). */
 void nbdc_op_cache_free(Nbdc *c);
+
+/* ---- inside the handle (export.c, replay.c, recover.c) ---- */
+
+#define NBDC_BACKOFF_MIN_US (50 * 1000)
+#define NBDC_BACKOFF_MAX_US (2 * G_USEC_PER_SEC)
+#define NBDC_LOG_FLUSH_AT (32u * 1024 * 1024) /* unflushed bytes held: an early flush */
+#define NBDC_LOG_FLUSH_ENTRIES 65536u          /* ... or that many entries */
+#define NBDC_LOG_MAX (96u * 1024 * 1024)      /* ... and new writes wait */
+#define NBDC_GONE_WAIT_US (5 * G_USEC_PER_SEC) /* teardown waits for connections */
+
+/* export.c */
+void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
+/* Under c->lock: parks @req until a connection is ready. */
+void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
+gboolean nbdc_conn_usable(const struct nbdc_conn *conn);
+gboolean nbdc_has_usable_locked(const Nbdc *c);
+/* Finishes @req (no lock held); the _all form a list linked by next. */
+void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
+void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err);
+/* Nothing is in flight any more. */
+void nbdc_export_idle_now(Nbdc *c);
+
+/* replay.c (under c->lock unless said) */
+void nbdc_log_free_all(Nbdc *c);
+void nbdc_log_append(Nbdc *c, struct nbdc_log_entry *e);
+void nbdc_log_trim(Nbdc *c, guint64 seq);
+void nbdc_log_lose(Nbdc *c, const char *why);
+/* An early flush to submit after unlocking, or NULL when one runs. */
+struct nbdc_req *nbdc_early_flush_locked(Nbdc *c);
+/* Home loop, no lock: writes the log again; TRUE while not finished. */
+gboolean nbdc_replay_step(Nbdc *c);
+
+/* recover.c */
+/* Asks the home loop to look at the export (any thread, coalesced). */
+void nbdc_export_kick(Nbdc *c);
 
 /* export.c */
 Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **error);

@@ -11,7 +11,9 @@ import subprocess
 
 import pytest
 
-from nbdfs_e2e import build_path, run, top
+from nbdfs_test import build as top
+from nbdfs_test.build import build_path
+from nbdfs_test.polling import run
 
 SRC = top.SRC_DIR
 

@@ -12,7 +12,8 @@ import urllib.parse
 
 import pytest
 
-from nbdfs_e2e import is_mounted, run
+from nbdfs_test.mounts import is_mounted
+from nbdfs_test.polling import run
 
 # An nbdkit sh plugin with three exports that differ in everything --list shows.
 SERVER_SCRIPT = r"""#!/usr/bin/env bash

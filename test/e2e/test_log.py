@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from nbdfs_e2e import is_mounted, wait_for
+from nbdfs_test.mounts import is_mounted
+from nbdfs_test.polling import wait_for
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d nbdfs\[(\d+)\]: (.*)$")
 

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from nbdfs_e2e import is_mounted, run
+from nbdfs_test.mounts import is_mounted
+from nbdfs_test.polling import run
 
 NUMERIC = {
     # option: (bad values, good edge values)

@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from nbdfs_e2e import is_mounted, kill_and_wait
+from nbdfs_test.mounts import is_mounted
+from nbdfs_test.polling import kill_and_wait
 
 
 class NotifySocket:

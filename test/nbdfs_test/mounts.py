@@ -59,8 +59,10 @@ def find_daemon_pids(binary, mnt):
             continue
         if os.path.basename(argv[0]) != os.path.basename(binary):
             continue
-        if any(os.path.realpath(a) == mnt for a in argv[1:] if a.startswith("/") or a.startswith(".")) \
-                or mnt in argv:
+        # Absolute arguments are compared as strings: resolving another
+        # daemon's paths could hang on its mount if that one is stuck.
+        if mnt in argv or any(os.path.normpath(a) == mnt for a in argv[1:] if a.startswith("/")) \
+                or any(os.path.realpath(a) == mnt for a in argv[1:] if a.startswith(".")):
             pids.append(int(d))
     return pids
 
