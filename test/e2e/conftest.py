@@ -16,6 +16,7 @@ server directly, nbdkit's log filter records what nbdfs sent, and `nbdkit -v`
 says whether a client disconnected with NBD_CMD_DISC.
 """
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -188,7 +189,8 @@ def server(e2e_stack, tmp_path):
 @pytest.fixture
 def mount(e2e_stack, nbdfs_bin, tmp_path):
     """Factory: mount(*sources, opts=[...], mnt=None, foreground=False, pidfile=True,
-    check=True, env=None, timeout=60) runs `nbdfs [opts] [--pidfile F] SOURCES MNT`.
+    check=True, env=None, timeout=60, nofile=None) runs `nbdfs [opts] [--pidfile F]
+    SOURCES MNT` (nofile=N: under an open-file limit of N, as `ulimit -n N`).
 
     Background (default): nbdfs must return once the mount is ready; with check
     (default) the test fails unless it exits 0 and MNT is a mount point.
@@ -201,7 +203,7 @@ def mount(e2e_stack, nbdfs_bin, tmp_path):
     n = [0]
 
     def do_mount(*sources, opts=(), mnt=None, foreground=False, pidfile=True, check=True,
-                 env=None, timeout=60):
+                 env=None, timeout=60, nofile=None):
         i = n[0]
         n[0] += 1
         if mnt is None:
@@ -218,10 +220,15 @@ def mount(e2e_stack, nbdfs_bin, tmp_path):
         cmd += [str(s) for s in sources] + [mnt]
         m = Mount(do_mount, mnt, cmd, errpath)
         e2e_stack.push(f"nbdfs mount {mnt}", lambda: cleanup_mount(e2e_stack, m, nbdfs_bin))
+
+        def limits():
+            # nofile=N: the daemon starts as under `ulimit -n N` (soft and hard)
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         with open(errpath, "wb") as errf:
             if foreground:
                 m.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf,
-                                          env=env)
+                                          env=env, preexec_fn=limits)
                 m.pid = m.proc.pid
 
                 def up():
@@ -241,7 +248,7 @@ def mount(e2e_stack, nbdfs_bin, tmp_path):
                 # stdout/stderr go to a file, not a pipe: a daemon that kept them
                 # open would otherwise make us wait for it to exit.
                 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf,
-                                     env=env)
+                                     env=env, preexec_fn=limits)
                 try:
                     m.rc = p.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
