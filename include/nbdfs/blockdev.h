@@ -1,5 +1,6 @@
-/* blockdev.h: one block-device interface for NBD exports, partitions and
- * in-memory devices (the C form of Mirage_block.S), plus byte I/O on top.
+/* blockdev.h: one block-device interface for NBD exports, windows of them
+ * (partitions, splits) and in-memory devices (the C form of Mirage_block.S),
+ * plus byte I/O on top.
  *
  * A Blockdev is reference counted.  Requests are in whole sectors; the
  * device's last sector may be partial (an export whose size is not a multiple
@@ -129,6 +130,27 @@ const char *blockdev_conn_state_name(enum blockdev_conn_state state);
 int blockdev_read_sync(Blockdev *dev, uint64_t sector, void *buf, size_t len);
 int blockdev_write_sync(Blockdev *dev, uint64_t sector, const void *buf, size_t len, uint32_t flags);
 int blockdev_flush_sync(Blockdev *dev);
+
+/* ---- Windows (window.c) --------------------------------------------------
+ * A window is [start, start+sectors) of its parent, itself a Blockdev: it
+ * holds a reference on its parent, adds its start to every request and
+ * bounds-checks it (-EINVAL, never a wrong sector).  Windows nest; info.offset
+ * is absolute however deep.  A partition of a disk is a window (the table
+ * reader, partition.h, only says where they are). */
+
+/* A window of @sectors sectors from @start of @parent.  The window's size in
+ * bytes is clipped to the parent's size (so a window over a partial last
+ * sector is partial too).  Returns a new device (caller unrefs) or NULL with
+ * BLOCKDEV_ERROR_RANGE (checked arithmetic: start + sectors must not overflow
+ * or pass the parent's end). */
+Blockdev *blockdev_window_new(Blockdev *parent, uint64_t start, uint64_t sectors, GError **error);
+
+/* Splits @dev after @first_sectors sectors (the seed's connect/subpartition):
+ * *first = [0, first_sectors), *rest = [first_sectors, end), either possibly
+ * empty.  @first_sectors past the end fails with BLOCKDEV_ERROR_RANGE.  On
+ * success the caller owns both (unref). */
+gboolean blockdev_split(Blockdev *dev, uint64_t first_sectors, Blockdev **first, Blockdev **rest,
+			GError **error);
 
 /* An in-memory device of @size bytes (zero-filled), for tests.  @data (may
  * be NULL) is copied in, at most @size bytes of it.  Supports every op,

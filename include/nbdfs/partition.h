@@ -1,11 +1,9 @@
-/* partition.h: partitions of a Blockdev (the C form of mirage-block-partition)
- * and the MBR/GPT table reader.
+/* partition.h: the MBR/GPT partition table reader.
  *
- * A partition is a window [start, start+sectors) of its parent, itself a
- * Blockdev: it holds a reference on its parent, adds its offset to every
- * request and bounds-checks it (-EINVAL, never a wrong sector).  Windows
- * nest.  Partition code only knows the Blockdev interface, so it works on an
- * export, inside a partition, or on an in-memory device.
+ * It reads a Blockdev through the Blockdev interface only, so it works on an
+ * export, inside a partition, or on an in-memory device.  It only says where
+ * the partitions are; a partition itself is a window of the device
+ * (blockdev_window_new() in blockdev.h).
  *
  * Setup errors are GError in the PART_ERROR domain, "context: what: why".
  */
@@ -22,26 +20,9 @@ G_BEGIN_DECLS
 GQuark part_error_quark(void);
 
 typedef enum {
-	PART_ERROR_RANGE,      /* a split or window beyond the end of its parent */
 	PART_ERROR_NO_TABLE,   /* no valid MBR or GPT in the device */
 	PART_ERROR_IO,         /* reading the table failed */
 } PartError;
-
-/* A window of @sectors sectors from @start of @parent.  The window's size in
- * bytes is clipped to the parent's size (so a window over a partial last
- * sector is partial too).  Returns a new device (caller unrefs) or NULL with
- * PART_ERROR_RANGE (checked arithmetic: start + sectors must not overflow or
- * pass the parent's end). */
-Blockdev *part_window_new(Blockdev *parent, uint64_t start, uint64_t sectors, GError **error);
-
-/* Splits @dev after @first_sectors sectors (the seed's connect/subpartition):
- * *first = [0, first_sectors), *rest = [first_sectors, end), either possibly
- * empty.  @first_sectors past the end fails with PART_ERROR_RANGE.  On success
- * the caller owns both (unref). */
-gboolean part_split(Blockdev *dev, uint64_t first_sectors, Blockdev **first, Blockdev **rest,
-		    GError **error);
-
-/* ---- Partition tables ---------------------------------------------------- */
 
 enum part_table_kind { PART_TABLE_NONE, PART_TABLE_MBR, PART_TABLE_GPT };
 

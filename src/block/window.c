@@ -1,5 +1,5 @@
-/* window.c: partitions as windows of a parent Blockdev (part_window_new,
- * part_split).
+/* window.c: windows of a parent Blockdev (blockdev_window_new,
+ * blockdev_split): what a partition or a split is.
  *
  * A window holds a reference on its parent and forwards every request with
  * its start added, after the base layer bounds-checked it against the window
@@ -12,7 +12,6 @@
 
 #include <errno.h>
 
-#include "nbdfs/partition.h"
 #include "blockdev-impl.h"
 
 struct window {
@@ -135,7 +134,7 @@ static const struct blockdev_ops window_ops = {
 	.destroy = win_destroy,
 };
 
-Blockdev *part_window_new(Blockdev *parent, uint64_t start, uint64_t sectors, GError **error)
+Blockdev *blockdev_window_new(Blockdev *parent, uint64_t start, uint64_t sectors, GError **error)
 {
 	const struct blockdev_info *pi;
 	struct window *w;
@@ -144,7 +143,7 @@ Blockdev *part_window_new(Blockdev *parent, uint64_t start, uint64_t sectors, GE
 	g_return_val_if_fail(parent != NULL, NULL);
 	pi = &parent->info;
 	if (!g_uint64_checked_add(&end, start, sectors) || end > parent->addr_sectors) {
-		g_set_error(error, PART_ERROR, PART_ERROR_RANGE,
+		g_set_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE,
 			    "partition: window at sector %" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT
 			    " sectors: beyond the end of the device (%" G_GUINT64_FORMAT " sectors)",
 			    start, sectors, parent->addr_sectors);
@@ -170,22 +169,22 @@ Blockdev *part_window_new(Blockdev *parent, uint64_t start, uint64_t sectors, GE
 	return &w->base;
 }
 
-gboolean part_split(Blockdev *dev, uint64_t first_sectors, Blockdev **first, Blockdev **rest,
-		    GError **error)
+gboolean blockdev_split(Blockdev *dev, uint64_t first_sectors, Blockdev **first, Blockdev **rest,
+			GError **error)
 {
 	Blockdev *a, *b;
 
 	g_return_val_if_fail(dev && first && rest, FALSE);
 	if (first_sectors > dev->addr_sectors) {
-		g_set_error(error, PART_ERROR, PART_ERROR_RANGE,
+		g_set_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE,
 			    "split: %" G_GUINT64_FORMAT " sectors: beyond the end of the device (%"
 			    G_GUINT64_FORMAT " sectors)", first_sectors, dev->addr_sectors);
 		return FALSE;
 	}
-	a = part_window_new(dev, 0, first_sectors, error);
+	a = blockdev_window_new(dev, 0, first_sectors, error);
 	if (!a)
 		return FALSE;
-	b = part_window_new(dev, first_sectors, dev->addr_sectors - first_sectors, error);
+	b = blockdev_window_new(dev, first_sectors, dev->addr_sectors - first_sectors, error);
 	if (!b) {
 		blockdev_unref(a);
 		return FALSE;

@@ -356,7 +356,7 @@ static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value,
 		for (guint i = 0; i < table->entries->len; i++) {
 			struct part_entry *e = table->entries->pdata[i];
 			g_autoptr(GError) werr = NULL;
-			Blockdev *d = part_window_new(node->dev, e->start, e->sectors, &werr);
+			Blockdev *d = blockdev_window_new(node->dev, e->start, e->sectors, &werr);
 			if (d == NULL) {
 				g_warning("%s: partition %u refused: %s", node->name, e->number,
 					  werr->message);
@@ -369,7 +369,7 @@ static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value,
 	} else if (parse_sectors(v, &split)) {
 		g_autoptr(GError) err = NULL;
 		Blockdev *first = NULL, *rest = NULL;
-		if (!part_split(node->dev, split, &first, &rest, &err)) {
+		if (!blockdev_split(node->dev, split, &first, &rest, &err)) {
 			g_set_error(error, FS_ERROR, FS_ERROR_INVALID, "%s: split at %" G_GUINT64_FORMAT
 				    " sectors: %s", node->name, split, err->message);
 			return FALSE;

@@ -8,6 +8,10 @@
 #include "ondisk.h"
 #include "part-private.h"
 
+/* clang-format off */
+G_DEFINE_QUARK(nbdfs-part-error-quark, part_error)
+/* clang-format on */
+
 const char *part_table_kind_name(enum part_table_kind kind)
 {
 	switch (kind) {

@@ -109,7 +109,7 @@ int part_fuzz_one(const uint8_t *data, size_t size)
 			check(strlen(e->type_guid) == 36 && strlen(e->uuid) == 36, "GPT GUIDs");
 		}
 		/* Every accepted entry must make a window of its parent. */
-		w = part_window_new(dev, e->start, e->sectors, &error);
+		w = blockdev_window_new(dev, e->start, e->sectors, &error);
 		check(w != NULL, "window of an entry");
 	}
 	return 0;

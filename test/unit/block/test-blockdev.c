@@ -6,7 +6,6 @@
 #include <string.h>
 
 #include "nbdfs/blockdev.h"
-#include "nbdfs/partition.h"
 #include "blockdev-impl.h"
 
 static void fill_pattern(uint8_t *p, size_t n, uint32_t seed)
@@ -211,7 +210,7 @@ static void test_window_split(gconstpointer data)
 	dev = blockdev_mem_new(ss, size, init, size, FALSE);
 
 	/* Split at 0: empty first half, everything in the second. */
-	g_assert_true(part_split(dev, 0, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 0, &a, &b, &error));
 	g_assert_no_error(error);
 	blockdev_get_info(a, &info);
 	g_assert_cmpuint(info.size, ==, 0);
@@ -229,7 +228,7 @@ static void test_window_split(gconstpointer data)
 	blockdev_unref(b);
 
 	/* Split at the end: empty rest. */
-	g_assert_true(part_split(dev, 16, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 16, &a, &b, &error));
 	blockdev_get_info(a, &info);
 	g_assert_cmpuint(info.size, ==, size);
 	blockdev_get_info(b, &info);
@@ -241,23 +240,23 @@ static void test_window_split(gconstpointer data)
 
 	/* Beyond the end. */
 	a = b = NULL;
-	g_assert_false(part_split(dev, 17, &a, &b, &error));
-	g_assert_error(error, PART_ERROR, PART_ERROR_RANGE);
+	g_assert_false(blockdev_split(dev, 17, &a, &b, &error));
+	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE);
 	g_assert_null(a);
 	g_assert_null(b);
 	g_clear_error(&error);
-	g_assert_null(part_window_new(dev, 10, 7, &error));
-	g_assert_error(error, PART_ERROR, PART_ERROR_RANGE);
+	g_assert_null(blockdev_window_new(dev, 10, 7, &error));
+	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE);
 	g_clear_error(&error);
-	g_assert_null(part_window_new(dev, G_MAXUINT64, 2, &error));
-	g_assert_error(error, PART_ERROR, PART_ERROR_RANGE);
+	g_assert_null(blockdev_window_new(dev, G_MAXUINT64, 2, &error));
+	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE);
 	g_clear_error(&error);
-	g_assert_null(part_window_new(dev, 17, 0, &error));
-	g_assert_error(error, PART_ERROR, PART_ERROR_RANGE);
+	g_assert_null(blockdev_window_new(dev, 17, 0, &error));
+	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE);
 	g_clear_error(&error);
 
 	/* Split in the middle, then nest. */
-	g_assert_true(part_split(dev, 5, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 5, &a, &b, &error));
 	blockdev_get_info(b, &info);
 	g_assert_cmpuint(info.offset, ==, 5);
 	g_assert_cmpuint(info.sectors, ==, 11);
@@ -266,11 +265,11 @@ static void test_window_split(gconstpointer data)
 	g_assert_cmpint(blockdev_read_sync(b, 10, buf, 2 * ss), ==, -EINVAL);
 	g_assert_cmpint(blockdev_read_sync(a, 4, buf, 2 * ss), ==, -EINVAL);
 	{
-		g_autoptr(Blockdev) c = part_window_new(b, 3, 6, &error);
+		g_autoptr(Blockdev) c = blockdev_window_new(b, 3, 6, &error);
 		g_autoptr(Blockdev) d = NULL;
 
 		g_assert_nonnull(c);
-		d = part_window_new(c, 2, 4, &error);
+		d = blockdev_window_new(c, 2, 4, &error);
 		g_assert_nonnull(d);
 		blockdev_get_info(d, &info);
 		g_assert_cmpuint(info.offset, ==, 10);
@@ -281,7 +280,7 @@ static void test_window_split(gconstpointer data)
 		g_assert_cmpint(blockdev_read_sync(d, 0, buf, 4 * ss), ==, 0);
 		g_assert_cmpmem(buf, 4 * ss, init + 10 * ss, 4 * ss);
 		g_assert_cmpint(blockdev_read_sync(d, 1, buf, 4 * ss), ==, -EINVAL);
-		g_assert_null(part_window_new(c, 2, 5, &error));
+		g_assert_null(blockdev_window_new(c, 2, 5, &error));
 		g_clear_error(&error);
 		/* A write through the innermost window lands at sector 12. */
 		memset(buf, 0x77, ss);
@@ -317,7 +316,7 @@ static void test_window_partial(gconstpointer data)
 	struct blockdev_info info;
 	struct bs_result r;
 
-	g_assert_true(part_split(dev, 3, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 3, &a, &b, &error));
 	blockdev_get_info(b, &info);
 	g_assert_cmpuint(info.size, ==, ss + 1);
 	g_assert_cmpuint(info.sectors, ==, 1);
@@ -339,9 +338,9 @@ static void test_window_partial(gconstpointer data)
 	blockdev_unref(a);
 	blockdev_unref(b);
 
-	/* A window wholly inside the partial sector split off by part_split
+	/* A window wholly inside the partial sector split off by blockdev_split
 	 * at the number of whole sectors. */
-	g_assert_true(part_split(dev, 4, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 4, &a, &b, &error));
 	blockdev_get_info(b, &info);
 	g_assert_cmpuint(info.size, ==, 1);
 	g_assert_cmpuint(info.sectors, ==, 0);
@@ -349,7 +348,7 @@ static void test_window_partial(gconstpointer data)
 	g_assert_cmpint(blockdev_pread_bytes_sync(b, buf, 100, 0), ==, 1);
 	blockdev_unref(a);
 	blockdev_unref(b);
-	g_assert_true(part_split(dev, 5, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 5, &a, &b, &error));
 	blockdev_get_info(b, &info);
 	g_assert_cmpuint(info.size, ==, 0);
 	blockdev_unref(a);
@@ -363,8 +362,8 @@ static void test_window_block_status(void)
 {
 	g_autoptr(Blockdev) dev = blockdev_mem_new(512, 64 * 512, NULL, 0, FALSE);
 	g_autoptr(GError) error = NULL;
-	g_autoptr(Blockdev) w = part_window_new(dev, 10, 20, &error);
-	g_autoptr(Blockdev) ww = part_window_new(w, 5, 10, &error);
+	g_autoptr(Blockdev) w = blockdev_window_new(dev, 10, 20, &error);
+	g_autoptr(Blockdev) ww = blockdev_window_new(w, 5, 10, &error);
 	struct bs_result r;
 
 	r = block_status(ww, 2, 3);

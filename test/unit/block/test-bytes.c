@@ -7,7 +7,6 @@
 #include <string.h>
 
 #include "nbdfs/blockdev.h"
-#include "nbdfs/partition.h"
 #include "blockdev-impl.h"
 
 static void fill_random(GRand *r, uint8_t *p, size_t n)
@@ -89,7 +88,7 @@ static void test_bytes_combos(gconstpointer data)
 		blockdev_mem_set_max_request(dev, 2 * ss);
 		check_combos(dev, model, 0, size, ss, r);
 		/* Through a window starting at sector 1 running to the end. */
-		w = part_window_new(dev, 1, dev->addr_sectors - 1, &error);
+		w = blockdev_window_new(dev, 1, dev->addr_sectors - 1, &error);
 		g_assert_no_error(error);
 		blockdev_get_info(w, &info);
 		g_assert_cmpuint(info.size, ==, size - ss);
@@ -146,7 +145,7 @@ static void test_bytes_zero(gconstpointer data)
 	g_autoptr(Blockdev) dev = blockdev_mem_new(ss, size, NULL, 0, FALSE);
 	g_autofree uint8_t *model = g_malloc(size);
 	g_autoptr(GError) error = NULL;
-	g_autoptr(Blockdev) w = part_window_new(dev, 2, 8, &error);
+	g_autoptr(Blockdev) w = blockdev_window_new(dev, 2, 8, &error);
 
 	for (size_t i = 0; i < G_N_ELEMENTS(offs); i++) {
 		for (size_t j = 0; j < G_N_ELEMENTS(lens); j++) {
@@ -278,7 +277,7 @@ static void test_concurrency(gconstpointer data)
 	blockdev_mem_set_max_request(c.dev, 2 * ss);
 	blockdev_mem_set_delay(c.dev, 20);
 	half_sectors = 11;
-	g_assert_true(part_split(c.dev, half_sectors, &c.win[0], &c.win[1], &error));
+	g_assert_true(blockdev_split(c.dev, half_sectors, &c.win[0], &c.win[1], &error));
 	c.win_start[0] = 0;
 	c.win_size[0] = half_sectors * ss;
 	c.win_start[1] = half_sectors * ss;

@@ -10,7 +10,6 @@
 
 #include "nbdfs/blockdev-nbd.h"
 #include "nbdfs/loop.h"
-#include "nbdfs/partition.h"
 
 #define DEADLINE_US (30 * G_USEC_PER_SEC)
 
@@ -136,7 +135,7 @@ static void test_nbd_basic(void)
 	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, wbuf, 3000, 1024 * 1024, 0), ==, -ENOSPC);
 
 	/* Through a partition. */
-	g_assert_true(part_split(dev, 100, &a, &b, &error));
+	g_assert_true(blockdev_split(dev, 100, &a, &b, &error));
 	g_assert_cmpint(blockdev_pwrite_bytes_sync(b, wbuf, 700, 50, 0), ==, 700);
 	g_assert_cmpint(blockdev_pread_bytes_sync(dev, rbuf, 700, 100 * 512 + 50), ==, 700);
 	g_assert_cmpmem(rbuf, 700, wbuf, 700);
@@ -385,7 +384,7 @@ static void test_nbd_block_status(void)
 	memset(buf, 0x42, sizeof(buf));
 	g_assert_cmpint(blockdev_write_sync(dev, 128, buf, 4096, 0), ==, 0);
 	/* Through a window starting at sector 64: the data is at window byte 32K. */
-	w = part_window_new(dev, 64, 256, &error);
+	w = blockdev_window_new(dev, 64, 256, &error);
 	g_assert_no_error(error);
 	b.done = completion_new();
 	b.ext = g_array_new(FALSE, FALSE, sizeof(uint64_t));
@@ -471,7 +470,7 @@ static void test_nbd_concurrency(void)
 	server_start(&s, args);
 	c.dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
 	g_assert_no_error(error);
-	c.win = part_window_new(c.dev, 8, (CONC_SIZE + 511) / 512 - 8, &error);
+	c.win = blockdev_window_new(c.dev, 8, (CONC_SIZE + 511) / 512 - 8, &error);
 	g_assert_no_error(error);
 	c.model = g_malloc0(CONC_SIZE);
 	c.seed = (guint32)g_test_rand_int();

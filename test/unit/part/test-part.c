@@ -432,13 +432,13 @@ static void test_inside_window(void)
 	tg_mbr_entry(d + 2000 * 512, 2, 0, 0x83, 50, 1000); /* past the window */
 	g_autoptr(Blockdev) dev = blockdev_mem_new(512, 4096 * 512, d, 4096 * 512, TRUE);
 	g_autoptr(GError) error = NULL;
-	g_autoptr(Blockdev) win = part_window_new(dev, 100, 1000, &error);
+	g_autoptr(Blockdev) win = blockdev_window_new(dev, 100, 1000, &error);
 	g_assert_no_error(error);
 	g_autoptr(PartTable) t = part_table_read(win, &error);
 	g_assert_no_error(error);
 	check_entries(t, w, 1);
 	check_no_warnings(t);
-	g_autoptr(Blockdev) win2 = part_window_new(dev, 2000, 100, &error);
+	g_autoptr(Blockdev) win2 = blockdev_window_new(dev, 2000, 100, &error);
 	g_assert_no_error(error);
 	g_autoptr(PartTable) t2 = part_table_read(win2, &error);
 	g_assert_no_error(error);
