@@ -15,7 +15,7 @@
 #include "nbdfs/blockdev-nbd.h"
 #include "blockdev-impl.h"
 
-enum nbd_op { OP_READ, OP_WRITE };
+enum nbddev_op { OP_READ, OP_WRITE };
 
 /* A request whose iov was trimmed to the export's end. */
 struct trimmed {
@@ -25,14 +25,14 @@ struct trimmed {
 	struct iovec iov[];
 };
 
-struct nbd_dev {
+struct nbddev {
 	struct blockdev base;
 	struct nbdc_config cfg;       /* the handle's configuration (strings borrowed) */
 	Nbdc *c;
 	uint64_t size;
 };
 
-#define NBD(dev) ((struct nbd_dev *)(dev))
+#define NBDDEV(dev) ((struct nbddev *)(dev))
 
 static void trimmed_done(void *opaque, int err)
 {
@@ -50,10 +50,10 @@ static int dev_err(int r)
 	return r == -ETIMEDOUT || r == -EPROTO ? -EIO : r;
 }
 
-static void nbd_rw(Blockdev *dev, enum nbd_op op, uint64_t sector, const struct iovec *iov,
-		   int iovcnt, uint32_t flags, blockdev_done_fn done, void *opaque)
+static void nbddev_rw(Blockdev *dev, enum nbddev_op op, uint64_t sector, const struct iovec *iov,
+		      int iovcnt, uint32_t flags, blockdev_done_fn done, void *opaque)
 {
-	struct nbd_dev *d = NBD(dev);
+	struct nbddev *d = NBDDEV(dev);
 	uint64_t offset = sector * dev->info.sector_size, total = 0;
 	uint32_t f = flags & BLOCKDEV_FUA ? NBDC_CMD_FLAG_FUA : 0;
 	int r;
@@ -93,36 +93,36 @@ static void nbd_rw(Blockdev *dev, enum nbd_op op, uint64_t sector, const struct 
 		done(opaque, dev_err(r));
 }
 
-static void nbd_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
-		     blockdev_done_fn done, void *opaque)
+static void nbddev_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+			blockdev_done_fn done, void *opaque)
 {
-	nbd_rw(dev, OP_READ, sector, iov, iovcnt, 0, done, opaque);
+	nbddev_rw(dev, OP_READ, sector, iov, iovcnt, 0, done, opaque);
 }
 
-static void nbd_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
-		      uint32_t flags, blockdev_done_fn done, void *opaque)
+static void nbddev_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
+			 uint32_t flags, blockdev_done_fn done, void *opaque)
 {
-	nbd_rw(dev, OP_WRITE, sector, iov, iovcnt, flags, done, opaque);
+	nbddev_rw(dev, OP_WRITE, sector, iov, iovcnt, flags, done, opaque);
 }
 
-static void nbd_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
+static void nbddev_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
 {
-	int r = nbdc_aio_flush(NBD(dev)->c, done, opaque);
+	int r = nbdc_aio_flush(NBDDEV(dev)->c, done, opaque);
 
 	if (r < 0)
 		done(opaque, dev_err(r));
 }
 
 /* Clips [sector, sector + count) to the export; returns the byte count. */
-static uint64_t clip(struct nbd_dev *d, uint64_t offset, uint64_t count_bytes)
+static uint64_t clip(struct nbddev *d, uint64_t offset, uint64_t count_bytes)
 {
 	return MIN(count_bytes, d->size - offset);
 }
 
-static void nbd_zero(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
-		     blockdev_done_fn done, void *opaque)
+static void nbddev_zero(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
+			blockdev_done_fn done, void *opaque)
 {
-	struct nbd_dev *d = NBD(dev);
+	struct nbddev *d = NBDDEV(dev);
 	uint64_t offset = sector * dev->info.sector_size;
 	uint32_t f = (flags & BLOCKDEV_FUA ? NBDC_CMD_FLAG_FUA : 0) |
 		     (flags & BLOCKDEV_MAY_TRIM ? 0 : NBDC_CMD_FLAG_NO_HOLE);
@@ -133,10 +133,10 @@ static void nbd_zero(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t fl
 		done(opaque, dev_err(r));
 }
 
-static void nbd_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
-			void *opaque)
+static void nbddev_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+			   void *opaque)
 {
-	struct nbd_dev *d = NBD(dev);
+	struct nbddev *d = NBDDEV(dev);
 	uint64_t offset = sector * dev->info.sector_size;
 	int r = nbdc_aio_trim(d->c, clip(d, offset, count * dev->info.sector_size), offset, 0,
 			      done, opaque);
@@ -172,10 +172,10 @@ static void status_done(void *opaque, int err)
 	done(arg, dev_err(err));
 }
 
-static void nbd_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
-			     blockdev_extent_fn extent, blockdev_done_fn done, void *opaque)
+static void nbddev_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
+				blockdev_extent_fn extent, blockdev_done_fn done, void *opaque)
 {
-	struct nbd_dev *d = NBD(dev);
+	struct nbddev *d = NBDDEV(dev);
 	uint64_t offset = sector * dev->info.sector_size;
 	struct status_ctx *s = g_new(struct status_ctx, 1);
 
@@ -190,21 +190,21 @@ static void nbd_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
 	}
 }
 
-static void nbd_disconnect(Blockdev *dev)
+static void nbddev_disconnect(Blockdev *dev)
 {
-	nbdc_abandon(NBD(dev)->c);
+	nbdc_abandon(NBDDEV(dev)->c);
 }
 
-static void nbd_hold(Blockdev *dev, gboolean held)
+static void nbddev_hold(Blockdev *dev, gboolean held)
 {
-	nbdc_hold(NBD(dev)->c, held);
+	nbdc_hold(NBDDEV(dev)->c, held);
 }
 
-static void nbd_get_health(Blockdev *dev, struct blockdev_health *out)
+static void nbddev_get_health(Blockdev *dev, struct blockdev_health *out)
 {
 	struct nbdc_health h;
 
-	nbdc_get_health(NBD(dev)->c, &h);
+	nbdc_get_health(NBDDEV(dev)->c, &h);
 	switch (h.state) {
 	case NBDC_STATE_IDLE:
 		out->state = BLOCKDEV_CONN_IDLE;
@@ -223,9 +223,9 @@ static void nbd_get_health(Blockdev *dev, struct blockdev_health *out)
 	out->lost_writes_seq = h.lost_writes_seq;
 }
 
-static void nbd_destroy(Blockdev *dev)
+static void nbddev_destroy(Blockdev *dev)
 {
-	struct nbd_dev *d = NBD(dev);
+	struct nbddev *d = NBDDEV(dev);
 
 	/* Off a loop this waits (bounded) for the connections; on a loop (the
 	 * last reference dropped in a completion) it finishes later. */
@@ -234,17 +234,17 @@ static void nbd_destroy(Blockdev *dev)
 	g_free(d);
 }
 
-static const struct blockdev_ops nbd_ops = {
-	.read = nbd_read,
-	.write = nbd_write,
-	.flush = nbd_flush,
-	.write_zeroes = nbd_zero,
-	.discard = nbd_discard,
-	.block_status = nbd_block_status,
-	.disconnect = nbd_disconnect,
-	.hold = nbd_hold,
-	.get_health = nbd_get_health,
-	.destroy = nbd_destroy,
+static const struct blockdev_ops nbddev_ops = {
+	.read = nbddev_read,
+	.write = nbddev_write,
+	.flush = nbddev_flush,
+	.write_zeroes = nbddev_zero,
+	.discard = nbddev_discard,
+	.block_status = nbddev_block_status,
+	.disconnect = nbddev_disconnect,
+	.hold = nbddev_hold,
+	.get_health = nbddev_get_health,
+	.destroy = nbddev_destroy,
 };
 
 /* The handle's configuration for a device. */
@@ -288,8 +288,8 @@ static Blockdev *wrap(Nbdc *c, const struct blockdev_nbd_opts *opts, const struc
 		nbdc_free(c);
 		return NULL;
 	}
-	struct nbd_dev *d = g_new0(struct nbd_dev, 1);
-	blockdev_init_root(&d->base, &nbd_ops, info.export_name, opts->uri);
+	struct nbddev *d = g_new0(struct nbddev, 1);
+	blockdev_init_root(&d->base, &nbddev_ops, info.export_name, opts->uri);
 	d->base.info.sector_size = ss;
 	d->base.info.size = info.size;
 	d->base.info.read_write = info.read_write && !opts->read_only;
