@@ -126,7 +126,7 @@ void blockdev_get_health(Blockdev *dev, struct blockdev_health *out);
 /* "idle", "connected", "reconnecting", "failed" (static). */
 const char *blockdev_conn_state_name(enum blockdev_conn_state state);
 
-/* Blocking wrappers: return 0 or a negative errno. */
+/* Blocking wrappers (sync.c): return 0 or a negative errno. */
 int blockdev_read_sync(Blockdev *dev, uint64_t sector, void *buf, size_t len);
 int blockdev_write_sync(Blockdev *dev, uint64_t sector, const void *buf, size_t len, uint32_t flags);
 int blockdev_flush_sync(Blockdev *dev);
@@ -181,7 +181,7 @@ void blockdev_pwrite_bytes(Blockdev *dev, const void *buf, size_t len, uint64_t 
 void blockdev_zero_bytes(Blockdev *dev, uint64_t offset, uint64_t len, uint32_t flags,
 			 blockdev_bytes_fn done, void *opaque);
 
-/* Blocking byte wrappers. */
+/* Blocking byte wrappers (sync.c). */
 ssize_t blockdev_pread_bytes_sync(Blockdev *dev, void *buf, size_t len, uint64_t offset);
 ssize_t blockdev_pwrite_bytes_sync(Blockdev *dev, const void *buf, size_t len, uint64_t offset,
 				   uint32_t flags);
