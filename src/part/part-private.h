@@ -1,4 +1,5 @@
-/* part-private.h: what the table readers (mbr.c, gpt.c) share with table.c. */
+/* part-private.h: inside the table reader: table.c hands a read to mbr.c or
+ * gpt.c, which use the helpers of reader.c (calls run one way). */
 #pragma once
 
 #include <glib.h>
@@ -21,6 +22,8 @@ struct part_reader {
 	guint suppressed;	  /* warnings past PART_MAX_WARNINGS */
 };
 
+/* ---- The helpers of a read (reader.c) ------------------------------------ */
+
 /* Reads @count sectors from @lba into @buf (count * sector_size bytes).
  * Ranges outside the device are a programming error (callers check first);
  * an I/O error sets PART_ERROR_IO. */
@@ -37,6 +40,8 @@ struct part_entry *part_entry_add(struct part_reader *r, guint number, uint64_t 
 /* Warns about overlapping entries (all are kept, as the kernel does).
  * @what names an entry in the message: "MBR partition" or "GPT entry". */
 void part_check_overlaps(struct part_reader *r, const char *what);
+
+/* ---- The two formats (mbr.c, gpt.c), called by table.c ------------------ */
 
 /* Parse the table whose sector 0 (sector_size bytes, 0x55AA already
  * checked) is @sector0.  FALSE with PART_ERROR_NO_TABLE or PART_ERROR_IO. */
