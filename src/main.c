@@ -3,9 +3,12 @@
  * partitions, mount, serve, stop.
  *
  * Every start-up failure is one line "nbdfs: SOURCE: cause", a non-zero exit
- * and nothing left mounted.  Stopping (SIGTERM/SIGINT/SIGHUP or unmount):
- * nbdfs unmounts (lazily), waits for the requests in flight, flushes and
- * disconnects every export, and exits 0 (1 when a flush failed).
+ * and nothing left mounted.  libfuse parses the mount options and mounts;
+ * the event loops then serve /dev/fuse themselves (src/fs/session.c).
+ * Stopping (SIGTERM/SIGINT/SIGHUP or unmount): nbdfs unmounts (lazily),
+ * then the requests in flight and the final flushes get `timeout` seconds
+ * together (src/fs/stop.c); it disconnects every export and exits 0, or 1
+ * when some data may not be on its server.
  */
 #include "config.h"
 
@@ -14,7 +17,9 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <poll.h>
 #include <string.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -63,18 +68,21 @@ static void add_mount_opt(struct fuse_args *args, const char *name, const char *
 	g_string_free(s, TRUE);
 }
 
+/* libfuse only parses options and mounts: nbdfs answers the requests. */
+static const struct fuse_lowlevel_ops no_ops;
+
 /* The FUSE session (not mounted yet), so that bad FUSE options fail before
  * any connection.  "ro" stays ours (partitioning works on ro mounts), the
  * kernel checks permissions, requests go up to 1 MiB. */
 static struct fuse_session *new_session(struct fuse_args *args, const struct options *o,
-					Sources *src, Fs *fs)
+					Sources *src)
 {
 	fuse_opt_add_arg(args, "-odefault_permissions");
 	add_mount_opt(args, "fsname", o->fsname ? o->fsname : sources_display_name(src));
 	add_mount_opt(args, "subtype", o->subtype ? o->subtype : "nbdfs");
 	fuse_opt_add_arg(args, "-omax_read=1048576");
 	struct fuse_session *se =
-		fuse_session_new(args, fs_lowlevel_ops(), sizeof(struct fuse_lowlevel_ops), fs);
+		fuse_session_new(args, &no_ops, sizeof(no_ops), NULL);
 	if (se == NULL)
 		fprintf(stderr, "nbdfs: bad mount options: %s\n", daemon_fuse_messages());
 	return se;
@@ -114,23 +122,37 @@ static gboolean interrupted(void)
 	       sigismember(&pending, SIGHUP);
 }
 
-/* Serves FUSE requests until a signal or the unmount; 0 on a clean end. */
-static int serve(struct fuse_session *se, const sigset_t *oldsigs)
+/* Waits until a signal (@sigs, blocked in every thread) or the end of the
+ * session (the file system was unmounted). */
+static void wait_for_stop(Fs *fs, const sigset_t *sigs)
 {
-	struct fuse_loop_config *loop_cfg = fuse_loop_cfg_create();
+	int sfd = signalfd(-1, sigs, SFD_CLOEXEC);
+	struct pollfd p[2] = { { .fd = sfd, .events = POLLIN },
+			       { .fd = fs_ended_fd(fs), .events = POLLIN } };
 
-	fuse_loop_cfg_set_clone_fd(loop_cfg, 1);
-	fuse_loop_cfg_set_max_threads(loop_cfg, 12);
-	fuse_loop_cfg_set_idle_threads(loop_cfg, 12);
-	sigset_t blocked;
-	pthread_sigmask(SIG_SETMASK, oldsigs, &blocked);
-	int lr = fuse_session_loop_mt(se, loop_cfg);
-	pthread_sigmask(SIG_SETMASK, &blocked, NULL);
-	fuse_loop_cfg_destroy(loop_cfg);
-	if (lr == 0 || lr == SIGTERM || lr == SIGINT || lr == SIGHUP)
-		return 0;
-	g_warning("session loop ended: %s", lr < 0 ? g_strerror(-lr) : "error");
-	return 1;
+	if (sfd < 0)
+		g_warning("signalfd: %s", g_strerror(errno));
+	for (;;) {
+		int r = poll(sfd < 0 ? p + 1 : p, sfd < 0 ? 1 : 2, -1);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0) {
+			g_warning("poll: %s", g_strerror(errno));
+			break;
+		}
+		if (sfd >= 0 && (p[0].revents & POLLIN)) {
+			struct signalfd_siginfo si;
+
+			if (read(sfd, &si, sizeof(si)) == sizeof(si))
+				g_info("%s: stopping", strsignal((int)si.ssi_signo));
+			break;
+		}
+		if (p[sfd < 0 ? 0 : 1].revents)
+			break;
+	}
+	if (sfd >= 0)
+		close(sfd);
 }
 
 /* ---- main ---------------------------------------------------------------- */
@@ -204,9 +226,10 @@ int main(int argc, char *argv[])
 		.uid = o.uid != OPTIONS_UNSET_ID ? (uid_t)o.uid : getuid(),
 		.gid = o.gid != OPTIONS_UNSET_ID ? (gid_t)o.gid : getgid(),
 		.umask = o.umask != OPTIONS_UNSET_ID ? (mode_t)o.umask : 0,
+		.debug = o.debug,
 	};
 	fs = fs_new(&fcfg);
-	se = new_session(&args, &o, src, fs);
+	se = new_session(&args, &o, src);
 	if (!se)
 		goto out;
 
@@ -220,7 +243,9 @@ int main(int argc, char *argv[])
 		goto out;
 
 	daemon_raise_nofile();
-	loops = loop_set_new(0, 0, &err);
+	/* The pool is unbounded: kernel cache invalidations may wait for one
+	 * another (src/fs/coherence.c), partitioning may wait on a server. */
+	loops = loop_set_new(0, LOOP_POOL_UNBOUNDED, &err);
 	if (!loops) {
 		fprintf(stderr, "nbdfs: %s\n", err->message);
 		goto out;
@@ -231,41 +256,45 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "nbdfs: %s: interrupted before mounting\n", mountpoint);
 		goto out_disconnect;
 	}
-	fs_set_session(fs, se);
-	if (fuse_set_signal_handlers(se) != 0) {
-		fprintf(stderr, "nbdfs: cannot set signal handlers\n");
-		goto out_shutdown;
-	}
 	if (fuse_session_mount(se, mountpoint) != 0) {
 		fprintf(stderr, "nbdfs: %s: cannot mount: %s\n", mountpoint,
 			daemon_fuse_messages());
-		goto out_signals;
+		goto out_stop;
+	}
+	if (!fs_serve(fs, loops, fuse_session_fd(se), &err)) {
+		fprintf(stderr, "nbdfs: %s: %s\n", mountpoint, err->message);
+		fuse_session_unmount(se);
+		goto out_stop;
 	}
 	daemon_tune_mount(mountpoint);
 	if (!daemon_ready(o.foreground, o.pidfile)) {
 		fuse_session_unmount(se);
-		goto out_signals;
+		goto out_stop;
 	}
 	g_info("mounted %s", mountpoint);
 
-	ret = serve(se, &oldsigs);
+	wait_for_stop(fs, &sigs);
 	daemon_notify_stopping();
 	fuse_session_unmount(se);
-	if (!fs_shutdown(fs))
-		ret = 1;
+	ret = fs_stop(fs, o.timeout) ? 0 : 1;
+	fs_unserve(fs);
 	daemon_remove_pidfile(o.pidfile);
-	g_info("unmounted %s", mountpoint);
-	fuse_remove_signal_handlers(se);
+	g_info("unmounted %s%s", mountpoint, ret ? " (some data may not be on the server)" : "");
 	goto out;
 
-out_signals:
-	fuse_remove_signal_handlers(se);
-out_shutdown:
-	fs_shutdown(fs);
+out_stop:
+	fs_stop(fs, o.timeout);
+	fs_unserve(fs);
 	goto out;
 out_disconnect:
 	sources_disconnect(src);
 out:
+	if (fs && !fs_idle(fs)) {
+		/* The stop gave up on requests whose callbacks may still come:
+		 * nothing they use may be freed.  The exit closes /dev/fuse. */
+		fflush(NULL);
+		_exit(ret);
+	}
 	if (se)
 		fuse_session_destroy(se);
 	g_clear_pointer(&fs, fs_free);

@@ -30,9 +30,11 @@ typedef void (*loop_io_fn)(void *opaque, uint32_t events);
 /* ---- The set ------------------------------------------------------------ */
 
 /* Starts @n loop threads (0 = one per online CPU) named "nbdfs-loop-I",
- * with every signal blocked, and a pool of at most @pool_threads (0 = 4)
- * threads.  NULL + GError (G_FILE_ERROR) when a thread, epoll or eventfd
+ * with every signal blocked, and a pool of at most @pool_threads (0 = 4,
+ * LOOP_POOL_UNBOUNDED = as many as there are jobs: for jobs that may wait
+ * on one another, such as the daemon's kernel cache invalidations) threads.  NULL + GError (G_FILE_ERROR) when a thread, epoll or eventfd
  * could not be made; the message names the resource. */
+#define LOOP_POOL_UNBOUNDED G_MAXUINT
 LoopSet *loop_set_new(guint n, guint pool_threads, GError **error);
 /* Stops every loop (after the tasks already posted to it ran), joins the
  * threads and the pool.  Watches and timers must be gone (their owners

@@ -1,13 +1,15 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* fs.h: the nbdfs FUSE layer as main.c sees it (private to the daemon).
  *
  * main.c builds one Blockdev per export, hands each to fs_add_export(),
- * applies the mount-time partitioning (-P, split=), then mounts a low-level
- * FUSE session with fs_lowlevel_ops() and the Fs as userdata.
+ * applies the mount-time partitioning (-P, split=), mounts with libfuse
+ * (options, fusermount3) and gives the connected /dev/fuse descriptor to
+ * fs_serve(): from then on the event loops read and answer the kernel's
+ * requests themselves (src/fs/session.c).  At the end fs_stop() drains and
+ * flushes within a deadline and fs_unserve() lets go of the descriptor.
  */
 #pragma once
 
-#define FUSE_USE_VERSION 314
-#include <fuse_lowlevel.h>
 #include <glib.h>
 #include <sys/types.h>
 
@@ -33,6 +35,7 @@ struct fs_config {
 	uid_t uid;             /* owner of every file */
 	gid_t gid;
 	mode_t umask;          /* masks 0644/0444 and the root dir's 0755 */
+	gboolean debug;        /* -d: one log line per FUSE request */
 };
 
 typedef struct fs Fs;
@@ -61,16 +64,28 @@ gboolean fs_partition_all(Fs *fs, GError **error);
  * "%2E" and "%2E%2E"; over-long names are shortened with a hash suffix. */
 char *fs_escape_name(const char *raw);
 
-/* The low-level operations; userdata must be the Fs. */
-const struct fuse_lowlevel_ops *fs_lowlevel_ops(void);
+typedef struct loop_set LoopSet;
 
-/* Tells the tree its session (for cache notifications).  Call after
- * fuse_session_new, before the loop. */
-void fs_set_session(Fs *fs, struct fuse_session *se);
-
-/* After the session loop ended: waits for every FUSE request still in
- * flight, flushes every export and disconnects it (NBD_CMD_DISC).  Returns
- * FALSE if a flush failed (logged). */
-gboolean fs_shutdown(Fs *fs);
+/* Serves the mounted FUSE connection @fuse_fd (borrowed: libfuse's, it must
+ * stay open until fs_unserve) on every loop of @loops (borrowed, must
+ * outlive the serving): a cloned descriptor per loop, non-blocking.  FALSE
+ * + GError (G_FILE_ERROR) when a descriptor cannot be cloned or watched. */
+gboolean fs_serve(Fs *fs, LoopSet *loops, int fuse_fd, GError **error);
+/* A descriptor that becomes readable once the kernel ended the session (the
+ * file system was unmounted and released): poll it, do not read it. */
+int fs_ended_fd(Fs *fs);
+/* The bounded stop (call after unmounting, or once the session ended):
+ * waits for the requests in flight and flushes every export that has
+ * unflushed writes, all in parallel, for at most @timeout_s seconds in all;
+ * then fails what is left (the requests still waiting get EIO) and
+ * disconnects every export (NBD_CMD_DISC).  TRUE when everything was
+ * flushed; else FALSE, with each export whose data may be lost logged. */
+gboolean fs_stop(Fs *fs, guint timeout_s);
+/* Stops reading requests and closes the cloned descriptors (the caller
+ * closes @fuse_fd).  Before the loops go. */
+void fs_unserve(Fs *fs);
+/* FALSE while a request is still owed a reply (the stop gave up on it): the
+ * Fs must then not be freed (the process exits instead). */
+gboolean fs_idle(Fs *fs);
 
 G_END_DECLS

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* tree.c: the file tree of a mount: exports, partition files, names, inodes.
  *
  * The directory is flat: every export file and every partition file sits in
@@ -120,7 +121,7 @@ static void link_node(Fs *fs, struct fs_node *node)
 {
 	node->ino = fs->next_ino++;
 	node->in_tree = TRUE;
-	g_hash_table_insert(fs->inodes, GUINT_TO_POINTER(node->ino), fs_node_ref(node));
+	g_hash_table_insert(fs->inodes, GSIZE_TO_POINTER(node->ino), fs_node_ref(node));
 	g_hash_table_insert(fs->names, node->name, node);
 	g_atomic_int_inc(&node->export->nodes);
 }
@@ -151,7 +152,7 @@ static void unlink_subtree(Fs *fs, struct fs_node *node, GPtrArray *removed)
 	if (removed)
 		g_ptr_array_add(removed, g_strdup(node->name));
 	if (node->nlookup == 0)
-		g_hash_table_remove(fs->inodes, GUINT_TO_POINTER(node->ino));
+		g_hash_table_remove(fs->inodes, GSIZE_TO_POINTER(node->ino));
 }
 
 /* Under the tree lock: is any partition file below @node open? */
@@ -177,37 +178,34 @@ static gboolean name_taken(Fs *fs, const char *name, struct fs_node *below)
 	return TRUE;
 }
 
-struct fs_node *fs_get_node(Fs *fs, fuse_ino_t ino)
+struct fs_node *fs_get_node(Fs *fs, fs_ino_t ino)
 {
 	g_mutex_lock(&fs->lock);
-	struct fs_node *node = g_hash_table_lookup(fs->inodes, GUINT_TO_POINTER(ino));
+	struct fs_node *node = g_hash_table_lookup(fs->inodes, GSIZE_TO_POINTER(ino));
 	if (node)
 		fs_node_ref(node);
 	g_mutex_unlock(&fs->lock);
 	return node;
 }
 
-/* ---- The Fs ------------------------------------------------------------ */
+/* ---- The Fs's tree ------------------------------------------------------ */
 
 static void export_free(struct fs_export *ex)
 {
 	g_assert(ex->writes == NULL);
 	blockdev_unref(ex->root);
 	g_mutex_clear(&ex->wlock);
+	g_free(ex->final_error);
+	g_free(ex->name);
 	g_free(ex->source);
 	g_free(ex);
 }
 
-Fs *fs_new(const struct fs_config *cfg)
+void fs_tree_init(Fs *fs)
 {
-	Fs *fs = g_new0(Fs, 1);
-	fs->cfg = *cfg;
-	clock_gettime(CLOCK_REALTIME, &fs->mount_time);
 	g_mutex_init(&fs->lock);
 	g_cond_init(&fs->closed_cond);
 	g_mutex_init(&fs->part_lock);
-	g_mutex_init(&fs->inflight_lock);
-	g_cond_init(&fs->inflight_cond);
 	fs->inodes = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL,
 					   (GDestroyNotify)fs_node_unref);
 	fs->names = g_hash_table_new(g_str_hash, g_str_equal);
@@ -216,16 +214,10 @@ Fs *fs_new(const struct fs_config *cfg)
 	fs->exports = g_ptr_array_new();
 	fs->export_data = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
 	fs->next_ino = FS_ROOT_INO + 1;
-	return fs;
 }
 
-void fs_free(Fs *fs)
+void fs_tree_fini(Fs *fs)
 {
-	if (fs == NULL)
-		return;
-	if (fs->notify_pool)
-		g_thread_pool_free(fs->notify_pool, FALSE, TRUE);
-	fs_free_handles(fs);
 	g_hash_table_unref(fs->handles);
 	g_hash_table_unref(fs->dirs);
 	g_mutex_lock(&fs->lock);
@@ -236,12 +228,26 @@ void fs_free(Fs *fs)
 	g_hash_table_unref(fs->inodes);
 	g_ptr_array_unref(fs->exports);
 	g_ptr_array_unref(fs->export_data);
-	g_cond_clear(&fs->inflight_cond);
-	g_mutex_clear(&fs->inflight_lock);
 	g_mutex_clear(&fs->part_lock);
 	g_cond_clear(&fs->closed_cond);
 	g_mutex_clear(&fs->lock);
-	g_free(fs);
+}
+
+struct fs_node *fs_lookup_locked(Fs *fs, const char *name)
+{
+	return g_hash_table_lookup(fs->names, name);
+}
+
+void fs_forget_locked(Fs *fs, fs_ino_t ino, uint64_t nlookup)
+{
+	if (ino == FS_ROOT_INO)
+		return;
+	struct fs_node *node = g_hash_table_lookup(fs->inodes, GSIZE_TO_POINTER(ino));
+	if (node) {
+		node->nlookup = node->nlookup > nlookup ? node->nlookup - nlookup : 0;
+		if (!node->in_tree && node->nlookup == 0)
+			g_hash_table_remove(fs->inodes, GSIZE_TO_POINTER(ino));
+	}
 }
 
 gboolean fs_add_export(Fs *fs, const char *raw_name, const char *source, Blockdev *dev,
@@ -259,7 +265,11 @@ gboolean fs_add_export(Fs *fs, const char *raw_name, const char *source, Blockde
 		return FALSE;
 	}
 	struct fs_export *ex = g_new0(struct fs_export, 1);
+	struct blockdev_health health;
 	ex->source = g_strdup(source);
+	ex->name = g_strdup(name);
+	blockdev_get_health(dev, &health);
+	ex->lost_seq = health.lost_writes_seq;
 	ex->root = blockdev_ref(dev);
 	g_mutex_init(&ex->wlock);
 	g_ptr_array_add(fs->export_data, ex);

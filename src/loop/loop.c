@@ -517,9 +517,10 @@ LoopSet *loop_set_new(guint n, guint pool_threads, GError **error)
 			goto fail;
 		}
 	}
-	ls->pool = g_thread_pool_new(pool_run, ls, pool_threads ? (gint)pool_threads
-							  : DEFAULT_POOL_THREADS,
-				     FALSE, error);
+	gint max = pool_threads == LOOP_POOL_UNBOUNDED ? -1
+		   : pool_threads ? (gint)MIN(pool_threads, (guint)G_MAXINT)
+				  : DEFAULT_POOL_THREADS;
+	ls->pool = g_thread_pool_new(pool_run, ls, max, FALSE, error);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!ls->pool) {
 		g_prefix_error(error, "starting the blocking-work pool: ");

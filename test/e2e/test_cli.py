@@ -315,6 +315,9 @@ def test_signal_flushes_disconnects_exits_0(server, mount, sig):
 def test_sigterm_background_daemon(server, mount):
     srv = server("memory", "4M", verbose=True)
     m = mount(srv.uri())
+    # a data connection (opened when the file is first used) to disconnect
+    with open(m / "disk", "rb") as f:
+        assert f.read(512) == bytes(512)
     os.kill(m.pid, signal.SIGTERM)
     assert wait_pid_exit(m.pid, 60)
     assert not is_mounted(m.path)
