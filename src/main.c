@@ -17,9 +17,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <poll.h>
 #include <string.h>
-#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -120,39 +118,6 @@ static gboolean interrupted(void)
 	sigpending(&pending);
 	return sigismember(&pending, SIGINT) || sigismember(&pending, SIGTERM) ||
 	       sigismember(&pending, SIGHUP);
-}
-
-/* Waits until a signal (@sigs, blocked in every thread) or the end of the
- * session (the file system was unmounted). */
-static void wait_for_stop(Fs *fs, const sigset_t *sigs)
-{
-	int sfd = signalfd(-1, sigs, SFD_CLOEXEC);
-	struct pollfd p[2] = { { .fd = sfd, .events = POLLIN },
-			       { .fd = fs_ended_fd(fs), .events = POLLIN } };
-
-	if (sfd < 0)
-		g_warning("signalfd: %s", g_strerror(errno));
-	for (;;) {
-		int r = poll(sfd < 0 ? p + 1 : p, sfd < 0 ? 1 : 2, -1);
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0) {
-			g_warning("poll: %s", g_strerror(errno));
-			break;
-		}
-		if (sfd >= 0 && (p[0].revents & POLLIN)) {
-			struct signalfd_siginfo si;
-
-			if (read(sfd, &si, sizeof(si)) == sizeof(si))
-				g_info("%s: stopping", strsignal((int)si.ssi_signo));
-			break;
-		}
-		if (p[sfd < 0 ? 0 : 1].revents)
-			break;
-	}
-	if (sfd >= 0)
-		close(sfd);
 }
 
 /* ---- main ---------------------------------------------------------------- */
@@ -273,7 +238,7 @@ int main(int argc, char *argv[])
 	}
 	g_info("mounted %s", mountpoint);
 
-	wait_for_stop(fs, &sigs);
+	fs_wait_for_stop(fs, &sigs);
 	daemon_notify_stopping();
 	fuse_session_unmount(se);
 	ret = fs_stop(fs, o.timeout) ? 0 : 1;

@@ -109,7 +109,7 @@ void fs_op_open(Fs *fs, struct fs_req *r, const struct fusep_req *q)
 	h->node = node;
 	h->writable = writable;
 	h->sync = (q->open.flags & (O_SYNC | O_DSYNC)) != 0;
-	h->direct_io = (q->open.flags & O_DIRECT) != 0;
+	h->direct_io = (q->open.flags & O_DIRECT) != 0 || fs->cfg.direct_io;
 	blockdev_get_health(node->dev, &health);
 	h->errseq = health.lost_writes_seq;
 	g_mutex_lock(&fs->lock);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <glib.h>
+#include <signal.h>
 #include <sys/types.h>
 
 #include "nbdfs/blockdev.h"
@@ -36,6 +37,7 @@ struct fs_config {
 	gid_t gid;
 	mode_t umask;          /* masks 0644/0444 and the root dir's 0755 */
 	gboolean debug;        /* -d: one log line per FUSE request */
+	gboolean direct_io;    /* every open bypasses the page cache (the benchmark's floor) */
 };
 
 typedef struct fs Fs;
@@ -74,6 +76,9 @@ gboolean fs_serve(Fs *fs, LoopSet *loops, int fuse_fd, GError **error);
 /* A descriptor that becomes readable once the kernel ended the session (the
  * file system was unmounted and released): poll it, do not read it. */
 int fs_ended_fd(Fs *fs);
+/* Blocks the calling thread until one of @sigs arrives (they must be
+ * blocked in every thread) or the session ended. */
+void fs_wait_for_stop(Fs *fs, const sigset_t *sigs);
 /* The bounded stop (call after unmounting, or once the session ended):
  * waits for the requests in flight and flushes every export that has
  * unflushed writes, all in parallel, for at most @timeout_s seconds in all;

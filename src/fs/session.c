@@ -27,10 +27,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <poll.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/signalfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -389,6 +392,39 @@ void fs_unserve(Fs *fs)
 gboolean fs_idle(Fs *fs)
 {
 	return g_atomic_int_get(&fs->inflight) == 0;
+}
+
+/* Waits until a signal (@sigs, blocked in every thread) or the end of the
+ * session (the file system was unmounted). */
+void fs_wait_for_stop(Fs *fs, const sigset_t *sigs)
+{
+	int sfd = signalfd(-1, sigs, SFD_CLOEXEC);
+	struct pollfd p[2] = { { .fd = sfd, .events = POLLIN },
+			       { .fd = fs_ended_fd(fs), .events = POLLIN } };
+
+	if (sfd < 0)
+		g_warning("signalfd: %s", g_strerror(errno));
+	for (;;) {
+		int r = poll(sfd < 0 ? p + 1 : p, sfd < 0 ? 1 : 2, -1);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0) {
+			g_warning("poll: %s", g_strerror(errno));
+			break;
+		}
+		if (sfd >= 0 && (p[0].revents & POLLIN)) {
+			struct signalfd_siginfo si;
+
+			if (read(sfd, &si, sizeof(si)) == sizeof(si))
+				g_info("%s: stopping", strsignal((int)si.ssi_signo));
+			break;
+		}
+		if (p[sfd < 0 ? 0 : 1].revents)
+			break;
+	}
+	if (sfd >= 0)
+		close(sfd);
 }
 
 /* ---- The session state in the Fs (fs.c creates and frees the Fs) ---- */
