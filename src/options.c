@@ -279,7 +279,7 @@ void options_usage(FILE *f)
 		"  -a, --all-exports        show every export of each server\n"
 		"  --list [--long|--json]   print the server's exports and exit\n"
 		"  -f, --foreground         stay in the foreground, log to stderr\n"
-		"  -d, --debug              log every NBD request (implies -f)\n"
+		"  -d, --debug              log every FUSE and NBD request (implies -f)\n"
 		"  --pidfile FILE           write the pid once the mount is ready\n"
 		"  --log=stderr|syslog|FILE where messages go (default: stderr with -f,\n"
 		"                           else syslog); also -o log=...\n"
