@@ -143,14 +143,14 @@ void fs_handle_free(Fs *fs, struct fs_handle *h)
 	g_free(h);
 }
 
+static void handle_free_key(Fs *fs, gpointer key)
+{
+	fs_handle_free(fs, key);
+}
+
 void fs_free_handles(Fs *fs)
 {
-	g_mutex_lock(&fs->lock);
-	GList *left = g_hash_table_get_keys(fs->handles);
-	g_mutex_unlock(&fs->lock);
-	for (GList *l = left; l; l = l->next)
-		fs_handle_free(fs, l->data);
-	g_list_free(left);
+	fs_each_key(fs, fs->handles, handle_free_key);
 }
 
 /* ---- Flush ----------------------------------------------------------------- */

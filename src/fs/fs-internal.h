@@ -275,6 +275,9 @@ static inline struct fs_handle *fs_handle_of(uint64_t fh)
 }
 /* Frees the directory snapshots the kernel never released. */
 void fs_free_dirs(Fs *fs);
+/* Calls @fn(@fs, key) for every key of @table (a table of @fs, under the
+ * tree lock), without the lock, as they were when called. */
+void fs_each_key(Fs *fs, GHashTable *table, void (*fn)(Fs *fs, gpointer key));
 
 /* ---- data.c ---- */
 /* Frees @h: closes the file (the tree counts it no more) and unholds its device. */

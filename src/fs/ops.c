@@ -198,12 +198,22 @@ void fs_op_releasedir(Fs *fs, struct fs_req *r, const struct fusep_req *q)
 	fs_reply_err(r, 0);
 }
 
-void fs_free_dirs(Fs *fs)
+void fs_each_key(Fs *fs, GHashTable *table, void (*fn)(Fs *fs, gpointer key))
 {
 	g_mutex_lock(&fs->lock);
-	GList *left = g_hash_table_get_keys(fs->dirs);
+	GList *keys = g_hash_table_get_keys(table);
 	g_mutex_unlock(&fs->lock);
-	for (GList *l = left; l; l = l->next)
-		dir_free(fs, l->data);
-	g_list_free(left);
+	for (GList *l = keys; l; l = l->next)
+		fn(fs, l->data);
+	g_list_free(keys);
+}
+
+static void dir_free_key(Fs *fs, gpointer key)
+{
+	dir_free(fs, key);
+}
+
+void fs_free_dirs(Fs *fs)
+{
+	fs_each_key(fs, fs->dirs, dir_free_key);
 }

@@ -48,17 +48,15 @@ void fs_buf_put(Fs *fs, uint8_t *buf)
 /* -d: "fuse: OP ARGS -> RESULT (N us)". */
 static void log_reply(struct fs_req *r, int err, size_t bytes, gboolean data)
 {
-	char spare[16];
+	char spare[16], result[32];
 	gint64 dt = g_get_monotonic_time() - r->t0;
 	if (err)
-		g_debug("fuse: %s %s -> %s (%" G_GINT64_FORMAT " us)", fusep_opname(r->opcode, spare),
-			r->what, strerrorname_np(err) ? strerrorname_np(err) : "error", dt);
-	else if (data)
-		g_debug("fuse: %s %s -> %zu (%" G_GINT64_FORMAT " us)", fusep_opname(r->opcode, spare),
-			r->what, bytes, dt);
+		g_strlcpy(result, strerrorname_np(err) ? strerrorname_np(err) : "error",
+			  sizeof(result));
 	else
-		g_debug("fuse: %s %s -> 0 (%" G_GINT64_FORMAT " us)", fusep_opname(r->opcode, spare),
-			r->what, dt);
+		g_snprintf(result, sizeof(result), "%zu", data ? bytes : 0);
+	g_debug("fuse: %s %s -> %s (%" G_GINT64_FORMAT " us)", fusep_opname(r->opcode, spare),
+		r->what, result, dt);
 	g_free(r->what);
 	r->what = NULL;
 }
