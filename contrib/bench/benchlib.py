@@ -1,6 +1,6 @@
 """Helpers of the nbdfs benchmark: commands, polling, /proc counters, the
 resources of a run (released in one place, also on signals), nbdkit servers
-and number formatting. Standard library only; used by bench.py."""
+and number formatting. Standard library only; used by bench.py and scale.py."""
 
 import os
 import shutil
@@ -73,6 +73,9 @@ class Resources:
         self.mounts = []      # mountpoints
         self.daemons = []     # Popen (nbdfs, nbdfuse)
         self.servers = []     # Popen (nbdkit)
+        # Mountpoints of daemons that detached (nbdfs without -f): not our
+        # children, so they are found by the mountpoint in their argv.
+        self.detached = []
         self.dirs = []
 
     @staticmethod
@@ -111,7 +114,30 @@ class Resources:
         if dev in self.loops:
             self.loops.remove(dev)
 
+    def stop_daemon(self, proc, mp):
+        """Unmounts mp and ends its daemon proc now (one case of a run is over)."""
+        self.unmount(mp)
+        self._kill(proc)
+        self.unmount(mp)                  # a daemon that died leaves an ENOTCONN mount
+        if proc in self.daemons:
+            self.daemons.remove(proc)
+
+    def stop_detached(self, mp):
+        """Unmounts mp and ends the detached daemon serving it, if still there."""
+        self.unmount(mp)
+        for pid in pids_with_arg(mp):
+            kill_pid(pid)
+        self.unmount(mp)
+        if mp in self.detached:
+            self.detached.remove(mp)
+
+    def stop_server(self, proc):
+        self._kill(proc)
+        if proc in self.servers:
+            self.servers.remove(proc)
+
     def release(self):
+        """Releases everything; may be called again (each list is emptied)."""
         for p in self.workers:
             self._kill(p, signal.SIGKILL, timeout=5)
         for dev in reversed(list(self.loops)):
@@ -120,6 +146,8 @@ class Resources:
             self.unmount(mp)
         for p in reversed(self.daemons):
             self._kill(p)
+        for mp in list(self.detached):
+            self.stop_detached(mp)
         for mp in list(self.mounts):      # a daemon that died leaves ENOTCONN mounts
             self.unmount(mp)
         for p in reversed(self.servers):
@@ -130,10 +158,57 @@ class Resources:
                     s.close()
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
+        for lst in (self.workers, self.loops, self.mounts, self.daemons, self.servers,
+                    self.detached, self.dirs):
+            lst.clear()
+
+
+def processes():
+    """(pid, [argv bytes]) of every other process on the machine."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                yield int(d), f.read().split(b"\0")
+        except OSError:
+            continue
+
+
+def pids_with_arg(arg):
+    """Pids of the processes that have arg (a path unique to this run) as one of
+    their arguments."""
+    want = os.fsencode(arg)
+    return [pid for pid, args in processes() if want in args]
+
+
+def pid_alive(pid):
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_pid(pid, timeout=10):
+    """SIGTERM, then SIGKILL after timeout, for a process that is not our child."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pid_alive(pid):
+            return
+    log(f"pid {pid} does not die (stuck in the kernel?)")
 
 
 def leftovers(workdir):
-    """Mounts and loop devices of this run still present (should be none)."""
+    """Mounts, loop devices and processes of this run still present (should be
+    none): every server, daemon and worker has a path under workdir in its argv."""
     left = []
     with open("/proc/mounts") as f:
         for line in f:
@@ -144,6 +219,10 @@ def leftovers(workdir):
     for line in out.splitlines():
         if workdir in line:
             left.append(f"loop {line}")
+    want = os.fsencode(workdir)
+    for pid, args in processes():
+        if pid_alive(pid) and any(want in a for a in args):
+            left.append(f"process {pid}: {b' '.join(args).decode(errors='replace')[:120]}")
     return left
 
 
@@ -226,6 +305,34 @@ def ctx_delta(before, after):
     return vol, inv
 
 
+def proc_sockets(pid):
+    """Number of the open fds of pid that are sockets."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    n = 0
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def proc_nofile(pid):
+    """(soft, hard) RLIMIT_NOFILE of pid as strings, from /proc/PID/limits."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return tuple(line.split()[3:5])
+    except OSError:
+        pass
+    return None
+
+
 def nthreads(pid):
     try:
         return len(os.listdir(f"/proc/{pid}/task"))
@@ -256,21 +363,26 @@ class Server:
         return self.proc.pid
 
 
-def start_nbdkit(res, workdir, name, extra=()):
+def start_nbdkit(res, workdir, name, extra=(), threads=64):
+    """nbdkit -f on a Unix socket in workdir; its messages go to NAME.nbdkit.log
+    there (a pipe nobody reads would block a chatty server once it is full).
+    threads is nbdkit's -t: worker threads per connection, started with it."""
     sock = os.path.join(workdir, f"{name}.sock")
-    # -t 64: enough server threads that the server never caps qd32 + multi-conn
-    cmd = ["nbdkit", "-f", "--exit-with-parent", "-t", "64", "-U", sock] + list(extra)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=_child_signals)
+    logpath = os.path.join(workdir, f"{name}.nbdkit.log")
+    cmd = ["nbdkit", "-f", "--exit-with-parent", "-t", str(threads), "-U", sock] + list(extra)
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf,
+                                start_new_session=True, preexec_fn=_child_signals)
     res.servers.append(proc)
 
     def ready():
         if proc.poll() is not None:
-            raise RuntimeError(f"nbdkit exited {proc.returncode}: {' '.join(cmd)}: "
-                               f"{proc.stderr.read().decode(errors='replace')}")
+            with open(logpath, errors="replace") as f:
+                tail = f.read()[-600:]
+            raise RuntimeError(f"nbdkit exited {proc.returncode}: {' '.join(cmd)}: {tail}")
         return os.path.exists(sock)
     wait_until(ready, 30, f"nbdkit {name}")
-    log(f"nbdkit {name}: pid {proc.pid}: {' '.join(cmd[5:])}")
+    log(f"nbdkit {name}: pid {proc.pid}: {' '.join(cmd[3:])}")
     return Server(proc, sock, name)
 
 
