@@ -6,20 +6,25 @@ mounts it through nbdfs (export file and a split partition file, plus a loop
 device over the partition file) and through nbdfuse (file, plus a loop device),
 runs the same workloads through each of them and through fio's nbd ioengine
 straight at the export, and prints one table with medians over --reps runs,
-the ratios nbdfs/nbdfuse and nbdfs/limit, and the issue's goals as PASS/MISS.
+the ratios nbdfs/nbdfuse and nbdfs/limit, and the issues' goals as PASS/MISS.
+The scale workload (scale.py: `nbdfs -a` over 10,000 exports under
+RLIMIT_NOFILE 1024) runs first and has a table of its own. Only the servers
+and mounts the selected workloads (--only) need are started.
 
 Standard library only. Needs root (loop devices, drop_caches), fio, nbdkit,
 nbdcopy, nbdfuse, fusermount3, losetup. Everything it starts (servers, mounts,
 loop devices, fio/dd) is ended in a finally block, also on SIGINT/SIGTERM.
 
     /usr/bin/python3 contrib/bench/bench.py [--quick] [--build DIR]
-        [--runtime S] [--reps N] [--out FILE] [--json FILE]
+        [--runtime S] [--reps N] [--out FILE] [--json FILE] [--only REGEX]
+        [--scale-exports N]
 
---quick (1 rep of 1 s per run, about 2 minutes) is the CI smoke run. Speed is
-never asserted. Exit status: 0 when every run worked; 1 when a run failed,
-nbdfs is missing (see --build, --no-nbdfs) or did not mount, or a mount/loop
-device was left behind; 2 when a tool or root is missing; 130 when interrupted
-(after cleaning up).
+--quick (1 rep of 1 s per run, 1000 exports in the scale workload, about 2
+minutes) is the CI smoke run. Speed is never asserted. Exit status: 0 when
+every run worked; 1 when a run failed, nbdfs is missing (see --build,
+--no-nbdfs) or did not mount, or a mount, loop device or process was left
+behind; 2 when a tool or root is missing; 130 when interrupted (after cleaning
+up).
 """
 
 import argparse
@@ -40,6 +45,7 @@ from benchlib import (GiB, MiB, Interrupted, Resources, _child_signals,  # noqa:
                       ctx_delta, ctx_switches, drop_caches, fmt, fmt_ratio, leftovers, log,
                       median, mounted, nthreads, proc_cpu, proc_minflt, proc_status, ratio,
                       reset_hwm, run, start_nbdkit, wait_until)
+import scale  # noqa: E402
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPORT_SIZE = GiB
@@ -504,8 +510,9 @@ def evaluate(results):
     return notes, summary
 
 
-def report(results, errors, targets_present, header, notes_extra, runtime, reps):
+def report(results, errors, scale_out, header, notes_extra, runtime, reps):
     notes, summary = evaluate(results)
+    summary += scale.summary(scale_out, os.cpu_count())
     cols = ["workload", "via", "MB/s", "IOPS", "p50 us", "p99 us", "dCPU s/GiB",
             "kCPU s/GiB", "RSS MiB", "/nbdfuse", "/limit", "/base", "goals"]
     rows = []
@@ -545,29 +552,36 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
     widths[2] = min(widths[2], 10)
     out = []
     out += header
-    out.append(f"export: nbdkit memory 1G over a Unix socket, random data; runtime {runtime}s "
-               f"per run, median of {reps} rep(s)")
+    if rows:
+        out.append(f"export: nbdkit memory 1G over a Unix socket, random data; runtime "
+                   f"{runtime}s per run, median of {reps} rep(s)")
     out += notes_extra
     out.append("")
 
     def line(vals):
         return "| " + " | ".join(str(v).ljust(widths[i]) if i < 2 or i == len(cols) - 1
                                  else str(v).rjust(widths[i]) for i, v in enumerate(vals)) + " |"
-    out.append(line(cols))
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        if row[2].startswith("ERR"):
-            out.append(f"| {row[0].ljust(widths[0])} | {row[1].ljust(widths[1])} | {row[2]} |")
-        else:
-            out.append(line(row))
-    out.append("")
-    out.append("columns: MB/s = 10^6 bytes/s; p50/p99 = fio completion latency (clat); "
-               "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
-               "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
-               "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); /base = "
-               "part2 over the export file, loop over the file under it, nbdfs-wb and nbdfs-alias "
-               "over nbdfs.")
-    out.append("")
+    if rows:
+        out.append(line(cols))
+        out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in rows:
+            if row[2].startswith("ERR"):
+                out.append(f"| {row[0].ljust(widths[0])} | {row[1].ljust(widths[1])} | "
+                           f"{row[2]} |")
+            else:
+                out.append(line(row))
+        out.append("")
+        out.append("columns: MB/s = 10^6 bytes/s; p50/p99 = fio completion latency (clat); "
+                   "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
+                   "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
+                   "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); "
+                   "/base = part2 over the export file, loop over the file under it, nbdfs-wb "
+                   "and nbdfs-alias over nbdfs.")
+        out.append("")
+    sc = scale.report(scale_out, os.cpu_count(), reps)
+    if sc:
+        out += sc
+        out.append("")
     out.append(GOALS_DOC)
     out.append("")
     out.append("result:")
@@ -595,7 +609,8 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="1 rep of ~1 s per workload (CI smoke run; no speed assertions)")
+                    help="1 rep of ~1 s per workload, 1000 exports in the scale workload "
+                         "(CI smoke run; no speed assertions)")
     ap.add_argument("--build", default=os.environ.get("NBDFS_BUILD_DIR",
                                                       os.path.join(SRC_DIR, "build")),
                     help="meson build dir holding src/nbdfs (default $NBDFS_BUILD_DIR "
@@ -604,7 +619,11 @@ def parse_args(argv):
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     ap.add_argument("--out", help="also write the report to FILE")
     ap.add_argument("--json", help="write all raw results as JSON to FILE")
-    ap.add_argument("--only", help="regex: run only the workloads whose id matches")
+    ap.add_argument("--only", help="regex: run only the workloads whose id matches "
+                                   "(scale and scale-delay-open are workloads too)")
+    ap.add_argument("--scale-exports", type=int, default=None, metavar="N",
+                    help=f"exports of the scale workload (default {scale.EXPORTS_FULL}, "
+                         f"{scale.EXPORTS_QUICK} with --quick)")
     ap.add_argument("--no-nbdfs", action="store_true", help="skip nbdfs")
     ap.add_argument("--no-nbdfuse", action="store_true", help="skip nbdfuse")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop device rows")
@@ -617,8 +636,147 @@ def parse_args(argv):
         a.reps = 1 if a.quick else 3
     if a.runtime < 1 or a.reps < 1:
         ap.error("--runtime must be >= 1 and --reps >= 1")
+    if a.scale_exports is not None and a.scale_exports < scale.READERS:
+        ap.error(f"--scale-exports must be >= {scale.READERS}")
     a.runtime = int(a.runtime)
     return a
+
+
+def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
+    """Starts the servers and mounts the selected workloads need; returns
+    (targets, delay_targets, srcfile)."""
+    nbdfs = tools["nbdfs"]
+    need_delay = any(w.delay for w in workloads)
+    need_dd = any(w.kind == "dd" for w in workloads)
+    need_loop = not args.no_loop and any(w.loop for w in workloads)
+    srcfile = os.path.join(workdir, "random.img")
+    make_random_file(srcfile, EXPORT_SIZE)
+    # -t 64: enough server threads that the server never caps qd32 + multi-conn
+    main_srv = start_nbdkit(res, workdir, "main", ["memory", "1G"])
+    servers = [main_srv]
+    delay_srv = None
+    if need_delay:
+        delay_srv = start_nbdkit(res, workdir, "delay",
+                                 ["--filter=delay", "memory", "1G", "delay-read=1ms"])
+        servers.append(delay_srv)
+    for srv in servers:
+        run(["nbdcopy", srcfile, srv.uri], timeout=300)
+    log("exports filled with random data")
+
+    targets, delay_targets = [], {}
+    if nbdfs:
+        try:
+            proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "main")
+            targets.append(Target("nbdfs", "file", os.path.join(mnt, "disk"),
+                                  main_srv, proc))
+            part2 = os.path.join(mnt, "disk-part2")
+            targets.append(Target("nbdfs-part2", "file", part2, main_srv, proc))
+            if need_loop:
+                targets.append(Target("nbdfs-loop", "file", None, main_srv, proc,
+                                      loop_over=part2))
+            targets.append(Target("nbdfs-alias", "file", os.path.join(mnt, "disk"),
+                                  main_srv, proc, hold_open=part2))
+            notes_extra.append("nbdfs-alias: the export file written while disk-part2 is "
+                               "held open (alias coherence at work), write rows only")
+            if need_dd and not args.no_writeback:
+                proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "wb", ["writeback"])
+                targets.append(Target("nbdfs-wb", "file", os.path.join(mnt, "disk"),
+                                      main_srv, proc))
+                notes_extra.append("nbdfs-wb: a second nbdfs mount with -o writeback "
+                                   "(kernel writeback cache), dd rows only, for information")
+            if delay_srv:
+                proc, mnt = mount_nbdfs(res, workdir, nbdfs, delay_srv, "delay")
+                delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
+                                                delay_srv, proc)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            log(f"nbdfs does not mount: {e}")
+            failures.append(f"nbdfs did not mount: {e}")
+            notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
+            targets = [t for t in targets if not t.name.startswith("nbdfs")]
+            delay_targets.pop("nbdfs", None)
+    if tools["nbdfuse"]:
+        try:
+            proc, path = mount_nbdfuse(res, workdir, main_srv, "main")
+            targets.append(Target("nbdfuse", "file", path, main_srv, proc))
+            if need_loop:
+                targets.append(Target("nbdfuse-loop", "file", None, main_srv, proc,
+                                      loop_over=path))
+            if delay_srv:
+                proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
+                delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            log(f"nbdfuse does not mount: {e}")
+            failures.append(f"nbdfuse did not mount: {e}")
+            notes_extra.append(f"nbdfuse: did not mount ({str(e)[:200]}); rows skipped")
+            targets = [t for t in targets if not t.name.startswith("nbdfuse")]
+            delay_targets.pop("nbdfuse", None)
+    targets.append(Target("raw", "raw", server=main_srv))
+    if delay_srv:
+        delay_targets["raw"] = Target("raw", "raw", server=delay_srv)
+    if not tools["fio_nbd"]:
+        notes_extra.append("raw: fio has no nbd engine here; fio raw rows skipped")
+    return targets, delay_targets, srcfile
+
+
+def plan_io(workloads, targets, delay_targets, fio_nbd):
+    """[(workload, target)] of one repetition."""
+    plan = []
+    for w in workloads:
+        if w.delay:
+            ts = [delay_targets[k] for k in ("nbdfs", "nbdfuse", "raw") if k in delay_targets]
+        else:
+            ts = [t for t in targets if w.loop or not t.name.endswith("-loop")]
+            if w.kind == "dd":
+                ts = [t for t in ts if not t.name.endswith("-loop")]
+            else:
+                ts = [t for t in ts if t.name != "nbdfs-wb"]
+            if w.rw not in ("write", "randwrite") or w.id not in ALIAS_ROWS:
+                ts = [t for t in ts if t.name != "nbdfs-alias"]
+        ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
+        plan += [(w, t) for t in ts]
+    return plan
+
+
+MEDIAN_KEYS = ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
+               "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads",
+               "minflt_per_io")
+
+
+def run_io(args, res, workdir, tools, workloads, notes_extra, failures, errors, raw_runs):
+    """The fio and dd workloads; fills errors and raw_runs; returns the medians."""
+    targets, delay_targets, srcfile = setup_io(args, res, workdir, tools, workloads,
+                                               notes_extra, failures)
+    bench = Bench(args, res, workdir, srcfile)
+    plan = plan_io(workloads, targets, delay_targets, tools["fio_nbd"])
+    log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
+    # Reps are interleaved (rep 1 of everything, then rep 2...), so a
+    # noisy neighbour hurts every target alike rather than one of them.
+    for rep in range(args.reps):
+        for w, t in plan:
+            key = (w.id, t.name)
+            try:
+                r = bench.measure(w, t)
+            except (RuntimeError, OSError, ValueError, KeyError) as e:
+                log(f"rep {rep + 1} {w.id} via {t.name}: FAILED: {e}")
+                errors[key] = str(e)
+                continue
+            raw_runs.setdefault(key, []).append(r)
+            p = primary(w, r)
+            log(f"rep {rep + 1} {w.id:24} {t.name:13} {fmt(p)} {w.metric}")
+    for name in ("nbdfs-loop", "nbdfuse-loop"):
+        if any(t.name == name for t in targets):
+            notes_extra.append(f"{name}: losetup --direct-io=on over "
+                               f"{'disk-part2' if name == 'nbdfs-loop' else 'the file'}, "
+                               "attached for each run only; direct I/O "
+                               f"{'OFF (losetup fell back)' if name in bench.no_dio else 'on'}")
+    results = {}
+    for key, runs in raw_runs.items():
+        m = {k: median([r.get(k) for r in runs]) for k in MEDIAN_KEYS}
+        rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
+        m["rss_mib_max"] = max(rss) if rss else None
+        m["n"] = len(runs)
+        results[key] = m
+    return results
 
 
 def main(argv):
@@ -637,13 +795,14 @@ def main(argv):
             missing_nbdfs = f"no nbdfs at {nbdfs} (--build DIR; --no-nbdfs to skip it)"
             log(f"{missing_nbdfs}: nbdfs rows skipped, exit status will be 1")
         nbdfs = None
-    use_nbdfuse = not args.no_nbdfuse and shutil.which("nbdfuse") is not None
     enghelp = run(["fio", "--enghelp"], check=False).stdout
-    if not re.search(r"^\s*nbd\s*$", enghelp, re.M):
+    fio_nbd = bool(re.search(r"^\s*nbd\s*$", enghelp, re.M))
+    if not fio_nbd:
         log("this fio has no nbd ioengine: raw rows come from nbdcopy only")
-        fio_nbd = False
-    else:
-        fio_nbd = True
+    tools = {"nbdfs": nbdfs, "fio_nbd": fio_nbd,
+             "nbdfuse": not args.no_nbdfuse and shutil.which("nbdfuse") is not None}
+    workloads = [w for w in WORKLOADS if not args.only or re.search(args.only, w.id)]
+    scale_ids = [i for i in scale.SCALE_IDS if not args.only or re.search(args.only, i)]
 
     res = Resources()
     interrupted = []
@@ -657,8 +816,8 @@ def main(argv):
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     workdir = tempfile.mkdtemp(prefix="nbdfs-bench.", dir=base)
     res.dirs.append(workdir)
-    bench = None
     results, errors, notes_extra, failures = {}, {}, [], []
+    scale_out = None
     if missing_nbdfs:
         failures.append(missing_nbdfs)
         notes_extra.append(f"nbdfs: {missing_nbdfs}")
@@ -667,104 +826,15 @@ def main(argv):
     rc = 0
     try:
         log(f"workdir {workdir}")
-        srcfile = os.path.join(workdir, "random.img")
-        make_random_file(srcfile, EXPORT_SIZE)
-        main_srv = start_nbdkit(res, workdir, "main", ["memory", "1G"])
-        delay_srv = start_nbdkit(res, workdir, "delay",
-                                 ["--filter=delay", "memory", "1G", "delay-read=1ms"])
-        for srv in (main_srv, delay_srv):
-            run(["nbdcopy", srcfile, srv.uri], timeout=300)
-        log("exports filled with random data")
-
-        targets, delay_targets = [], {}
-        if nbdfs:
-            try:
-                proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "main")
-                targets.append(Target("nbdfs", "file", os.path.join(mnt, "disk"),
-                                      main_srv, proc))
-                part2 = os.path.join(mnt, "disk-part2")
-                targets.append(Target("nbdfs-part2", "file", part2, main_srv, proc))
-                if not args.no_loop:
-                    targets.append(Target("nbdfs-loop", "file", None, main_srv, proc,
-                                          loop_over=part2))
-                targets.append(Target("nbdfs-alias", "file", os.path.join(mnt, "disk"),
-                                      main_srv, proc, hold_open=part2))
-                notes_extra.append("nbdfs-alias: the export file written while disk-part2 is "
-                                   "held open (alias coherence at work), write rows only")
-                if not args.no_writeback:
-                    proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "wb", ["writeback"])
-                    targets.append(Target("nbdfs-wb", "file", os.path.join(mnt, "disk"),
-                                          main_srv, proc))
-                    notes_extra.append("nbdfs-wb: a second nbdfs mount with -o writeback "
-                                       "(kernel writeback cache), dd rows only, for information")
-                proc, mnt = mount_nbdfs(res, workdir, nbdfs, delay_srv, "delay")
-                delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
-                                                delay_srv, proc)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                log(f"nbdfs does not mount: {e}")
-                failures.append(f"nbdfs did not mount: {e}")
-                notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
-                targets = [t for t in targets if not t.name.startswith("nbdfs")]
-                delay_targets.pop("nbdfs", None)
-        if use_nbdfuse:
-            proc, path = mount_nbdfuse(res, workdir, main_srv, "main")
-            targets.append(Target("nbdfuse", "file", path, main_srv, proc))
-            if not args.no_loop:
-                targets.append(Target("nbdfuse-loop", "file", None, main_srv, proc,
-                                      loop_over=path))
-            proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
-            delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
-        targets.append(Target("raw", "raw", server=main_srv))
-        delay_targets["raw"] = Target("raw", "raw", server=delay_srv)
-        if not fio_nbd:
-            notes_extra.append("raw: fio has no nbd engine here; fio raw rows skipped")
-
-        workloads = [w for w in WORKLOADS if not args.only or re.search(args.only, w.id)]
-        bench = Bench(args, res, workdir, srcfile)
-        plan = []
-        for w in workloads:
-            if w.delay:
-                ts = [delay_targets[k] for k in ("nbdfs", "nbdfuse", "raw") if k in delay_targets]
-            else:
-                ts = [t for t in targets if w.loop or not t.name.endswith("-loop")]
-                if w.kind == "dd":
-                    ts = [t for t in ts if not t.name.endswith("-loop")]
-                else:
-                    ts = [t for t in ts if t.name != "nbdfs-wb"]
-                if w.rw not in ("write", "randwrite") or w.id not in ALIAS_ROWS:
-                    ts = [t for t in ts if t.name != "nbdfs-alias"]
-            ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
-            plan += [(w, t) for t in ts]
-        log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
-        # Reps are interleaved (rep 1 of everything, then rep 2...), so a
-        # noisy neighbour hurts every target alike rather than one of them.
-        for rep in range(args.reps):
-            for w, t in plan:
-                key = (w.id, t.name)
-                try:
-                    r = bench.measure(w, t)
-                except (RuntimeError, OSError, ValueError, KeyError) as e:
-                    log(f"rep {rep + 1} {w.id} via {t.name}: FAILED: {e}")
-                    errors[key] = str(e)
-                    continue
-                raw_runs.setdefault(key, []).append(r)
-                p = primary(w, r)
-                log(f"rep {rep + 1} {w.id:24} {t.name:13} {fmt(p)} {w.metric}")
-        for name in ("nbdfs-loop", "nbdfuse-loop"):
-            if any(t.name == name for t in targets):
-                notes_extra.append(f"{name}: losetup --direct-io=on over "
-                                   f"{'disk-part2' if name == 'nbdfs-loop' else 'the file'}, "
-                                   "attached for each run only; direct I/O "
-                                   f"{'OFF (losetup fell back)' if name in bench.no_dio else 'on'}")
-        for key, runs in raw_runs.items():
-            m = {k: median([r.get(k) for r in runs]) for k in
-                 ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
-                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads",
-                  "minflt_per_io")}
-            rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
-            m["rss_mib_max"] = max(rss) if rss else None
-            m["n"] = len(runs)
-            results[key] = m
+        if scale_ids and nbdfs:
+            scale_out = scale.run_scale(args, res, workdir, nbdfs, scale_ids)
+            for case, msg in scale_out["errors"].items():
+                failures.append(f"{case}: {msg}")
+        elif scale_ids:
+            notes_extra.append("scale: needs nbdfs; skipped")
+        if workloads:
+            results = run_io(args, res, workdir, tools, workloads, notes_extra, failures,
+                             errors, raw_runs)
     except Interrupted as e:
         log(f"interrupted by signal {e.args[0]}: cleaning up")
         rc = 130
@@ -790,7 +860,7 @@ def main(argv):
     if errors or failures:
         rc = rc or 1
         log(f"exit 1: {len(errors)} run(s) failed" + (f"; {failures[0][:200]}" if failures else ""))
-    text = report(results, errors, None, header, notes_extra, args.runtime, args.reps)
+    text = report(results, errors, scale_out, header, notes_extra, args.runtime, args.reps)
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:
@@ -800,7 +870,8 @@ def main(argv):
             json.dump({"header": header, "notes": notes_extra,
                        "runs": {f"{k[0]} {k[1]}": v for k, v in raw_runs.items()},
                        "medians": {f"{k[0]} {k[1]}": v for k, v in results.items()},
-                       "errors": {f"{k[0]} {k[1]}": v for k, v in errors.items()}},
+                       "errors": {f"{k[0]} {k[1]}": v for k, v in errors.items()},
+                       "scale": scale_out},
                       f, indent=1)
     return rc
 
