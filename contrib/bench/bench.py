@@ -50,6 +50,7 @@ import scale  # noqa: E402
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPORT_SIZE = GiB
 SPLIT_SECTORS = 2048            # nbdfs disk-part1 = first 1 MiB, disk-part2 = the rest
+LIBFUSE_MEMFILE_SRC = "/work/shared/bench/fuse_memfile.c"
 
 
 # ---------------------------------------------------------------- setup
@@ -64,14 +65,17 @@ def make_random_file(path, size):
 
 
 class Target:
-    """One way of reaching the export: a file (FUSE, loop device) or raw NBD."""
+    """One way of reaching the export: a file (FUSE, loop device) or raw NBD;
+    or an in-memory FUSE file with no NBD behind it (server None)."""
 
     def __init__(self, name, kind, path=None, server=None, daemon=None, loop_over=None,
-                 hold_open=None):
+                 hold_open=None, only_kind=None):
         self.name = name          # row label
         self.kind = kind          # 'file' or 'raw'
         self.path = path
-        self.server = server      # Server
+        self.server = server      # Server, or None
+        # 'fio' or 'dd': the target serves only the workloads of that kind
+        self.only_kind = only_kind
         self.daemon = daemon      # Popen of the FUSE daemon, or None
         # A loop device over this file is attached for each run and detached
         # after it, so that it never holds an alias of the other rows open.
@@ -141,6 +145,56 @@ def mount_nbdfs(res, workdir, nbdfs, server, tag, opts=()):
         raise
     log(f"nbdfs {tag}: pid {proc.pid} at {mnt}: {os.listdir(mnt)}")
     return proc, mnt
+
+
+FLOOR = "floor(memfile)"          # nbdfs's own FUSE request layer, no NBD behind it
+LIBFUSE_FLOOR = "libfuse-memfile"  # libfuse 3.14's loop, no NBD behind it
+MEMFILE_NAME = "disk"
+
+
+def mount_memfile(res, workdir, tag, cmd, mnt):
+    """Starts an in-memory FUSE file server in the foreground (cmd holds mnt);
+    ready when mnt/disk exists. Returns (proc, path of the file)."""
+    os.mkdir(mnt)
+    logpath = os.path.join(workdir, f"{tag}.log")
+    with open(logpath, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                                preexec_fn=_child_signals)
+    res.daemons.append(proc)
+    res.mounts.append(mnt)
+    path = os.path.join(mnt, MEMFILE_NAME)
+
+    def ready():
+        if proc.poll() is not None:
+            with open(logpath, errors="replace") as f:
+                tail = f.read()[-600:]
+            raise RuntimeError(f"{tag} exited {proc.returncode}: {' '.join(cmd)}: {tail}")
+        return mounted(mnt) and os.path.exists(path)
+    try:
+        wait_until(ready, 60, f"{tag} to serve {path}")
+    except Exception:
+        res.stop_daemon(proc, mnt)
+        raise
+    log(f"{tag}: pid {proc.pid}: {' '.join(cmd)}")
+    return proc, path
+
+
+def memfile_cmd(binary, direct, mnt):
+    """nbdfs-memfile's contract: nbdfs-memfile [--direct-io] SIZE MOUNTPOINT."""
+    return [binary] + (["--direct-io"] if direct else []) + [str(EXPORT_SIZE), mnt]
+
+
+def libfuse_memfile_cmd(binary, direct, mnt):
+    """fuse_memfile.c: MNT -f -o size=BYTES[,direct_io]."""
+    return [binary, mnt, "-f", "-o", f"size={EXPORT_SIZE}" + (",direct_io" if direct else "")]
+
+
+def build_libfuse_memfile(src, workdir):
+    """Compiles fuse_memfile.c into workdir; returns the binary's path."""
+    flags = run(["pkg-config", "--cflags", "--libs", "fuse3"]).stdout.split()
+    out = os.path.join(workdir, "libfuse-memfile")
+    run(["cc", "-O2", "-o", out, src] + flags, timeout=180)
+    return out
 
 
 def attach_loop(res, path, quiet=False):
@@ -342,7 +396,7 @@ class Bench:
                 t.path = None
 
     def _measure(self, w, t):
-        dpid, spid = t.daemon_pid, t.server.pid
+        dpid, spid = t.daemon_pid, t.server.pid if t.server else None
         size = t.size()
         if dpid:
             reset_hwm(dpid)
@@ -517,7 +571,7 @@ def report(results, errors, scale_out, header, notes_extra, runtime, reps):
             "kCPU s/GiB", "RSS MiB", "/nbdfuse", "/limit", "/base", "goals"]
     rows = []
     order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfs-wb", "nbdfs-alias", "nbdfuse",
-             "nbdfuse-loop", "raw"]
+             "nbdfuse-loop", FLOOR, LIBFUSE_FLOOR, "raw"]
     base_of = {"nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs-part2", "nbdfs-wb": "nbdfs",
                "nbdfs-alias": "nbdfs", "nbdfuse-loop": "nbdfuse"}
     for w in WORKLOADS:
@@ -624,6 +678,13 @@ def parse_args(argv):
     ap.add_argument("--scale-exports", type=int, default=None, metavar="N",
                     help=f"exports of the scale workload (default {scale.EXPORTS_FULL}, "
                          f"{scale.EXPORTS_QUICK} with --quick)")
+    ap.add_argument("--memfile", default=None, metavar="PATH",
+                    help="nbdfs's in-memory FUSE file (the floor rows; default "
+                         "BUILD/contrib/bench/nbdfs-memfile; rows skipped when absent)")
+    ap.add_argument("--libfuse-memfile", default=None, metavar="PATH",
+                    help="C source of an in-memory libfuse file, compiled at start for the "
+                         f"libfuse-memfile rows (default {LIBFUSE_MEMFILE_SRC} if it "
+                         "exists; '' skips them)")
     ap.add_argument("--no-nbdfs", action="store_true", help="skip nbdfs")
     ap.add_argument("--no-nbdfuse", action="store_true", help="skip nbdfuse")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop device rows")
@@ -636,6 +697,10 @@ def parse_args(argv):
         a.reps = 1 if a.quick else 3
     if a.runtime < 1 or a.reps < 1:
         ap.error("--runtime must be >= 1 and --reps >= 1")
+    if a.memfile is None:
+        a.memfile = os.path.join(a.build, "contrib", "bench", "nbdfs-memfile")
+    if a.libfuse_memfile is None:
+        a.libfuse_memfile = LIBFUSE_MEMFILE_SRC if os.path.exists(LIBFUSE_MEMFILE_SRC) else ""
     if a.scale_exports is not None and a.scale_exports < scale.READERS:
         ap.error(f"--scale-exports must be >= {scale.READERS}")
     a.runtime = int(a.runtime)
@@ -710,6 +775,27 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
             notes_extra.append(f"nbdfuse: did not mount ({str(e)[:200]}); rows skipped")
             targets = [t for t in targets if not t.name.startswith("nbdfuse")]
             delay_targets.pop("nbdfuse", None)
+    floors = ((FLOOR, tools["memfile"], memfile_cmd),
+              (LIBFUSE_FLOOR, tools["libfuse_memfile"], libfuse_memfile_cmd))
+    for name, binary, make_cmd in floors:
+        if not binary:
+            continue
+        # fio rows open O_DIRECT, and nbdfs answers such an open with
+        # FOPEN_DIRECT_IO: so does the floor's fio instance; dd rows are
+        # buffered, through an instance without it.
+        for kind, direct in (("fio", True), ("dd", False)):
+            if not any(w.kind == kind and not w.delay for w in workloads):
+                continue
+            tag = f"{'memfile' if name == FLOOR else 'libfuse-memfile'}-{kind}"
+            mnt = os.path.join(workdir, tag)
+            try:
+                proc, path = mount_memfile(res, workdir, tag, make_cmd(binary, direct, mnt), mnt)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                log(f"{name} does not start: {e}")
+                failures.append(f"{name} did not start: {e}")
+                notes_extra.append(f"{name}: did not start ({str(e)[:200]}); rows skipped")
+                break
+            targets.append(Target(name, "file", path, None, proc, only_kind=kind))
     targets.append(Target("raw", "raw", server=main_srv))
     if delay_srv:
         delay_targets["raw"] = Target("raw", "raw", server=delay_srv)
@@ -732,6 +818,7 @@ def plan_io(workloads, targets, delay_targets, fio_nbd):
                 ts = [t for t in ts if t.name != "nbdfs-wb"]
             if w.rw not in ("write", "randwrite") or w.id not in ALIAS_ROWS:
                 ts = [t for t in ts if t.name != "nbdfs-alias"]
+            ts = [t for t in ts if t.only_kind in (None, w.kind)]
         ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
         plan += [(w, t) for t in ts]
     return plan
@@ -779,6 +866,31 @@ def run_io(args, res, workdir, tools, workloads, notes_extra, failures, errors, 
     return results
 
 
+def find_floors(args, workdir, tools, notes_extra):
+    """The in-memory FUSE files: nbdfs-memfile if built, libfuse's compiled now."""
+    if os.access(args.memfile, os.X_OK):
+        tools["memfile"] = args.memfile
+        notes_extra.append(f"{FLOOR}: {args.memfile} [--direct-io] {EXPORT_SIZE} MNT: one "
+                           "file in memory served by nbdfs's FUSE request layer, no NBD "
+                           "behind it; --direct-io for the fio rows (as nbdfs does for "
+                           "O_DIRECT opens), without for the dd rows")
+    else:
+        log(f"no nbdfs-memfile at {args.memfile}: {FLOOR} rows skipped")
+        notes_extra.append(f"{FLOOR}: rows skipped, no {args.memfile} (--memfile PATH)")
+    if not args.libfuse_memfile:
+        return
+    try:
+        tools["libfuse_memfile"] = build_libfuse_memfile(args.libfuse_memfile, workdir)
+        notes_extra.append(f"{LIBFUSE_FLOOR}: {args.libfuse_memfile} (cc -O2, libfuse "
+                           f"{run(['pkg-config', '--modversion', 'fuse3']).stdout.strip()}), "
+                           "the same file through libfuse's multi-threaded loop; "
+                           "-o direct_io for the fio rows")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        log(f"{LIBFUSE_FLOOR}: does not build: {e}")
+        notes_extra.append(f"{LIBFUSE_FLOOR}: rows skipped, {args.libfuse_memfile} does not "
+                           f"build ({str(e)[:200]})")
+
+
 def main(argv):
     args = parse_args(argv)
     for tool in ("fio", "nbdkit", "nbdcopy", "dd", "losetup", "fusermount3"):
@@ -800,7 +912,8 @@ def main(argv):
     if not fio_nbd:
         log("this fio has no nbd ioengine: raw rows come from nbdcopy only")
     tools = {"nbdfs": nbdfs, "fio_nbd": fio_nbd,
-             "nbdfuse": not args.no_nbdfuse and shutil.which("nbdfuse") is not None}
+             "nbdfuse": not args.no_nbdfuse and shutil.which("nbdfuse") is not None,
+             "memfile": None, "libfuse_memfile": None}
     workloads = [w for w in WORKLOADS if not args.only or re.search(args.only, w.id)]
     scale_ids = [i for i in scale.SCALE_IDS if not args.only or re.search(args.only, i)]
 
@@ -826,6 +939,8 @@ def main(argv):
     rc = 0
     try:
         log(f"workdir {workdir}")
+        if workloads:
+            find_floors(args, workdir, tools, notes_extra)
         if scale_ids and nbdfs:
             scale_out = scale.run_scale(args, res, workdir, nbdfs, scale_ids)
             for case, msg in scale_out["errors"].items():
