@@ -473,8 +473,8 @@ def version_lines(nbdfs):
     return lines
 
 
-GOALS_DOC = """goals (ratios are of medians; #10: issue 10, the FUSE side of every request; #9: issue 9,
-one event loop per core; G6, G7: kept from the first goals):
+GOALS_DOC = """goals (ratios are of medians; #10: issue 10, the FUSE side of every request;
+#9: issue 9, one event loop per core; G6, G7: kept from the first goals):
   #10a dd bs=4k buffered write            nbdfs >= 1.5 x nbdfuse (neither with writeback)
   #10b dd bs=1M buffered write and read   nbdfs >= 1.5 x nbdfuse
   #10c O_DIRECT 1M qd16 read and write    nbdfs >= 0.9 x raw (fio nbd engine)
@@ -915,8 +915,8 @@ def plan_io(workloads, targets, delay_targets, fio_nbd):
 
 
 MEDIAN_KEYS = ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
-               "daemon_us_per_io", "nbdkit_us_per_io", "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads",
-               "minflt_per_io")
+               "daemon_us_per_io", "nbdkit_us_per_io", "rss_mib", "vcs_per_io", "ivcs_per_io",
+               "threads", "new_threads", "minflt_per_io")
 
 
 def run_io(args, res, workdir, tools, workloads, notes_extra, failures, errors, raw_runs):
@@ -979,6 +979,17 @@ def find_floors(args, workdir, tools, notes_extra):
         log(f"{LIBFUSE_FLOOR}: does not build: {e}")
         notes_extra.append(f"{LIBFUSE_FLOOR}: rows skipped, {args.libfuse_memfile} does not "
                            f"build ({str(e)[:200]})")
+
+
+def finite(v):
+    """v with infinities (a daemon that did not stop in time) as null, for JSON."""
+    if isinstance(v, float) and v == float("inf"):
+        return None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
 
 
 def main(argv):
@@ -1076,7 +1087,7 @@ def main(argv):
                        "runs": {f"{k[0]} {k[1]}": v for k, v in raw_runs.items()},
                        "medians": {f"{k[0]} {k[1]}": v for k, v in results.items()},
                        "errors": {f"{k[0]} {k[1]}": v for k, v in errors.items()},
-                       "scale": scale_out},
+                       "scale": finite(scale_out)},
                       f, indent=1)
     return rc
 
