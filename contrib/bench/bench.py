@@ -6,20 +6,25 @@ mounts it through nbdfs (export file and a split partition file, plus a loop
 device over the partition file) and through nbdfuse (file, plus a loop device),
 runs the same workloads through each of them and through fio's nbd ioengine
 straight at the export, and prints one table with medians over --reps runs,
-the ratios nbdfs/nbdfuse and nbdfs/limit, and the issue's goals as PASS/MISS.
+the ratios nbdfs/nbdfuse and nbdfs/limit, and the issues' goals as PASS/MISS.
+The scale workload (scale.py: `nbdfs -a` over 10,000 exports under
+RLIMIT_NOFILE 1024) runs first and has a table of its own. Only the servers
+and mounts the selected workloads (--only) need are started.
 
 Standard library only. Needs root (loop devices, drop_caches), fio, nbdkit,
 nbdcopy, nbdfuse, fusermount3, losetup. Everything it starts (servers, mounts,
 loop devices, fio/dd) is ended in a finally block, also on SIGINT/SIGTERM.
 
     /usr/bin/python3 contrib/bench/bench.py [--quick] [--build DIR]
-        [--runtime S] [--reps N] [--out FILE] [--json FILE]
+        [--runtime S] [--reps N] [--out FILE] [--json FILE] [--only REGEX]
+        [--scale-exports N]
 
---quick (1 rep of 1 s per run, about 2 minutes) is the CI smoke run. Speed is
-never asserted. Exit status: 0 when every run worked; 1 when a run failed,
-nbdfs is missing (see --build, --no-nbdfs) or did not mount, or a mount/loop
-device was left behind; 2 when a tool or root is missing; 130 when interrupted
-(after cleaning up).
+--quick (1 rep of 1 s per run, 1000 exports in the scale workload, about 2
+minutes) is the CI smoke run. Speed is never asserted. Exit status: 0 when
+every run worked; 1 when a run failed, nbdfs is missing (see --build,
+--no-nbdfs) or did not mount, or a mount, loop device or process was left
+behind; 2 when a tool or root is missing; 130 when interrupted (after cleaning
+up).
 """
 
 import argparse
@@ -30,278 +35,25 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.dont_write_bytecode = True    # no root-owned __pycache__ in the source tree
+from benchlib import (GiB, MiB, Interrupted, Resources, _child_signals,  # noqa: E402
+                      ctx_delta, ctx_switches, drop_caches, fmt, fmt_ratio, leftovers, log,
+                      median, mounted, nthreads, proc_cpu, proc_minflt, proc_status, ratio,
+                      reset_hwm, run, start_nbdkit, wait_until)
+import scale  # noqa: E402
+
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MiB = 1 << 20
-GiB = 1 << 30
 EXPORT_SIZE = GiB
 SPLIT_SECTORS = 2048            # nbdfs disk-part1 = first 1 MiB, disk-part2 = the rest
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class Interrupted(BaseException):
-    """Raised from the signal handler so that finally blocks run."""
-
-
-def log(msg):
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _child_signals():
-    # A shell that starts us in the background ignores SIGINT, and ignored
-    # signals survive exec: give children the default actions back, so that
-    # dd really stops (and prints its statistics) on SIGINT.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def run(cmd, timeout=60, check=True, **kw):
-    """Runs a short helper command; returns CompletedProcess (text)."""
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       timeout=timeout, preexec_fn=_child_signals, **kw)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {p.returncode}: {p.stderr.strip()}")
-    return p
-
-
-def wait_until(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def mounted(path):
-    """True if path is a mountpoint in /proc/mounts (octal escapes decoded)."""
-    with open("/proc/mounts") as f:
-        for line in f:
-            mp = line.split()[1].encode().decode("unicode_escape")
-            if mp == path:
-                return True
-    return False
-
-
-# ---------------------------------------------------------------- resources
-
-class Resources:
-    """Everything this run started, released in reverse dependency order:
-    workers (fio, dd) -> loop devices -> FUSE mounts -> daemons -> servers."""
-
-    def __init__(self):
-        self.workers = []     # Popen
-        self.loops = []       # /dev/loopN
-        self.mounts = []      # mountpoints
-        self.daemons = []     # Popen (nbdfs, nbdfuse)
-        self.servers = []     # Popen (nbdkit)
-        self.dirs = []
-
-    @staticmethod
-    def _kill(p, sig=signal.SIGTERM, timeout=10):
-        if p.poll() is not None:
-            return
-        try:
-            p.send_signal(sig)
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"pid {p.pid} does not die (stuck in the kernel?)")
-
-    def unmount(self, mp):
-        for args in (["-u"], ["-uz"]):
-            if not mounted(mp):
-                break
-            try:
-                run(["fusermount3"] + args + [mp], timeout=30, check=False)
-            except subprocess.TimeoutExpired:
-                log(f"fusermount3 {' '.join(args)} {mp} timed out")
-            if args == ["-u"] and mounted(mp):
-                # busy (a loop device still releasing the file): retry briefly
-                deadline = time.monotonic() + 5
-                while mounted(mp) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    run(["fusermount3", "-u", mp], timeout=30, check=False)
-        if mp in self.mounts:
-            self.mounts.remove(mp)
-
-    def detach(self, dev):
-        run(["losetup", "-d", dev], timeout=30, check=False)
-        if dev in self.loops:
-            self.loops.remove(dev)
-
-    def release(self):
-        for p in self.workers:
-            self._kill(p, signal.SIGKILL, timeout=5)
-        for dev in reversed(list(self.loops)):
-            self.detach(dev)
-        for mp in reversed(list(self.mounts)):
-            self.unmount(mp)
-        for p in reversed(self.daemons):
-            self._kill(p)
-        for mp in list(self.mounts):      # a daemon that died leaves ENOTCONN mounts
-            self.unmount(mp)
-        for p in reversed(self.servers):
-            self._kill(p)
-        for p in self.workers + self.daemons + self.servers:
-            for s in (p.stdout, p.stderr):
-                if s:
-                    s.close()
-        for d in self.dirs:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def leftovers(workdir):
-    """Mounts and loop devices of this run still present (should be none)."""
-    left = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            mp = line.split()[1]
-            if mp.startswith(workdir):
-                left.append(f"mount {mp}")
-    out = run(["losetup", "-a"], check=False).stdout
-    for line in out.splitlines():
-        if workdir in line:
-            left.append(f"loop {line}")
-    return left
-
-
-# ---------------------------------------------------------------- /proc
-
-def proc_cpu(pid):
-    """utime+stime of a whole process (all threads), in seconds."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def proc_minflt(pid):
-    """Minor page faults of a whole process (all threads, live and dead)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def proc_status(pid, key):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def reset_hwm(pid):
-    """Resets VmHWM to the current RSS (clear_refs 5), so each run has its own peak."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def ctx_switches(pid):
-    """{tid: (voluntary, involuntary)} context switches of the live threads.
-    Linux keeps no per-process total readable from outside (dead threads'
-    counts go to signal_struct), so deltas are a lower bound when the daemon's
-    threads come and go."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        vol = inv = 0
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        vol = int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches:"):
-                        inv = int(line.split()[1])
-        except OSError:
-            continue
-        out[tid] = (vol, inv)
-    return out
-
-
-def ctx_delta(before, after):
-    vol = inv = 0
-    for tid, (v, i) in after.items():
-        v0, i0 = before.get(tid, (0, 0))
-        vol += max(0, v - v0)
-        inv += max(0, i - i0)
-    return vol, inv
-
-
-def nthreads(pid):
-    try:
-        return len(os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        return None
-
-
-def drop_caches():
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1")
-    except OSError as e:
-        log(f"cannot drop caches: {e}")
+LIBFUSE_MEMFILE_SRC = "/work/shared/bench/fuse_memfile.c"
 
 
 # ---------------------------------------------------------------- setup
-
-class Server:
-    def __init__(self, proc, sock, name):
-        self.proc, self.sock, self.name = proc, sock, name
-
-    @property
-    def uri(self):
-        return f"nbd+unix:///?socket={self.sock}"
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-
-def start_nbdkit(res, workdir, name, extra=()):
-    sock = os.path.join(workdir, f"{name}.sock")
-    # -t 64: enough server threads that the server never caps qd32 + multi-conn
-    cmd = ["nbdkit", "-f", "--exit-with-parent", "-t", "64", "-U", sock] + list(extra)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=_child_signals)
-    res.servers.append(proc)
-
-    def ready():
-        if proc.poll() is not None:
-            raise RuntimeError(f"nbdkit exited {proc.returncode}: {' '.join(cmd)}: "
-                               f"{proc.stderr.read().decode(errors='replace')}")
-        return os.path.exists(sock)
-    wait_until(ready, 30, f"nbdkit {name}")
-    log(f"nbdkit {name}: pid {proc.pid}: {' '.join(cmd[5:])}")
-    return Server(proc, sock, name)
-
 
 def make_random_file(path, size):
     with open(path, "wb") as f:
@@ -313,14 +65,17 @@ def make_random_file(path, size):
 
 
 class Target:
-    """One way of reaching the export: a file (FUSE, loop device) or raw NBD."""
+    """One way of reaching the export: a file (FUSE, loop device) or raw NBD;
+    or an in-memory FUSE file with no NBD behind it (server None)."""
 
     def __init__(self, name, kind, path=None, server=None, daemon=None, loop_over=None,
-                 hold_open=None):
+                 hold_open=None, only_kind=None):
         self.name = name          # row label
         self.kind = kind          # 'file' or 'raw'
         self.path = path
-        self.server = server      # Server
+        self.server = server      # Server, or None
+        # 'fio' or 'dd': the target serves only the workloads of that kind
+        self.only_kind = only_kind
         self.daemon = daemon      # Popen of the FUSE daemon, or None
         # A loop device over this file is attached for each run and detached
         # after it, so that it never holds an alias of the other rows open.
@@ -390,6 +145,56 @@ def mount_nbdfs(res, workdir, nbdfs, server, tag, opts=()):
         raise
     log(f"nbdfs {tag}: pid {proc.pid} at {mnt}: {os.listdir(mnt)}")
     return proc, mnt
+
+
+FLOOR = "floor(memfile)"          # nbdfs's own FUSE request layer, no NBD behind it
+LIBFUSE_FLOOR = "libfuse-memfile"  # libfuse 3.14's loop, no NBD behind it
+MEMFILE_NAME = "disk"
+
+
+def mount_memfile(res, workdir, tag, cmd, mnt):
+    """Starts an in-memory FUSE file server in the foreground (cmd holds mnt);
+    ready when mnt/disk exists. Returns (proc, path of the file)."""
+    os.mkdir(mnt)
+    logpath = os.path.join(workdir, f"{tag}.log")
+    with open(logpath, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                                preexec_fn=_child_signals)
+    res.daemons.append(proc)
+    res.mounts.append(mnt)
+    path = os.path.join(mnt, MEMFILE_NAME)
+
+    def ready():
+        if proc.poll() is not None:
+            with open(logpath, errors="replace") as f:
+                tail = f.read()[-600:]
+            raise RuntimeError(f"{tag} exited {proc.returncode}: {' '.join(cmd)}: {tail}")
+        return mounted(mnt) and os.path.exists(path)
+    try:
+        wait_until(ready, 60, f"{tag} to serve {path}")
+    except Exception:
+        res.stop_daemon(proc, mnt)
+        raise
+    log(f"{tag}: pid {proc.pid}: {' '.join(cmd)}")
+    return proc, path
+
+
+def memfile_cmd(binary, direct, mnt):
+    """nbdfs-memfile's contract: nbdfs-memfile [--direct-io] SIZE MOUNTPOINT."""
+    return [binary] + (["--direct-io"] if direct else []) + [str(EXPORT_SIZE), mnt]
+
+
+def libfuse_memfile_cmd(binary, direct, mnt):
+    """fuse_memfile.c: MNT -f -o size=BYTES[,direct_io]."""
+    return [binary, mnt, "-f", "-o", f"size={EXPORT_SIZE}" + (",direct_io" if direct else "")]
+
+
+def build_libfuse_memfile(src, workdir):
+    """Compiles fuse_memfile.c into workdir; returns the binary's path."""
+    flags = run(["pkg-config", "--cflags", "--libs", "fuse3"]).stdout.split()
+    out = os.path.join(workdir, "libfuse-memfile")
+    run(["cc", "-O2", "-o", out, src] + flags, timeout=180)
+    return out
 
 
 def attach_loop(res, path, quiet=False):
@@ -591,7 +396,7 @@ class Bench:
                 t.path = None
 
     def _measure(self, w, t):
-        dpid, spid = t.daemon_pid, t.server.pid
+        dpid, spid = t.daemon_pid, t.server.pid if t.server else None
         size = t.size()
         if dpid:
             reset_hwm(dpid)
@@ -609,6 +414,12 @@ class Bench:
         r["daemon_cpu_gib"] = (d1 - d0) / gib if dpid and gib and d0 is not None \
             and d1 is not None else None
         r["nbdkit_cpu_gib"] = (s1 - s0) / gib if gib and s0 is not None \
+            and s1 is not None else None
+        # the same CPU per request (fio's requests; dd's bs blocks), in us
+        n = r.get("ios")
+        r["daemon_us_per_io"] = (d1 - d0) / n * 1e6 if dpid and n and d0 is not None \
+            and d1 is not None else None
+        r["nbdkit_us_per_io"] = (s1 - s0) / n * 1e6 if n and s0 is not None \
             and s1 is not None else None
         if dpid:
             hwm = proc_status(dpid, "VmHWM")
@@ -629,37 +440,10 @@ class Bench:
 
 # ---------------------------------------------------------------- report
 
-def median(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def fmt(v, nd=1):
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    return f"{v:.{nd}f}"
-
-
-def fmt_ratio(v):
-    return "-" if v is None else f"{v:.2f}x"
-
-
 def primary(w, r):
     if not r:
         return None
     return r.get("iops") if w.metric == "IOPS" else r.get("mbs")
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
 
 
 def version_lines(nbdfs):
@@ -689,23 +473,44 @@ def version_lines(nbdfs):
     return lines
 
 
-GOALS_DOC = """goals (from the issue; ratios are of medians):
-  G1 O_DIRECT seq r/w 1M qd16        nbdfs >= 0.90 x raw (fio nbd engine)
-  G2 buffered dd 1M read/write       nbdfs >= 2.5 x nbdfuse
-  G3 dd 4k write                     nbdfs >= 3 x nbdfuse
-  G4 4k randread qd1 p50 latency     nbdfs <= 0.65 x nbdfuse
-  G5 4k rand read/write qd32 IOPS    nbdfs >= 0.60 x raw
-  G6 4k randread qd32, server +1ms   nbdfs >= 0.90 x raw
-  G7 partition file vs export file   >= 0.95 on every row
-  G8 loop over partition file vs it  >= 0.85 on every row
-  G9 daemon CPU s/GiB, seq read      nbdfs <= 0.5 x nbdfuse
-  G10 peak RSS of the daemon         nbdfs <= nbdfuse"""
+GOALS_DOC = """goals (ratios are of medians; #10: issue 10, the FUSE side of every request;
+#9: issue 9, one event loop per core; G6, G7: kept from the first goals):
+  #10a dd bs=4k buffered write            nbdfs >= 1.5 x nbdfuse (neither with writeback)
+  #10b dd bs=1M buffered write and read   nbdfs >= 1.5 x nbdfuse
+  #10c O_DIRECT 1M qd16 read and write    nbdfs >= 0.9 x raw (fio nbd engine)
+  #10d 4k randread qd1 p50                nbdfs <= 1.05 x floor (floor(memfile) p50 + raw p50)
+  #10e daemon CPU s/GiB, sequential reads nbdfs <= 0.5 x nbdfuse
+  #10f peak RSS of the daemon             nbdfs <= nbdfuse
+  #10g loop (--direct-io=on) over a partition file vs the file   >= 0.85 on every row
+  #9a  4k rand read and write qd32 IOPS   nbdfs >= 0.6 x raw
+  #9b  4k rand read and write qd32        daemon CPU per request <= 10 us
+  #9c  4k rand read and write qd32        nbdkit CPU per request serving nbdfs <= 1.3 x serving raw
+  #9   scale                              the targets in the scale table
+  G6   4k randread qd32, server +1ms      nbdfs >= 0.90 x raw
+  G7   partition file vs export file      >= 0.95 on every row"""
+
+NBDFS_ROWS = ("nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfs-alias")
+QD32_ROWS = ("randread-4k-qd32", "randwrite-4k-qd32")
 
 
-def evaluate(results):
-    """Returns (goal notes per (workload id, target), list of summary lines)."""
+def qd1_floor(results, wid):
+    """(floor p50 us, which memfile) of a qd1 fio workload: the in-memory FUSE
+    file's p50 + raw NBD's p50; libfuse's file stands in while nbdfs's is absent."""
+    raw = results.get((wid, "raw"))
+    for name in (FLOOR, LIBFUSE_FLOOR):
+        mem = results.get((wid, name))
+        if mem and raw and mem.get("p50_us") is not None and raw.get("p50_us") is not None:
+            return mem["p50_us"] + raw["p50_us"], name, mem["p50_us"], raw["p50_us"]
+    return None
+
+
+def evaluate(results, scale_lines=()):
+    """Returns (goal notes per (workload id, target), list of summary lines).
+    A goal whose workloads did not run is left out; scale_lines (the scale
+    workload's summary) go after the other #9 goals."""
     notes = {}
     summary = []
+    ran = {wid for wid, _ in results}
 
     def get(wid, tname):
         return results.get((wid, tname))
@@ -713,57 +518,67 @@ def evaluate(results):
     def add(key, text):
         notes.setdefault(key, []).append(text)
 
-    def check(gid, v, op, limit, key, what):
+    def verdict(v, op, limit):
+        return "PASS" if (v >= limit if op == ">=" else v <= limit) else "MISS"
+
+    def check(gid, v, op, limit, key, what, unit=""):
+        if key[0] not in ran:
+            return
         if v is None:
             add(key, f"{gid} n/a")
             summary.append(f"{gid} {what}: n/a")
             return
-        ok = v >= limit if op == ">=" else v <= limit
-        verdict = "PASS" if ok else "MISS"
-        add(key, f"{gid} {op}{limit:g} {verdict}")
-        summary.append(f"{gid} {what}: {v:.2f} ({op} {limit:g}) {verdict}")
+        vd = verdict(v, op, limit)
+        shown = f"{v:.2f}x " if unit == "x" else f"{v:.1f}{unit} " if unit else ""
+        add(key, f"{gid} {shown}{op}{limit:g}{unit} {vd}")
+        summary.append(f"{gid} {what}: {v:.2f}{unit} ({op} {limit:g}{unit}) {vd}")
 
     w_by_id = {w.id: w for w in WORKLOADS}
 
     def tput(wid, tname):
         return primary(w_by_id[wid], get(wid, tname))
 
-    for wid in ("seqread-1M-qd16", "seqwrite-1M-qd16"):
-        check("G1", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.90,
-              (wid, "nbdfs"), f"{wid} nbdfs/raw")
-    for wid in ("dd-read-1M", "dd-write-1M"):
-        check("G2", ratio(tput(wid, "nbdfs"), tput(wid, "nbdfuse")), ">=", 2.5,
+    def val(wid, tname, k):
+        r = get(wid, tname)
+        return r.get(k) if r else None
+
+    check("#10a", ratio(tput("dd-write-4k", "nbdfs"), tput("dd-write-4k", "nbdfuse")), ">=",
+          1.5, ("dd-write-4k", "nbdfs"), "dd-write-4k nbdfs/nbdfuse")
+    for wid in ("dd-write-1M", "dd-read-1M"):
+        check("#10b", ratio(tput(wid, "nbdfs"), tput(wid, "nbdfuse")), ">=", 1.5,
               (wid, "nbdfs"), f"{wid} nbdfs/nbdfuse")
-    check("G3", ratio(tput("dd-write-4k", "nbdfs"), tput("dd-write-4k", "nbdfuse")), ">=", 3,
-          ("dd-write-4k", "nbdfs"), "dd-write-4k nbdfs/nbdfuse")
-    a, b = get("randread-4k-qd1", "nbdfs"), get("randread-4k-qd1", "nbdfuse")
-    check("G4", ratio(a and a.get("p50_us"), b and b.get("p50_us")), "<=", 0.65,
-          ("randread-4k-qd1", "nbdfs"), "randread-4k-qd1 p50 nbdfs/nbdfuse")
-    for wid in ("randread-4k-qd32", "randwrite-4k-qd32"):
-        check("G5", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.60,
+    for wid in ("seqread-1M-qd16", "seqwrite-1M-qd16"):
+        check("#10c", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.9,
               (wid, "nbdfs"), f"{wid} nbdfs/raw")
-    wid = "delay-randread-4k-qd32"
-    check("G6", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.90,
-          (wid, "nbdfs"), f"{wid} nbdfs/raw")
-    for gid, tname, base, limit in (("G7", "nbdfs-part2", "nbdfs", 0.95),
-                                    ("G8", "nbdfs-loop", "nbdfs-part2", 0.85)):
-        worst = None
-        for w in WORKLOADS:
-            r = ratio(tput(w.id, tname), tput(w.id, base))
-            if r is None:
-                continue
-            ok = r >= limit
-            add((w.id, tname), f"{gid} >={limit:g} {'PASS' if ok else 'MISS'}")
-            if worst is None or r < worst[0]:
-                worst = (r, w.id)
-        if worst is None:
-            summary.append(f"{gid} {tname}/{base}: n/a")
+    # the qd1 floor beside every nbdfs row of a qd1 fio workload; the goal on one
+    for w in WORKLOADS:
+        if w.kind != "fio" or w.qd != 1 or w.id not in ran:
+            continue
+        fl = qd1_floor(results, w.id)
+        for tname in NBDFS_ROWS:
+            p50 = val(w.id, tname, "p50_us")
+            if fl and p50 is not None:
+                add((w.id, tname), f"floor {fl[0]:.1f}us: {p50 / fl[0]:.2f}x")
+    wid = "randread-4k-qd1"
+    if wid in ran:
+        fl = qd1_floor(results, wid)
+        p50 = val(wid, "nbdfs", "p50_us")
+        if fl is None or p50 is None:
+            add((wid, "nbdfs"), "#10d n/a")
+            summary.append(f"#10d {wid} p50 nbdfs/floor: n/a (needs nbdfs, raw(fio nbd) and "
+                           f"{FLOOR} or {LIBFUSE_FLOOR} rows)")
         else:
-            summary.append(f"{gid} {tname}/{base} worst row {worst[1]}: {worst[0]:.2f} "
-                           f"(>= {limit:g}) {'PASS' if worst[0] >= limit else 'MISS'}")
-    a, b = get("seqread-1M-qd16", "nbdfs"), get("seqread-1M-qd16", "nbdfuse")
-    check("G9", ratio(a and a.get("daemon_cpu_gib"), b and b.get("daemon_cpu_gib")), "<=",
-          0.5, ("seqread-1M-qd16", "nbdfs"), "seqread-1M-qd16 daemon CPU s/GiB nbdfs/nbdfuse")
+            v = p50 / fl[0]
+            vd = verdict(v, "<=", 1.05)
+            stand_in = f" [{LIBFUSE_FLOOR} stands in for {FLOOR}]" if fl[1] != FLOOR else ""
+            add((wid, "nbdfs"), f"#10d <=1.05 {vd}")
+            summary.append(f"#10d {wid} p50 nbdfs {p50:.1f} us / floor {fl[0]:.1f} us "
+                           f"({fl[1]} {fl[2]:.1f} + raw {fl[3]:.1f}): {v:.2f} (<= 1.05) "
+                           f"{vd}{stand_in}")
+    for wid in ("seqread-1M-qd16", "seqread-1M-qd1", "dd-read-1M"):
+        check("#10e", ratio(val(wid, "nbdfs", "daemon_cpu_gib"),
+                            val(wid, "nbdfuse", "daemon_cpu_gib")), "<=", 0.5,
+              (wid, "nbdfs"), f"{wid} daemon CPU s/GiB nbdfs/nbdfuse")
     peaks = {}
     for (wid, tname), r in results.items():
         base = {"nbdfs": "nbdfs", "nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs",
@@ -772,12 +587,40 @@ def evaluate(results):
         if base and r.get("rss_mib_max") is not None and not w_by_id[wid].delay:
             peaks[base] = max(peaks.get(base, 0), r["rss_mib_max"])
     v = ratio(peaks.get("nbdfs"), peaks.get("nbdfuse"))
-    if v is None:
-        summary.append("G10 peak RSS nbdfs/nbdfuse: n/a")
-    else:
-        summary.append(f"G10 peak RSS nbdfs {peaks['nbdfs']:.1f} MiB / nbdfuse "
-                       f"{peaks['nbdfuse']:.1f} MiB: {v:.2f} (<= 1) "
-                       f"{'PASS' if v <= 1 else 'MISS'}")
+    if v is not None:
+        summary.append(f"#10f peak RSS nbdfs {peaks['nbdfs']:.1f} MiB / nbdfuse "
+                       f"{peaks['nbdfuse']:.1f} MiB: {v:.2f} (<= 1) {verdict(v, '<=', 1)}")
+    elif peaks:
+        summary.append("#10f peak RSS nbdfs/nbdfuse: n/a")
+    for wid in QD32_ROWS:
+        check("#9a", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.6,
+              (wid, "nbdfs"), f"{wid} IOPS nbdfs/raw")
+        check("#9b", val(wid, "nbdfs", "daemon_us_per_io"), "<=", 10, (wid, "nbdfs"),
+              f"{wid} nbdfs daemon CPU per request", unit="us")
+        check("#9c", ratio(val(wid, "nbdfs", "nbdkit_us_per_io"),
+                           val(wid, "raw", "nbdkit_us_per_io")), "<=", 1.3, (wid, "nbdfs"),
+              f"{wid} nbdkit CPU per request serving nbdfs/serving raw", unit="x")
+    summary += scale_lines
+    wid = "delay-randread-4k-qd32"
+    check("G6", ratio(tput(wid, "nbdfs"), tput(wid, "raw")), ">=", 0.90,
+          (wid, "nbdfs"), f"{wid} nbdfs/raw")
+    for gid, tname, base, limit in (("#10g", "nbdfs-loop", "nbdfs-part2", 0.85),
+                                    ("G7", "nbdfs-part2", "nbdfs", 0.95)):
+        worst, n, npass = None, 0, 0
+        for w in WORKLOADS:
+            r = ratio(tput(w.id, tname), tput(w.id, base))
+            if r is None:
+                continue
+            ok = r >= limit
+            n += 1
+            npass += ok
+            add((w.id, tname), f"{gid} >={limit:g} {'PASS' if ok else 'MISS'}")
+            if worst is None or r < worst[0]:
+                worst = (r, w.id)
+        if worst is not None:
+            summary.append(f"{gid} {tname}/{base} worst row {worst[1]}: {worst[0]:.2f} "
+                           f"(>= {limit:g}, {npass} of {n} rows pass) "
+                           f"{'PASS' if worst[0] >= limit else 'MISS'}")
     wb = [f"{wid} {ratio(tput(wid, 'nbdfs-wb'), tput(wid, 'nbdfuse')):.2f}x"
           for wid in ("dd-read-1M", "dd-write-1M", "dd-write-4k")
           if ratio(tput(wid, "nbdfs-wb"), tput(wid, "nbdfuse")) is not None]
@@ -786,13 +629,35 @@ def evaluate(results):
     return notes, summary
 
 
-def report(results, errors, targets_present, header, notes_extra, runtime, reps):
-    notes, summary = evaluate(results)
+def cpu_per_request(results):
+    """Lines of the CPU-per-request block for the 4 KiB qd32 rows (issue 9)."""
+    vias = ("nbdfs", "nbdfuse", FLOOR, LIBFUSE_FLOOR, "raw")
+    lines = []
+    for wid in QD32_ROWS:
+        raw = results.get((wid, "raw"))
+        raw_k = raw.get("nbdkit_us_per_io") if raw else None
+        for tname in vias:
+            r = results.get((wid, tname))
+            if not r:
+                continue
+            d, k = r.get("daemon_us_per_io"), r.get("nbdkit_us_per_io")
+            to_raw = fmt_ratio(ratio(k, raw_k)) if tname != "raw" else "-"
+            via = "raw(fio nbd)" if tname == "raw" else tname
+            lines.append(f"  {wid:18} {via:16} {fmt(d):>7} {fmt(k):>7} {to_raw:>9}")
+    if not lines:
+        return []
+    return ["CPU per request at 4 KiB qd32 (us of user+sys CPU, all threads, over fio's "
+            "requests; clock ticks of 10 ms, so short runs are coarse):",
+            f"  {'workload':18} {'via':16} {'daemon':>7} {'nbdkit':>7} {'k / raw':>9}"] + lines
+
+
+def report(results, errors, scale_out, header, notes_extra, runtime, reps):
+    notes, summary = evaluate(results, scale.summary(scale_out, os.cpu_count()))
     cols = ["workload", "via", "MB/s", "IOPS", "p50 us", "p99 us", "dCPU s/GiB",
             "kCPU s/GiB", "RSS MiB", "/nbdfuse", "/limit", "/base", "goals"]
     rows = []
     order = ["nbdfs", "nbdfs-part2", "nbdfs-loop", "nbdfs-wb", "nbdfs-alias", "nbdfuse",
-             "nbdfuse-loop", "raw"]
+             "nbdfuse-loop", FLOOR, LIBFUSE_FLOOR, "raw"]
     base_of = {"nbdfs-part2": "nbdfs", "nbdfs-loop": "nbdfs-part2", "nbdfs-wb": "nbdfs",
                "nbdfs-alias": "nbdfs", "nbdfuse-loop": "nbdfuse"}
     for w in WORKLOADS:
@@ -827,39 +692,50 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
     widths[2] = min(widths[2], 10)
     out = []
     out += header
-    out.append(f"export: nbdkit memory 1G over a Unix socket, random data; runtime {runtime}s "
-               f"per run, median of {reps} rep(s)")
+    if rows:
+        out.append(f"export: nbdkit memory 1G over a Unix socket, random data; runtime "
+                   f"{runtime}s per run, median of {reps} rep(s)")
     out += notes_extra
     out.append("")
 
     def line(vals):
         return "| " + " | ".join(str(v).ljust(widths[i]) if i < 2 or i == len(cols) - 1
                                  else str(v).rjust(widths[i]) for i, v in enumerate(vals)) + " |"
-    out.append(line(cols))
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        if row[2].startswith("ERR"):
-            out.append(f"| {row[0].ljust(widths[0])} | {row[1].ljust(widths[1])} | {row[2]} |")
-        else:
-            out.append(line(row))
-    out.append("")
-    out.append("columns: MB/s = 10^6 bytes/s; p50/p99 = fio completion latency (clat); "
-               "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
-               "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
-               "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); /base = "
-               "part2 over the export file, loop over the file under it, nbdfs-wb and nbdfs-alias "
-               "over nbdfs.")
-    out.append("")
+    if rows:
+        out.append(line(cols))
+        out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in rows:
+            if row[2].startswith("ERR"):
+                out.append(f"| {row[0].ljust(widths[0])} | {row[1].ljust(widths[1])} | "
+                           f"{row[2]} |")
+            else:
+                out.append(line(row))
+        out.append("")
+        out.append("columns: MB/s = 10^6 bytes/s; p50/p99 = fio completion latency (clat); "
+                   "dCPU/kCPU = CPU seconds (user+sys, all threads) of the FUSE daemon / nbdkit "
+                   "per GiB moved; RSS = peak VmHWM of the daemon during the run; /nbdfuse and "
+                   "/limit = nbdfs over nbdfuse and over raw (MB/s, or IOPS for 4k rows); "
+                   "/base = part2 over the export file, loop over the file under it, nbdfs-wb "
+                   "and nbdfs-alias over nbdfs.")
+        out.append("")
+    sc = scale.report(scale_out, os.cpu_count(), reps)
+    if sc:
+        out += sc
+        out.append("")
     out.append(GOALS_DOC)
     out.append("")
     out.append("result:")
     out += ["  " + s for s in summary]
+    cpu = cpu_per_request(results)
+    if cpu:
+        out.append("")
+        out += cpu
     prof = []
     for w in WORKLOADS:
         for tname in order:
             r = results.get((w.id, tname))
             if r and r.get("vcs_per_io") is not None:
-                prof.append(f"  {w.id:24} {tname:13} vol ctxsw/IO {r['vcs_per_io']:6.2f}  "
+                prof.append(f"  {w.id:24} {tname:15} vol ctxsw/IO {r['vcs_per_io']:6.2f}  "
                             f"invol/IO {r.get('ivcs_per_io', 0):5.2f}  threads "
                             f"{fmt(r.get('threads'), 0)} (+{fmt(r.get('new_threads'), 0)} "
                             f"new)  minflt/IO {fmt(r.get('minflt_per_io'), 1)}")
@@ -877,7 +753,8 @@ def report(results, errors, targets_present, header, notes_extra, runtime, reps)
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="1 rep of ~1 s per workload (CI smoke run; no speed assertions)")
+                    help="1 rep of ~1 s per workload, 1000 exports in the scale workload "
+                         "(CI smoke run; no speed assertions)")
     ap.add_argument("--build", default=os.environ.get("NBDFS_BUILD_DIR",
                                                       os.path.join(SRC_DIR, "build")),
                     help="meson build dir holding src/nbdfs (default $NBDFS_BUILD_DIR "
@@ -886,7 +763,18 @@ def parse_args(argv):
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     ap.add_argument("--out", help="also write the report to FILE")
     ap.add_argument("--json", help="write all raw results as JSON to FILE")
-    ap.add_argument("--only", help="regex: run only the workloads whose id matches")
+    ap.add_argument("--only", help="regex: run only the workloads whose id matches "
+                                   "(scale and scale-delay-open are workloads too)")
+    ap.add_argument("--scale-exports", type=int, default=None, metavar="N",
+                    help=f"exports of the scale workload (default {scale.EXPORTS_FULL}, "
+                         f"{scale.EXPORTS_QUICK} with --quick)")
+    ap.add_argument("--memfile", default=None, metavar="PATH",
+                    help="nbdfs's in-memory FUSE file (the floor rows; default "
+                         "BUILD/contrib/bench/nbdfs-memfile; rows skipped when absent)")
+    ap.add_argument("--libfuse-memfile", default=None, metavar="PATH",
+                    help="C source of an in-memory libfuse file, compiled at start for the "
+                         f"libfuse-memfile rows (default {LIBFUSE_MEMFILE_SRC} if it "
+                         "exists; '' skips them)")
     ap.add_argument("--no-nbdfs", action="store_true", help="skip nbdfs")
     ap.add_argument("--no-nbdfuse", action="store_true", help="skip nbdfuse")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop device rows")
@@ -899,8 +787,209 @@ def parse_args(argv):
         a.reps = 1 if a.quick else 3
     if a.runtime < 1 or a.reps < 1:
         ap.error("--runtime must be >= 1 and --reps >= 1")
+    if a.memfile is None:
+        a.memfile = os.path.join(a.build, "contrib", "bench", "nbdfs-memfile")
+    if a.libfuse_memfile is None:
+        a.libfuse_memfile = LIBFUSE_MEMFILE_SRC if os.path.exists(LIBFUSE_MEMFILE_SRC) else ""
+    if a.scale_exports is not None and a.scale_exports < scale.READERS:
+        ap.error(f"--scale-exports must be >= {scale.READERS}")
     a.runtime = int(a.runtime)
     return a
+
+
+def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
+    """Starts the servers and mounts the selected workloads need; returns
+    (targets, delay_targets, srcfile)."""
+    nbdfs = tools["nbdfs"]
+    need_delay = any(w.delay for w in workloads)
+    need_dd = any(w.kind == "dd" for w in workloads)
+    need_loop = not args.no_loop and any(w.loop for w in workloads)
+    srcfile = os.path.join(workdir, "random.img")
+    make_random_file(srcfile, EXPORT_SIZE)
+    # -t 64: enough server threads that the server never caps qd32 + multi-conn
+    main_srv = start_nbdkit(res, workdir, "main", ["memory", "1G"])
+    servers = [main_srv]
+    delay_srv = None
+    if need_delay:
+        delay_srv = start_nbdkit(res, workdir, "delay",
+                                 ["--filter=delay", "memory", "1G", "delay-read=1ms"])
+        servers.append(delay_srv)
+    for srv in servers:
+        run(["nbdcopy", srcfile, srv.uri], timeout=300)
+    log("exports filled with random data")
+
+    targets, delay_targets = [], {}
+    if nbdfs:
+        try:
+            proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "main")
+            targets.append(Target("nbdfs", "file", os.path.join(mnt, "disk"),
+                                  main_srv, proc))
+            part2 = os.path.join(mnt, "disk-part2")
+            targets.append(Target("nbdfs-part2", "file", part2, main_srv, proc))
+            if need_loop:
+                targets.append(Target("nbdfs-loop", "file", None, main_srv, proc,
+                                      loop_over=part2))
+            targets.append(Target("nbdfs-alias", "file", os.path.join(mnt, "disk"),
+                                  main_srv, proc, hold_open=part2))
+            notes_extra.append("nbdfs-alias: the export file written while disk-part2 is "
+                               "held open (alias coherence at work), write rows only")
+            if need_dd and not args.no_writeback:
+                proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "wb", ["writeback"])
+                targets.append(Target("nbdfs-wb", "file", os.path.join(mnt, "disk"),
+                                      main_srv, proc))
+                notes_extra.append("nbdfs-wb: a second nbdfs mount with -o writeback "
+                                   "(kernel writeback cache), dd rows only, for information")
+            if delay_srv:
+                proc, mnt = mount_nbdfs(res, workdir, nbdfs, delay_srv, "delay")
+                delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
+                                                delay_srv, proc)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            log(f"nbdfs does not mount: {e}")
+            failures.append(f"nbdfs did not mount: {e}")
+            notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
+            targets = [t for t in targets if not t.name.startswith("nbdfs")]
+            delay_targets.pop("nbdfs", None)
+    if tools["nbdfuse"]:
+        try:
+            proc, path = mount_nbdfuse(res, workdir, main_srv, "main")
+            targets.append(Target("nbdfuse", "file", path, main_srv, proc))
+            if need_loop:
+                targets.append(Target("nbdfuse-loop", "file", None, main_srv, proc,
+                                      loop_over=path))
+            if delay_srv:
+                proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
+                delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            log(f"nbdfuse does not mount: {e}")
+            failures.append(f"nbdfuse did not mount: {e}")
+            notes_extra.append(f"nbdfuse: did not mount ({str(e)[:200]}); rows skipped")
+            targets = [t for t in targets if not t.name.startswith("nbdfuse")]
+            delay_targets.pop("nbdfuse", None)
+    floors = ((FLOOR, tools["memfile"], memfile_cmd),
+              (LIBFUSE_FLOOR, tools["libfuse_memfile"], libfuse_memfile_cmd))
+    for name, binary, make_cmd in floors:
+        if not binary:
+            continue
+        # fio rows open O_DIRECT, and nbdfs answers such an open with
+        # FOPEN_DIRECT_IO: so does the floor's fio instance; dd rows are
+        # buffered, through an instance without it.
+        for kind, direct in (("fio", True), ("dd", False)):
+            if not any(w.kind == kind and not w.delay for w in workloads):
+                continue
+            tag = f"{'memfile' if name == FLOOR else 'libfuse-memfile'}-{kind}"
+            mnt = os.path.join(workdir, tag)
+            try:
+                proc, path = mount_memfile(res, workdir, tag, make_cmd(binary, direct, mnt), mnt)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                log(f"{name} does not start: {e}")
+                failures.append(f"{name} did not start: {e}")
+                notes_extra.append(f"{name}: did not start ({str(e)[:200]}); rows skipped")
+                break
+            targets.append(Target(name, "file", path, None, proc, only_kind=kind))
+    targets.append(Target("raw", "raw", server=main_srv))
+    if delay_srv:
+        delay_targets["raw"] = Target("raw", "raw", server=delay_srv)
+    if not tools["fio_nbd"]:
+        notes_extra.append("raw: fio has no nbd engine here; fio raw rows skipped")
+    return targets, delay_targets, srcfile
+
+
+def plan_io(workloads, targets, delay_targets, fio_nbd):
+    """[(workload, target)] of one repetition."""
+    plan = []
+    for w in workloads:
+        if w.delay:
+            ts = [delay_targets[k] for k in ("nbdfs", "nbdfuse", "raw") if k in delay_targets]
+        else:
+            ts = [t for t in targets if w.loop or not t.name.endswith("-loop")]
+            if w.kind == "dd":
+                ts = [t for t in ts if not t.name.endswith("-loop")]
+            else:
+                ts = [t for t in ts if t.name != "nbdfs-wb"]
+            if w.rw not in ("write", "randwrite") or w.id not in ALIAS_ROWS:
+                ts = [t for t in ts if t.name != "nbdfs-alias"]
+            ts = [t for t in ts if t.only_kind in (None, w.kind)]
+        ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
+        plan += [(w, t) for t in ts]
+    return plan
+
+
+MEDIAN_KEYS = ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
+               "daemon_us_per_io", "nbdkit_us_per_io", "rss_mib", "vcs_per_io", "ivcs_per_io",
+               "threads", "new_threads", "minflt_per_io")
+
+
+def run_io(args, res, workdir, tools, workloads, notes_extra, failures, errors, raw_runs):
+    """The fio and dd workloads; fills errors and raw_runs; returns the medians."""
+    targets, delay_targets, srcfile = setup_io(args, res, workdir, tools, workloads,
+                                               notes_extra, failures)
+    bench = Bench(args, res, workdir, srcfile)
+    plan = plan_io(workloads, targets, delay_targets, tools["fio_nbd"])
+    log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
+    # Reps are interleaved (rep 1 of everything, then rep 2...), so a
+    # noisy neighbour hurts every target alike rather than one of them.
+    for rep in range(args.reps):
+        for w, t in plan:
+            key = (w.id, t.name)
+            try:
+                r = bench.measure(w, t)
+            except (RuntimeError, OSError, ValueError, KeyError) as e:
+                log(f"rep {rep + 1} {w.id} via {t.name}: FAILED: {e}")
+                errors[key] = str(e)
+                continue
+            raw_runs.setdefault(key, []).append(r)
+            p = primary(w, r)
+            log(f"rep {rep + 1} {w.id:24} {t.name:13} {fmt(p)} {w.metric}")
+    for name in ("nbdfs-loop", "nbdfuse-loop"):
+        if any(t.name == name for t in targets):
+            notes_extra.append(f"{name}: losetup --direct-io=on over "
+                               f"{'disk-part2' if name == 'nbdfs-loop' else 'the file'}, "
+                               "attached for each run only; direct I/O "
+                               f"{'OFF (losetup fell back)' if name in bench.no_dio else 'on'}")
+    results = {}
+    for key, runs in raw_runs.items():
+        m = {k: median([r.get(k) for r in runs]) for k in MEDIAN_KEYS}
+        rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
+        m["rss_mib_max"] = max(rss) if rss else None
+        m["n"] = len(runs)
+        results[key] = m
+    return results
+
+
+def find_floors(args, workdir, tools, notes_extra):
+    """The in-memory FUSE files: nbdfs-memfile if built, libfuse's compiled now."""
+    if os.access(args.memfile, os.X_OK):
+        tools["memfile"] = args.memfile
+        notes_extra.append(f"{FLOOR}: {args.memfile} [--direct-io] {EXPORT_SIZE} MNT: one "
+                           "file in memory served by nbdfs's FUSE request layer, no NBD "
+                           "behind it; --direct-io for the fio rows (as nbdfs does for "
+                           "O_DIRECT opens), without for the dd rows")
+    else:
+        log(f"no nbdfs-memfile at {args.memfile}: {FLOOR} rows skipped")
+        notes_extra.append(f"{FLOOR}: rows skipped, no {args.memfile} (--memfile PATH)")
+    if not args.libfuse_memfile:
+        return
+    try:
+        tools["libfuse_memfile"] = build_libfuse_memfile(args.libfuse_memfile, workdir)
+        notes_extra.append(f"{LIBFUSE_FLOOR}: {args.libfuse_memfile} (cc -O2, libfuse "
+                           f"{run(['pkg-config', '--modversion', 'fuse3']).stdout.strip()}), "
+                           "the same file through libfuse's multi-threaded loop; "
+                           "-o direct_io for the fio rows")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        log(f"{LIBFUSE_FLOOR}: does not build: {e}")
+        notes_extra.append(f"{LIBFUSE_FLOOR}: rows skipped, {args.libfuse_memfile} does not "
+                           f"build ({str(e)[:200]})")
+
+
+def finite(v):
+    """v with infinities (a daemon that did not stop in time) as null, for JSON."""
+    if isinstance(v, float) and v == float("inf"):
+        return None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
 
 
 def main(argv):
@@ -919,13 +1008,15 @@ def main(argv):
             missing_nbdfs = f"no nbdfs at {nbdfs} (--build DIR; --no-nbdfs to skip it)"
             log(f"{missing_nbdfs}: nbdfs rows skipped, exit status will be 1")
         nbdfs = None
-    use_nbdfuse = not args.no_nbdfuse and shutil.which("nbdfuse") is not None
     enghelp = run(["fio", "--enghelp"], check=False).stdout
-    if not re.search(r"^\s*nbd\s*$", enghelp, re.M):
+    fio_nbd = bool(re.search(r"^\s*nbd\s*$", enghelp, re.M))
+    if not fio_nbd:
         log("this fio has no nbd ioengine: raw rows come from nbdcopy only")
-        fio_nbd = False
-    else:
-        fio_nbd = True
+    tools = {"nbdfs": nbdfs, "fio_nbd": fio_nbd,
+             "nbdfuse": not args.no_nbdfuse and shutil.which("nbdfuse") is not None,
+             "memfile": None, "libfuse_memfile": None}
+    workloads = [w for w in WORKLOADS if not args.only or re.search(args.only, w.id)]
+    scale_ids = [i for i in scale.SCALE_IDS if not args.only or re.search(args.only, i)]
 
     res = Resources()
     interrupted = []
@@ -939,8 +1030,8 @@ def main(argv):
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     workdir = tempfile.mkdtemp(prefix="nbdfs-bench.", dir=base)
     res.dirs.append(workdir)
-    bench = None
     results, errors, notes_extra, failures = {}, {}, [], []
+    scale_out = None
     if missing_nbdfs:
         failures.append(missing_nbdfs)
         notes_extra.append(f"nbdfs: {missing_nbdfs}")
@@ -949,104 +1040,17 @@ def main(argv):
     rc = 0
     try:
         log(f"workdir {workdir}")
-        srcfile = os.path.join(workdir, "random.img")
-        make_random_file(srcfile, EXPORT_SIZE)
-        main_srv = start_nbdkit(res, workdir, "main", ["memory", "1G"])
-        delay_srv = start_nbdkit(res, workdir, "delay",
-                                 ["--filter=delay", "memory", "1G", "delay-read=1ms"])
-        for srv in (main_srv, delay_srv):
-            run(["nbdcopy", srcfile, srv.uri], timeout=300)
-        log("exports filled with random data")
-
-        targets, delay_targets = [], {}
-        if nbdfs:
-            try:
-                proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "main")
-                targets.append(Target("nbdfs", "file", os.path.join(mnt, "disk"),
-                                      main_srv, proc))
-                part2 = os.path.join(mnt, "disk-part2")
-                targets.append(Target("nbdfs-part2", "file", part2, main_srv, proc))
-                if not args.no_loop:
-                    targets.append(Target("nbdfs-loop", "file", None, main_srv, proc,
-                                          loop_over=part2))
-                targets.append(Target("nbdfs-alias", "file", os.path.join(mnt, "disk"),
-                                      main_srv, proc, hold_open=part2))
-                notes_extra.append("nbdfs-alias: the export file written while disk-part2 is "
-                                   "held open (alias coherence at work), write rows only")
-                if not args.no_writeback:
-                    proc, mnt = mount_nbdfs(res, workdir, nbdfs, main_srv, "wb", ["writeback"])
-                    targets.append(Target("nbdfs-wb", "file", os.path.join(mnt, "disk"),
-                                          main_srv, proc))
-                    notes_extra.append("nbdfs-wb: a second nbdfs mount with -o writeback "
-                                       "(kernel writeback cache), dd rows only, for information")
-                proc, mnt = mount_nbdfs(res, workdir, nbdfs, delay_srv, "delay")
-                delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
-                                                delay_srv, proc)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                log(f"nbdfs does not mount: {e}")
-                failures.append(f"nbdfs did not mount: {e}")
-                notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
-                targets = [t for t in targets if not t.name.startswith("nbdfs")]
-                delay_targets.pop("nbdfs", None)
-        if use_nbdfuse:
-            proc, path = mount_nbdfuse(res, workdir, main_srv, "main")
-            targets.append(Target("nbdfuse", "file", path, main_srv, proc))
-            if not args.no_loop:
-                targets.append(Target("nbdfuse-loop", "file", None, main_srv, proc,
-                                      loop_over=path))
-            proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
-            delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
-        targets.append(Target("raw", "raw", server=main_srv))
-        delay_targets["raw"] = Target("raw", "raw", server=delay_srv)
-        if not fio_nbd:
-            notes_extra.append("raw: fio has no nbd engine here; fio raw rows skipped")
-
-        workloads = [w for w in WORKLOADS if not args.only or re.search(args.only, w.id)]
-        bench = Bench(args, res, workdir, srcfile)
-        plan = []
-        for w in workloads:
-            if w.delay:
-                ts = [delay_targets[k] for k in ("nbdfs", "nbdfuse", "raw") if k in delay_targets]
-            else:
-                ts = [t for t in targets if w.loop or not t.name.endswith("-loop")]
-                if w.kind == "dd":
-                    ts = [t for t in ts if not t.name.endswith("-loop")]
-                else:
-                    ts = [t for t in ts if t.name != "nbdfs-wb"]
-                if w.rw not in ("write", "randwrite") or w.id not in ALIAS_ROWS:
-                    ts = [t for t in ts if t.name != "nbdfs-alias"]
-            ts = [t for t in ts if not (t.kind == "raw" and w.kind == "fio" and not fio_nbd)]
-            plan += [(w, t) for t in ts]
-        log(f"{len(plan)} runs x {args.reps} rep(s) x ~{args.runtime}s")
-        # Reps are interleaved (rep 1 of everything, then rep 2...), so a
-        # noisy neighbour hurts every target alike rather than one of them.
-        for rep in range(args.reps):
-            for w, t in plan:
-                key = (w.id, t.name)
-                try:
-                    r = bench.measure(w, t)
-                except (RuntimeError, OSError, ValueError, KeyError) as e:
-                    log(f"rep {rep + 1} {w.id} via {t.name}: FAILED: {e}")
-                    errors[key] = str(e)
-                    continue
-                raw_runs.setdefault(key, []).append(r)
-                p = primary(w, r)
-                log(f"rep {rep + 1} {w.id:24} {t.name:13} {fmt(p)} {w.metric}")
-        for name in ("nbdfs-loop", "nbdfuse-loop"):
-            if any(t.name == name for t in targets):
-                notes_extra.append(f"{name}: losetup --direct-io=on over "
-                                   f"{'disk-part2' if name == 'nbdfs-loop' else 'the file'}, "
-                                   "attached for each run only; direct I/O "
-                                   f"{'OFF (losetup fell back)' if name in bench.no_dio else 'on'}")
-        for key, runs in raw_runs.items():
-            m = {k: median([r.get(k) for r in runs]) for k in
-                 ("mbs", "iops", "p50_us", "p99_us", "daemon_cpu_gib", "nbdkit_cpu_gib",
-                  "rss_mib", "vcs_per_io", "ivcs_per_io", "threads", "new_threads",
-                  "minflt_per_io")}
-            rss = [r.get("rss_mib") for r in runs if r.get("rss_mib") is not None]
-            m["rss_mib_max"] = max(rss) if rss else None
-            m["n"] = len(runs)
-            results[key] = m
+        if workloads:
+            find_floors(args, workdir, tools, notes_extra)
+        if scale_ids and nbdfs:
+            scale_out = scale.run_scale(args, res, workdir, nbdfs, scale_ids)
+            for case, msg in scale_out["errors"].items():
+                failures.append(f"{case}: {msg}")
+        elif scale_ids:
+            notes_extra.append("scale: needs nbdfs; skipped")
+        if workloads:
+            results = run_io(args, res, workdir, tools, workloads, notes_extra, failures,
+                             errors, raw_runs)
     except Interrupted as e:
         log(f"interrupted by signal {e.args[0]}: cleaning up")
         rc = 130
@@ -1072,7 +1076,7 @@ def main(argv):
     if errors or failures:
         rc = rc or 1
         log(f"exit 1: {len(errors)} run(s) failed" + (f"; {failures[0][:200]}" if failures else ""))
-    text = report(results, errors, None, header, notes_extra, args.runtime, args.reps)
+    text = report(results, errors, scale_out, header, notes_extra, args.runtime, args.reps)
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:
@@ -1082,7 +1086,8 @@ def main(argv):
             json.dump({"header": header, "notes": notes_extra,
                        "runs": {f"{k[0]} {k[1]}": v for k, v in raw_runs.items()},
                        "medians": {f"{k[0]} {k[1]}": v for k, v in results.items()},
-                       "errors": {f"{k[0]} {k[1]}": v for k, v in errors.items()}},
+                       "errors": {f"{k[0]} {k[1]}": v for k, v in errors.items()},
+                       "scale": finite(scale_out)},
                       f, indent=1)
     return rc
 
