@@ -183,6 +183,31 @@ def server(e2e_stack, tmp_path):
     return nbdkit_
 
 
+@pytest.fixture
+def stopped(e2e_stack):
+    """stopped(proc) SIGSTOPs a server we started; stopped.cont(proc) resumes
+    it.  Every stopped server gets SIGCONT at teardown, before the cleanup
+    stack unmounts anything (this fixture depends on e2e_stack, so it is torn
+    down first), so no unmount waits on a frozen server."""
+    procs = []
+
+    def stop(proc):
+        procs.append(proc)
+        os.kill(proc.pid, signal.SIGSTOP)
+
+    def cont(proc):
+        os.kill(proc.pid, signal.SIGCONT)
+    stop.cont = cont
+    try:
+        yield stop
+    finally:
+        for p in procs:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 # --------------------------------------------------------------------------
 # nbdfs mounts
 

@@ -138,6 +138,29 @@ class NbdLog:
             out.append(d)
         return out
 
+    _start = re.compile(r"connection=(\d+) (\w+) id=(\d+) .*\.\.\.$")
+    _end = re.compile(r"connection=(\d+) \.\.\.(\w+) id=(\d+) ")
+
+    def max_in_flight(self, kind):
+        """The most requests of this kind (Read, Write, ...) the server was
+        serving at once: a request counts from its `Kind id=N ...` line to its
+        `...Kind id=N return` line, in the order the filter logged them (the
+        log filter sits outside the others, so a delay is inside the span)."""
+        now = best = 0
+        open_ = set()
+        for line in self.text().splitlines():
+            m = self._start.search(line)
+            if m and m.group(2).lower() == kind.lower():
+                open_.add((m.group(1), m.group(3)))
+                now += 1
+                best = max(best, now)
+                continue
+            m = self._end.search(line)
+            if m and m.group(2).lower() == kind.lower() and (m.group(1), m.group(3)) in open_:
+                open_.discard((m.group(1), m.group(3)))
+                now -= 1
+        return best
+
     def connects(self):
         return [l for l in self.text().splitlines() if " Connect export=" in l]
 
