@@ -22,6 +22,22 @@ READS = ("read", "pread64", "readv", "preadv", "preadv2")
 WRITES = ("write", "pwrite64", "writev", "pwritev", "pwritev2")
 
 
+def syscall_of(proc):
+    """The system call number /proc/PROC is in (PROC: a pid, or self/task/TID),
+    or None when it runs in user space or is gone."""
+    try:
+        with open(f"/proc/{proc}/syscall") as f:
+            first = f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def in_syscall(proc, *names):
+    """True when /proc/PROC is in one of the named system calls."""
+    return syscall_of(proc) in {SYSCALLS[n] for n in names}
+
+
 class Call:
     """Call(fn, *args).start() runs fn(*args) on a thread.  After join():
     .value (its return value), .errno (an OSError's errno, else None),
@@ -63,6 +79,11 @@ class Call:
     def done(self):
         return self.dt is not None
 
+    def wait(self, timeout):
+        """Waits up to timeout s without judging (for clean-up); True if done."""
+        self._th.join(timeout)
+        return not self._th.is_alive()
+
     def join(self, timeout):
         """Waits up to timeout s; fails the test if the call is still blocked.
         An exception other than OSError is re-raised here."""
@@ -76,16 +97,10 @@ class Call:
 
     def syscall(self):
         """The system call number the thread is in, or None (running, or gone)."""
-        try:
-            with open(f"/proc/self/task/{self.tid}/syscall") as f:
-                first = f.read().split()[0]
-        except (OSError, IndexError):
-            return None
-        return int(first) if first.lstrip("-").isdigit() else None
+        return syscall_of(f"self/task/{self.tid}")
 
     def in_syscall(self, *names):
-        nrs = {SYSCALLS[n] for n in names}
-        return not self.done() and self.syscall() in nrs
+        return not self.done() and in_syscall(f"self/task/{self.tid}", *names)
 
     def wait_blocked_in(self, *names, timeout=20):
         """Waits until the thread sits in one of the named system calls."""
