@@ -141,25 +141,43 @@ class NbdLog:
     _start = re.compile(r"connection=(\d+) (\w+) id=(\d+) .*\.\.\.$")
     _end = re.compile(r"connection=(\d+) \.\.\.(\w+) id=(\d+) ")
 
-    def max_in_flight(self, kind):
-        """The most requests of this kind (Read, Write, ...) the server was
-        serving at once: a request counts from its `Kind id=N ...` line to its
-        `...Kind id=N return` line, in the order the filter logged them (the
-        log filter sits outside the others, so a delay is inside the span)."""
-        now = best = 0
-        open_ = set()
-        for line in self.text().splitlines():
+    def spans(self, *kinds):
+        """(kind, first line, last line) of each request of these kinds (all
+        when none given), from its `Kind id=N ...` line to its `...Kind id=N
+        return` line (None while unanswered), in the order the filter logged
+        them: the log filter sits outside the other filters, so a delay
+        filter's wait is inside the span."""
+        want = {k.lower() for k in kinds}
+        out, open_ = [], {}
+        for i, line in enumerate(self.text().splitlines()):
             m = self._start.search(line)
-            if m and m.group(2).lower() == kind.lower():
-                open_.add((m.group(1), m.group(3)))
-                now += 1
-                best = max(best, now)
+            if m and (not want or m.group(2).lower() in want):
+                open_[(m.group(1), m.group(3))] = len(out)
+                out.append([m.group(2), i, None])
                 continue
             m = self._end.search(line)
-            if m and m.group(2).lower() == kind.lower() and (m.group(1), m.group(3)) in open_:
-                open_.discard((m.group(1), m.group(3)))
-                now -= 1
+            if m and (m.group(1), m.group(3)) in open_:
+                out[open_.pop((m.group(1), m.group(3)))][2] = i
+        return [tuple(s) for s in out]
+
+    def max_in_flight(self, *kinds):
+        """The most requests of these kinds the server was serving at once."""
+        events = []
+        for _, a, b in self.spans(*kinds):
+            events.append((a, 1))
+            events.append((b if b is not None else float("inf"), -1))
+        now = best = 0
+        for _, d in sorted(events):
+            now += d
+            best = max(best, now)
         return best
+
+    def in_flight_together(self, kind_a, kind_b):
+        """True when a request of kind_a and one of kind_b were served at once."""
+        sp = self.spans(kind_a, kind_b)
+        end = lambda s: s[2] if s[2] is not None else float("inf")  # noqa: E731
+        return any(x[0].lower() == kind_a.lower() and y[0].lower() == kind_b.lower()
+                   and x[1] < end(y) and y[1] < end(x) for x in sp for y in sp)
 
     def connects(self):
         return [l for l in self.text().splitlines() if " Connect export=" in l]
