@@ -2,13 +2,15 @@
 nbdfs reconnects, then fail with EIO; timeout=0 fails at once; a server back
 on the same socket in time serves the waiting request; a slow server is not
 an unreachable one; unmount always works; waits on a dead server run side by
-side and never hold up metadata."""
+side and never hold up metadata (also on a silent server)."""
 import errno
 import os
 import signal
 import subprocess
 import threading
 import time
+
+import pytest
 
 from nbdfs_test.data import MiB, getx, nbd_read, read_file, sparse_file
 from nbdfs_test.mounts import is_mounted
@@ -254,19 +256,23 @@ def _split_chain(depth):
     return opts
 
 
-def test_waits_on_a_dead_server_run_in_parallel_and_leave_metadata_free(server, mount):
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_waits_on_a_dead_server_run_in_parallel_and_leave_metadata_free(server, mount, stopped,
+                                                                       how):
     """Issue 8 F4: twelve lseek(SEEK_DATA) (block status) and three setfattr
     user.nbdfs.partition=auto waiting on a dead server occupy no thread that
     metadata needs: ls, stat and getxattr answer in under a second while they
     wait, and the waits all end with an error after about one timeout, side by
     side.  Each wait is on a file of its own (the kernel runs one SEEK_DATA and
     one setxattr at a time per inode): twelve nested partition files of disk,
-    and three more export files of the same export."""
-    timeout = 10
+    and three more export files of the same export.  The server is killed, or
+    stopped (SIGSTOP: silent, so io_timeout comes first)."""
+    timeout, io_timeout = 10, 2
+    bound = timeout + (io_timeout if how == "stopped" else 0)
     srv = server("memory", "64M", log=False)
     extra = ["p0", "p1", "p2"]
     m = mount(srv.uri(), *[f"{n}={srv.uri()}" for n in extra],
-              opts=["-o", f"timeout={timeout}"] + _split_chain(6))
+              opts=["-o", f"timeout={timeout},io_timeout={io_timeout}"] + _split_chain(6))
     files = [f for f in m.files() if f.startswith("disk")][:12]
     assert len(files) == 12, m.files()
     for f in files + extra:
@@ -274,7 +280,10 @@ def test_waits_on_a_dead_server_run_in_parallel_and_leave_metadata_free(server, 
     fds = [os.open(m / f, os.O_RDONLY) for f in files]
     seeks, setfattrs = [], []
     try:
-        srv.kill()
+        if how == "killed":
+            srv.kill()
+        else:
+            stopped(srv.proc)
         t0 = time.monotonic()
         seeks = [Call(os.lseek, fd, 0, os.SEEK_DATA, name=f"lseek {f}").start()
                  for fd, f in zip(fds, files)]
@@ -292,18 +301,20 @@ def test_waits_on_a_dead_server_run_in_parallel_and_leave_metadata_free(server, 
         while time.monotonic() - t0 < timeout / 2:
             probe = bounded(lambda: (os.listdir(m.path), os.stat(m / "disk"),
                                      getx(m / "disk", "user.nbdfs.sectors")),
-                            timeout=timeout + 60, name="ls/stat/getxattr")
+                            timeout=bound + 60, name="ls/stat/getxattr")
             assert probe.errno is None, probe.error
             assert probe.dt < 1.0, f"ls/stat/getxattr took {probe.dt:.1f}s behind the waits"
         for c in calls:
-            c.join(timeout + 60)
+            c.join(bound + 60)
         took = time.monotonic() - t0
     finally:
+        if how == "stopped":
+            stopped.cont(srv.proc)
         for c in seeks + setfattrs:
-            c.wait(timeout + 60)
+            c.wait(bound + 60)
         for fd in fds:
             os.close(fd)
     assert [c.errno for c in seeks] == [errno.EIO] * 12, [(c.name, c.value, c.errno) for c in seeks]
     assert all(c.errno is not None for c in setfattrs), [(c.name, c.value) for c in setfattrs]
-    assert took < timeout + 5, f"the waits took {took:.1f}s in all with timeout={timeout}: " \
+    assert took < bound + 5, f"the waits took {took:.1f}s in all with timeout={timeout}: " \
         "one after another, not side by side"
