@@ -25,6 +25,7 @@ import time
 import pytest
 
 from nbdfs_test.build import BUILD_DIR, build_path
+from nbdfs_test.fsync_writer import FsyncWriter
 from nbdfs_test.mounts import (CleanupStack, Mount, cleanup_mount, detach_loop, find_daemon_pids,
                                is_mounted, need_fuse, need_root, umount_loop)
 from nbdfs_test.polling import kill_and_wait, ppid, run, wait_for, wait_pid_exit
@@ -181,6 +182,51 @@ def server(e2e_stack, tmp_path):
     nbdkit_.qemu_nbd = qemu_nbd
     nbdkit_.nbd_server = nbd_server
     return nbdkit_
+
+
+@pytest.fixture
+def stopped(e2e_stack):
+    """stopped(proc) SIGSTOPs a server we started; stopped.cont(proc) resumes
+    it.  Every stopped server gets SIGCONT at teardown, before the cleanup
+    stack unmounts anything (this fixture depends on e2e_stack, so it is torn
+    down first), so no unmount waits on a frozen server."""
+    procs = []
+
+    def stop(proc):
+        procs.append(proc)
+        os.kill(proc.pid, signal.SIGSTOP)
+
+    def cont(proc):
+        os.kill(proc.pid, signal.SIGCONT)
+    stop.cont = cont
+    try:
+        yield stop
+    finally:
+        for p in procs:
+            if p.poll() is not None:
+                continue        # killed meanwhile (and reaped: its pid is not ours)
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def fsync_writer(e2e_stack, tmp_path):
+    """Factory: fsync_writer(FILE, nblocks) starts the checksummed fsync'd
+    writer (nbdfs_test.fsync_writer) as a process of its own on FILE and
+    returns its FsyncWriter.  Start it after the mount: at teardown it is
+    stopped (then killed) before the mount is released."""
+    n = [0]
+
+    def start(path, nblocks):
+        i = n[0]
+        n[0] += 1
+        w = FsyncWriter(path, nblocks, tmp_path / f"writer{i}.journal", tmp_path / f"writer{i}.stop",
+                        tmp_path / f"writer{i}.pause")
+        e2e_stack.push(f"fsync writer on {path}", w.kill)
+        return w.start(preexec_fn=die_with_parent)
+    return start
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """SPEC §2 `timeout` and §5 "server gone": requests wait up to `timeout` while
 nbdfs reconnects, then fail with EIO; timeout=0 fails at once; a server back
 on the same socket in time serves the waiting request; a slow server is not
-an unreachable one; unmount always works."""
+an unreachable one; unmount always works; waits on a dead server run side by
+side and never hold up metadata (also on a silent server)."""
 import errno
 import os
 import signal
@@ -9,9 +10,12 @@ import subprocess
 import threading
 import time
 
-from nbdfs_test.data import MiB, nbd_read, read_file, sparse_file
+import pytest
+
+from nbdfs_test.data import MiB, getx, nbd_read, read_file, sparse_file
 from nbdfs_test.mounts import is_mounted
 from nbdfs_test.polling import wait_for, wait_pid_exit
+from nbdfs_test.threads import Call, bounded
 
 
 def _data_image(tmp_path, size=4 * MiB):
@@ -240,3 +244,77 @@ def test_default_timeout_waits(tmp_path, server, mount):
     assert not th.is_alive()
     r, e, dt = result["v"]
     assert e is None and r == data[2 * MiB:2 * MiB + 4096]
+
+
+def _split_chain(depth):
+    """-o split= options that cut disk into nested halves: disk-part1,
+    disk-part2, disk-part2-part1, disk-part2-part2, ... (2 * depth files)."""
+    opts, parent = [], "disk"
+    for _ in range(depth):
+        opts += ["-o", f"split={parent}:2048"]
+        parent += "-part2"
+    return opts
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_waits_on_a_dead_server_run_in_parallel_and_leave_metadata_free(server, mount, stopped,
+                                                                       how):
+    """Issue 8 F4: twelve lseek(SEEK_DATA) (block status) and three setfattr
+    user.nbdfs.partition=auto waiting on a dead server occupy no thread that
+    metadata needs: ls, stat and getxattr answer in under a second while they
+    wait, and the waits all end with an error after about one timeout, side by
+    side.  Each wait is on a file of its own (the kernel runs one SEEK_DATA and
+    one setxattr at a time per inode): twelve nested partition files of disk,
+    and three more export files of the same export.  The server is killed, or
+    stopped (SIGSTOP: silent, so io_timeout comes first)."""
+    timeout, io_timeout = 10, 2
+    bound = timeout + (io_timeout if how == "stopped" else 0)
+    srv = server("memory", "64M", log=False)
+    extra = ["p0", "p1", "p2"]
+    m = mount(srv.uri(), *[f"{n}={srv.uri()}" for n in extra],
+              opts=["-o", f"timeout={timeout},io_timeout={io_timeout}"] + _split_chain(6))
+    files = [f for f in m.files() if f.startswith("disk")][:12]
+    assert len(files) == 12, m.files()
+    for f in files + extra:
+        assert read_file(m / f, 0, 512) == bytes(512)   # each export connected
+    fds = [os.open(m / f, os.O_RDONLY) for f in files]
+    seeks, setfattrs = [], []
+    try:
+        if how == "killed":
+            srv.kill()
+        else:
+            stopped(srv.proc)
+        t0 = time.monotonic()
+        seeks = [Call(os.lseek, fd, 0, os.SEEK_DATA, name=f"lseek {f}").start()
+                 for fd, f in zip(fds, files)]
+        # setxattr(2) as `setfattr -n user.nbdfs.partition -v auto` does it, from a
+        # thread: a child process would close our fds on the mount at exec, and
+        # each close is a FUSE FLUSH
+        setfattrs = [Call(os.setxattr, m / f, "user.nbdfs.partition", b"auto",
+                          name=f"setfattr {f}").start() for f in extra]
+        calls = seeks + setfattrs
+
+        wait_for(lambda: all(c.in_syscall("lseek", "setxattr") for c in calls), timeout=5,
+                 what=lambda: "every lseek and setxattr to wait: "
+                 f"{[(c.name, c.syscall(), c.dt) for c in calls]}")
+        # metadata, while all fifteen wait
+        while time.monotonic() - t0 < timeout / 2:
+            probe = bounded(lambda: (os.listdir(m.path), os.stat(m / "disk"),
+                                     getx(m / "disk", "user.nbdfs.sectors")),
+                            timeout=bound + 60, name="ls/stat/getxattr")
+            assert probe.errno is None, probe.error
+            assert probe.dt < 1.0, f"ls/stat/getxattr took {probe.dt:.1f}s behind the waits"
+        for c in calls:
+            c.join(bound + 60)
+        took = time.monotonic() - t0
+    finally:
+        if how == "stopped":
+            stopped.cont(srv.proc)
+        for c in seeks + setfattrs:
+            c.wait(bound + 60)
+        for fd in fds:
+            os.close(fd)
+    assert [c.errno for c in seeks] == [errno.EIO] * 12, [(c.name, c.value, c.errno) for c in seeks]
+    assert all(c.errno is not None for c in setfattrs), [(c.name, c.value) for c in setfattrs]
+    assert took < bound + 5, f"the waits took {took:.1f}s in all with timeout={timeout}: " \
+        "one after another, not side by side"

@@ -6,7 +6,6 @@ requests succeed.  Every SIGSTOP is undone (SIGCONT) in clean-up."""
 import errno
 import mmap
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -33,28 +32,6 @@ def _timed(fn):
         return fn(), None, time.monotonic() - t0
     except OSError as e:
         return None, e.errno, time.monotonic() - t0
-
-
-@pytest.fixture
-def stopped():
-    """stopped(proc): SIGSTOPs a server; every one is SIGCONTed at teardown."""
-    procs = []
-
-    def stop(proc):
-        procs.append(proc)
-        os.kill(proc.pid, signal.SIGSTOP)
-
-    def cont(proc):
-        os.kill(proc.pid, signal.SIGCONT)
-    stop.cont = cont
-    try:
-        yield stop
-    finally:
-        for p in procs:
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
 
 
 def _image(tmp_path, size=8 * MiB):

@@ -6,7 +6,9 @@ them the same way, e.g. `from nbdfs_test.polling import wait_for`:
   polling   deadlines: wait_for, wait_pid_exit, kill_and_wait, run
   servers   NbdServer, LoggedServer, NbdLog (nbdkit's log filter), readiness
   mounts    mounts, nbdfs daemons, Mount, the cleanup stack, loop devices
-  data      the pattern oracle, nbdcopy/nbdinfo reads, files, images, xattrs
+  data      the pattern oracle, nbdcopy/nbdinfo reads, files, O_DIRECT, images, xattrs
+  threads   blocking calls on a thread under a deadline (Call, bounded)
+  fsync_writer  the durability tests' checksummed fsync'd writer (its own process)
   core      nbdc-cli (the NBD client core driver): run_cli, Repl
   tls       certificates made with certtool
 

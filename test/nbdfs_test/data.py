@@ -1,9 +1,11 @@
 """Bytes and files: the `pattern` plugin's contents, the server read straight
 with libnbd's nbdcopy/nbdinfo (an oracle independent of nbdfs), file reads and
-writes, sparse images with sfdisk tables, nbdfs's xattrs, fallocate(2)."""
+writes (O_DIRECT too), sparse images with sfdisk tables, nbdfs's xattrs (the
+state and the stats of a file), fallocate(2)."""
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import re
 import select
@@ -113,6 +115,35 @@ def pwrite_file(path, off, data):
     return n
 
 
+def direct_pread(path, off, n):
+    """An O_DIRECT read of n bytes at off (an aligned buffer): the page cache
+    can neither answer it nor hide it from nbdfs's counters."""
+    buf = mmap.mmap(-1, max(n, 1))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = os.preadv(fd, [buf], off)
+        return bytes(buf[:got])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def direct_pwrite(path, off, data, fd=None):
+    """An O_DIRECT write of data at off (copied to an aligned buffer) through
+    path, or through fd (opened with O_DIRECT) when given; returns the count."""
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        return os.pwrite(fd, buf, off)
+    finally:
+        if own:
+            os.close(fd)
+        buf.close()
+
+
 def sparse_file(path, size):
     with open(path, "wb") as f:
         f.truncate(size)
@@ -151,6 +182,29 @@ def getx(path, name):
 
 def setx(path, name, value):
     os.setxattr(path, name, value.encode() if isinstance(value, str) else value)
+
+
+STATS_KEYS = ("reads", "writes", "bytes_read", "bytes_written", "errors", "reconnects",
+              "in_flight")
+
+
+def state(path):
+    """user.nbdfs.state: idle, connected, reconnecting or failed."""
+    return getx(path, "user.nbdfs.state").strip()
+
+
+def stats(path):
+    """user.nbdfs.stats as {key: int}, one `key=value` a line; fails the test
+    on a line of another shape."""
+    out = {}
+    for line in getx(path, "user.nbdfs.stats").splitlines():
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"\s*([a-z_]+)=(\d+)\s*", line)
+        if not m:
+            pytest.fail(f"user.nbdfs.stats of {path}: line {line!r} is not key=value")
+        out[m.group(1)] = int(m.group(2))
+    return out
 
 
 def set_partition(path, value):

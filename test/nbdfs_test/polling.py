@@ -9,14 +9,15 @@ import pytest
 
 
 def wait_for(cond, timeout=30.0, interval=0.02, what="condition"):
-    """Polls cond() until it returns a true value; fails the test at the deadline."""
+    """Polls cond() until it returns a true value; fails the test at the deadline.
+    what may be a callable, called then (to describe the state at the deadline)."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

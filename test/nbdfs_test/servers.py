@@ -138,6 +138,47 @@ class NbdLog:
             out.append(d)
         return out
 
+    _start = re.compile(r"connection=(\d+) (\w+) id=(\d+) .*\.\.\.$")
+    _end = re.compile(r"connection=(\d+) \.\.\.(\w+) id=(\d+) ")
+
+    def spans(self, *kinds):
+        """(kind, first line, last line) of each request of these kinds (all
+        when none given), from its `Kind id=N ...` line to its `...Kind id=N
+        return` line (None while unanswered), in the order the filter logged
+        them: the log filter sits outside the other filters, so a delay
+        filter's wait is inside the span."""
+        want = {k.lower() for k in kinds}
+        out, open_ = [], {}
+        for i, line in enumerate(self.text().splitlines()):
+            m = self._start.search(line)
+            if m and (not want or m.group(2).lower() in want):
+                open_[(m.group(1), m.group(3))] = len(out)
+                out.append([m.group(2), i, None])
+                continue
+            m = self._end.search(line)
+            if m and (m.group(1), m.group(3)) in open_:
+                out[open_.pop((m.group(1), m.group(3)))][2] = i
+        return [tuple(s) for s in out]
+
+    def max_in_flight(self, *kinds):
+        """The most requests of these kinds the server was serving at once."""
+        events = []
+        for _, a, b in self.spans(*kinds):
+            events.append((a, 1))
+            events.append((b if b is not None else float("inf"), -1))
+        now = best = 0
+        for _, d in sorted(events):
+            now += d
+            best = max(best, now)
+        return best
+
+    def in_flight_together(self, kind_a, kind_b):
+        """True when a request of kind_a and one of kind_b were served at once."""
+        sp = self.spans(kind_a, kind_b)
+        end = lambda s: s[2] if s[2] is not None else float("inf")  # noqa: E731
+        return any(x[0].lower() == kind_a.lower() and y[0].lower() == kind_b.lower()
+                   and x[1] < end(y) and y[1] < end(x) for x in sp for y in sp)
+
     def connects(self):
         return [l for l in self.text().splitlines() if " Connect export=" in l]
 
