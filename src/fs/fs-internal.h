@@ -24,8 +24,10 @@
  *  - node->cache_lock protects node->cache_lo/cache_hi (the byte range that
  *    may have page-cache pages); a leaf lock, taken inside the tree lock or
  *    alone.
- *  - fs->part_lock serialises partitioning (setxattr on the pool, mount
- *    time); it is held across table reads and taken before the tree lock.
+ *  - export->part_lock serialises partitioning within one export (setxattr
+ *    on the pool, mount time): held across table reads, taken before the
+ *    tree lock.  Exports are partitioned independently, so a dead server
+ *    holds up only its own.
  *  - export->wlock protects the export's list of writes in flight; it nests
  *    inside the tree lock.
  *  - fs->stop_lock/stop_cond: the stop's bookkeeping; a leaf lock.
@@ -77,6 +79,7 @@ struct fs_export {
 	char *source;              /* how the user named it (error messages) */
 	char *name;                /* its file name */
 	Blockdev *root;            /* the export device (ref) */
+	GMutex part_lock;          /* partitioning in this export */
 	GMutex wlock;
 	GList *writes;             /* struct fs_io * in flight (coherence registry) */
 	gint nodes;                /* in-tree nodes of this export (atomic read) */
@@ -165,7 +168,6 @@ struct fs {
 
 	GMutex lock;               /* the tree lock */
 	GCond closed_cond;         /* signalled (under lock) when a file is released */
-	GMutex part_lock;
 	GHashTable *inodes;        /* fs_ino_t -> struct fs_node * (ref) */
 	GHashTable *handles;       /* struct fs_handle * of open files (their RELEASE
 	                            * may never come if the session ends first) */

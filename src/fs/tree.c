@@ -195,6 +195,7 @@ static void export_free(struct fs_export *ex)
 	g_assert(ex->writes == NULL);
 	blockdev_unref(ex->root);
 	g_mutex_clear(&ex->wlock);
+	g_mutex_clear(&ex->part_lock);
 	g_free(ex->final_error);
 	g_free(ex->name);
 	g_free(ex->source);
@@ -205,7 +206,6 @@ void fs_tree_init(Fs *fs)
 {
 	g_mutex_init(&fs->lock);
 	g_cond_init(&fs->closed_cond);
-	g_mutex_init(&fs->part_lock);
 	fs->inodes = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL,
 					   (GDestroyNotify)fs_node_unref);
 	fs->names = g_hash_table_new(g_str_hash, g_str_equal);
@@ -228,7 +228,6 @@ void fs_tree_fini(Fs *fs)
 	g_hash_table_unref(fs->inodes);
 	g_ptr_array_unref(fs->exports);
 	g_ptr_array_unref(fs->export_data);
-	g_mutex_clear(&fs->part_lock);
 	g_cond_clear(&fs->closed_cond);
 	g_mutex_clear(&fs->lock);
 }
@@ -272,6 +271,7 @@ gboolean fs_add_export(Fs *fs, const char *raw_name, const char *source, Blockde
 	ex->lost_seq = health.lost_writes_seq;
 	ex->root = blockdev_ref(dev);
 	g_mutex_init(&ex->wlock);
+	g_mutex_init(&ex->part_lock);
 	g_ptr_array_add(fs->export_data, ex);
 	struct fs_node *node = node_new(fs, name, dev, ex, NULL);
 	link_node(fs, node);
@@ -462,9 +462,9 @@ gboolean fs_apply_partition(Fs *fs, struct fs_node *node, const char *value, siz
 			    gboolean mounting, GPtrArray *removed, GPtrArray *added,
 			    GError **error)
 {
-	g_mutex_lock(&fs->part_lock);
+	g_mutex_lock(&node->export->part_lock);
 	gboolean ok = apply_partition(fs, node, value, len, mounting, removed, added, error);
-	g_mutex_unlock(&fs->part_lock);
+	g_mutex_unlock(&node->export->part_lock);
 	return ok;
 }
 
