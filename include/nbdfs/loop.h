@@ -104,6 +104,16 @@ static inline gboolean loop_timer_armed(const struct loop_timer *t)
 	return t->loop != NULL;
 }
 
+/* ---- Polling before sleeping (loop thread only) -------------------------------
+ * Says that an event is expected soon on this loop (a request was just sent
+ * to a fast server, a reply was just written to a client that asks again at
+ * once).  Before it would sleep, the loop then polls its descriptors for a
+ * few microseconds: on a virtual machine a sleep and the wake-up after it
+ * cost more than the wait itself.  The budget adapts (0 to 64 us): it grows
+ * when events came soon after the loop began waiting, and shrinks when
+ * polling found nothing, so an idle loop does not poll at all. */
+void loop_expect(Loop *loop);
+
 /* ---- Tasks (any thread) ------------------------------------------------------
  * Runs @fn(@opaque) on @loop's thread soon, in posting order.  From the loop
  * itself the task runs later in the same turn (never inside this call).

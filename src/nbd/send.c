@@ -268,6 +268,7 @@ static void went_out(struct nbdc_conn *conn, struct nbdc_req *req, gint64 now)
 	req->sent_us = now;
 	table_insert(conn, req->cookie, req);
 	inf_append(conn, req);
+	loop_expect(conn->loop); /* a reply, soon from a fast server */
 	if (req->type == NBD_CMD_WRITE && conn->owner->sent)
 		conn->owner->sent(conn, conn->owner_data, req);
 	if (conn->cfg->request_timeout_ms && !loop_timer_armed(&conn->timer)) {

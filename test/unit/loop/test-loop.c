@@ -4,6 +4,8 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -339,6 +341,79 @@ static void test_pick(void)
 	g_assert_true(seen[0] != seen[1] && seen[1] != seen[2] && seen[0] != seen[2]);
 }
 
+/* ---- polling before sleeping: an awaited event is caught, an idle loop
+ * stops polling ---- */
+
+struct expect_ctx {
+	int fds[2];
+	struct loop_watch w;
+	int got;
+	pid_t tid;
+};
+
+static void expect_readable(void *opaque, uint32_t events)
+{
+	struct expect_ctx *x = opaque;
+	char c;
+	if (read(x->fds[0], &c, 1) == 1)
+		x->got++;
+	loop_expect(loop_current()); /* as after a reply: more soon */
+}
+
+static void expect_setup(void *opaque)
+{
+	struct expect_ctx *x = opaque;
+	x->tid = gettid();
+	g_assert_cmpint(loop_watch_add(loop_current(), &x->w, x->fds[0], EPOLLIN, expect_readable, x),
+			==, 0);
+	loop_expect(loop_current());
+}
+
+static void expect_teardown(void *opaque)
+{
+	struct expect_ctx *x = opaque;
+	loop_watch_del(&x->w);
+}
+
+/* The loop thread's CPU time (utime + stime), in clock ticks. */
+static long thread_ticks(pid_t tid)
+{
+	g_autofree char *path = g_strdup_printf("/proc/self/task/%d/stat", (int)tid);
+	g_autofree char *text = NULL;
+	g_assert_true(g_file_get_contents(path, &text, NULL, NULL));
+	const char *p = strrchr(text, ')');
+	g_auto(GStrv) f = g_strsplit(p + 2, " ", -1);
+	return atol(f[11]) + atol(f[12]); /* fields 14 and 15 of the line */
+}
+
+static void test_expect(void)
+{
+	g_autoptr(GError) err = NULL;
+	g_autoptr(LoopSet) ls = loop_set_new(1, 0, &err);
+	struct expect_ctx x = { 0 };
+	g_assert_nonnull(ls);
+	g_assert_cmpint(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, x.fds), ==, 0);
+	run_on(loop_set_get(ls, 0), expect_setup, &x);
+	/* A ping-pong of quick events: every one arrives. */
+	for (int i = 0; i < 200; i++) {
+		g_assert_cmpint(write(x.fds[1], "x", 1), ==, 1);
+		g_usleep(20);
+	}
+	gint64 deadline = g_get_monotonic_time() + WAIT_US;
+	while (g_atomic_int_get(&x.got) < 200 && g_get_monotonic_time() < deadline)
+		g_usleep(1000);
+	g_assert_cmpint(g_atomic_int_get(&x.got), ==, 200);
+	/* Nothing more comes: the loop must sleep, not poll. */
+	g_usleep(100 * 1000);
+	long before = thread_ticks(x.tid);
+	g_usleep(500 * 1000);
+	long used = thread_ticks(x.tid) - before;
+	g_assert_cmpint(used, <=, 2); /* <= 20 ms of 500 */
+	run_on(loop_set_get(ls, 0), expect_teardown, &x);
+	close(x.fds[0]);
+	close(x.fds[1]);
+}
+
 int main(int argc, char **argv)
 {
 	g_test_init(&argc, &argv, NULL);
@@ -349,5 +424,6 @@ int main(int argc, char **argv)
 	g_test_add_func("/loop/pool", test_pool);
 	g_test_add_func("/loop/completion-deadline", test_completion_deadline);
 	g_test_add_func("/loop/pick", test_pick);
+	g_test_add_func("/loop/expect", test_expect);
 	return g_test_run();
 }
