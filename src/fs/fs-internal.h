@@ -11,6 +11,7 @@
  *   stop.c       the bounded stop: drain, final flushes, give up at the deadline
  *   tree.c       the file tree: nodes, names, partitioning
  *   codec.c      the protocol's bytes (fuse-proto.h)
+ *   life.c       an Fs made and freed (the top: it calls the others)
  * doc/ARCHITECTURE.md says which thread runs what.
  *
  * Ownership and locking:

@@ -427,7 +427,7 @@ void fs_wait_for_stop(Fs *fs, const sigset_t *sigs)
 		close(sfd);
 }
 
-/* ---- The session state in the Fs (fs.c creates and frees the Fs) ---- */
+/* ---- The session state in the Fs (life.c creates and frees the Fs) ---- */
 
 void fs_session_init(Fs *fs)
 {

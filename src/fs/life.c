@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* fs.c: an Fs, made and freed: its tree, its session state, its stop. */
+/* life.c: an Fs, made and freed: its tree, its session state, its stop. */
 #include "config.h"
 
 #include <time.h>
