@@ -313,7 +313,12 @@ struct fs_read {
 	struct fs_req req;
 	struct fs_node *node;      /* ref */
 	uint8_t *buf;              /* FS_REPLY_HDR + data */
+	gboolean pooled;           /* @buf came from fs_buf_get */
 };
+
+/* Small reads get a buffer of their own size; large ones a request buffer
+ * from the free list (1 MiB: malloc would map and unmap each). */
+#define READ_POOLED_FROM (64u * 1024)
 
 static void read_done(void *opaque, ssize_t result)
 {
@@ -332,7 +337,10 @@ static void read_done(void *opaque, ssize_t result)
 		stats_add(&node->stats.bytes_read, (guint64)result);
 		fs_reply_data(&rd->req, rd->buf, (size_t)result);
 	}
-	fs_buf_put(fs, rd->buf);
+	if (rd->pooled)
+		fs_buf_put(fs, rd->buf);
+	else
+		g_free(rd->buf);
 	fs_node_unref(node);
 	g_free(rd);
 	fs_inflight_end(fs, ex);
@@ -353,7 +361,8 @@ void fs_op_read(Fs *fs, struct fs_req *r, const struct fusep_req *q)
 	rd->fs = fs;
 	rd->req = *r;
 	rd->node = fs_node_ref(node);
-	rd->buf = fs_buf_get(fs);
+	rd->pooled = size >= READ_POOLED_FROM;
+	rd->buf = rd->pooled ? fs_buf_get(fs) : g_malloc(FS_REPLY_HDR + size);
 	if (!h->direct_io && !(q->read.flags & O_DIRECT))
 		fs_cache_mark(node, off, size);
 	g_atomic_int_inc(&node->stats.in_flight);
