@@ -357,12 +357,19 @@ void fs_op_read(Fs *fs, struct fs_req *r, const struct fusep_req *q)
 		fs_reply(r, NULL, 0);
 		return;
 	}
+	gboolean pooled = size >= READ_POOLED_FROM;
+	uint8_t *buf = pooled ? fs_buf_get(fs) : g_try_malloc(FS_REPLY_HDR + size);
+	if (buf == NULL) {
+		stats_add(&node->stats.errors, 1);
+		fs_reply_err(r, ENOMEM);
+		return;
+	}
 	struct fs_read *rd = g_new(struct fs_read, 1);
 	rd->fs = fs;
 	rd->req = *r;
 	rd->node = fs_node_ref(node);
-	rd->pooled = size >= READ_POOLED_FROM;
-	rd->buf = rd->pooled ? fs_buf_get(fs) : g_malloc(FS_REPLY_HDR + size);
+	rd->pooled = pooled;
+	rd->buf = buf;
 	if (!h->direct_io && !(q->read.flags & O_DIRECT))
 		fs_cache_mark(node, off, size);
 	g_atomic_int_inc(&node->stats.in_flight);

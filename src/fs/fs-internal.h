@@ -63,6 +63,8 @@ struct fs_chan {
 	uint8_t *buf;              /* the next read's buffer, or NULL */
 	struct loop_task task;
 	struct completion *sync;   /* attach/detach on the loop, waited for */
+	struct loop_timer retry;   /* reading again after memory ran out */
+	gboolean starved;          /* said so in the log */
 };
 
 /* A FUSE request being answered: where its reply goes.  Small and copied by
@@ -228,7 +230,8 @@ void fs_reply_none(struct fs_req *r);
  * page locks: never call them on a loop (see coherence.c).  0 or -errno. */
 int fs_notify_inval_inode(Fs *fs, fs_ino_t ino, int64_t off, int64_t len);
 int fs_notify_inval_entry(Fs *fs, fs_ino_t parent, const char *name);
-/* A request buffer of FUSEP_BUF_SIZE bytes, and back (any thread). */
+/* A request buffer of FUSEP_BUF_SIZE bytes (NULL when memory ran out),
+ * and back (any thread). */
 uint8_t *fs_buf_get(Fs *fs);
 void fs_buf_put(Fs *fs, uint8_t *buf);
 /* The loops requests run on. */

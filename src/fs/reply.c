@@ -27,7 +27,7 @@ uint8_t *fs_buf_get(Fs *fs)
 	if (fs->free_bufs->len > 0)
 		b = g_ptr_array_steal_index_fast(fs->free_bufs, fs->free_bufs->len - 1);
 	g_mutex_unlock(&fs->buf_lock);
-	return b ? b : g_malloc(FUSEP_BUF_SIZE);
+	return b ? b : g_try_malloc(FUSEP_BUF_SIZE);
 }
 
 void fs_buf_put(Fs *fs, uint8_t *buf)

@@ -40,6 +40,7 @@
 #include "fs-internal.h"
 
 #define READS_PER_TURN 16
+#define STARVED_RETRY_MS 10
 #define MAX_BACKGROUND 64
 #define CONGESTION_THRESHOLD 48
 
@@ -262,14 +263,41 @@ static void dispatch(struct fs_chan *ch, size_t n)
 	}
 }
 
+static void on_readable(void *opaque, uint32_t events);
+
+/* Memory came back (or may have): read requests again. */
+static void retry_reading(void *opaque)
+{
+	struct fs_chan *ch = opaque;
+	if (ch->w.loop)
+		loop_watch_mod(&ch->w, EPOLLIN);
+}
+
+/* No buffer for the next request: stop watching for a while (the kernel
+ * keeps the requests queued) instead of spinning; said once. */
+static void starve(struct fs_chan *ch)
+{
+	if (!ch->starved)
+		g_warning("out of memory for a %u-byte FUSE request buffer: not reading "
+			  "requests for %d ms at a time until memory is available",
+			  FUSEP_BUF_SIZE, STARVED_RETRY_MS);
+	ch->starved = TRUE;
+	loop_watch_mod(&ch->w, 0);
+	loop_timer_start(ch->loop, &ch->retry,
+			 g_get_monotonic_time() + STARVED_RETRY_MS * 1000, retry_reading, ch);
+}
+
 static void on_readable(void *opaque, uint32_t events)
 {
 	struct fs_chan *ch = opaque;
 	Fs *fs = ch->fs;
 
 	for (int i = 0; i < READS_PER_TURN; i++) {
-		if (ch->buf == NULL)
-			ch->buf = fs_buf_get(fs);
+		if (ch->buf == NULL && (ch->buf = fs_buf_get(fs)) == NULL) {
+			starve(ch);
+			return;
+		}
+		ch->starved = FALSE;
 		ssize_t n = read(ch->fd, ch->buf, FUSEP_BUF_SIZE);
 		if (n < 0) {
 			if (errno == EINTR || errno == ENOENT)
@@ -298,6 +326,7 @@ static void chan_attach(void *opaque)
 static void chan_detach(void *opaque)
 {
 	struct fs_chan *ch = opaque;
+	loop_timer_stop(&ch->retry);
 	loop_watch_del(&ch->w);
 	completion_done(ch->sync, 0);
 }

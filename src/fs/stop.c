@@ -22,6 +22,8 @@
 
 /* After giving up: how long the abandoned requests get to be answered. */
 #define GIVE_UP_GRACE_US (2 * G_USEC_PER_SEC)
+/* The least time the stop gives the final flushes (with timeout=0). */
+#define STOP_MIN_S 1u
 
 struct final {
 	Fs *fs;
@@ -76,7 +78,10 @@ static gboolean pending_locked(Fs *fs, GPtrArray *start)
 gboolean fs_stop(Fs *fs, guint timeout_s)
 {
 	gint64 t0 = g_get_monotonic_time();
-	gint64 deadline = t0 + (gint64)timeout_s * G_USEC_PER_SEC;
+	/* timeout=0 means "do not wait for an unreachable server": a server
+	 * that answers still gets a moment for its final flush. */
+	guint bound_s = MAX(timeout_s, STOP_MIN_S);
+	gint64 deadline = t0 + (gint64)bound_s * G_USEC_PER_SEC;
 	gboolean gave_up = FALSE;
 	g_autoptr(GPtrArray) start = g_ptr_array_new();
 
@@ -122,7 +127,7 @@ gboolean fs_stop(Fs *fs, guint timeout_s)
 		const char *why = ex->final_error;
 		g_autofree char *late = NULL;
 		if (!why && (dirty(ex) || ex->final_running || g_atomic_int_get(&ex->inflight) > 0)) {
-			late = g_strdup_printf("not flushed within the timeout (%us)", timeout_s);
+			late = g_strdup_printf("not flushed within the timeout (%us)", bound_s);
 			why = late;
 		}
 		if (!why && h.lost_writes_seq != ex->lost_seq)
@@ -135,7 +140,7 @@ gboolean fs_stop(Fs *fs, guint timeout_s)
 		g_mutex_unlock(&fs->stop_lock);
 	}
 	if (gave_up)
-		g_warning("stopping: gave up after %us with %d request%s in flight", timeout_s,
+		g_warning("stopping: gave up after %us with %d request%s in flight", bound_s,
 			  inflight, inflight == 1 ? "" : "s");
 
 	/* Disconnect (NBD_CMD_DISC); what still waits fails at once. */
