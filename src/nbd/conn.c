@@ -114,7 +114,7 @@ void nbdc_conn_update_events(struct nbdc_conn *conn)
 		ev = EPOLLOUT;
 		break;
 	case NBDC_CP_TLS:
-		ev = nbdc_tls_wants_write(conn->t) ? EPOLLOUT : EPOLLIN;
+		ev = nbdc_tr_tls_wants_write(conn->t) ? EPOLLOUT : EPOLLIN;
 		break;
 	case NBDC_CP_HANDSHAKE:
 		ev = EPOLLIN;
@@ -533,7 +533,7 @@ static gboolean hs_write(struct nbdc_conn *conn)
 static void tls_drive(struct nbdc_conn *conn)
 {
 	GError *err = NULL;
-	int r = nbdc_tls_handshake_step(conn->t, conn->display, &err);
+	int r = nbdc_tr_tls_handshake(conn->t, conn->display, &err);
 
 	if (r < 0) {
 		conn->fail_error = err;
@@ -601,7 +601,7 @@ static void hs_drive(struct nbdc_conn *conn)
 				nbdc_conn_fail(conn, -ENOTCONN, "TLS: no credentials");
 				return;
 			}
-			if (!nbdc_tls_start(conn->t, conn->tls, conn->display, &err)) {
+			if (!nbdc_tr_start_tls(conn->t, conn->tls, conn->display, &err)) {
 				conn->fail_error = err;
 				nbdc_conn_fail(conn, -ENOTCONN, err->message);
 				return;
@@ -618,7 +618,7 @@ static void hs_drive(struct nbdc_conn *conn)
 				loop_watch_del(&conn->w);
 				loop_timer_stop(&conn->timer);
 				conn->phase = NBDC_CP_DEAD;
-				nbdc_tls_bye(conn->t);
+				nbdc_tr_tls_bye(conn->t);
 				nbdc_conn_ref(conn);
 				conn->owner->finished(conn, conn->owner_data, NULL);
 				nbdc_tr_close(conn->t);

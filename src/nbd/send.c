@@ -427,6 +427,6 @@ void nbdc_send_disc(struct nbdc_conn *conn)
 	conn->disc_sent = TRUE;
 	/* Best effort, one attempt: 28 bytes into an idle socket. */
 	if (nbdc_tr_writev(conn->t, &v, 1) == (ssize_t)sizeof(hdr))
-		nbdc_tls_bye(conn->t);
+		nbdc_tr_tls_bye(conn->t);
 	nbdc_tr_shutdown(conn->t, SHUT_WR);
 }
