@@ -163,11 +163,6 @@ void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err)
 
 /* ---- choosing a connection ---- */
 
-gboolean nbdc_conn_usable(const struct nbdc_conn *conn)
-{
-	return nbdc_conn_is_ready(conn) && !g_atomic_int_get(&conn->inq_closed);
-}
-
 /* Under c->lock: a new connection on @loop (started after unlocking). */
 struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop)
 {

@@ -5,8 +5,10 @@
  *   nbdc.c, sync.c   the public calls: checks, splitting, emulation, waiting
  *   export.c         one export: its connections, parking, reconnect, replay
  *   probe.c          control connections: LIST and INFO for many exports
- *   conn.c           one connection: connect, handshake, close (a state machine
- *                    on one loop); send.c its send queue, reply.c its replies
+ *   conn.c           one connection's state machine on one loop; the work
+ *                    of its phases below it: connect.c (the socket),
+ *                    negotiate.c (the negotiation), send.c and reply.c
+ *                    (transmission), which report by return value
  *   handshake.c      negotiation over byte buffers; transport.c, tls.c bytes
  * A lower file reaches an upper one only through the function pointers of
  * struct nbdc_conn_owner.  doc/ARCHITECTURE.md has the threads.
@@ -199,7 +201,8 @@ struct nbdc_conn {
 	enum nbdc_conn_phase phase;        /* loop only, read racily elsewhere */
 	struct nbdc_transport *t;
 	struct loop_watch w;
-	struct loop_timer timer;           /* handshake deadline, request timeout, goodbye */
+	struct loop_timer timer;           /* handshake deadline or Unix retry, request
+	                                    * timeout, goodbye */
 	gint64 deadline;                   /* of the handshake; 0 = none */
 	gboolean quiet;                    /* a close we asked for: no warning */
 	GError *fail_error;                /* the precise error of a failure, if known */
@@ -216,7 +219,7 @@ struct nbdc_conn {
 	struct nbdc_rbuf rb;
 	struct nbdc_neg neg;
 
-	/* sending (send.c) */
+	/* sending (send.c; conn.c schedules it) */
 	struct nbdc_req *txq_head, *txq_tail; /* queued, not fully sent */
 	size_t tx_off;                     /* bytes of txq_head already written */
 	guint tx_count;                    /* requests in the send queue */
@@ -244,6 +247,7 @@ struct nbdc_conn {
 	uint64_t rx_rel, rx_left;          /* payload destination and bytes left */
 	uint8_t *buf;                      /* a chunk's payload (block status, errors) */
 	size_t buf_size, buf_have;
+	gboolean rx_drained;               /* the last reply of a draining connection: DISC due */
 
 	/* the inbox: requests handed over by other threads */
 	GMutex inq_lock;
@@ -271,34 +275,70 @@ gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req);
  * the requests in flight finished, else abandon them now (they go to
  * owner->lost with -ENOTCONN). */
 void nbdc_conn_close(struct nbdc_conn *conn, gboolean graceful);
-/* Loop only: dies with @err and @msg (NULL: a quiet close). */
-void nbdc_conn_fail(struct nbdc_conn *conn, int err, const char *msg);
-/* Loop only: a draining connection's last request finished: DISC. */
-void nbdc_conn_drained(struct nbdc_conn *conn);
-/* Loop only: the watch events the connection needs now. */
-void nbdc_conn_update_events(struct nbdc_conn *conn);
+/* Ready and taking requests (read racily off the loop: a hint). */
 gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn);
+/* Ready and its inbox still open: worth handing a request to. */
+gboolean nbdc_conn_usable(const struct nbdc_conn *conn);
+
+/* connect.c (loop only): the socket.  Results besides -errno (failed, with
+ * *@msg): */
+enum {
+	NBDC_CONNECT_STARTED, /* a non-blocking connect is under way on conn->t */
+	NBDC_CONNECT_UP,      /* connected (TCP options set) */
+	NBDC_CONNECT_BUSY,    /* a Unix server's backlog is full: again at *@retry_at */
+};
+int nbdc_connect_unix(struct nbdc_conn *conn, gint64 *retry_at, char **msg);
+/* The next address of conn->ai_next (TCP). */
+int nbdc_connect_next(struct nbdc_conn *conn, char **msg);
+/* EPOLLOUT on a connecting socket: UP, or on failure the next address. */
+int nbdc_connect_finish(struct nbdc_conn *conn, char **msg);
+/* A numeric host: conn->ai_list filled, TRUE; FALSE when it needs a lookup. */
+gboolean nbdc_connect_numeric(struct nbdc_conn *conn);
+/* @done(@opaque, res, gai) runs on conn->loop after getaddrinfo of the
+ * connection's host ran on the pool; it may steal *res (else freed). */
+typedef void (*nbdc_resolved_fn)(void *opaque, struct addrinfo **res, int gai);
+void nbdc_resolve(struct nbdc_conn *conn, nbdc_resolved_fn done, void *opaque);
+/* A lookup's result: the first address tried (takes *@res), or failed. */
+int nbdc_connect_resolved(struct nbdc_conn *conn, struct addrinfo **res, int gai, char **msg);
+
+/* negotiate.c (loop only): the negotiation.  Results besides -errno (failed:
+ * *@msg, conn->fail_error or the handshake's error says why): */
+enum {
+	NBDC_NEG_WAIT,  /* wait for the events the phase asks for */
+	NBDC_NEG_READY, /* GO done: transmission; nbdc_neg_finish */
+	NBDC_NEG_DONE,  /* a control connection finished its goal */
+};
+/* Phase HANDSHAKE over conn->t: the handshake, its buffers. */
+int nbdc_neg_start(struct nbdc_conn *conn);
+/* Socket events in the phases HANDSHAKE and TLS. */
+int nbdc_neg_io(struct nbdc_conn *conn, uint32_t events, char **msg);
+/* After NBDC_NEG_READY: what was negotiated to conn->neg; the handshake freed. */
+void nbdc_neg_finish(struct nbdc_conn *conn);
 
 /* send.c (loop only) */
 void nbdc_send_init(struct nbdc_conn *conn);
 void nbdc_send_fini(struct nbdc_conn *conn);
+/* Encodes @req into the send queue (the caller has it written). */
 void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req);
 /* Writes what the socket takes; <0 when the connection must die (@msg set). */
 int nbdc_send_flush(struct nbdc_conn *conn, char **msg);
-void nbdc_send_schedule(struct nbdc_conn *conn);
 struct nbdc_req *nbdc_table_lookup(const struct nbdc_conn *conn, uint64_t cookie);
-/* A reply finished @req: out of the table and the in-flight list. */
-void nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
+/* A reply finished @req: out of the table and the in-flight list.  TRUE
+ * when that left a draining connection with nothing to do (DISC is due). */
+gboolean nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
 /* Every request the connection holds, in order, unlinked (for death). */
 struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn);
-/* The request timeout: arms or checks the timer; <0 = expired (@msg set). */
-int nbdc_send_check_timeout(struct nbdc_conn *conn, char **msg);
+/* The request timeout: <0 when a request (or the stalled socket) is overdue
+ * (@msg set); else *@next_due is when the next one is, or 0. */
+int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg);
 /* Sends NBD_CMD_DISC now (nothing may be in flight). */
 void nbdc_send_disc(struct nbdc_conn *conn);
 
 /* reply.c (loop only) */
-/* Reads and handles what arrived; <0 when the connection must die (@msg set,
- * or NULL for a clean EOF after our DISC). */
+/* Reads and handles what arrived: 0, NBDC_REPLY_DRAINED (the last request of
+ * a draining connection finished: send DISC, then call again), or <0 when
+ * the connection must die (@msg set, or NULL for a clean EOF after our DISC). */
+#define NBDC_REPLY_DRAINED 1
 int nbdc_reply_read(struct nbdc_conn *conn, char **msg);
 /* Fills conn->rb with one read during negotiation: >0, 0 EOF, -EAGAIN, -errno. */
 ssize_t nbdc_rb_fill(struct nbdc_conn *conn);
@@ -411,7 +451,6 @@ void nbdc_op_cache_free(Nbdc *c);
 void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
 /* Under c->lock: parks @req until a connection is ready. */
 void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
-gboolean nbdc_conn_usable(const struct nbdc_conn *conn);
 gboolean nbdc_has_usable_locked(const Nbdc *c);
 /* Finishes @req (no lock held); the _all form a list linked by next. */
 void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
