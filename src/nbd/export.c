@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* export.c: one export's connections: choosing, parking, reconnecting,
- * replaying unflushed writes, closing idle ones.
+/* export.c: one export's handle: its connections, choosing one for a
+ * request, parking, the connections' reports, the early flush.  Its state
+ * machine is recover.c, the replay log log.c, writing it again replay.c;
+ * the design of all four is here.
  *
  * A request goes to a ready connection, preferring one on the caller's own
  * loop with fewer than GROW_AT requests; a lazy handle opens another (up to
  * max_conns, where the server allows multi-conn) when none fits.  With no
  * ready connection the request is parked and the export's state machine,
- * which runs on its home loop (export_run), does the rest:
+ * which runs on its home loop (recover.c), does the rest:
  *
  *   IDLE --request/hold--> CONNECTING --ready--> READY --lost--> RECOVERING
  *   RECOVERING: every connection closed, attempts with backoff (50 ms
@@ -49,8 +51,6 @@ void nbdc_export_ref(Nbdc *c)
 	g_atomic_int_inc(&c->refs);
 }
 
-void nbdc_log_free_all(Nbdc *c);
-
 void nbdc_export_unref(Nbdc *c)
 {
 	if (!g_atomic_int_dec_and_test(&c->refs))
@@ -69,17 +69,18 @@ void nbdc_export_unref(Nbdc *c)
 	g_free(c->display);
 	g_free(c->error);
 	g_free(c->zero_buf);
-	nbdc_op_cache_free(c);
+	g_assert(c->op_cache == NULL); /* emptied by nbdc_free */
 	g_mutex_clear(&c->op_lock);
 	g_mutex_clear(&c->lock);
 	g_free(c);
 }
 
-Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **error)
+Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, loop_fn run, GError **error)
 {
 	Nbdc *c = g_new0(Nbdc, 1);
 
 	c->refs = 1;
+	c->run = run;
 	c->cfg = *cfg;
 	c->loops = nbdc_cfg_loops(cfg);
 	c->home = loop_set_pick(c->loops);
@@ -104,6 +105,19 @@ Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **err
 gboolean nbdc_export_alive(const Nbdc *c)
 {
 	return !g_atomic_int_get(&c->closing) && !c->dead;
+}
+
+/* Asks the home loop to look at the export (any thread, coalesced). */
+void nbdc_export_kick(Nbdc *c)
+{
+	g_mutex_lock(&c->lock);
+	gboolean post = !c->kick_posted;
+	c->kick_posted = TRUE;
+	g_mutex_unlock(&c->lock);
+	if (post) {
+		nbdc_export_ref(c); /* the state machine drops it */
+		loop_post_task(c->home, &c->kick_task, c->run, c);
+	}
 }
 
 /* ---- completions ---- */
@@ -159,6 +173,41 @@ void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err)
 		nbdc_export_finish(c, list, err);
 		list = next;
 	}
+}
+
+/* ---- the early flush ---- */
+
+/* The replay log grew past its bounds, or the export goes idle with writes
+ * in the log: a flush of the core's own trims it. */
+static void early_flush_done(struct nbdc_req *req, int err)
+{
+	Nbdc *c = req->extent_opaque;
+
+	g_mutex_lock(&c->lock);
+	c->log_flushing = FALSE;
+	g_mutex_unlock(&c->lock);
+	g_free(req);
+	if (g_atomic_int_dec_and_test(&c->in_flight))
+		nbdc_export_idle_now(c);
+	nbdc_export_kick(c); /* throttled writes may go now */
+	nbdc_export_unref(c);
+}
+
+/* Under c->lock: starts an early flush when none runs; returns the request
+ * to submit after unlocking, or NULL. */
+struct nbdc_req *nbdc_early_flush_locked(Nbdc *c)
+{
+	if (c->log_flushing || !c->log_head)
+		return NULL;
+	struct nbdc_req *req = g_new0(struct nbdc_req, 1);
+
+	req->type = NBD_CMD_FLUSH;
+	req->internal = TRUE;
+	req->complete = early_flush_done;
+	req->extent_opaque = c;
+	c->log_flushing = TRUE;
+	nbdc_export_ref(c);
+	return req;
 }
 
 /* ---- choosing a connection ---- */

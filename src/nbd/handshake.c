@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* handshake.c: NBD negotiation as a state machine over byte buffers.
  *
- * No I/O here: the connection (conn.c) feeds what arrived into an input
+ * No I/O here: the connection (negotiate.c) feeds what arrived into an input
  * buffer, calls nbdc_hs_step(), sends whatever the step appended to the
  * output buffer, and runs the TLS handshake when asked.  One step consumes
  * as many complete messages as the input holds; it stops when it needs more

@@ -2,16 +2,25 @@
 /* internal.h: types shared by the NBD core's files (private).
  *
  * The layers inside the core, each calling only down:
- *   nbdc.c, sync.c   the public calls: checks, splitting, emulation, waiting
- *   export.c         one export: its connections, parking, reconnect, replay
+ *   sync.c           making handles, teardown, the blocking wrappers
+ *   nbdc.c           the asynchronous calls: checks, splitting, emulation
  *   probe.c          control connections: LIST and INFO for many exports
+ *   recover.c        one export's state machine on its home loop: connecting,
+ *                    reconnecting with backoff, expiry, idle close, closing
+ *   replay.c         writing the replay log again after a loss
+ *   export.c         the handle: choosing connections, parking, the
+ *                    connections' reports; log.c the replay log
  *   conn.c           one connection's state machine on one loop; the work
  *                    of its phases below it: connect.c (the socket),
  *                    negotiate.c (the negotiation), send.c and reply.c
  *                    (transmission), which report by return value
- *   handshake.c      negotiation over byte buffers; transport.c, tls.c bytes
- * A lower file reaches an upper one only through the function pointers of
- * struct nbdc_conn_owner.  doc/ARCHITECTURE.md has the threads.
+ *   handshake.c      negotiation over byte buffers (handshake-opt.c: the
+ *                    option messages, GO/INFO replies)
+ *   transport.c      bytes on a socket or a TLS session; tls.c the sessions
+ *   cfg.c, errors.c  configuration, logging, error codes (used by all)
+ * A lower file reaches an upper one only through function pointers: the
+ * owner of a connection (struct nbdc_conn_owner), the export's state machine
+ * (c->run), the requests' completions.  doc/ARCHITECTURE.md has the threads.
  */
 #pragma once
 
@@ -42,10 +51,12 @@ void nbdc_neg_clear(struct nbdc_neg *neg);
 /* errors.c */
 void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const char *fmt, ...)
 	G_GNUC_PRINTF(3, 4);
+const char *nbdc_cmd_name(uint16_t type);
+
+/* cfg.c */
 /* "nbd://host:port/export", "nbd+unix:///export?socket=path" or "fd N":
  * names the server in messages.  Caller frees. */
 char *nbdc_cfg_display(const struct nbdc_config *cfg);
-const char *nbdc_cmd_name(uint16_t type);
 /* The loops of @cfg, or the process-wide default set (started on first use). */
 LoopSet *nbdc_cfg_loops(const struct nbdc_config *cfg);
 
@@ -145,7 +156,7 @@ struct nbdc_req {
 /* Clears the reply state of @req before it is sent again. */
 void nbdc_req_reset(struct nbdc_req *req);
 
-/* ---- Connections (conn.c, send.c, reply.c) ---- */
+/* ---- Connections (conn.c; connect.c, negotiate.c, send.c, reply.c) ---- */
 
 /* How a connection reports to its owner (the export of a data connection,
  * the probe of a control connection).  All run on the connection's loop. */
@@ -346,7 +357,7 @@ void nbdc_reply_fini(struct nbdc_conn *conn);
 
 #define NBDC_RBUF_SIZE (68u * 1024) /* >= header + NBD_MAX_OPTION_REPLY */
 
-/* ---- The handle: one export (export.c, nbdc.c, sync.c) ---- */
+/* ---- The handle: one export (export.c, recover.c, replay.c, log.c; nbdc.c, sync.c) ---- */
 
 /* An acknowledged write (or zero) that no flush covered yet. */
 struct nbdc_log_entry {
@@ -412,6 +423,7 @@ struct nbdc {
 	gboolean replay_failed;
 
 	/* the home loop's machinery (home loop only, but kick_posted) */
+	loop_fn run;                   /* the state machine: recover.c's nbdc_export_run */
 	struct loop_task kick_task;
 	gboolean kick_posted;          /* under @lock */
 	struct loop_timer retry_timer, expiry_timer, idle_timer;
@@ -431,14 +443,18 @@ struct nbdc {
 	GMutex op_lock;
 	struct nbdc_op *op_cache;
 	guint op_cached;
+	gboolean op_cache_closed;      /* nbdc_free: ops are freed, not kept */
 	uint32_t zero_len;
 	void *zero_buf;
 };
 
-/* nbdc.c: frees the cache of finished ops (the handle is going). */
-void nbdc_op_cache_free(Nbdc *c);
+/* nbdc.c: frees the cache of finished ops and keeps no more (nbdc_free). */
+void nbdc_op_cache_close(Nbdc *c);
 
-/* ---- inside the handle (export.c, replay.c, recover.c) ---- */
+/* ---- inside the handle ----
+ * Calls run down: recover.c (the state machine) -> replay.c (writing the log
+ * again) -> export.c (the handle, its requests and connections) -> log.c.
+ * export.c reaches the state machine only through c->run (nbdc_export_kick). */
 
 #define NBDC_BACKOFF_MIN_US (50 * 1000)
 #define NBDC_BACKOFF_MAX_US (2 * G_USEC_PER_SEC)
@@ -447,45 +463,10 @@ void nbdc_op_cache_free(Nbdc *c);
 #define NBDC_LOG_MAX (96u * 1024 * 1024)      /* ... and new writes wait */
 #define NBDC_GONE_WAIT_US (5 * G_USEC_PER_SEC) /* teardown waits for connections */
 
-/* export.c */
-void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
-/* Under c->lock: parks @req until a connection is ready. */
-void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
-gboolean nbdc_has_usable_locked(const Nbdc *c);
-/* Finishes @req (no lock held); the _all form a list linked by next. */
-void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
-void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err);
-/* Nothing is in flight any more. */
-void nbdc_export_idle_now(Nbdc *c);
-
-/* replay.c (under c->lock unless said) */
-void nbdc_log_free_all(Nbdc *c);
-void nbdc_log_append(Nbdc *c, struct nbdc_log_entry *e);
-void nbdc_log_trim(Nbdc *c, guint64 seq);
-void nbdc_log_lose(Nbdc *c, const char *why);
-/* An early flush to submit after unlocking, or NULL when one runs. */
-struct nbdc_req *nbdc_early_flush_locked(Nbdc *c);
-/* Home loop, no lock: writes the log again; TRUE while not finished. */
-gboolean nbdc_replay_step(Nbdc *c);
-
 /* recover.c */
-/* Asks the home loop to look at the export (any thread, coalesced). */
-void nbdc_export_kick(Nbdc *c);
-
-/* export.c */
-Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **error);
-void nbdc_export_ref(Nbdc *c);
-void nbdc_export_unref(Nbdc *c);
-/* Hands a prepared request to a connection, or parks it (any thread);
- * req->complete runs exactly once, never inside this call. */
-void nbdc_export_submit(Nbdc *c, struct nbdc_req *req);
-/* Runs req->complete(req, err) soon on a loop (never inside the caller). */
-void nbdc_complete_later(Nbdc *c, struct nbdc_req *req, int err);
-/* Under c->lock: a new data connection on @loop, registered (the caller
- * starts it after unlocking and drops the returned reference). */
-struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop);
-/* nbdc_connect: opens the connections now and waits for them (bounded). */
-gboolean nbdc_export_connect(Nbdc *c, GError **error);
+/* The state machine: one look at the export on its home loop (a loop_fn for
+ * c->run; drops the reference nbdc_export_kick took). */
+void nbdc_export_run(void *opaque);
 void nbdc_export_hold(Nbdc *c, gboolean held);
 void nbdc_export_health(Nbdc *c, struct nbdc_health *out);
 /* Stops new requests; @wait_us > 0 (off a loop): waits that long for those in
@@ -493,4 +474,44 @@ void nbdc_export_health(Nbdc *c, struct nbdc_health *out);
 void nbdc_export_close(Nbdc *c, gint64 wait_us);
 /* Waits (bounded) until every connection of a closed handle ended. */
 void nbdc_export_wait_gone(Nbdc *c);
+
+/* replay.c: home loop, no lock: writes the log again; TRUE while not finished. */
+gboolean nbdc_replay_step(Nbdc *c);
+
+/* export.c */
+/* A handle for @cfg with no connection; @run is its state machine, posted
+ * to the home loop by nbdc_export_kick. */
+Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, loop_fn run, GError **error);
+void nbdc_export_ref(Nbdc *c);
+void nbdc_export_unref(Nbdc *c);
 gboolean nbdc_export_alive(const Nbdc *c);
+/* Asks the home loop to run the state machine (any thread, coalesced). */
+void nbdc_export_kick(Nbdc *c);
+/* Hands a prepared request to a connection, or parks it (any thread);
+ * req->complete runs exactly once, never inside this call. */
+void nbdc_export_submit(Nbdc *c, struct nbdc_req *req);
+/* Runs req->complete(req, err) soon on a loop (never inside the caller). */
+void nbdc_complete_later(Nbdc *c, struct nbdc_req *req, int err);
+/* Finishes @req (no lock held); the _all form a list linked by next. */
+void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
+void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err);
+/* Nothing is in flight any more. */
+void nbdc_export_idle_now(Nbdc *c);
+void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
+/* Under c->lock: parks @req until a connection is ready. */
+void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
+gboolean nbdc_has_usable_locked(const Nbdc *c);
+/* Under c->lock: a new data connection on @loop, registered (the caller
+ * starts it after unlocking and drops the returned reference). */
+struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop);
+/* Under c->lock: an early flush to submit after unlocking, or NULL when one
+ * runs or the log is empty. */
+struct nbdc_req *nbdc_early_flush_locked(Nbdc *c);
+
+/* log.c (under c->lock) */
+void nbdc_log_free_all(Nbdc *c);
+void nbdc_log_append(Nbdc *c, struct nbdc_log_entry *e);
+/* A flush covering every entry up to @seq succeeded. */
+void nbdc_log_trim(Nbdc *c, guint64 seq);
+/* The writes in the log may be gone from the server for good. */
+void nbdc_log_lose(Nbdc *c, const char *why);

@@ -36,19 +36,6 @@ struct nbdc_op {
 	struct nbdc_req req;     /* the first piece */
 };
 
-void nbdc_config_init(struct nbdc_config *cfg)
-{
-	memset(cfg, 0, sizeof(*cfg));
-	cfg->fd = -1;
-	cfg->tls_verify_peer = TRUE;
-	cfg->structured_replies = TRUE;
-	cfg->block_status = TRUE;
-	cfg->max_in_flight = 64;
-	cfg->handshake_timeout_ms = 30000;
-	cfg->replay = TRUE;
-	cfg->idle_timeout_ms = 60000;
-}
-
 /* ---- ops ---- */
 
 static void op_free(struct nbdc_op *op)
@@ -58,7 +45,7 @@ static void op_free(struct nbdc_op *op)
 	if (op->req.ranges)
 		g_array_unref(op->req.ranges);
 	g_mutex_lock(&c->op_lock);
-	if (c->op_cached < OP_CACHE_MAX) {
+	if (c->op_cached < OP_CACHE_MAX && !c->op_cache_closed) {
 		op->next_free = c->op_cache;
 		c->op_cache = op;
 		c->op_cached++;
@@ -71,14 +58,18 @@ static void op_free(struct nbdc_op *op)
 
 static void piece_done(struct nbdc_req *req, int err);
 
-void nbdc_op_cache_free(Nbdc *c)
+void nbdc_op_cache_close(Nbdc *c)
 {
+	g_mutex_lock(&c->op_lock);
+	c->op_cache_closed = TRUE;
 	while (c->op_cache) {
 		struct nbdc_op *op = c->op_cache;
 
 		c->op_cache = op->next_free;
 		g_free(op);
 	}
+	c->op_cached = 0;
+	g_mutex_unlock(&c->op_lock);
 }
 
 static struct nbdc_op *op_new(Nbdc *c, nbdc_done_fn done, void *opaque)

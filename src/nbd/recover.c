@@ -10,23 +10,7 @@
 #include "internal.h"
 #include "wire.h"
 
-#define NBDC_GONE_WAIT_US (5 * G_USEC_PER_SEC)
-
-static void run_task(void *opaque);
 static void timer_fired(void *opaque);
-
-/* Asks the home loop to look at the export (any thread, coalesced). */
-void nbdc_export_kick(Nbdc *c)
-{
-	g_mutex_lock(&c->lock);
-	gboolean post = !c->kick_posted;
-	c->kick_posted = TRUE;
-	g_mutex_unlock(&c->lock);
-	if (post) {
-		nbdc_export_ref(c);
-		loop_post_task(c->home, &c->kick_task, run_task, c);
-	}
-}
 
 /* Under c->lock: requests parked longer than the timeout, unlinked. */
 static struct nbdc_req *expire_locked(Nbdc *c, gint64 now, gboolean all)
@@ -245,7 +229,7 @@ out:
 	}
 }
 
-static void run_task(void *opaque)
+void nbdc_export_run(void *opaque)
 {
 	Nbdc *c = opaque;
 
@@ -262,7 +246,7 @@ static void timer_fired(void *opaque)
 		c->idle_fired = TRUE;
 	g_mutex_unlock(&c->lock);
 	nbdc_export_ref(c);
-	run_task(c);
+	nbdc_export_run(c);
 }
 
 /* ---- use, health, closing ---- */
