@@ -308,6 +308,12 @@ static gboolean is_write_like(const struct nbdc_req *req)
 	return req->type == NBD_CMD_WRITE || req->type == NBD_CMD_WRITE_ZEROES;
 }
 
+/* What a flush makes durable. */
+static gboolean changes_data(const struct nbdc_req *req)
+{
+	return is_write_like(req) || req->type == NBD_CMD_TRIM;
+}
+
 void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
 {
 	Loop *cur = loop_current();
@@ -328,8 +334,10 @@ void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
 			nbdc_complete_later(c, req, -ENOTCONN);
 			return;
 		}
-		if (req->type == NBD_CMD_FLUSH)
+		if (req->type == NBD_CMD_FLUSH) {
 			req->flush_seq = c->log_seq;
+			req->flush_gen = c->write_gen;
+		}
 		if (c->log_on && !req->internal && is_write_like(req) && c->log_bytes >= NBDC_LOG_MAX) {
 			nbdc_req_append(&c->throttled_head, &c->throttled_tail, req);
 			flush = nbdc_early_flush_locked(c);
@@ -615,29 +623,41 @@ static void conn_done(struct nbdc_conn *conn, void *data, struct nbdc_req *req, 
 		return;
 	}
 
+	/* What the next flush has to cover: a write, zero or trim of the
+	 * user's acknowledged, or a flush (ours too) that covered them. */
+	gboolean wrote = err == 0 && !req->internal && changes_data(req);
+	gboolean flushed = err == 0 && req->type == NBD_CMD_FLUSH;
 	/* The log: a write joins it when acknowledged, a flush (ours too)
 	 * trims what it covers. */
-	if (c->log_on && (req->type == NBD_CMD_FLUSH ||
-			  (!req->internal && (req->log || (req->type == NBD_CMD_WRITE_ZEROES &&
-							   !(req->flags & NBD_CMD_FLAG_FUA)))))) {
+	gboolean logged = c->log_on && (req->type == NBD_CMD_FLUSH ||
+				       (!req->internal && (req->log || (req->type == NBD_CMD_WRITE_ZEROES &&
+									!(req->flags & NBD_CMD_FLAG_FUA)))));
+	if (wrote || flushed || logged) {
 		struct nbdc_req *flush = NULL;
 
 		g_mutex_lock(&c->lock);
-		if (err == 0 && req->type == NBD_CMD_FLUSH) {
-			nbdc_log_trim(c, req->flush_seq);
-		} else if (err == 0 && req->log) {
-			nbdc_log_append(c, g_steal_pointer(&req->log));
-		} else if (err == 0 && req->type == NBD_CMD_WRITE_ZEROES) {
-			struct nbdc_log_entry *e = g_new0(struct nbdc_log_entry, 1);
+		if (wrote)
+			c->write_gen++;
+		else if (flushed && req->flush_gen > c->flushed_gen)
+			c->flushed_gen = req->flush_gen;
+		if (logged) {
+			if (err == 0 && req->type == NBD_CMD_FLUSH) {
+				nbdc_log_trim(c, req->flush_seq);
+			} else if (err == 0 && req->log) {
+				nbdc_log_append(c, g_steal_pointer(&req->log));
+			} else if (err == 0 && req->type == NBD_CMD_WRITE_ZEROES) {
+				struct nbdc_log_entry *e = g_new0(struct nbdc_log_entry, 1);
 
-			e->offset = req->offset;
-			e->len = req->len;
-			e->type = NBD_CMD_WRITE_ZEROES;
-			e->flags = req->flags;
-			nbdc_log_append(c, e);
+				e->offset = req->offset;
+				e->len = req->len;
+				e->type = NBD_CMD_WRITE_ZEROES;
+				e->flags = req->flags;
+				nbdc_log_append(c, e);
+			}
+			if (c->log_bytes >= NBDC_LOG_FLUSH_AT ||
+			    c->log_entries >= NBDC_LOG_FLUSH_ENTRIES)
+				flush = nbdc_early_flush_locked(c);
 		}
-		if (c->log_bytes >= NBDC_LOG_FLUSH_AT || c->log_entries >= NBDC_LOG_FLUSH_ENTRIES)
-			flush = nbdc_early_flush_locked(c);
 		g_mutex_unlock(&c->lock);
 		g_clear_pointer(&req->log, g_free);
 		if (flush)

@@ -142,6 +142,7 @@ struct nbdc_req {
 	gint64 wait_since_us;    /* parked (waiting for a connection) since; 0 = never */
 	struct nbdc_log_entry *log; /* a WRITE's copy for the replay log, once sent */
 	guint64 flush_seq;       /* FLUSH: the log sequence it covers */
+	guint64 flush_gen;       /* FLUSH: the c->write_gen it covers */
 	gboolean internal;       /* the core's own (replay, early flush) */
 	/* block status: extents go to @extent; @bs_reached = where they ended */
 	nbdc_extent_fn extent;
@@ -421,6 +422,11 @@ struct nbdc {
 	struct nbdc_log_entry *replay_cursor; /* next entry to write again */
 	guint replay_pending;
 	gboolean replay_failed;
+	/* what a flush has to do: acknowledged writes, zeroes and trims of the
+	 * user's (write_gen counts them) against those covered by the last flush
+	 * that succeeded (flushed_gen); and the ones not finished yet */
+	guint64 write_gen, flushed_gen;
+	gint writes_busy;              /* atomic: write/zero/trim calls not completed */
 
 	/* the home loop's machinery (home loop only, but kick_posted) */
 	loop_fn run;                   /* the state machine: recover.c's nbdc_export_run */

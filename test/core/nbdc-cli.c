@@ -50,7 +50,8 @@ static struct {
 	gboolean aio_disconnect;
 	gboolean req_one;
 	gint max_in_flight;
-} opt = { .timeout_ms = -1, .handshake_timeout_ms = -1 };
+	gint reconnect_ms;
+} opt = { .timeout_ms = -1, .handshake_timeout_ms = -1, .reconnect_ms = -1 };
 
 static GOptionEntry entries[] = {
 	{ "connections", 0, 0, G_OPTION_ARG_INT, &opt.connections, "Connections (multi-conn)", "N" },
@@ -73,6 +74,8 @@ static GOptionEntry entries[] = {
 	{ "req-one", 0, 0, G_OPTION_ARG_NONE, &opt.req_one, "extents with REQ_ONE", NULL },
 	{ "max-in-flight", 0, 0, G_OPTION_ARG_INT, &opt.max_in_flight,
 	  "Requests in flight per connection", "N" },
+	{ "reconnect-ms", 0, 0, G_OPTION_ARG_INT, &opt.reconnect_ms,
+	  "Reconnect a lost connection; a request waits this long for one", "MS" },
 	{ "aio-disconnect", 0, 0, G_OPTION_ARG_NONE, &opt.aio_disconnect,
 	  "aio-reads: call nbdc_disconnect while the reads are in flight", NULL },
 	{ "stress-max-len", 0, 0, G_OPTION_ARG_INT, &opt.stress_max_len,
@@ -899,6 +902,10 @@ int main(int argc, char **argv)
 		x.cfg.structured_replies = FALSE;
 	if (opt.no_block_status)
 		x.cfg.block_status = FALSE;
+	if (opt.reconnect_ms >= 0) {
+		x.cfg.reconnect = TRUE;
+		x.cfg.reconnect_timeout_ms = opt.reconnect_ms;
+	}
 	x.cfg.log = log_cb;
 	x.cfg.debug = opt.debug;
 

@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -230,12 +231,68 @@ def test_error_other_commands(nbdkit, op, cmd):
 
 
 def test_error_flush(nbdkit):
-    """(nbdkit 1.32's error filter cannot fail flushes: a scripted server does)"""
+    """A flush after a write fails with the server's error.  (nbdkit 1.32's
+    error filter cannot fail flushes: a scripted server does.)"""
     srv = nbdkit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero",
                  "can_write=exit 0", "pwrite=cat >/dev/null", "can_flush=exit 0",
                  "flush=echo 'EIO flush failed' >&2; exit 1")
-    res = run_cli(srv.uri(), "info", "flush", "alive", "read", 0, 512, opts=["-k"])
+    res = run_cli(srv.uri(), "info", "write", 0, 512, "flush", "alive", "read", 0, 512,
+                  input=bytes(512), opts=["-k"])
     assert res.info()["can_flush"] == "1"
     assert res.returncode == 1, res
     assert io_err(res.stderr, "flush", "EIO"), res
     assert "alive=1" in res.text
+
+
+def flushes(log):
+    return len(re.findall(r" Flush id=", log.read_text())) if log.exists() else 0
+
+
+def test_flush_with_nothing_written_is_immediate_with_the_server_gone(nbdkit, repl, tmp_path):
+    """A flush with nothing to cover (no write since the last flush that
+    succeeded, or none ever) sends nothing and returns 0 at once, even with
+    the server killed and a long reconnect timeout; after a write it goes to
+    the server again."""
+    log = tmp_path / "log"
+    srv = nbdkit("--filter=log", "memory", "1M", f"logfile={log}")
+    r = repl(srv.uri(), opts=["--reconnect-ms", "30000", "--connections", "2"])
+    ok, _ = r.run("read 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("flush")                 # never wrote: nothing to flush
+    assert ok, r.stderr
+    assert flushes(log) == 0
+    ok, _ = r.run("fill 0 64k 7")          # a write: the next flush goes out
+    assert ok, r.stderr
+    ok, _ = r.run("flush")
+    assert ok, r.stderr
+    wait_for(lambda: flushes(log) == 1, timeout=10, what="the flush in the server's log")
+    ok, _ = r.run("read 0 4096")           # reads leave nothing to flush
+    assert ok, r.stderr
+    ok, _ = r.run("flush")
+    assert ok, r.stderr
+    assert flushes(log) == 1
+    srv.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    ok, _ = r.run("flush", timeout=10)
+    assert ok, r.stderr
+    assert time.monotonic() - t0 < 1.0
+    assert r.close() == 0
+
+
+def test_flush_after_a_write_waits_for_the_server(nbdkit, repl, tmp_path):
+    """With the server gone, a flush that has a write to cover is not skipped:
+    it waits for a connection and fails with EIO when none comes in time."""
+    log = tmp_path / "log"
+    srv = nbdkit("--filter=log", "memory", "1M", f"logfile={log}")
+    r = repl(srv.uri(), opts=["--reconnect-ms", "1500"])
+    ok, _ = r.run("fill 0 4096 1")
+    assert ok, r.stderr
+    srv.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    ok, _ = r.run("flush", timeout=20)
+    elapsed = time.monotonic() - t0
+    assert not ok
+    assert io_err(r.drain_stderr(), "flush", "EIO"), r.stderr
+    assert elapsed >= 1.0, elapsed
+    assert flushes(log) == 0
+    r.close()
