@@ -340,7 +340,14 @@ void nbdc_disconnect(Nbdc *c);
 
 /* Stops accepting requests without waiting: requests still waiting for a
  * connection or in flight fail with -ENOTCONN, idle connections get
- * NBD_CMD_DISC.  Any thread, never blocks, idempotent. */
+ * NBD_CMD_DISC.  Any thread, never blocks, idempotent.
+ * At once, whatever the server does: every request of the handle (in
+ * flight on a server that stopped answering, queued behind max_in_flight,
+ * parked while it reconnects, waiting for the replay log) has its callback
+ * run, exactly once, on a loop within milliseconds; a connection attempt
+ * under way ends; a connection with no request says NBD_CMD_DISC even when
+ * another one had requests.  Called while nbdc_disconnect() waits for
+ * requests in flight (on another thread), it ends that wait. */
 void nbdc_abandon(Nbdc *c);
 
 /* Disconnects if needed and frees; off a loop it waits (bounded) until every

@@ -589,7 +589,7 @@ gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req)
 
 struct close_req {
 	struct nbdc_conn *conn; /* ref */
-	gboolean graceful;
+	enum nbdc_close_how how;
 };
 
 static void close_on_loop(void *opaque)
@@ -616,14 +616,15 @@ static void close_on_loop(void *opaque)
 			nbdc_send_queue(conn, list);
 			list = next;
 		}
-		if (!cr->graceful)
+		gboolean idle = !conn->txq_head && !conn->inf_head;
+		if (cr->how == NBDC_CLOSE_DROP || (cr->how == NBDC_CLOSE_ABANDON && !idle))
 			conn_fail(conn, -ENOTCONN, NULL);
-		else if (!conn->txq_head && !conn->inf_head)
+		else if (idle)
 			drained(conn);
 		break;
 	}
 	case NBDC_CP_CLOSING:
-		if (!cr->graceful)
+		if (cr->how != NBDC_CLOSE_GRACEFUL)
 			conn_fail(conn, -ENOTCONN, NULL);
 		break;
 	case NBDC_CP_DEAD:
@@ -636,12 +637,12 @@ static void close_on_loop(void *opaque)
 	g_free(cr);
 }
 
-void nbdc_conn_close(struct nbdc_conn *conn, gboolean graceful)
+void nbdc_conn_close(struct nbdc_conn *conn, enum nbdc_close_how how)
 {
 	struct close_req *cr = g_new(struct close_req, 1);
 
 	cr->conn = nbdc_conn_ref(conn);
-	cr->graceful = graceful;
+	cr->how = how;
 	/* Always later: the caller may be inside this connection's callbacks. */
 	loop_post(conn->loop, close_on_loop, cr);
 }

@@ -379,6 +379,15 @@ static gboolean drop_conn_locked(Nbdc *c, struct nbdc_conn *conn)
 	return g_ptr_array_remove(c->conns, conn);
 }
 
+/* Under c->lock: a closed handle's last connection ended (nbdc_free waits). */
+static void gone_if_last_locked(Nbdc *c)
+{
+	if (c->conns->len == 0 && c->gone && !c->gone_done && c->state == NBDC_EX_CLOSED) {
+		c->gone_done = TRUE;
+		completion_done(c->gone, 0);
+	}
+}
+
 /* Under c->lock: one outcome nbdc_connect waits for is in. */
 static void sync_outcome_locked(Nbdc *c, const GError *err)
 {
@@ -449,7 +458,7 @@ static void conn_ready(struct nbdc_conn *conn, void *data)
 	sync_outcome_locked(c, NULL);
 	g_mutex_unlock(&c->lock);
 	if (refused)
-		nbdc_conn_close(conn, FALSE);
+		nbdc_conn_close(conn, NBDC_CLOSE_DROP);
 	nbdc_export_kick(c);
 }
 
@@ -484,6 +493,7 @@ static void conn_finished(struct nbdc_conn *conn, void *data, GError *err)
 			c->backoff_us = MIN(c->backoff_us * 2, NBDC_BACKOFF_MAX_US);
 		}
 	}
+	gone_if_last_locked(c); /* a closed handle's attempt, or its first connect */
 	g_mutex_unlock(&c->lock);
 	if (err)
 		g_error_free(err);
@@ -581,15 +591,12 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 		}
 		fail = reqs;
 	}
-	if (c->conns->len == 0 && c->gone && !c->gone_done && c->state == NBDC_EX_CLOSED) {
-		c->gone_done = TRUE;
-		completion_done(c->gone, 0);
-	}
+	gone_if_last_locked(c);
 	g_mutex_unlock(&c->lock);
 
 	if (others) {
 		for (guint i = 0; i < others->len; i++) {
-			nbdc_conn_close(others->pdata[i], FALSE);
+			nbdc_conn_close(others->pdata[i], NBDC_CLOSE_DROP);
 			nbdc_conn_unref(others->pdata[i]);
 		}
 		g_ptr_array_free(others, TRUE);

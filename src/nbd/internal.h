@@ -283,10 +283,16 @@ void nbdc_conn_start(struct nbdc_conn *conn);
 /* Queues @req; any thread.  FALSE when the connection no longer takes
  * requests (then @req is untouched). */
 gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req);
-/* Ends the connection; any thread (posted).  @graceful: NBD_CMD_DISC once
- * the requests in flight finished, else abandon them now (they go to
- * owner->lost with -ENOTCONN). */
-void nbdc_conn_close(struct nbdc_conn *conn, gboolean graceful);
+/* How nbdc_conn_close ends a connection. */
+enum nbdc_close_how {
+	NBDC_CLOSE_GRACEFUL, /* NBD_CMD_DISC once the requests it holds finished */
+	NBDC_CLOSE_ABANDON,  /* the requests it holds go to owner->lost with -ENOTCONN
+			      * now; one that held none still says NBD_CMD_DISC */
+	NBDC_CLOSE_DROP,     /* as ABANDON, and no NBD_CMD_DISC at all */
+};
+/* Ends the connection; any thread (posted, so it never runs inside the
+ * caller's callbacks). */
+void nbdc_conn_close(struct nbdc_conn *conn, enum nbdc_close_how how);
 /* Ready and taking requests (read racily off the loop: a hint). */
 gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn);
 /* Ready and its inbox still open: worth handing a request to. */
@@ -476,7 +482,9 @@ void nbdc_export_run(void *opaque);
 void nbdc_export_hold(Nbdc *c, gboolean held);
 void nbdc_export_health(Nbdc *c, struct nbdc_health *out);
 /* Stops new requests; @wait_us > 0 (off a loop): waits that long for those in
- * flight first.  Then fails what is left and closes every connection. */
+ * flight first.  Then fails what is left with -ENOTCONN and closes every
+ * connection (idle ones with NBD_CMD_DISC).  @wait_us 0 while another call
+ * waits: ends that wait now. */
 void nbdc_export_close(Nbdc *c, gint64 wait_us);
 /* Waits (bounded) until every connection of a closed handle ended. */
 void nbdc_export_wait_gone(Nbdc *c);

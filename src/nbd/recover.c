@@ -196,7 +196,7 @@ out:
 	}
 	if (close) {
 		for (guint i = 0; i < close->len; i++) {
-			nbdc_conn_close(close->pdata[i], TRUE);
+			nbdc_conn_close(close->pdata[i], NBDC_CLOSE_GRACEFUL);
 			nbdc_conn_unref(close->pdata[i]);
 		}
 		g_ptr_array_free(close, TRUE);
@@ -311,11 +311,14 @@ static void close_task(void *opaque)
 		completion_done(c->gone, 0);
 	}
 	/* What is still in flight after the caller's wait is abandoned: it
-	 * fails with -ENOTCONN; idle connections say goodbye. */
-	gboolean graceful = g_atomic_int_get(&c->in_flight) == 0;
+	 * fails with -ENOTCONN; idle connections say goodbye (each decides on
+	 * its own loop, so one stuck request does not cost the others their
+	 * NBD_CMD_DISC). */
+	enum nbdc_close_how how = g_atomic_int_get(&c->in_flight) == 0 ? NBDC_CLOSE_GRACEFUL
+									: NBDC_CLOSE_ABANDON;
 	g_mutex_unlock(&c->lock);
 	for (guint i = 0; i < conns->len; i++) {
-		nbdc_conn_close(conns->pdata[i], graceful);
+		nbdc_conn_close(conns->pdata[i], how);
 		nbdc_conn_unref(conns->pdata[i]);
 	}
 	g_ptr_array_free(conns, TRUE);
@@ -329,7 +332,13 @@ void nbdc_export_close(Nbdc *c, gint64 wait_us)
 
 	g_mutex_lock(&c->lock);
 	if (g_atomic_int_get(&c->closing)) {
+		/* Closing already; giving up now ends another caller's wait for
+		 * the requests in flight (it then closes, as it would have). */
+		struct completion *d = wait_us == 0 ? g_steal_pointer(&c->drained) : NULL;
+
 		g_mutex_unlock(&c->lock);
+		if (d)
+			completion_done(d, 0);
 		return;
 	}
 	if (wait_us > 0 && loop_current() == NULL && g_atomic_int_get(&c->in_flight) > 0) {

@@ -296,3 +296,154 @@ def test_flush_after_a_write_waits_for_the_server(nbdkit, repl, tmp_path):
     assert elapsed >= 1.0, elapsed
     assert flushes(log) == 0
     r.close()
+
+
+def _done(lines):
+    """aio-wait's lines: [(kind, offset, errno name, ms after the abandon)]."""
+    out = []
+    for line in lines:
+        if line.startswith("done "):
+            _, kind, off, err, ms = line.split()
+            out.append((kind, int(off), err, float(ms.split("=")[1])))
+    return out
+
+
+ABANDON_MS = 200  # "promptly": well under any timeout, with room for a loaded CI host
+
+
+def test_abandon_fails_requests_on_a_silent_server_at_once(nbdkit, repl):
+    """The server stops answering (SIGSTOP): requests in flight and queued
+    behind max_in_flight all fail with ENOTCONN as soon as the handle is
+    abandoned, each callback exactly once (nbdc-cli exits 4 otherwise)."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--connections", "1", "--max-in-flight", "4"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        for i in range(8):
+            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+            assert ok, r.stderr
+        ok, _ = r.run("aio-bg write 65536 4096")
+        assert ok, r.stderr
+        ok, _ = r.run("abandon")
+        assert ok, r.stderr
+        ok, out = r.run("aio-wait 10000", timeout=30)
+        assert ok, (out, r.stderr)
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+    done = _done(out)
+    assert len(done) == 9, out
+    assert all(err == "ENOTCONN" for _, _, err, _ in done), out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    assert r.close() == 0, r.stderr
+
+
+def test_abandon_from_a_loop_fails_parked_requests_at_once(nbdkit, repl):
+    """Server killed, reconnect with a long timeout: requests parked while
+    the handle reconnects fail with ENOTCONN as soon as it is abandoned, here
+    from a loop thread (a completion callback)."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--reconnect-ms", "60000", "--quiet-log"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    srv.kill(signal.SIGKILL)
+    for i in range(4):
+        ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+        assert ok, r.stderr
+    ok, _ = r.run("aio-bg zero 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("aio-bg flush 0 0")
+    assert ok, r.stderr
+    ok, _ = r.run("abandon-on-loop")
+    assert ok, r.stderr
+    ok, out = r.run("aio-wait 10000", timeout=30)
+    assert ok, (out, r.stderr)
+    done = _done(out)
+    assert len(done) == 6, out
+    assert all(err == "ENOTCONN" for _, _, err, _ in done), out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    t0 = time.monotonic()
+    assert r.close() == 0, r.stderr
+    assert time.monotonic() - t0 < 2.0  # no connection left to wait for
+
+
+def test_abandon_while_reconnecting_to_a_silent_server(nbdkit, repl):
+    """The server stops answering (SIGSTOP); the request timeout drops the
+    connection and the handle reconnects into a handshake nobody answers:
+    abandon fails the parked requests with ENOTCONN at once and ends the
+    attempt, so nothing is left for the teardown to wait for."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--connections", "1", "--timeout-ms", "300",
+                              "--reconnect-ms", "60000"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+            assert ok, r.stderr
+        wait_for(lambda: "reconnecting" in r.drain_stderr(), timeout=20,
+                 what="the request timeout to drop the connection")
+        ok, _ = r.run("abandon")
+        assert ok, r.stderr
+        ok, out = r.run("aio-wait 10000", timeout=30)
+        assert ok, (out, r.stderr)
+        done = _done(out)
+        assert [err for _, _, err, _ in done] == ["ENOTCONN"] * 3, out
+        assert max(ms for *_, ms in done) < ABANDON_MS, out
+        t0 = time.monotonic()
+        assert r.close() == 0, r.stderr
+        assert time.monotonic() - t0 < 2.0  # the attempt ended with the abandon
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+
+
+def test_abandon_ends_a_disconnect_waiting_for_a_silent_server(nbdkit, repl):
+    """nbdc_disconnect waits (bounded, seconds) for requests in flight; an
+    abandon from another thread meanwhile ends that wait at once."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--connections", "1"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+            assert ok, r.stderr
+        ok, _ = r.run("disconnect-bg")
+        assert ok, r.stderr
+        ok, _ = r.run("abandon")
+        assert ok, r.stderr
+        ok, out = r.run("aio-wait 10000", timeout=30)
+        assert ok, (out, r.stderr)
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+    done = _done(out)
+    assert [err for _, _, err, _ in done] == ["ENOTCONN"] * 3, out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    disc = [float(l.split("=")[1]) for l in out if l.startswith("disconnect ms=")]
+    assert disc and disc[0] < ABANDON_MS, out
+    assert r.close() == 0, r.stderr
+
+
+def test_abandon_still_says_goodbye_on_idle_connections(nbdkit, repl):
+    """One connection holds a request the server sits on (delay filter), the
+    others are idle: abandon fails the request at once, and every idle
+    connection still ends with NBD_CMD_DISC (nbdkit -v says so)."""
+    srv = nbdkit("-v", "--filter=delay", "memory", "1M", "delay-read=20")
+    r = repl(srv.uri(), opts=["--connections", "3"])
+    ok, out = r.run("info")
+    assert ok and "connections=3" in out, (out, r.stderr)
+    ok, _ = r.run("aio-bg read 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("abandon")
+    assert ok, r.stderr
+    ok, out = r.run("aio-wait 10000", timeout=30)
+    assert ok, (out, r.stderr)
+    assert [(k, e) for k, _, e, _ in _done(out)] == [("read", "ENOTCONN")], out
+    assert max(ms for *_, ms in _done(out)) < ABANDON_MS, out
+    assert r.close() == 0, r.stderr
+    srv.kill(signal.SIGKILL)
+    err = srv.proc.stderr.read().decode(errors="replace")
+    assert err.count("client sent NBD_CMD_DISC") == 2, err[-3000:]
