@@ -105,7 +105,7 @@ gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn)
 
 gboolean nbdc_conn_usable(const struct nbdc_conn *conn)
 {
-	return nbdc_conn_is_ready(conn) && !g_atomic_int_get(&conn->inq_closed);
+	return nbdc_conn_is_ready(conn) && !g_atomic_int_get(&conn->inq_closed) && !conn->doomed;
 }
 
 /* ---- events ---- */

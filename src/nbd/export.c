@@ -455,6 +455,8 @@ static void conn_ready(struct nbdc_conn *conn, void *data)
 			nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: reconnect attempt %u: %s",
 				 c->display, c->attempts, refused);
 	}
+	if (refused)
+		conn->doomed = TRUE;
 	sync_outcome_locked(c, NULL);
 	g_mutex_unlock(&c->lock);
 	if (refused)
@@ -534,13 +536,16 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 	Nbdc *c = data;
 	GPtrArray *others = NULL;
 	struct nbdc_req *fail = NULL, *internal = NULL;
-	gboolean expected = g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED ||
-			    (msg == NULL && !conn->shutdown_pending);
+	gboolean closing = g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED;
+	/* A close of ours (msg NULL: idle, refused, or one of the others a loss
+	 * takes down) is no outage; its requests still wait for the next
+	 * connection. */
+	gboolean loss = !closing && (msg != NULL || conn->shutdown_pending);
 
 	g_mutex_lock(&c->lock);
 	if (drop_conn_locked(c, conn) && conn->counted)
 		c->nready--;
-	if (!expected && c->cfg.reconnect) {
+	if (!closing && c->cfg.reconnect) {
 		struct nbdc_req *list = take_user_reqs(reqs, &internal), *tail = list;
 
 		/* Its requests go first: they were sent before the parked ones. */
@@ -558,6 +563,8 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 				c->parked_tail = tail;
 			c->parked_head = list;
 		}
+	}
+	if (loss && c->cfg.reconnect) {
 		c->replay_owed = c->log_head != NULL;
 		if (c->state != NBDC_EX_RECOVERING) {
 			if (c->state == NBDC_EX_READY)
@@ -567,9 +574,20 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 			c->next_attempt = 0;
 			c->attempts = 0;
 			c->backoff_us = NBDC_BACKOFF_MIN_US;
+			/* Every other connection goes too, and from now on counts
+			 * as neither ready nor usable: the state machine waits for
+			 * them all to end before it connects again. */
 			others = g_ptr_array_new();
-			for (guint i = 0; i < c->conns->len; i++)
-				g_ptr_array_add(others, nbdc_conn_ref(c->conns->pdata[i]));
+			for (guint i = 0; i < c->conns->len; i++) {
+				struct nbdc_conn *o = c->conns->pdata[i];
+
+				o->doomed = TRUE;
+				if (o->counted) {
+					o->counted = FALSE;
+					c->nready--;
+				}
+				g_ptr_array_add(others, nbdc_conn_ref(o));
+			}
 		}
 		c->replaying = FALSE;
 		g_free(c->error);
@@ -579,8 +597,8 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 			nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: connection lost (%s); reconnecting",
 				 c->display, c->error);
 		}
-	} else {
-		if (!expected || msg) {
+	} else if (closing || !c->cfg.reconnect) {
+		if (loss || msg) {
 			c->dead = TRUE;
 			if (!c->error)
 				c->error = g_strdup_printf("%s: %s", c->display,

@@ -247,6 +247,7 @@ struct nbdc_conn {
 	gboolean disc_sent, shutdown_pending;
 	gboolean draining;                 /* closing gracefully: no new requests */
 	gboolean counted;                  /* the owner counts it as ready (owner's field) */
+	gboolean doomed;                   /* the owner closes it: not usable (owner's lock) */
 
 	/* receiving (reply.c) */
 	int rx_state;
@@ -295,7 +296,8 @@ enum nbdc_close_how {
 void nbdc_conn_close(struct nbdc_conn *conn, enum nbdc_close_how how);
 /* Ready and taking requests (read racily off the loop: a hint). */
 gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn);
-/* Ready and its inbox still open: worth handing a request to. */
+/* Ready, its inbox open, and its owner not closing it (read under the
+ * owner's lock): worth handing a request to. */
 gboolean nbdc_conn_usable(const struct nbdc_conn *conn);
 
 /* connect.c (loop only): the socket.  Results besides -errno (failed, with

@@ -59,7 +59,7 @@ static void export_run(Nbdc *c)
 	struct nbdc_conn *start = NULL;
 	GPtrArray *close = NULL;
 	gint64 now = g_get_monotonic_time();
-	gboolean need_replay = FALSE;
+	gboolean need_replay = FALSE, look_again = FALSE;
 	int expired_err = -EIO;
 
 	g_mutex_lock(&c->lock);
@@ -146,8 +146,10 @@ static void export_run(Nbdc *c)
 		c->nparked = 0;
 	} else if (c->state == NBDC_EX_READY && c->nready == 0 && c->nopening == 0 &&
 		   c->conns->len == 0) {
-		/* Every connection closed while idle. */
+		/* Every connection closed while idle; requests that came back
+		 * from a closed one connect again (the IDLE step, next look). */
 		c->state = NBDC_EX_IDLE;
+		look_again = c->nparked > 0;
 	}
 
 	/* Throttled writes go when the log has room again. */
@@ -201,8 +203,8 @@ out:
 		}
 		g_ptr_array_free(close, TRUE);
 	}
-	if (need_replay && !nbdc_replay_step(c))
-		nbdc_export_kick(c); /* replay finished: release the parked requests */
+	if ((need_replay && !nbdc_replay_step(c)) || look_again)
+		nbdc_export_kick(c); /* e.g. replay finished: release the parked requests */
 	if (flush)
 		nbdc_export_submit(c, flush);
 	nbdc_export_finish_all(c, expired, expired_err);
