@@ -52,8 +52,9 @@ static Loop *attempt_loop(Nbdc *c)
 	return c->prefer ? c->prefer : c->home;
 }
 
-/* Home loop: one look at the export; does what its state asks. */
-static void export_run(Nbdc *c)
+/* Home loop: one look at the export; does what its state asks.  @kicked:
+ * this is the task nbdc_export_kick posted (the kick may be posted again). */
+static void export_run(Nbdc *c, gboolean kicked)
 {
 	struct nbdc_req *expired = NULL, *release = NULL, *throttled = NULL, *flush = NULL;
 	struct nbdc_conn *start = NULL;
@@ -63,7 +64,8 @@ static void export_run(Nbdc *c)
 	int expired_err = -EIO;
 
 	g_mutex_lock(&c->lock);
-	c->kick_posted = FALSE;
+	if (kicked)
+		c->kick_posted = FALSE;
 	if (g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED) {
 		expired = expire_locked(c, now, TRUE);
 		expired_err = -ENOTCONN;
@@ -235,7 +237,7 @@ void nbdc_export_run(void *opaque)
 {
 	Nbdc *c = opaque;
 
-	export_run(c);
+	export_run(c, TRUE);
 	nbdc_export_unref(c);
 }
 
@@ -247,8 +249,11 @@ static void timer_fired(void *opaque)
 	if (!loop_timer_armed(&c->idle_timer) && c->state == NBDC_EX_READY)
 		c->idle_fired = TRUE;
 	g_mutex_unlock(&c->lock);
+	/* Not the kick's task, which may be queued: kick_posted stays (a kick
+	 * posting its task again while queued would corrupt the loop's list). */
 	nbdc_export_ref(c);
-	nbdc_export_run(c);
+	export_run(c, FALSE);
+	nbdc_export_unref(c);
 }
 
 /* ---- use, health, closing ---- */
@@ -324,7 +329,7 @@ static void close_task(void *opaque)
 		nbdc_conn_unref(conns->pdata[i]);
 	}
 	g_ptr_array_free(conns, TRUE);
-	export_run(c); /* fails what is parked or throttled */
+	export_run(c, FALSE); /* fails what is parked or throttled */
 	nbdc_export_unref(c);
 }
 
