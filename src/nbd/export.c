@@ -64,6 +64,8 @@ void nbdc_export_unref(Nbdc *c)
 		completion_unref(c->gone);
 	if (c->drained)
 		completion_unref(c->drained);
+	if (c->sync_wait)
+		completion_unref(c->sync_wait); /* outcomes that never came */
 	if (c->sync_error)
 		g_error_free(c->sync_error);
 	g_free(c->display);

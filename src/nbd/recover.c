@@ -349,8 +349,8 @@ void nbdc_export_close(Nbdc *c, gint64 wait_us)
 		return;
 	}
 	if (wait_us > 0 && loop_current() == NULL && g_atomic_int_get(&c->in_flight) > 0) {
-		c->drained = completion_new();
-		drained = completion_ref(c->drained);
+		c->drained = completion_new(); /* the last request's reference; ours */
+		drained = c->drained;
 	}
 	c->gone = completion_new(); /* ours and the last connection's reference */
 	g_atomic_int_set(&c->closing, 1);

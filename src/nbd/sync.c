@@ -129,8 +129,8 @@ static gboolean export_connect(Nbdc *c, GError **error)
 	c->connecting_sync = TRUE;
 	c->state = NBDC_EX_CONNECTING;
 	c->sync_waiting = 1;
-	c->sync_wait = completion_new();
-	w = completion_ref(c->sync_wait);
+	c->sync_wait = completion_new(); /* the outcomes' reference; w the waiter's */
+	w = c->sync_wait;
 	conn = nbdc_export_new_conn_locked(c, c->home);
 	g_mutex_unlock(&c->lock);
 	nbdc_conn_start(conn);
@@ -158,7 +158,7 @@ static gboolean export_connect(Nbdc *c, GError **error)
 	if (extra) {
 		c->sync_waiting = extra;
 		c->sync_wait = completion_new();
-		w = completion_ref(c->sync_wait);
+		w = c->sync_wait;
 		for (guint i = 0; i < extra; i++)
 			g_ptr_array_add(more, nbdc_export_new_conn_locked(c, loop_set_pick(c->loops)));
 	}
