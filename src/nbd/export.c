@@ -6,7 +6,9 @@
  *
  * A request goes to a ready connection, preferring one on the caller's own
  * loop with fewer than GROW_AT requests; a lazy handle opens another (up to
- * max_conns, where the server allows multi-conn) when none fits.  With no
+ * max_conns, where the server allows multi-conn) when none fits, or on a
+ * loop that submits and has none (requests released from the parked queue
+ * on the home loop do not count as that loop's).  With no
  * ready connection the request is parked and the export's state machine,
  * which runs on its home loop (recover.c), does the rest:
  *
@@ -316,12 +318,10 @@ static gboolean changes_data(const struct nbdc_req *req)
 	return is_write_like(req) || req->type == NBD_CMD_TRIM;
 }
 
-void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
+/* @cur: the loop the request comes from (its connection is preferred and
+ * may be opened there), or NULL. */
+static void submit_from(Nbdc *c, struct nbdc_req *req, Loop *cur)
 {
-	Loop *cur = loop_current();
-
-	if (cur && loop_get_set(cur) != c->loops)
-		cur = NULL;
 	g_atomic_int_inc(&c->in_flight);
 	for (guint tries = 0;; tries++) {
 		struct nbdc_conn *conn = NULL, *grow = NULL;
@@ -345,7 +345,7 @@ void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
 			flush = nbdc_early_flush_locked(c);
 			g_mutex_unlock(&c->lock);
 			if (flush)
-				nbdc_export_submit(c, flush);
+				submit_from(c, flush, cur);
 			return;
 		}
 		if (c->state == NBDC_EX_READY && tries < 8)
@@ -371,6 +371,19 @@ void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
 		if (ok)
 			return;
 	}
+}
+
+void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
+{
+	Loop *cur = loop_current();
+
+	submit_from(c, req, cur && loop_get_set(cur) == c->loops ? cur : NULL);
+}
+
+void nbdc_export_resubmit(Nbdc *c, struct nbdc_req *req)
+{
+	g_atomic_int_dec_and_test(&c->in_flight); /* counted again */
+	submit_from(c, req, NULL);
 }
 
 /* ---- the connections' reports (on their loops) ---- */

@@ -506,6 +506,10 @@ void nbdc_export_kick(Nbdc *c);
 /* Hands a prepared request to a connection, or parks it (any thread);
  * req->complete runs exactly once, never inside this call. */
 void nbdc_export_submit(Nbdc *c, struct nbdc_req *req);
+/* The same for a parked or throttled request going out again (already
+ * counted in flight; the home loop it is released from is not where its
+ * user is, so it opens no connection there). */
+void nbdc_export_resubmit(Nbdc *c, struct nbdc_req *req);
 /* Runs req->complete(req, err) soon on a loop (never inside the caller). */
 void nbdc_complete_later(Nbdc *c, struct nbdc_req *req, int err);
 /* Finishes @req (no lock held); the _all form a list linked by next. */

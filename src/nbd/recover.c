@@ -215,8 +215,7 @@ out:
 		struct nbdc_req *next = list->next;
 
 		list->next = list->prev = NULL;
-		g_atomic_int_dec_and_test(&c->in_flight); /* submit counts it again */
-		nbdc_export_submit(c, list);
+		nbdc_export_resubmit(c, list);
 		list = next;
 	}
 	for (struct nbdc_req *list = throttled; list;) {
@@ -226,8 +225,7 @@ out:
 		if (g_atomic_int_get(&c->closing)) {
 			nbdc_export_finish(c, list, -ENOTCONN);
 		} else {
-			g_atomic_int_dec_and_test(&c->in_flight); /* counted again */
-			nbdc_export_submit(c, list);
+			nbdc_export_resubmit(c, list);
 		}
 		list = next;
 	}
