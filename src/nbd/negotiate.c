@@ -158,6 +158,14 @@ static int hs_drive(struct nbdc_conn *conn, char **msg)
 static int hs_read(struct nbdc_conn *conn, char **msg)
 {
 	for (;;) {
+		if (conn->rb.end == conn->rb.cap && conn->rb.pos == 0) {
+			/* Full: the handshake consumes what it holds before we
+			 * read on (a reply always fits, NBDC_RBUF_SIZE). */
+			int r = hs_drive(conn, msg);
+
+			if (r != NBDC_NEG_WAIT || conn->phase != NBDC_CP_HANDSHAKE)
+				return r;
+		}
 		ssize_t n = nbdc_rb_fill(conn);
 
 		if (n == -EAGAIN)
