@@ -295,7 +295,14 @@ int nbdc_aio_preadv(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offse
 int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset,
 		     uint32_t flags, nbdc_done_fn done, void *opaque);
 /* Without SEND_FLUSH: completes with 0 and sends nothing.  With multi-conn a
- * flush on one connection covers the writes completed on all of them. */
+ * flush on one connection covers the writes completed on all of them.
+ * A flush with nothing to cover also completes with 0 and sends nothing
+ * (on a loop, as always; it needs no connection, so it is immediate with the
+ * server gone): no write, zero or trim of this handle is unfinished (in
+ * flight, queued, waiting for a connection), each one acknowledged was
+ * covered by a flush that succeeded after it, on any of the handle's
+ * connections, and the replay log holds nothing (a write lost since counts
+ * as not covered).  A handle that never wrote never flushes. */
 int nbdc_aio_flush(Nbdc *c, nbdc_done_fn done, void *opaque);
 /* Without SEND_TRIM: -EOPNOTSUPP. */
 int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
@@ -333,7 +340,14 @@ void nbdc_disconnect(Nbdc *c);
 
 /* Stops accepting requests without waiting: requests still waiting for a
  * connection or in flight fail with -ENOTCONN, idle connections get
- * NBD_CMD_DISC.  Any thread, never blocks, idempotent. */
+ * NBD_CMD_DISC.  Any thread, never blocks, idempotent.
+ * At once, whatever the server does: every request of the handle (in
+ * flight on a server that stopped answering, queued behind max_in_flight,
+ * parked while it reconnects, waiting for the replay log) has its callback
+ * run, exactly once, on a loop within milliseconds; a connection attempt
+ * under way ends; a connection with no request says NBD_CMD_DISC even when
+ * another one had requests.  Called while nbdc_disconnect() waits for
+ * requests in flight (on another thread), it ends that wait. */
 void nbdc_abandon(Nbdc *c);
 
 /* Disconnects if needed and frees; off a loop it waits (bounded) until every

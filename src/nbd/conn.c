@@ -8,6 +8,13 @@
  * -> DEAD.  One timer serves every phase: the handshake deadline, then the
  * request timeout, then the goodbye bound.
  *
+ * This file is the state machine; the work of a phase is done below it, by
+ * files that report by return value and never call back up: connect.c (the
+ * socket), negotiate.c (the negotiation), send.c and reply.c
+ * (transmission).  Only this file arms the connection's watch, timer and
+ * end-of-turn work, and only it changes the phase (negotiate.c moves
+ * between HANDSHAKE and TLS).
+ *
  * Threads: everything here runs on conn->loop, except nbdc_conn_start,
  * nbdc_conn_submit and nbdc_conn_close, which post to it.  Other threads
  * hand requests over through the inbox (inq_lock, a short mutex); the loop
@@ -20,25 +27,20 @@
 
 #include <errno.h>
 #include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "internal.h"
 #include "wire.h"
 
-/* A Unix server whose backlog is full: retry this often until the deadline. */
-#define UNIX_BUSY_RETRY_US (5 * 1000)
 /* How long a graceful close waits for the server's EOF after DISC. */
 #define GOODBYE_US (2 * G_USEC_PER_SEC)
 
 static void on_io(void *opaque, uint32_t events);
 static void on_timer(void *opaque);
-static void hs_drive(struct nbdc_conn *conn);
+static void conn_fail(struct nbdc_conn *conn, int err, const char *msg);
 
 /* ---- life ---- */
 
@@ -101,9 +103,15 @@ gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn)
 	return conn->phase == NBDC_CP_READY && !conn->shutdown_pending && !conn->draining;
 }
 
+gboolean nbdc_conn_usable(const struct nbdc_conn *conn)
+{
+	return nbdc_conn_is_ready(conn) && !g_atomic_int_get(&conn->inq_closed) && !conn->doomed;
+}
+
 /* ---- events ---- */
 
-void nbdc_conn_update_events(struct nbdc_conn *conn)
+/* The watch events the connection needs now. */
+static void update_events(struct nbdc_conn *conn)
 {
 	uint32_t ev = 0;
 
@@ -114,7 +122,7 @@ void nbdc_conn_update_events(struct nbdc_conn *conn)
 		ev = EPOLLOUT;
 		break;
 	case NBDC_CP_TLS:
-		ev = nbdc_tls_wants_write(conn->t) ? EPOLLOUT : EPOLLIN;
+		ev = nbdc_tr_tls_wants_write(conn->t) ? EPOLLOUT : EPOLLIN;
 		break;
 	case NBDC_CP_HANDSHAKE:
 		ev = EPOLLIN;
@@ -133,12 +141,13 @@ void nbdc_conn_update_events(struct nbdc_conn *conn)
 	if (conn->w.loop)
 		loop_watch_mod(&conn->w, ev);
 	else if (loop_watch_add(conn->loop, &conn->w, conn->t->fd, ev, on_io, conn) < 0)
-		nbdc_conn_fail(conn, -ENOTCONN, "epoll: cannot watch the socket");
+		conn_fail(conn, -ENOTCONN, "epoll: cannot watch the socket");
 }
 
 /* ---- death ---- */
 
-void nbdc_conn_fail(struct nbdc_conn *conn, int err, const char *msg)
+/* Dies with @err and @msg (NULL: a quiet close); the owner hears of it. */
+static void conn_fail(struct nbdc_conn *conn, int err, const char *msg)
 {
 	enum nbdc_conn_phase was = conn->phase;
 
@@ -189,18 +198,6 @@ void nbdc_conn_fail(struct nbdc_conn *conn, int err, const char *msg)
 	nbdc_conn_unref(conn);
 }
 
-/* A negotiation that failed: best-effort send of what it queued (an
- * ABORT), then close with its error. */
-static void hs_failed(struct nbdc_conn *conn)
-{
-	if (conn->t && conn->wbuf && conn->wpos < conn->wbuf->len) {
-		struct iovec v = {conn->wbuf->data + conn->wpos, conn->wbuf->len - conn->wpos};
-
-		nbdc_tr_writev(conn->t, &v, 1);
-	}
-	nbdc_conn_fail(conn, -ENOTCONN, NULL);
-}
-
 /* ---- timers ---- */
 
 static void arm_deadline(struct nbdc_conn *conn)
@@ -213,10 +210,26 @@ static void arm_deadline(struct nbdc_conn *conn)
 	loop_timer_start(conn->loop, &conn->timer, conn->deadline, on_timer, conn);
 }
 
+/* The request timeout: arms the timer for the next request due (or a
+ * stalled socket); FALSE when one is overdue and the connection died. */
+static gboolean check_timeout(struct nbdc_conn *conn)
+{
+	gint64 next = 0;
+	char *msg = NULL;
+
+	if (nbdc_send_check_timeout(conn, &next, &msg) < 0) {
+		conn_fail(conn, -ETIMEDOUT, msg);
+		g_free(msg);
+		return FALSE;
+	}
+	if (next)
+		loop_timer_start(conn->loop, &conn->timer, next, on_timer, conn);
+	return TRUE;
+}
+
 static void on_timer(void *opaque)
 {
 	struct nbdc_conn *conn = opaque;
-	char *msg = NULL;
 
 	switch (conn->phase) {
 	case NBDC_CP_RESOLVING:
@@ -229,65 +242,78 @@ static void on_timer(void *opaque)
 					      : "handshake";
 		g_autofree char *m = g_strdup_printf("handshake timed out (%u ms) during %s",
 						     conn->cfg->handshake_timeout_ms, what);
-		if (conn->hs)
-			nbdc_hs_take_error(conn->hs);
-		nbdc_conn_fail(conn, -ETIMEDOUT, m);
+		if (conn->hs) {
+			/* The timeout says it better than the handshake. */
+			GError *superseded = nbdc_hs_take_error(conn->hs);
+
+			g_clear_error(&superseded);
+		}
+		conn_fail(conn, -ETIMEDOUT, m);
 		return;
 	}
 	case NBDC_CP_READY:
-		if (nbdc_send_check_timeout(conn, &msg) < 0) {
-			nbdc_conn_fail(conn, -ETIMEDOUT, msg);
-			g_free(msg);
-		}
+		check_timeout(conn);
 		return;
 	case NBDC_CP_CLOSING:
 		/* The server did not close after DISC: we do. */
 		conn->quiet = TRUE;
-		nbdc_conn_fail(conn, -ENOTCONN, NULL);
+		conn_fail(conn, -ENOTCONN, NULL);
 		return;
 	default:
 		return;
 	}
 }
 
-/* ---- connecting ---- */
+/* ---- connecting and negotiating ---- */
 
-static void tcp_options(struct nbdc_conn *conn, int fd)
+static void became_ready(struct nbdc_conn *conn);
+
+/* A connect step's result: under way (wait for EPOLLOUT) or failed. */
+static void connecting(struct nbdc_conn *conn, int r, char *msg)
 {
-	int one = 1;
-	guint io_ms = conn->cfg->request_timeout_ms;
-
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	if (io_ms == 0)
-		return;
-	/* A dead peer is noticed even with nothing in flight: keepalive probes
-	 * start after a third of the request timeout and give up after it;
-	 * unacknowledged data fails the socket after the request timeout. */
-	int idle = (int)MAX(1u, io_ms / 3000), intvl = (int)MAX(1u, io_ms / 6000), cnt = 3;
-	unsigned int user_timeout = io_ms;
-
-	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-	setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof(user_timeout));
-}
-
-static void start_handshake(struct nbdc_conn *conn)
-{
-	conn->phase = NBDC_CP_HANDSHAKE;
-	conn->hs = nbdc_hs_new(conn->cfg, &conn->goal, conn->display);
-	conn->wbuf = g_byte_array_new();
-	conn->rb.cap = NBDC_RBUF_SIZE;
-	conn->rb.data = g_malloc(conn->rb.cap);
-	if (nbdc_hs_check(conn->hs) == NBDC_HS_FAILED) {
-		nbdc_conn_fail(conn, -ENOTCONN, NULL);
-		return;
+	if (r < 0)
+		conn_fail(conn, r, msg);
+	else {
+		conn->phase = NBDC_CP_CONNECTING;
+		update_events(conn);
 	}
-	nbdc_conn_update_events(conn);
+	g_free(msg);
 }
 
-static void connect_next(struct nbdc_conn *conn);
+/* A negotiation step's result. */
+static void negotiated(struct nbdc_conn *conn, int r, char *msg)
+{
+	switch (r) {
+	case NBDC_NEG_WAIT:
+		update_events(conn);
+		break;
+	case NBDC_NEG_READY:
+		became_ready(conn);
+		break;
+	case NBDC_NEG_DONE:
+		/* A control connection: done; close quietly. */
+		loop_watch_del(&conn->w);
+		loop_timer_stop(&conn->timer);
+		conn->phase = NBDC_CP_DEAD;
+		nbdc_tr_tls_bye(conn->t);
+		nbdc_conn_ref(conn);
+		conn->owner->finished(conn, conn->owner_data, NULL);
+		nbdc_tr_close(conn->t);
+		conn->t = NULL;
+		nbdc_conn_unref(conn);
+		break;
+	default:
+		conn_fail(conn, r, msg);
+		break;
+	}
+	g_free(msg);
+}
+
+static void start_negotiation(struct nbdc_conn *conn)
+{
+	negotiated(conn, nbdc_neg_start(conn), NULL);
+}
+
 static void connect_unix(struct nbdc_conn *conn);
 
 static void connect_unix_again(void *opaque)
@@ -297,173 +323,61 @@ static void connect_unix_again(void *opaque)
 
 static void connect_unix(struct nbdc_conn *conn)
 {
-	struct sockaddr_un sun = {.sun_family = AF_UNIX};
-	const char *path = conn->cfg->socket_path;
-	size_t plen = strlen(path);
+	gint64 retry_at = 0;
+	char *msg = NULL;
+	int r = nbdc_connect_unix(conn, &retry_at, &msg);
 
-	/* Paths are literal: a leading '@' is not an abstract socket. */
-	if (plen == 0 || plen >= sizeof(sun.sun_path)) {
-		g_autofree char *m = g_strdup_printf("socket path '%s': %s", path,
-						     plen ? "too long" : "empty");
-		nbdc_conn_fail(conn, -ENOTCONN, m);
+	if (r == NBDC_CONNECT_BUSY) {
+		conn->phase = NBDC_CP_CONNECTING;
+		loop_timer_start(conn->loop, &conn->timer, retry_at, connect_unix_again, conn);
 		return;
 	}
-	memcpy(sun.sun_path, path, plen);
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-	if (fd < 0) {
-		int e = errno;
-		g_autofree char *m = g_strdup_printf(
-		    "socket: %s%s", g_strerror(e),
-		    e == EMFILE || e == ENFILE ? " (open file limit reached: ulimit -n)" : "");
-		nbdc_conn_fail(conn, -ENOTCONN, m);
-		return;
-	}
-	socklen_t slen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
-	if (connect(fd, (struct sockaddr *)&sun, slen) < 0 && errno != EINPROGRESS) {
-		int e = errno;
-
-		close(fd);
-		if (e == EAGAIN &&
-		    (!conn->deadline || g_get_monotonic_time() + UNIX_BUSY_RETRY_US < conn->deadline)) {
-			/* The server's backlog is full: it is busy, not gone. */
-			conn->phase = NBDC_CP_CONNECTING;
-			loop_timer_start(conn->loop, &conn->timer,
-					 g_get_monotonic_time() + UNIX_BUSY_RETRY_US,
-					 connect_unix_again, conn);
-			return;
-		}
-		g_autofree char *m = g_strdup_printf("connect to '%s': %s", path, g_strerror(e));
-		nbdc_conn_fail(conn, -ENOTCONN, m);
-		return;
-	}
-	if (conn->deadline)
+	if (r == NBDC_CONNECT_STARTED && conn->deadline)
 		loop_timer_start(conn->loop, &conn->timer, conn->deadline, on_timer, conn);
-	conn->t = nbdc_tr_new(fd);
-	conn->phase = NBDC_CP_CONNECTING;
-	nbdc_conn_update_events(conn);
+	connecting(conn, r, msg);
 }
 
+/* EPOLLOUT on a connecting socket: connected, or the next address. */
 static void connect_done(struct nbdc_conn *conn)
 {
-	int err = 0;
-	socklen_t el = sizeof(err);
+	char *msg = NULL;
+	int r;
 
-	if (getsockopt(conn->t->fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
-		err = errno;
-	if (err == 0) {
-		loop_watch_del(&conn->w);
-		if (conn->cfg->host && !conn->cfg->socket_path)
-			tcp_options(conn, conn->t->fd);
-		start_handshake(conn);
-		return;
-	}
-	conn->connect_errno = err;
 	loop_watch_del(&conn->w);
-	nbdc_tr_close(conn->t);
-	conn->t = NULL;
-	if (conn->cfg->socket_path) {
-		g_autofree char *m = g_strdup_printf("connect to '%s': %s", conn->cfg->socket_path,
-						     g_strerror(err));
-		nbdc_conn_fail(conn, -ENOTCONN, m);
-		return;
-	}
-	connect_next(conn);
+	r = nbdc_connect_finish(conn, &msg);
+	if (r == NBDC_CONNECT_UP)
+		start_negotiation(conn);
+	else
+		connecting(conn, r, msg);
 }
 
-static void connect_next(struct nbdc_conn *conn)
+static void resolved(void *opaque, struct addrinfo **res, int gai)
 {
-	const char *port = conn->cfg->port ? conn->cfg->port : NBD_DEFAULT_PORT;
-
-	while (conn->ai_next) {
-		struct addrinfo *ai = conn->ai_next;
-
-		conn->ai_next = ai->ai_next;
-		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
-				ai->ai_protocol);
-		if (fd < 0) {
-			conn->connect_errno = errno;
-			continue;
-		}
-		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0 || errno == EINPROGRESS) {
-			conn->t = nbdc_tr_new(fd);
-			conn->phase = NBDC_CP_CONNECTING;
-			nbdc_conn_update_events(conn);
-			return;
-		}
-		conn->connect_errno = errno;
-		close(fd);
-	}
-	int e = conn->connect_errno ? conn->connect_errno : ECONNREFUSED;
-	g_autofree char *m = g_strdup_printf(
-	    "connect to %s port %s: %s%s", conn->cfg->host, port, g_strerror(e),
-	    e == EMFILE || e == ENFILE ? " (open file limit reached: ulimit -n)" : "");
-	nbdc_conn_fail(conn, -ENOTCONN, m);
-}
-
-/* A getaddrinfo that ran on the pool. */
-struct resolve_job {
-	struct nbdc_conn *conn; /* ref */
-	char *host, *port;
-	struct addrinfo *res;
-	int gai;
-};
-
-static void resolved(void *opaque)
-{
-	struct resolve_job *j = opaque;
-	struct nbdc_conn *conn = j->conn;
+	struct nbdc_conn *conn = opaque;
 
 	if (conn->phase == NBDC_CP_RESOLVING) {
-		if (j->gai != 0) {
-			g_autofree char *m = g_strdup_printf("resolve '%s' port %s: %s", j->host,
-							     j->port, gai_strerror(j->gai));
-			nbdc_conn_fail(conn, -ENOTCONN, m);
-		} else {
-			conn->ai_list = conn->ai_next = g_steal_pointer(&j->res);
-			connect_next(conn);
-		}
+		char *msg = NULL;
+		int r = nbdc_connect_resolved(conn, res, gai, &msg);
+
+		connecting(conn, r, msg);
 	}
-	if (j->res)
-		freeaddrinfo(j->res);
-	g_free(j->host);
-	g_free(j->port);
-	g_free(j);
 	nbdc_conn_unref(conn);
-}
-
-static void resolve_on_pool(void *opaque)
-{
-	struct resolve_job *j = opaque;
-	struct addrinfo hints = {.ai_family = AF_UNSPEC,
-				 .ai_socktype = SOCK_STREAM,
-				 .ai_flags = AI_ADDRCONFIG};
-
-	j->gai = getaddrinfo(j->host, j->port, &hints, &j->res);
-	loop_post(j->conn->loop, resolved, j);
 }
 
 static void connect_tcp(struct nbdc_conn *conn)
 {
-	const char *port = conn->cfg->port ? conn->cfg->port : NBD_DEFAULT_PORT;
-	struct addrinfo hints = {.ai_family = AF_UNSPEC,
-				 .ai_socktype = SOCK_STREAM,
-				 .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV};
-	struct addrinfo *res = NULL;
+	char *msg = NULL;
 
 	/* Numeric addresses need no lookup; names go to the pool (a lookup
 	 * can block for seconds), bounded by the handshake deadline. */
-	if (getaddrinfo(conn->cfg->host, port, &hints, &res) == 0) {
-		conn->ai_list = conn->ai_next = res;
-		connect_next(conn);
+	if (nbdc_connect_numeric(conn)) {
+		int r = nbdc_connect_next(conn, &msg);
+
+		connecting(conn, r, msg);
 		return;
 	}
-	struct resolve_job *j = g_new0(struct resolve_job, 1);
-
-	j->conn = nbdc_conn_ref(conn);
-	j->host = g_strdup(conn->cfg->host);
-	j->port = g_strdup(port);
 	conn->phase = NBDC_CP_RESOLVING;
-	loop_set_run_blocking(loop_get_set(conn->loop), resolve_on_pool, j);
+	nbdc_resolve(conn, resolved, nbdc_conn_ref(conn));
 }
 
 static void start_on_loop(void *opaque)
@@ -475,13 +389,13 @@ static void start_on_loop(void *opaque)
 		if (conn->fd_in >= 0) {
 			conn->t = nbdc_tr_new(conn->fd_in);
 			conn->fd_in = -1;
-			start_handshake(conn);
+			start_negotiation(conn);
 		} else if (conn->cfg->socket_path) {
 			connect_unix(conn);
 		} else if (conn->cfg->host) {
 			connect_tcp(conn);
 		} else {
-			nbdc_conn_fail(conn, -ENOTCONN, "no host, socket path or fd to connect to");
+			conn_fail(conn, -ENOTCONN, "no host, socket path or fd to connect to");
 		}
 	}
 	nbdc_conn_unref(conn);
@@ -496,219 +410,107 @@ void nbdc_conn_start(struct nbdc_conn *conn)
 		loop_post(conn->loop, start_on_loop, conn);
 }
 
-/* ---- negotiation ---- */
+/* ---- transmission ---- */
 
-/* Writes pending negotiation bytes; FALSE when the connection died. */
-static gboolean hs_write(struct nbdc_conn *conn)
-{
-	while (conn->wpos < conn->wbuf->len) {
-		struct iovec v = {conn->wbuf->data + conn->wpos, conn->wbuf->len - conn->wpos};
-		ssize_t n = nbdc_tr_writev(conn->t, &v, 1);
-
-		if (n == -EAGAIN)
-			break;
-		if (n < 0 && conn->hs && nbdc_hs_aborting(conn->hs)) {
-			/* The server left before our ABORT: what we wanted anyway. */
-			g_byte_array_set_size(conn->wbuf, 0);
-			conn->wpos = 0;
-			return TRUE;
-		}
-		if (n < 0) {
-			g_autofree char *m = g_strdup_printf(
-			    "sending %s: %s", conn->hs ? nbdc_hs_waiting_for(conn->hs) : "handshake",
-			    n == -EPIPE || n == -ECONNRESET ? "server closed the connection"
-							     : g_strerror((int)-n));
-			nbdc_conn_fail(conn, -ENOTCONN, m);
-			return FALSE;
-		}
-		conn->wpos += (gsize)n;
-	}
-	if (conn->wpos == conn->wbuf->len && conn->wpos > 0) {
-		g_byte_array_set_size(conn->wbuf, 0);
-		conn->wpos = 0;
-	}
-	return TRUE;
-}
-
-static void tls_drive(struct nbdc_conn *conn)
-{
-	GError *err = NULL;
-	int r = nbdc_tls_handshake_step(conn->t, conn->display, &err);
-
-	if (r < 0) {
-		conn->fail_error = err;
-		nbdc_conn_fail(conn, -ENOTCONN, err->message);
-		return;
-	}
-	if (r == 0) {
-		nbdc_conn_update_events(conn);
-		return;
-	}
-	conn->phase = NBDC_CP_HANDSHAKE;
-	nbdc_hs_tls_done(conn->hs);
-	hs_drive(conn);
-}
+static void ready_io(struct nbdc_conn *conn, uint32_t events);
 
 static void became_ready(struct nbdc_conn *conn)
 {
-	nbdc_hs_result(conn->hs, &conn->neg);
-	nbdc_hs_free(conn->hs);
-	conn->hs = NULL;
-	g_byte_array_unref(conn->wbuf);
-	conn->wbuf = NULL;
-	conn->wpos = 0;
+	nbdc_neg_finish(conn);
 	loop_timer_stop(&conn->timer);
 	conn->deadline = 0;
 	conn->phase = NBDC_CP_READY;
 	nbdc_send_init(conn);
-	nbdc_conn_update_events(conn);
+	update_events(conn);
 	conn->owner->ready(conn, conn->owner_data);
 	/* Replies the server sent right after GO's ACK are already buffered. */
-	if (conn->phase == NBDC_CP_READY && conn->rb.pos < conn->rb.end)
-		on_io(conn, EPOLLIN);
-}
-
-static void hs_drive(struct nbdc_conn *conn)
-{
-	for (;;) {
-		int r = nbdc_hs_step(conn->hs, &conn->rb, conn->wbuf);
-
-		if (!hs_write(conn))
-			return;
-		switch (r) {
-		case NBDC_HS_WANT:
-			nbdc_conn_update_events(conn);
-			return;
-		case NBDC_HS_START_TLS: {
-			GError *err = NULL;
-
-			if (conn->wpos < conn->wbuf->len) {
-				nbdc_conn_update_events(conn); /* the ACK's reply goes first */
-				return;
-			}
-			if (conn->rb.pos != conn->rb.end) {
-				/* The server speaks second in TLS: bytes now are not TLS. */
-				conn->fail_error = g_error_new(
-				    NBDC_ERROR, NBDC_ERROR_TLS,
-				    "%s: TLS: handshake: the server sent data before our hello",
-				    conn->display);
-				nbdc_conn_fail(conn, -EPROTO, "TLS handshake failed");
-				return;
-			}
-			if (!conn->tls) {
-				conn->fail_error = g_error_new(NBDC_ERROR, NBDC_ERROR_TLS,
-							       "%s: TLS: no credentials", conn->display);
-				nbdc_conn_fail(conn, -ENOTCONN, "TLS: no credentials");
-				return;
-			}
-			if (!nbdc_tls_start(conn->t, conn->tls, conn->display, &err)) {
-				conn->fail_error = err;
-				nbdc_conn_fail(conn, -ENOTCONN, err->message);
-				return;
-			}
-			conn->phase = NBDC_CP_TLS;
-			tls_drive(conn);
-			return;
-		}
-		case NBDC_HS_DONE:
-			if (conn->goal.go) {
-				became_ready(conn);
-			} else {
-				/* A control connection: done; close quietly. */
-				loop_watch_del(&conn->w);
-				loop_timer_stop(&conn->timer);
-				conn->phase = NBDC_CP_DEAD;
-				nbdc_tls_bye(conn->t);
-				nbdc_conn_ref(conn);
-				conn->owner->finished(conn, conn->owner_data, NULL);
-				nbdc_tr_close(conn->t);
-				conn->t = NULL;
-				nbdc_conn_unref(conn);
-			}
-			return;
-		case NBDC_HS_FAILED:
-		default:
-			hs_failed(conn);
-			return;
-		}
+	if (conn->phase == NBDC_CP_READY && conn->rb.pos < conn->rb.end) {
+		nbdc_conn_ref(conn);
+		ready_io(conn, EPOLLIN);
+		nbdc_conn_unref(conn);
 	}
 }
 
-/* Reads what arrived during negotiation into conn->rb and steps. */
-static void hs_read(struct nbdc_conn *conn)
+/* Writes what the send queue holds; FALSE when the connection died. */
+static gboolean send_now(struct nbdc_conn *conn)
 {
-	for (;;) {
-		ssize_t n = nbdc_rb_fill(conn);
+	char *msg = NULL;
 
-		if (n == -EAGAIN)
-			break;
-		if (n <= 0) {
-			int r;
-
-			if (n == 0 || nbdc_hs_aborting(conn->hs)) {
-				/* What was complete first; then the EOF. */
-				r = nbdc_hs_step(conn->hs, &conn->rb, conn->wbuf);
-				if (r != NBDC_HS_DONE)
-					r = nbdc_hs_eof(conn->hs, conn->rb.pos != conn->rb.end);
-			} else {
-				r = NBDC_HS_FAILED;
-				nbdc_hs_take_error(conn->hs);
-				g_autofree char *m = g_strdup_printf(
-				    "%s: %s", nbdc_hs_waiting_for(conn->hs),
-				    n == -ECONNRESET ? "server closed the connection"
-						     : g_strerror((int)-n));
-				nbdc_conn_fail(conn, -ENOTCONN, m);
-				return;
-			}
-			if (r == NBDC_HS_DONE) {
-				hs_drive(conn);
-				return;
-			}
-			hs_failed(conn);
-			return;
-		}
-		if (!nbdc_tr_read_pending(conn->t) && conn->rb.end < conn->rb.cap)
-			break;
+	if (nbdc_send_flush(conn, &msg) < 0) {
+		conn_fail(conn, -ENOTCONN, msg);
+		g_free(msg);
+		return FALSE;
 	}
-	hs_drive(conn);
+	/* Requests that went out (or a socket that stopped taking bytes)
+	 * start the request timeout. */
+	if (conn->phase == NBDC_CP_READY && conn->cfg->request_timeout_ms &&
+	    !loop_timer_armed(&conn->timer) && (conn->inf_head || conn->stall_since))
+		return check_timeout(conn);
+	return TRUE;
 }
 
-/* ---- events ---- */
+static void send_deferred(void *opaque)
+{
+	struct nbdc_conn *conn = opaque;
+
+	if ((conn->phase == NBDC_CP_READY || conn->phase == NBDC_CP_CLOSING) && send_now(conn))
+		update_events(conn);
+	nbdc_conn_unref(conn); /* the queued end-of-turn work's reference */
+}
+
+/* What requests queued during this turn go out together at its end. */
+static void send_soon(struct nbdc_conn *conn)
+{
+	if (conn->tx_defer.queued)
+		return;
+	loop_defer(conn->loop, &conn->tx_defer, send_deferred, nbdc_conn_ref(conn));
+}
+
+/* A draining connection's last request finished: DISC, then wait for EOF. */
+static void drained(struct nbdc_conn *conn)
+{
+	if (conn->phase != NBDC_CP_READY || conn->disc_sent)
+		return;
+	nbdc_send_disc(conn);
+	conn->phase = NBDC_CP_CLOSING;
+	loop_timer_start(conn->loop, &conn->timer, g_get_monotonic_time() + GOODBYE_US, on_timer,
+			 conn);
+	update_events(conn);
+}
 
 static void ready_io(struct nbdc_conn *conn, uint32_t events)
 {
 	char *msg = NULL;
 
 	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR) || nbdc_tr_read_pending(conn->t)) {
-		int r = nbdc_reply_read(conn, &msg);
+		int r;
 
+		while ((r = nbdc_reply_read(conn, &msg)) == NBDC_REPLY_DRAINED)
+			drained(conn);
 		if (r < 0) {
 			gboolean clean = msg == NULL;
 
 			if (clean)
 				conn->quiet = TRUE;
-			nbdc_conn_fail(conn, r, msg);
+			conn_fail(conn, r, msg);
 			g_free(msg);
 			return;
 		}
+		/* Replies freed slots: more of the queue may go. */
+		if (conn->txq_head)
+			send_soon(conn);
 	}
 	if (conn->phase != NBDC_CP_READY && conn->phase != NBDC_CP_CLOSING)
 		return;
-	if (events & EPOLLOUT) {
-		int r = nbdc_send_flush(conn, &msg);
-
-		if (r < 0) {
-			nbdc_conn_fail(conn, r, msg);
-			g_free(msg);
-			return;
-		}
-	}
-	nbdc_conn_update_events(conn);
+	if ((events & EPOLLOUT) && !send_now(conn))
+		return;
+	update_events(conn);
 }
 
 static void on_io(void *opaque, uint32_t events)
 {
 	struct nbdc_conn *conn = opaque;
+	char *msg = NULL;
 
 	nbdc_conn_ref(conn);
 	switch (conn->phase) {
@@ -716,16 +518,12 @@ static void on_io(void *opaque, uint32_t events)
 		connect_done(conn);
 		break;
 	case NBDC_CP_HANDSHAKE:
-		if ((events & EPOLLOUT) && !hs_write(conn))
-			break;
-		if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
-			hs_read(conn);
-		else
-			hs_drive(conn); /* e.g. STARTTLS waited for its bytes to go out */
+	case NBDC_CP_TLS: {
+		int r = nbdc_neg_io(conn, events, &msg);
+
+		negotiated(conn, r, msg);
 		break;
-	case NBDC_CP_TLS:
-		tls_drive(conn);
-		break;
+	}
 	case NBDC_CP_READY:
 	case NBDC_CP_CLOSING:
 		ready_io(conn, events);
@@ -747,6 +545,8 @@ static void drain_inbox(void *opaque)
 	conn->inq_head = conn->inq_tail = NULL;
 	conn->inq_posted = FALSE;
 	g_mutex_unlock(&conn->inq_lock);
+	if (list)
+		send_soon(conn);
 	while (list) {
 		struct nbdc_req *next = list->next;
 
@@ -764,6 +564,7 @@ gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req)
 			return FALSE;
 		g_atomic_int_inc(&conn->load);
 		nbdc_send_queue(conn, req);
+		send_soon(conn);
 		return TRUE;
 	}
 	g_mutex_lock(&conn->inq_lock);
@@ -788,19 +589,8 @@ gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req)
 
 struct close_req {
 	struct nbdc_conn *conn; /* ref */
-	gboolean graceful;
+	enum nbdc_close_how how;
 };
-
-void nbdc_conn_drained(struct nbdc_conn *conn)
-{
-	if (conn->phase != NBDC_CP_READY || conn->disc_sent)
-		return;
-	nbdc_send_disc(conn);
-	conn->phase = NBDC_CP_CLOSING;
-	loop_timer_start(conn->loop, &conn->timer, g_get_monotonic_time() + GOODBYE_US, on_timer,
-			 conn);
-	nbdc_conn_update_events(conn);
-}
 
 static void close_on_loop(void *opaque)
 {
@@ -817,6 +607,8 @@ static void close_on_loop(void *opaque)
 		conn->inq_head = conn->inq_tail = NULL;
 		g_mutex_unlock(&conn->inq_lock);
 		conn->draining = TRUE;
+		if (list)
+			send_soon(conn);
 		while (list) {
 			struct nbdc_req *next = list->next;
 
@@ -824,32 +616,33 @@ static void close_on_loop(void *opaque)
 			nbdc_send_queue(conn, list);
 			list = next;
 		}
-		if (!cr->graceful)
-			nbdc_conn_fail(conn, -ENOTCONN, NULL);
-		else if (!conn->txq_head && !conn->inf_head)
-			nbdc_conn_drained(conn);
+		gboolean idle = !conn->txq_head && !conn->inf_head;
+		if (cr->how == NBDC_CLOSE_DROP || (cr->how == NBDC_CLOSE_ABANDON && !idle))
+			conn_fail(conn, -ENOTCONN, NULL);
+		else if (idle)
+			drained(conn);
 		break;
 	}
 	case NBDC_CP_CLOSING:
-		if (!cr->graceful)
-			nbdc_conn_fail(conn, -ENOTCONN, NULL);
+		if (cr->how != NBDC_CLOSE_GRACEFUL)
+			conn_fail(conn, -ENOTCONN, NULL);
 		break;
 	case NBDC_CP_DEAD:
 		break;
 	default:
-		nbdc_conn_fail(conn, -ENOTCONN, "connection closed before it was ready");
+		conn_fail(conn, -ENOTCONN, "connection closed before it was ready");
 		break;
 	}
 	nbdc_conn_unref(conn);
 	g_free(cr);
 }
 
-void nbdc_conn_close(struct nbdc_conn *conn, gboolean graceful)
+void nbdc_conn_close(struct nbdc_conn *conn, enum nbdc_close_how how)
 {
 	struct close_req *cr = g_new(struct close_req, 1);
 
 	cr->conn = nbdc_conn_ref(conn);
-	cr->graceful = graceful;
+	cr->how = how;
 	/* Always later: the caller may be inside this connection's callbacks. */
 	loop_post(conn->loop, close_on_loop, cr);
 }

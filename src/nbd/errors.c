@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* errors.c: the NBDC_ERROR quark, NBD error code -> errno, logging, names of
- * servers and commands, export records. */
+ * commands, negotiation and export records. */
 #include "config.h"
 
 #include <errno.h>
@@ -53,25 +53,6 @@ void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const ch
 	}
 	static const char *const names[] = {"debug", "info", "warning"};
 	fprintf(stderr, "nbdc %s: %s\n", names[level], msg);
-}
-
-char *nbdc_cfg_display(const struct nbdc_config *cfg)
-{
-	const char *exp = cfg->export_name ? cfg->export_name : "";
-	const char *s = cfg->tls ? "s" : "";
-
-	if (cfg->fd >= 0)
-		return g_strdup_printf("fd %d", cfg->fd);
-	if (cfg->socket_path)
-		return g_strdup_printf("nbd%s+unix:///%s?socket=%s", s, exp, cfg->socket_path);
-	if (cfg->host) {
-		gboolean v6 = strchr(cfg->host, ':') != NULL;
-
-		return g_strdup_printf("nbd%s://%s%s%s:%s/%s", s, v6 ? "[" : "", cfg->host,
-				       v6 ? "]" : "", cfg->port ? cfg->port : NBD_DEFAULT_PORT,
-				       exp);
-	}
-	return g_strdup("nbd (no address)");
 }
 
 void nbdc_neg_clear(struct nbdc_neg *neg)

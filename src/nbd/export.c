@@ -1,12 +1,16 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* export.c: one export's connections: choosing, parking, reconnecting,
- * replaying unflushed writes, closing idle ones.
+/* export.c: one export's handle: its connections, choosing one for a
+ * request, parking, the connections' reports, the early flush.  Its state
+ * machine is recover.c, the replay log log.c, writing it again replay.c;
+ * the design of all four is here.
  *
  * A request goes to a ready connection, preferring one on the caller's own
  * loop with fewer than GROW_AT requests; a lazy handle opens another (up to
- * max_conns, where the server allows multi-conn) when none fits.  With no
+ * max_conns, where the server allows multi-conn) when none fits, or on a
+ * loop that submits and has none (requests released from the parked queue
+ * on the home loop do not count as that loop's).  With no
  * ready connection the request is parked and the export's state machine,
- * which runs on its home loop (export_run), does the rest:
+ * which runs on its home loop (recover.c), does the rest:
  *
  *   IDLE --request/hold--> CONNECTING --ready--> READY --lost--> RECOVERING
  *   RECOVERING: every connection closed, attempts with backoff (50 ms
@@ -49,8 +53,6 @@ void nbdc_export_ref(Nbdc *c)
 	g_atomic_int_inc(&c->refs);
 }
 
-void nbdc_log_free_all(Nbdc *c);
-
 void nbdc_export_unref(Nbdc *c)
 {
 	if (!g_atomic_int_dec_and_test(&c->refs))
@@ -64,22 +66,25 @@ void nbdc_export_unref(Nbdc *c)
 		completion_unref(c->gone);
 	if (c->drained)
 		completion_unref(c->drained);
+	if (c->sync_wait)
+		completion_unref(c->sync_wait); /* outcomes that never came */
 	if (c->sync_error)
 		g_error_free(c->sync_error);
 	g_free(c->display);
 	g_free(c->error);
 	g_free(c->zero_buf);
-	nbdc_op_cache_free(c);
+	g_assert(c->op_cache == NULL); /* emptied by nbdc_free */
 	g_mutex_clear(&c->op_lock);
 	g_mutex_clear(&c->lock);
 	g_free(c);
 }
 
-Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **error)
+Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, loop_fn run, GError **error)
 {
 	Nbdc *c = g_new0(Nbdc, 1);
 
 	c->refs = 1;
+	c->run = run;
 	c->cfg = *cfg;
 	c->loops = nbdc_cfg_loops(cfg);
 	c->home = loop_set_pick(c->loops);
@@ -104,6 +109,19 @@ Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **err
 gboolean nbdc_export_alive(const Nbdc *c)
 {
 	return !g_atomic_int_get(&c->closing) && !c->dead;
+}
+
+/* Asks the home loop to look at the export (any thread, coalesced). */
+void nbdc_export_kick(Nbdc *c)
+{
+	g_mutex_lock(&c->lock);
+	gboolean post = !c->kick_posted;
+	c->kick_posted = TRUE;
+	g_mutex_unlock(&c->lock);
+	if (post) {
+		nbdc_export_ref(c); /* the state machine drops it */
+		loop_post_task(c->home, &c->kick_task, c->run, c);
+	}
 }
 
 /* ---- completions ---- */
@@ -161,12 +179,42 @@ void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err)
 	}
 }
 
-/* ---- choosing a connection ---- */
+/* ---- the early flush ---- */
 
-gboolean nbdc_conn_usable(const struct nbdc_conn *conn)
+/* The replay log grew past its bounds, or the export goes idle with writes
+ * in the log: a flush of the core's own trims it. */
+static void early_flush_done(struct nbdc_req *req, int err)
 {
-	return nbdc_conn_is_ready(conn) && !g_atomic_int_get(&conn->inq_closed);
+	Nbdc *c = req->extent_opaque;
+
+	g_mutex_lock(&c->lock);
+	c->log_flushing = FALSE;
+	g_mutex_unlock(&c->lock);
+	g_free(req);
+	if (g_atomic_int_dec_and_test(&c->in_flight))
+		nbdc_export_idle_now(c);
+	nbdc_export_kick(c); /* throttled writes may go now */
+	nbdc_export_unref(c);
 }
+
+/* Under c->lock: starts an early flush when none runs; returns the request
+ * to submit after unlocking, or NULL. */
+struct nbdc_req *nbdc_early_flush_locked(Nbdc *c)
+{
+	if (c->log_flushing || !c->log_head)
+		return NULL;
+	struct nbdc_req *req = g_new0(struct nbdc_req, 1);
+
+	req->type = NBD_CMD_FLUSH;
+	req->internal = TRUE;
+	req->complete = early_flush_done;
+	req->extent_opaque = c;
+	c->log_flushing = TRUE;
+	nbdc_export_ref(c);
+	return req;
+}
+
+/* ---- choosing a connection ---- */
 
 /* Under c->lock: a new connection on @loop (started after unlocking). */
 struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop)
@@ -264,12 +312,16 @@ static gboolean is_write_like(const struct nbdc_req *req)
 	return req->type == NBD_CMD_WRITE || req->type == NBD_CMD_WRITE_ZEROES;
 }
 
-void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
+/* What a flush makes durable. */
+static gboolean changes_data(const struct nbdc_req *req)
 {
-	Loop *cur = loop_current();
+	return is_write_like(req) || req->type == NBD_CMD_TRIM;
+}
 
-	if (cur && loop_get_set(cur) != c->loops)
-		cur = NULL;
+/* @cur: the loop the request comes from (its connection is preferred and
+ * may be opened there), or NULL. */
+static void submit_from(Nbdc *c, struct nbdc_req *req, Loop *cur)
+{
 	g_atomic_int_inc(&c->in_flight);
 	for (guint tries = 0;; tries++) {
 		struct nbdc_conn *conn = NULL, *grow = NULL;
@@ -284,14 +336,16 @@ void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
 			nbdc_complete_later(c, req, -ENOTCONN);
 			return;
 		}
-		if (req->type == NBD_CMD_FLUSH)
+		if (req->type == NBD_CMD_FLUSH) {
 			req->flush_seq = c->log_seq;
+			req->flush_gen = c->write_gen;
+		}
 		if (c->log_on && !req->internal && is_write_like(req) && c->log_bytes >= NBDC_LOG_MAX) {
 			nbdc_req_append(&c->throttled_head, &c->throttled_tail, req);
 			flush = nbdc_early_flush_locked(c);
 			g_mutex_unlock(&c->lock);
 			if (flush)
-				nbdc_export_submit(c, flush);
+				submit_from(c, flush, cur);
 			return;
 		}
 		if (c->state == NBDC_EX_READY && tries < 8)
@@ -319,12 +373,34 @@ void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
 	}
 }
 
+void nbdc_export_submit(Nbdc *c, struct nbdc_req *req)
+{
+	Loop *cur = loop_current();
+
+	submit_from(c, req, cur && loop_get_set(cur) == c->loops ? cur : NULL);
+}
+
+void nbdc_export_resubmit(Nbdc *c, struct nbdc_req *req)
+{
+	g_atomic_int_dec_and_test(&c->in_flight); /* counted again */
+	submit_from(c, req, NULL);
+}
+
 /* ---- the connections' reports (on their loops) ---- */
 
 /* Under c->lock: forgets @conn (its reference goes to the caller). */
 static gboolean drop_conn_locked(Nbdc *c, struct nbdc_conn *conn)
 {
 	return g_ptr_array_remove(c->conns, conn);
+}
+
+/* Under c->lock: a closed handle's last connection ended (nbdc_free waits). */
+static void gone_if_last_locked(Nbdc *c)
+{
+	if (c->conns->len == 0 && c->gone && !c->gone_done && c->state == NBDC_EX_CLOSED) {
+		c->gone_done = TRUE;
+		completion_done(c->gone, 0);
+	}
 }
 
 /* Under c->lock: one outcome nbdc_connect waits for is in. */
@@ -394,10 +470,12 @@ static void conn_ready(struct nbdc_conn *conn, void *data)
 			nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: reconnect attempt %u: %s",
 				 c->display, c->attempts, refused);
 	}
+	if (refused)
+		conn->doomed = TRUE;
 	sync_outcome_locked(c, NULL);
 	g_mutex_unlock(&c->lock);
 	if (refused)
-		nbdc_conn_close(conn, FALSE);
+		nbdc_conn_close(conn, NBDC_CLOSE_DROP);
 	nbdc_export_kick(c);
 }
 
@@ -432,6 +510,7 @@ static void conn_finished(struct nbdc_conn *conn, void *data, GError *err)
 			c->backoff_us = MIN(c->backoff_us * 2, NBDC_BACKOFF_MAX_US);
 		}
 	}
+	gone_if_last_locked(c); /* a closed handle's attempt, or its first connect */
 	g_mutex_unlock(&c->lock);
 	if (err)
 		g_error_free(err);
@@ -472,13 +551,16 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 	Nbdc *c = data;
 	GPtrArray *others = NULL;
 	struct nbdc_req *fail = NULL, *internal = NULL;
-	gboolean expected = g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED ||
-			    (msg == NULL && !conn->shutdown_pending);
+	gboolean closing = g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED;
+	/* A close of ours (msg NULL: idle, refused, or one of the others a loss
+	 * takes down) is no outage; its requests still wait for the next
+	 * connection. */
+	gboolean loss = !closing && (msg != NULL || conn->shutdown_pending);
 
 	g_mutex_lock(&c->lock);
 	if (drop_conn_locked(c, conn) && conn->counted)
 		c->nready--;
-	if (!expected && c->cfg.reconnect) {
+	if (!closing && c->cfg.reconnect) {
 		struct nbdc_req *list = take_user_reqs(reqs, &internal), *tail = list;
 
 		/* Its requests go first: they were sent before the parked ones. */
@@ -496,6 +578,8 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 				c->parked_tail = tail;
 			c->parked_head = list;
 		}
+	}
+	if (loss && c->cfg.reconnect) {
 		c->replay_owed = c->log_head != NULL;
 		if (c->state != NBDC_EX_RECOVERING) {
 			if (c->state == NBDC_EX_READY)
@@ -505,9 +589,20 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 			c->next_attempt = 0;
 			c->attempts = 0;
 			c->backoff_us = NBDC_BACKOFF_MIN_US;
+			/* Every other connection goes too, and from now on counts
+			 * as neither ready nor usable: the state machine waits for
+			 * them all to end before it connects again. */
 			others = g_ptr_array_new();
-			for (guint i = 0; i < c->conns->len; i++)
-				g_ptr_array_add(others, nbdc_conn_ref(c->conns->pdata[i]));
+			for (guint i = 0; i < c->conns->len; i++) {
+				struct nbdc_conn *o = c->conns->pdata[i];
+
+				o->doomed = TRUE;
+				if (o->counted) {
+					o->counted = FALSE;
+					c->nready--;
+				}
+				g_ptr_array_add(others, nbdc_conn_ref(o));
+			}
 		}
 		c->replaying = FALSE;
 		g_free(c->error);
@@ -517,8 +612,8 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 			nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: connection lost (%s); reconnecting",
 				 c->display, c->error);
 		}
-	} else {
-		if (!expected || msg) {
+	} else if (closing || !c->cfg.reconnect) {
+		if (loss || msg) {
 			c->dead = TRUE;
 			if (!c->error)
 				c->error = g_strdup_printf("%s: %s", c->display,
@@ -529,15 +624,12 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 		}
 		fail = reqs;
 	}
-	if (c->conns->len == 0 && c->gone && !c->gone_done && c->state == NBDC_EX_CLOSED) {
-		c->gone_done = TRUE;
-		completion_done(c->gone, 0);
-	}
+	gone_if_last_locked(c);
 	g_mutex_unlock(&c->lock);
 
 	if (others) {
 		for (guint i = 0; i < others->len; i++) {
-			nbdc_conn_close(others->pdata[i], FALSE);
+			nbdc_conn_close(others->pdata[i], NBDC_CLOSE_DROP);
 			nbdc_conn_unref(others->pdata[i]);
 		}
 		g_ptr_array_free(others, TRUE);
@@ -571,29 +663,41 @@ static void conn_done(struct nbdc_conn *conn, void *data, struct nbdc_req *req, 
 		return;
 	}
 
+	/* What the next flush has to cover: a write, zero or trim of the
+	 * user's acknowledged, or a flush (ours too) that covered them. */
+	gboolean wrote = err == 0 && !req->internal && changes_data(req);
+	gboolean flushed = err == 0 && req->type == NBD_CMD_FLUSH;
 	/* The log: a write joins it when acknowledged, a flush (ours too)
 	 * trims what it covers. */
-	if (c->log_on && (req->type == NBD_CMD_FLUSH ||
-			  (!req->internal && (req->log || (req->type == NBD_CMD_WRITE_ZEROES &&
-							   !(req->flags & NBD_CMD_FLAG_FUA)))))) {
+	gboolean logged = c->log_on && (req->type == NBD_CMD_FLUSH ||
+				       (!req->internal && (req->log || (req->type == NBD_CMD_WRITE_ZEROES &&
+									!(req->flags & NBD_CMD_FLAG_FUA)))));
+	if (wrote || flushed || logged) {
 		struct nbdc_req *flush = NULL;
 
 		g_mutex_lock(&c->lock);
-		if (err == 0 && req->type == NBD_CMD_FLUSH) {
-			nbdc_log_trim(c, req->flush_seq);
-		} else if (err == 0 && req->log) {
-			nbdc_log_append(c, g_steal_pointer(&req->log));
-		} else if (err == 0 && req->type == NBD_CMD_WRITE_ZEROES) {
-			struct nbdc_log_entry *e = g_new0(struct nbdc_log_entry, 1);
+		if (wrote)
+			c->write_gen++;
+		else if (flushed && req->flush_gen > c->flushed_gen)
+			c->flushed_gen = req->flush_gen;
+		if (logged) {
+			if (err == 0 && req->type == NBD_CMD_FLUSH) {
+				nbdc_log_trim(c, req->flush_seq);
+			} else if (err == 0 && req->log) {
+				nbdc_log_append(c, g_steal_pointer(&req->log));
+			} else if (err == 0 && req->type == NBD_CMD_WRITE_ZEROES) {
+				struct nbdc_log_entry *e = g_new0(struct nbdc_log_entry, 1);
 
-			e->offset = req->offset;
-			e->len = req->len;
-			e->type = NBD_CMD_WRITE_ZEROES;
-			e->flags = req->flags;
-			nbdc_log_append(c, e);
+				e->offset = req->offset;
+				e->len = req->len;
+				e->type = NBD_CMD_WRITE_ZEROES;
+				e->flags = req->flags;
+				nbdc_log_append(c, e);
+			}
+			if (c->log_bytes >= NBDC_LOG_FLUSH_AT ||
+			    c->log_entries >= NBDC_LOG_FLUSH_ENTRIES)
+				flush = nbdc_early_flush_locked(c);
 		}
-		if (c->log_bytes >= NBDC_LOG_FLUSH_AT || c->log_entries >= NBDC_LOG_FLUSH_ENTRIES)
-			flush = nbdc_early_flush_locked(c);
 		g_mutex_unlock(&c->lock);
 		g_clear_pointer(&req->log, g_free);
 		if (flush)

@@ -2,14 +2,25 @@
 /* internal.h: types shared by the NBD core's files (private).
  *
  * The layers inside the core, each calling only down:
- *   nbdc.c, sync.c   the public calls: checks, splitting, emulation, waiting
- *   export.c         one export: its connections, parking, reconnect, replay
+ *   sync.c           making handles, teardown, the blocking wrappers
+ *   nbdc.c           the asynchronous calls: checks, splitting, emulation
  *   probe.c          control connections: LIST and INFO for many exports
- *   conn.c           one connection: connect, handshake, close (a state machine
- *                    on one loop); send.c its send queue, reply.c its replies
- *   handshake.c      negotiation over byte buffers; transport.c, tls.c bytes
- * A lower file reaches an upper one only through the function pointers of
- * struct nbdc_conn_owner.  doc/ARCHITECTURE.md has the threads.
+ *   recover.c        one export's state machine on its home loop: connecting,
+ *                    reconnecting with backoff, expiry, idle close, closing
+ *   replay.c         writing the replay log again after a loss
+ *   export.c         the handle: choosing connections, parking, the
+ *                    connections' reports; log.c the replay log
+ *   conn.c           one connection's state machine on one loop; the work
+ *                    of its phases below it: connect.c (the socket),
+ *                    negotiate.c (the negotiation), send.c and reply.c
+ *                    (transmission), which report by return value
+ *   handshake.c      negotiation over byte buffers (handshake-opt.c: the
+ *                    option messages, GO/INFO replies)
+ *   transport.c      bytes on a socket or a TLS session; tls.c the sessions
+ *   cfg.c, errors.c  configuration, logging, error codes (used by all)
+ * A lower file reaches an upper one only through function pointers: the
+ * owner of a connection (struct nbdc_conn_owner), the export's state machine
+ * (c->run), the requests' completions.  doc/ARCHITECTURE.md has the threads.
  */
 #pragma once
 
@@ -40,10 +51,12 @@ void nbdc_neg_clear(struct nbdc_neg *neg);
 /* errors.c */
 void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const char *fmt, ...)
 	G_GNUC_PRINTF(3, 4);
+const char *nbdc_cmd_name(uint16_t type);
+
+/* cfg.c */
 /* "nbd://host:port/export", "nbd+unix:///export?socket=path" or "fd N":
  * names the server in messages.  Caller frees. */
 char *nbdc_cfg_display(const struct nbdc_config *cfg);
-const char *nbdc_cmd_name(uint16_t type);
 /* The loops of @cfg, or the process-wide default set (started on first use). */
 LoopSet *nbdc_cfg_loops(const struct nbdc_config *cfg);
 
@@ -129,6 +142,7 @@ struct nbdc_req {
 	gint64 wait_since_us;    /* parked (waiting for a connection) since; 0 = never */
 	struct nbdc_log_entry *log; /* a WRITE's copy for the replay log, once sent */
 	guint64 flush_seq;       /* FLUSH: the log sequence it covers */
+	guint64 flush_gen;       /* FLUSH: the c->write_gen it covers */
 	gboolean internal;       /* the core's own (replay, early flush) */
 	/* block status: extents go to @extent; @bs_reached = where they ended */
 	nbdc_extent_fn extent;
@@ -143,7 +157,7 @@ struct nbdc_req {
 /* Clears the reply state of @req before it is sent again. */
 void nbdc_req_reset(struct nbdc_req *req);
 
-/* ---- Connections (conn.c, send.c, reply.c) ---- */
+/* ---- Connections (conn.c; connect.c, negotiate.c, send.c, reply.c) ---- */
 
 /* How a connection reports to its owner (the export of a data connection,
  * the probe of a control connection).  All run on the connection's loop. */
@@ -199,7 +213,8 @@ struct nbdc_conn {
 	enum nbdc_conn_phase phase;        /* loop only, read racily elsewhere */
 	struct nbdc_transport *t;
 	struct loop_watch w;
-	struct loop_timer timer;           /* handshake deadline, request timeout, goodbye */
+	struct loop_timer timer;           /* handshake deadline or Unix retry, request
+	                                    * timeout, goodbye */
 	gint64 deadline;                   /* of the handshake; 0 = none */
 	gboolean quiet;                    /* a close we asked for: no warning */
 	GError *fail_error;                /* the precise error of a failure, if known */
@@ -216,7 +231,7 @@ struct nbdc_conn {
 	struct nbdc_rbuf rb;
 	struct nbdc_neg neg;
 
-	/* sending (send.c) */
+	/* sending (send.c; conn.c schedules it) */
 	struct nbdc_req *txq_head, *txq_tail; /* queued, not fully sent */
 	size_t tx_off;                     /* bytes of txq_head already written */
 	guint tx_count;                    /* requests in the send queue */
@@ -232,6 +247,7 @@ struct nbdc_conn {
 	gboolean disc_sent, shutdown_pending;
 	gboolean draining;                 /* closing gracefully: no new requests */
 	gboolean counted;                  /* the owner counts it as ready (owner's field) */
+	gboolean doomed;                   /* the owner closes it: not usable (owner's lock) */
 
 	/* receiving (reply.c) */
 	int rx_state;
@@ -244,6 +260,7 @@ struct nbdc_conn {
 	uint64_t rx_rel, rx_left;          /* payload destination and bytes left */
 	uint8_t *buf;                      /* a chunk's payload (block status, errors) */
 	size_t buf_size, buf_have;
+	gboolean rx_drained;               /* the last reply of a draining connection: DISC due */
 
 	/* the inbox: requests handed over by other threads */
 	GMutex inq_lock;
@@ -267,38 +284,81 @@ void nbdc_conn_start(struct nbdc_conn *conn);
 /* Queues @req; any thread.  FALSE when the connection no longer takes
  * requests (then @req is untouched). */
 gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req);
-/* Ends the connection; any thread (posted).  @graceful: NBD_CMD_DISC once
- * the requests in flight finished, else abandon them now (they go to
- * owner->lost with -ENOTCONN). */
-void nbdc_conn_close(struct nbdc_conn *conn, gboolean graceful);
-/* Loop only: dies with @err and @msg (NULL: a quiet close). */
-void nbdc_conn_fail(struct nbdc_conn *conn, int err, const char *msg);
-/* Loop only: a draining connection's last request finished: DISC. */
-void nbdc_conn_drained(struct nbdc_conn *conn);
-/* Loop only: the watch events the connection needs now. */
-void nbdc_conn_update_events(struct nbdc_conn *conn);
+/* How nbdc_conn_close ends a connection. */
+enum nbdc_close_how {
+	NBDC_CLOSE_GRACEFUL, /* NBD_CMD_DISC once the requests it holds finished */
+	NBDC_CLOSE_ABANDON,  /* the requests it holds go to owner->lost with -ENOTCONN
+			      * now; one that held none still says NBD_CMD_DISC */
+	NBDC_CLOSE_DROP,     /* as ABANDON, and no NBD_CMD_DISC at all */
+};
+/* Ends the connection; any thread (posted, so it never runs inside the
+ * caller's callbacks). */
+void nbdc_conn_close(struct nbdc_conn *conn, enum nbdc_close_how how);
+/* Ready and taking requests (read racily off the loop: a hint). */
 gboolean nbdc_conn_is_ready(const struct nbdc_conn *conn);
+/* Ready, its inbox open, and its owner not closing it (read under the
+ * owner's lock): worth handing a request to. */
+gboolean nbdc_conn_usable(const struct nbdc_conn *conn);
+
+/* connect.c (loop only): the socket.  Results besides -errno (failed, with
+ * *@msg): */
+enum {
+	NBDC_CONNECT_STARTED, /* a non-blocking connect is under way on conn->t */
+	NBDC_CONNECT_UP,      /* connected (TCP options set) */
+	NBDC_CONNECT_BUSY,    /* a Unix server's backlog is full: again at *@retry_at */
+};
+int nbdc_connect_unix(struct nbdc_conn *conn, gint64 *retry_at, char **msg);
+/* The next address of conn->ai_next (TCP). */
+int nbdc_connect_next(struct nbdc_conn *conn, char **msg);
+/* EPOLLOUT on a connecting socket: UP, or on failure the next address. */
+int nbdc_connect_finish(struct nbdc_conn *conn, char **msg);
+/* A numeric host: conn->ai_list filled, TRUE; FALSE when it needs a lookup. */
+gboolean nbdc_connect_numeric(struct nbdc_conn *conn);
+/* @done(@opaque, res, gai) runs on conn->loop after getaddrinfo of the
+ * connection's host ran on the pool; it may steal *res (else freed). */
+typedef void (*nbdc_resolved_fn)(void *opaque, struct addrinfo **res, int gai);
+void nbdc_resolve(struct nbdc_conn *conn, nbdc_resolved_fn done, void *opaque);
+/* A lookup's result: the first address tried (takes *@res), or failed. */
+int nbdc_connect_resolved(struct nbdc_conn *conn, struct addrinfo **res, int gai, char **msg);
+
+/* negotiate.c (loop only): the negotiation.  Results besides -errno (failed:
+ * *@msg, conn->fail_error or the handshake's error says why): */
+enum {
+	NBDC_NEG_WAIT,  /* wait for the events the phase asks for */
+	NBDC_NEG_READY, /* GO done: transmission; nbdc_neg_finish */
+	NBDC_NEG_DONE,  /* a control connection finished its goal */
+};
+/* Phase HANDSHAKE over conn->t: the handshake, its buffers. */
+int nbdc_neg_start(struct nbdc_conn *conn);
+/* Socket events in the phases HANDSHAKE and TLS. */
+int nbdc_neg_io(struct nbdc_conn *conn, uint32_t events, char **msg);
+/* After NBDC_NEG_READY: what was negotiated to conn->neg; the handshake freed. */
+void nbdc_neg_finish(struct nbdc_conn *conn);
 
 /* send.c (loop only) */
 void nbdc_send_init(struct nbdc_conn *conn);
 void nbdc_send_fini(struct nbdc_conn *conn);
+/* Encodes @req into the send queue (the caller has it written). */
 void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req);
 /* Writes what the socket takes; <0 when the connection must die (@msg set). */
 int nbdc_send_flush(struct nbdc_conn *conn, char **msg);
-void nbdc_send_schedule(struct nbdc_conn *conn);
 struct nbdc_req *nbdc_table_lookup(const struct nbdc_conn *conn, uint64_t cookie);
-/* A reply finished @req: out of the table and the in-flight list. */
-void nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
+/* A reply finished @req: out of the table and the in-flight list.  TRUE
+ * when that left a draining connection with nothing to do (DISC is due). */
+gboolean nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
 /* Every request the connection holds, in order, unlinked (for death). */
 struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn);
-/* The request timeout: arms or checks the timer; <0 = expired (@msg set). */
-int nbdc_send_check_timeout(struct nbdc_conn *conn, char **msg);
+/* The request timeout: <0 when a request (or the stalled socket) is overdue
+ * (@msg set); else *@next_due is when the next one is, or 0. */
+int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg);
 /* Sends NBD_CMD_DISC now (nothing may be in flight). */
 void nbdc_send_disc(struct nbdc_conn *conn);
 
 /* reply.c (loop only) */
-/* Reads and handles what arrived; <0 when the connection must die (@msg set,
- * or NULL for a clean EOF after our DISC). */
+/* Reads and handles what arrived: 0, NBDC_REPLY_DRAINED (the last request of
+ * a draining connection finished: send DISC, then call again), or <0 when
+ * the connection must die (@msg set, or NULL for a clean EOF after our DISC). */
+#define NBDC_REPLY_DRAINED 1
 int nbdc_reply_read(struct nbdc_conn *conn, char **msg);
 /* Fills conn->rb with one read during negotiation: >0, 0 EOF, -EAGAIN, -errno. */
 ssize_t nbdc_rb_fill(struct nbdc_conn *conn);
@@ -306,7 +366,7 @@ void nbdc_reply_fini(struct nbdc_conn *conn);
 
 #define NBDC_RBUF_SIZE (68u * 1024) /* >= header + NBD_MAX_OPTION_REPLY */
 
-/* ---- The handle: one export (export.c, nbdc.c, sync.c) ---- */
+/* ---- The handle: one export (export.c, recover.c, replay.c, log.c; nbdc.c, sync.c) ---- */
 
 /* An acknowledged write (or zero) that no flush covered yet. */
 struct nbdc_log_entry {
@@ -370,8 +430,14 @@ struct nbdc {
 	struct nbdc_log_entry *replay_cursor; /* next entry to write again */
 	guint replay_pending;
 	gboolean replay_failed;
+	/* what a flush has to do: acknowledged writes, zeroes and trims of the
+	 * user's (write_gen counts them) against those covered by the last flush
+	 * that succeeded (flushed_gen); and the ones not finished yet */
+	guint64 write_gen, flushed_gen;
+	gint writes_busy;              /* atomic: write/zero/trim calls not completed */
 
 	/* the home loop's machinery (home loop only, but kick_posted) */
+	loop_fn run;                   /* the state machine: recover.c's nbdc_export_run */
 	struct loop_task kick_task;
 	gboolean kick_posted;          /* under @lock */
 	struct loop_timer retry_timer, expiry_timer, idle_timer;
@@ -391,14 +457,18 @@ struct nbdc {
 	GMutex op_lock;
 	struct nbdc_op *op_cache;
 	guint op_cached;
+	gboolean op_cache_closed;      /* nbdc_free: ops are freed, not kept */
 	uint32_t zero_len;
 	void *zero_buf;
 };
 
-/* nbdc.c: frees the cache of finished ops (the handle is going). */
-void nbdc_op_cache_free(Nbdc *c);
+/* nbdc.c: frees the cache of finished ops and keeps no more (nbdc_free). */
+void nbdc_op_cache_close(Nbdc *c);
 
-/* ---- inside the handle (export.c, replay.c, recover.c) ---- */
+/* ---- inside the handle ----
+ * Calls run down: recover.c (the state machine) -> replay.c (writing the log
+ * again) -> export.c (the handle, its requests and connections) -> log.c.
+ * export.c reaches the state machine only through c->run (nbdc_export_kick). */
 
 #define NBDC_BACKOFF_MIN_US (50 * 1000)
 #define NBDC_BACKOFF_MAX_US (2 * G_USEC_PER_SEC)
@@ -407,51 +477,61 @@ void nbdc_op_cache_free(Nbdc *c);
 #define NBDC_LOG_MAX (96u * 1024 * 1024)      /* ... and new writes wait */
 #define NBDC_GONE_WAIT_US (5 * G_USEC_PER_SEC) /* teardown waits for connections */
 
+/* recover.c */
+/* The state machine: one look at the export on its home loop (a loop_fn for
+ * c->run; drops the reference nbdc_export_kick took). */
+void nbdc_export_run(void *opaque);
+void nbdc_export_hold(Nbdc *c, gboolean held);
+void nbdc_export_health(Nbdc *c, struct nbdc_health *out);
+/* Stops new requests; @wait_us > 0 (off a loop): waits that long for those in
+ * flight first.  Then fails what is left with -ENOTCONN and closes every
+ * connection (idle ones with NBD_CMD_DISC).  @wait_us 0 while another call
+ * waits: ends that wait now. */
+void nbdc_export_close(Nbdc *c, gint64 wait_us);
+/* Waits (bounded) until every connection of a closed handle ended. */
+void nbdc_export_wait_gone(Nbdc *c);
+
+/* replay.c: home loop, no lock: writes the log again; TRUE while not finished. */
+gboolean nbdc_replay_step(Nbdc *c);
+
 /* export.c */
-void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
-/* Under c->lock: parks @req until a connection is ready. */
-void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
-gboolean nbdc_conn_usable(const struct nbdc_conn *conn);
-gboolean nbdc_has_usable_locked(const Nbdc *c);
+/* A handle for @cfg with no connection; @run is its state machine, posted
+ * to the home loop by nbdc_export_kick. */
+Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, loop_fn run, GError **error);
+void nbdc_export_ref(Nbdc *c);
+void nbdc_export_unref(Nbdc *c);
+gboolean nbdc_export_alive(const Nbdc *c);
+/* Asks the home loop to run the state machine (any thread, coalesced). */
+void nbdc_export_kick(Nbdc *c);
+/* Hands a prepared request to a connection, or parks it (any thread);
+ * req->complete runs exactly once, never inside this call. */
+void nbdc_export_submit(Nbdc *c, struct nbdc_req *req);
+/* The same for a parked or throttled request going out again (already
+ * counted in flight; the home loop it is released from is not where its
+ * user is, so it opens no connection there). */
+void nbdc_export_resubmit(Nbdc *c, struct nbdc_req *req);
+/* Runs req->complete(req, err) soon on a loop (never inside the caller). */
+void nbdc_complete_later(Nbdc *c, struct nbdc_req *req, int err);
 /* Finishes @req (no lock held); the _all form a list linked by next. */
 void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
 void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err);
 /* Nothing is in flight any more. */
 void nbdc_export_idle_now(Nbdc *c);
-
-/* replay.c (under c->lock unless said) */
-void nbdc_log_free_all(Nbdc *c);
-void nbdc_log_append(Nbdc *c, struct nbdc_log_entry *e);
-void nbdc_log_trim(Nbdc *c, guint64 seq);
-void nbdc_log_lose(Nbdc *c, const char *why);
-/* An early flush to submit after unlocking, or NULL when one runs. */
-struct nbdc_req *nbdc_early_flush_locked(Nbdc *c);
-/* Home loop, no lock: writes the log again; TRUE while not finished. */
-gboolean nbdc_replay_step(Nbdc *c);
-
-/* recover.c */
-/* Asks the home loop to look at the export (any thread, coalesced). */
-void nbdc_export_kick(Nbdc *c);
-
-/* export.c */
-Nbdc *nbdc_export_new(const struct nbdc_config *cfg, gboolean lazy, GError **error);
-void nbdc_export_ref(Nbdc *c);
-void nbdc_export_unref(Nbdc *c);
-/* Hands a prepared request to a connection, or parks it (any thread);
- * req->complete runs exactly once, never inside this call. */
-void nbdc_export_submit(Nbdc *c, struct nbdc_req *req);
-/* Runs req->complete(req, err) soon on a loop (never inside the caller). */
-void nbdc_complete_later(Nbdc *c, struct nbdc_req *req, int err);
+void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
+/* Under c->lock: parks @req until a connection is ready. */
+void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
+gboolean nbdc_has_usable_locked(const Nbdc *c);
 /* Under c->lock: a new data connection on @loop, registered (the caller
  * starts it after unlocking and drops the returned reference). */
 struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop);
-/* nbdc_connect: opens the connections now and waits for them (bounded). */
-gboolean nbdc_export_connect(Nbdc *c, GError **error);
-void nbdc_export_hold(Nbdc *c, gboolean held);
-void nbdc_export_health(Nbdc *c, struct nbdc_health *out);
-/* Stops new requests; @wait_us > 0 (off a loop): waits that long for those in
- * flight first.  Then fails what is left and closes every connection. */
-void nbdc_export_close(Nbdc *c, gint64 wait_us);
-/* Waits (bounded) until every connection of a closed handle ended. */
-void nbdc_export_wait_gone(Nbdc *c);
-gboolean nbdc_export_alive(const Nbdc *c);
+/* Under c->lock: an early flush to submit after unlocking, or NULL when one
+ * runs or the log is empty. */
+struct nbdc_req *nbdc_early_flush_locked(Nbdc *c);
+
+/* log.c (under c->lock) */
+void nbdc_log_free_all(Nbdc *c);
+void nbdc_log_append(Nbdc *c, struct nbdc_log_entry *e);
+/* A flush covering every entry up to @seq succeeded. */
+void nbdc_log_trim(Nbdc *c, guint64 seq);
+/* The writes in the log may be gone from the server for good. */
+void nbdc_log_lose(Nbdc *c, const char *why);

@@ -27,6 +27,7 @@ struct nbdc_op {
 	nbdc_done_fn done;
 	void *opaque;
 	nbdc_extent_fn extent;
+	gboolean changes;        /* a write, zero or trim: counted in c->writes_busy */
 	gboolean fua_flush;      /* emulated FUA: flush once the pieces succeed */
 	gboolean flushing;       /* the emulated flush was sent */
 	uint64_t bs_pos, bs_end; /* block status: described so far / wanted end
@@ -35,19 +36,6 @@ struct nbdc_op {
 	struct nbdc_op *next_free;
 	struct nbdc_req req;     /* the first piece */
 };
-
-void nbdc_config_init(struct nbdc_config *cfg)
-{
-	memset(cfg, 0, sizeof(*cfg));
-	cfg->fd = -1;
-	cfg->tls_verify_peer = TRUE;
-	cfg->structured_replies = TRUE;
-	cfg->block_status = TRUE;
-	cfg->max_in_flight = 64;
-	cfg->handshake_timeout_ms = 30000;
-	cfg->replay = TRUE;
-	cfg->idle_timeout_ms = 60000;
-}
 
 /* ---- ops ---- */
 
@@ -58,7 +46,7 @@ static void op_free(struct nbdc_op *op)
 	if (op->req.ranges)
 		g_array_unref(op->req.ranges);
 	g_mutex_lock(&c->op_lock);
-	if (c->op_cached < OP_CACHE_MAX) {
+	if (c->op_cached < OP_CACHE_MAX && !c->op_cache_closed) {
 		op->next_free = c->op_cache;
 		c->op_cache = op;
 		c->op_cached++;
@@ -71,14 +59,18 @@ static void op_free(struct nbdc_op *op)
 
 static void piece_done(struct nbdc_req *req, int err);
 
-void nbdc_op_cache_free(Nbdc *c)
+void nbdc_op_cache_close(Nbdc *c)
 {
+	g_mutex_lock(&c->op_lock);
+	c->op_cache_closed = TRUE;
 	while (c->op_cache) {
 		struct nbdc_op *op = c->op_cache;
 
 		c->op_cache = op->next_free;
 		g_free(op);
 	}
+	c->op_cached = 0;
+	g_mutex_unlock(&c->op_lock);
 }
 
 static struct nbdc_op *op_new(Nbdc *c, nbdc_done_fn done, void *opaque)
@@ -104,6 +96,16 @@ static struct nbdc_op *op_new(Nbdc *c, nbdc_done_fn done, void *opaque)
 	op->req.op = op;
 	op->req.embedded = TRUE;
 	op->req.complete = piece_done;
+	return op;
+}
+
+/* An op that changes data: a flush has work until it completed. */
+static struct nbdc_op *op_new_changing(Nbdc *c, nbdc_done_fn done, void *opaque)
+{
+	struct nbdc_op *op = op_new(c, done, opaque);
+
+	op->changes = TRUE;
+	g_atomic_int_inc(&c->writes_busy);
 	return op;
 }
 
@@ -153,6 +155,8 @@ static void op_finish(struct nbdc_op *op)
 		nbdc_export_submit(op->c, req);
 		return;
 	}
+	if (op->changes)
+		g_atomic_int_add(&op->c->writes_busy, -1);
 	op->done(op->opaque, op->err);
 	op_free(op);
 }
@@ -313,7 +317,7 @@ int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offs
 
 	if (r < 0)
 		return r;
-	struct nbdc_op *op = op_new(c, done, opaque);
+	struct nbdc_op *op = op_new_changing(c, done, opaque);
 	uint16_t wf = fua_flags(c, op, flags);
 	if (count == 0)
 		return complete_later(c, op);
@@ -321,12 +325,28 @@ int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offs
 			     FALSE);
 }
 
+/* Nothing for a flush to make durable: no write, zero or trim of the user's
+ * is unfinished (in flight, parked, waiting for the log), each one
+ * acknowledged was covered by a flush that succeeded after it, and the replay
+ * log is empty.  (A lost write was acknowledged and not covered: it counts.) */
+static gboolean flush_has_no_work(Nbdc *c)
+{
+	gboolean clean;
+
+	if (g_atomic_int_get(&c->writes_busy) > 0)
+		return FALSE;
+	g_mutex_lock(&c->lock);
+	clean = c->write_gen == c->flushed_gen && !c->log_head;
+	g_mutex_unlock(&c->lock);
+	return clean;
+}
+
 int nbdc_aio_flush(Nbdc *c, nbdc_done_fn done, void *opaque)
 {
 	if (!nbdc_export_alive(c))
 		return -ENOTCONN;
 	struct nbdc_op *op = op_new(c, done, opaque);
-	if (!(c->neg.eflags & NBD_FLAG_SEND_FLUSH))
+	if (!(c->neg.eflags & NBD_FLAG_SEND_FLUSH) || flush_has_no_work(c))
 		return complete_later(c, op);
 	return submit_pieces(c, op, NBD_CMD_FLUSH, 0, 0, 0, 0, NULL, 0, FALSE);
 }
@@ -340,7 +360,7 @@ int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags, nbdc
 		return r;
 	if (!(c->neg.eflags & NBD_FLAG_SEND_TRIM))
 		return -EOPNOTSUPP;
-	struct nbdc_op *op = op_new(c, done, opaque);
+	struct nbdc_op *op = op_new_changing(c, done, opaque);
 	uint16_t wf = fua_flags(c, op, flags);
 	if (count == 0)
 		return complete_later(c, op);
@@ -358,7 +378,7 @@ int nbdc_aio_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags, nbdc
 	if ((flags & NBDC_CMD_FLAG_FAST_ZERO) &&
 	    (!native || !(c->neg.eflags & NBD_FLAG_SEND_FAST_ZERO)))
 		return -EOPNOTSUPP;
-	struct nbdc_op *op = op_new(c, done, opaque);
+	struct nbdc_op *op = op_new_changing(c, done, opaque);
 	uint16_t wf = fua_flags(c, op, flags);
 	if (count == 0)
 		return complete_later(c, op);

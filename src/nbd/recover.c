@@ -10,23 +10,7 @@
 #include "internal.h"
 #include "wire.h"
 
-#define NBDC_GONE_WAIT_US (5 * G_USEC_PER_SEC)
-
-static void run_task(void *opaque);
 static void timer_fired(void *opaque);
-
-/* Asks the home loop to look at the export (any thread, coalesced). */
-void nbdc_export_kick(Nbdc *c)
-{
-	g_mutex_lock(&c->lock);
-	gboolean post = !c->kick_posted;
-	c->kick_posted = TRUE;
-	g_mutex_unlock(&c->lock);
-	if (post) {
-		nbdc_export_ref(c);
-		loop_post_task(c->home, &c->kick_task, run_task, c);
-	}
-}
 
 /* Under c->lock: requests parked longer than the timeout, unlinked. */
 static struct nbdc_req *expire_locked(Nbdc *c, gint64 now, gboolean all)
@@ -68,18 +52,20 @@ static Loop *attempt_loop(Nbdc *c)
 	return c->prefer ? c->prefer : c->home;
 }
 
-/* Home loop: one look at the export; does what its state asks. */
-static void export_run(Nbdc *c)
+/* Home loop: one look at the export; does what its state asks.  @kicked:
+ * this is the task nbdc_export_kick posted (the kick may be posted again). */
+static void export_run(Nbdc *c, gboolean kicked)
 {
 	struct nbdc_req *expired = NULL, *release = NULL, *throttled = NULL, *flush = NULL;
 	struct nbdc_conn *start = NULL;
 	GPtrArray *close = NULL;
 	gint64 now = g_get_monotonic_time();
-	gboolean need_replay = FALSE;
+	gboolean need_replay = FALSE, look_again = FALSE;
 	int expired_err = -EIO;
 
 	g_mutex_lock(&c->lock);
-	c->kick_posted = FALSE;
+	if (kicked)
+		c->kick_posted = FALSE;
 	if (g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED) {
 		expired = expire_locked(c, now, TRUE);
 		expired_err = -ENOTCONN;
@@ -162,8 +148,10 @@ static void export_run(Nbdc *c)
 		c->nparked = 0;
 	} else if (c->state == NBDC_EX_READY && c->nready == 0 && c->nopening == 0 &&
 		   c->conns->len == 0) {
-		/* Every connection closed while idle. */
+		/* Every connection closed while idle; requests that came back
+		 * from a closed one connect again (the IDLE step, next look). */
 		c->state = NBDC_EX_IDLE;
+		look_again = c->nparked > 0;
 	}
 
 	/* Throttled writes go when the log has room again. */
@@ -212,13 +200,13 @@ out:
 	}
 	if (close) {
 		for (guint i = 0; i < close->len; i++) {
-			nbdc_conn_close(close->pdata[i], TRUE);
+			nbdc_conn_close(close->pdata[i], NBDC_CLOSE_GRACEFUL);
 			nbdc_conn_unref(close->pdata[i]);
 		}
 		g_ptr_array_free(close, TRUE);
 	}
-	if (need_replay && !nbdc_replay_step(c))
-		nbdc_export_kick(c); /* replay finished: release the parked requests */
+	if ((need_replay && !nbdc_replay_step(c)) || look_again)
+		nbdc_export_kick(c); /* e.g. replay finished: release the parked requests */
 	if (flush)
 		nbdc_export_submit(c, flush);
 	nbdc_export_finish_all(c, expired, expired_err);
@@ -227,8 +215,7 @@ out:
 		struct nbdc_req *next = list->next;
 
 		list->next = list->prev = NULL;
-		g_atomic_int_dec_and_test(&c->in_flight); /* submit counts it again */
-		nbdc_export_submit(c, list);
+		nbdc_export_resubmit(c, list);
 		list = next;
 	}
 	for (struct nbdc_req *list = throttled; list;) {
@@ -238,18 +225,17 @@ out:
 		if (g_atomic_int_get(&c->closing)) {
 			nbdc_export_finish(c, list, -ENOTCONN);
 		} else {
-			g_atomic_int_dec_and_test(&c->in_flight); /* counted again */
-			nbdc_export_submit(c, list);
+			nbdc_export_resubmit(c, list);
 		}
 		list = next;
 	}
 }
 
-static void run_task(void *opaque)
+void nbdc_export_run(void *opaque)
 {
 	Nbdc *c = opaque;
 
-	export_run(c);
+	export_run(c, TRUE);
 	nbdc_export_unref(c);
 }
 
@@ -261,8 +247,11 @@ static void timer_fired(void *opaque)
 	if (!loop_timer_armed(&c->idle_timer) && c->state == NBDC_EX_READY)
 		c->idle_fired = TRUE;
 	g_mutex_unlock(&c->lock);
+	/* Not the kick's task, which may be queued: kick_posted stays (a kick
+	 * posting its task again while queued would corrupt the loop's list). */
 	nbdc_export_ref(c);
-	run_task(c);
+	export_run(c, FALSE);
+	nbdc_export_unref(c);
 }
 
 /* ---- use, health, closing ---- */
@@ -327,15 +316,18 @@ static void close_task(void *opaque)
 		completion_done(c->gone, 0);
 	}
 	/* What is still in flight after the caller's wait is abandoned: it
-	 * fails with -ENOTCONN; idle connections say goodbye. */
-	gboolean graceful = g_atomic_int_get(&c->in_flight) == 0;
+	 * fails with -ENOTCONN; idle connections say goodbye (each decides on
+	 * its own loop, so one stuck request does not cost the others their
+	 * NBD_CMD_DISC). */
+	enum nbdc_close_how how = g_atomic_int_get(&c->in_flight) == 0 ? NBDC_CLOSE_GRACEFUL
+									: NBDC_CLOSE_ABANDON;
 	g_mutex_unlock(&c->lock);
 	for (guint i = 0; i < conns->len; i++) {
-		nbdc_conn_close(conns->pdata[i], graceful);
+		nbdc_conn_close(conns->pdata[i], how);
 		nbdc_conn_unref(conns->pdata[i]);
 	}
 	g_ptr_array_free(conns, TRUE);
-	export_run(c); /* fails what is parked or throttled */
+	export_run(c, FALSE); /* fails what is parked or throttled */
 	nbdc_export_unref(c);
 }
 
@@ -345,12 +337,18 @@ void nbdc_export_close(Nbdc *c, gint64 wait_us)
 
 	g_mutex_lock(&c->lock);
 	if (g_atomic_int_get(&c->closing)) {
+		/* Closing already; giving up now ends another caller's wait for
+		 * the requests in flight (it then closes, as it would have). */
+		struct completion *d = wait_us == 0 ? g_steal_pointer(&c->drained) : NULL;
+
 		g_mutex_unlock(&c->lock);
+		if (d)
+			completion_done(d, 0);
 		return;
 	}
 	if (wait_us > 0 && loop_current() == NULL && g_atomic_int_get(&c->in_flight) > 0) {
-		c->drained = completion_new();
-		drained = completion_ref(c->drained);
+		c->drained = completion_new(); /* the last request's reference; ours */
+		drained = c->drained;
 	}
 	c->gone = completion_new(); /* ours and the last connection's reference */
 	g_atomic_int_set(&c->closing, 1);

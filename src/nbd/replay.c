@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* replay.c: an export's replay log: acknowledged writes no flush covered
- * yet, the early flush that bounds it, and writing it again after a loss
- * (see the design comment in export.c).  Under c->lock unless said. */
+/* replay.c: writing an export's replay log again after a loss, batch by
+ * batch, before the parked requests go (see the design comment in
+ * export.c); the log itself is log.c. */
 #include "config.h"
 
 #include <errno.h>
@@ -9,95 +9,6 @@
 
 #include "internal.h"
 #include "wire.h"
-
-
-void nbdc_log_free_all(Nbdc *c)
-{
-	while (c->log_head) {
-		struct nbdc_log_entry *e = c->log_head;
-
-		c->log_head = e->next;
-		g_free(e);
-	}
-	c->log_tail = NULL;
-	c->log_bytes = 0;
-	c->log_entries = 0;
-}
-
-void nbdc_log_append(Nbdc *c, struct nbdc_log_entry *e)
-{
-	e->seq = ++c->log_seq;
-	e->next = NULL;
-	if (c->log_tail)
-		c->log_tail->next = e;
-	else
-		c->log_head = e;
-	c->log_tail = e;
-	if (e->type == NBD_CMD_WRITE)
-		c->log_bytes += e->len; /* memory held: zeroes hold none */
-	c->log_entries++;
-}
-
-/* A flush covering every entry up to @seq succeeded. */
-void nbdc_log_trim(Nbdc *c, guint64 seq)
-{
-	while (c->log_head && c->log_head->seq <= seq) {
-		struct nbdc_log_entry *e = c->log_head;
-
-		c->log_head = e->next;
-		if (e->type == NBD_CMD_WRITE)
-			c->log_bytes -= e->len;
-		c->log_entries--;
-		g_free(e);
-	}
-	if (!c->log_head)
-		c->log_tail = NULL;
-}
-
-/* The writes in the log may be gone from the server for good. */
-void nbdc_log_lose(Nbdc *c, const char *why)
-{
-	if (!c->log_head)
-		return;
-	nbdc_log(&c->cfg, NBDC_LOG_WARNING,
-		 "%s: %" G_GUINT64_FORMAT " bytes of acknowledged writes may be lost (%s): the "
-		 "next flush of every file that wrote them fails with EIO",
-		 c->display, c->log_bytes, why);
-	nbdc_log_free_all(c);
-	c->lost_seq++;
-}
-
-static void early_flush_done(struct nbdc_req *req, int err)
-{
-	Nbdc *c = req->extent_opaque;
-
-	g_mutex_lock(&c->lock);
-	c->log_flushing = FALSE;
-	g_mutex_unlock(&c->lock);
-	g_free(req);
-	if (g_atomic_int_dec_and_test(&c->in_flight))
-		nbdc_export_idle_now(c);
-	nbdc_export_kick(c); /* throttled writes may go now */
-	nbdc_export_unref(c);
-}
-
-/* Under c->lock: starts an early flush when none runs; returns the request
- * to submit after unlocking, or NULL. */
-struct nbdc_req *nbdc_early_flush_locked(Nbdc *c)
-{
-	if (c->log_flushing || !c->log_head)
-		return NULL;
-	struct nbdc_req *req = g_new0(struct nbdc_req, 1);
-
-	req->type = NBD_CMD_FLUSH;
-	req->internal = TRUE;
-	req->complete = early_flush_done;
-	req->extent_opaque = c;
-	c->log_flushing = TRUE;
-	nbdc_export_ref(c);
-	return req;
-}
-
 
 struct replay_req {
 	struct nbdc_req req;

@@ -28,6 +28,7 @@ enum { RX_HDR, RX_DATA, RX_CHUNK_OFF, RX_COLLECT };
 /* parse() and read_payload() results besides 0 (done) and -errno */
 #define NEED_BYTES 1 /* refill the buffer */
 #define DRAINED 2    /* the socket is empty: wait for the next event */
+#define GOODBYE 3    /* a draining connection's last reply: return for DISC */
 
 #define VIOLATION(...) (g_strdup_printf("protocol error: " __VA_ARGS__))
 
@@ -202,7 +203,8 @@ static void complete(struct nbdc_conn *conn, struct nbdc_req *req)
 {
 	int err = req->err;
 
-	nbdc_send_retire(conn, req);
+	if (nbdc_send_retire(conn, req))
+		conn->rx_drained = TRUE; /* parse() stops: DISC goes out first */
 	if (conn->cfg->debug)
 		nbdc_log(conn->cfg, NBDC_LOG_DEBUG, "reply cookie=%" G_GUINT64_FORMAT " err=%d",
 			 req->cookie, err);
@@ -451,6 +453,8 @@ static int parse(struct nbdc_conn *conn, char **msg)
 	for (;;) {
 		if (conn->phase != NBDC_CP_READY && conn->phase != NBDC_CP_CLOSING)
 			return DRAINED;
+		if (conn->rx_drained)
+			return GOODBYE;
 		switch (conn->rx_state) {
 		case RX_HDR: {
 			if (avail(conn) < 4)
@@ -544,6 +548,10 @@ int nbdc_reply_read(struct nbdc_conn *conn, char **msg)
 
 		if (r < 0)
 			return r;
+		if (r == GOODBYE) {
+			conn->rx_drained = FALSE;
+			return NBDC_REPLY_DRAINED;
+		}
 		if (conn->phase != NBDC_CP_READY && conn->phase != NBDC_CP_CLOSING)
 			return 0;
 		/* TLS may hold decrypted bytes no poll announces: read on. */

@@ -8,7 +8,8 @@
  * being sent (a server guessing cookies) is a protocol error and can never
  * complete a write whose payload we are still reading.  At most
  * max_in_flight requests are in flight; the rest wait in the queue.
- * Everything here runs on the connection's loop.
+ * Everything here runs on the connection's loop, called by conn.c, which
+ * decides when to write (the end of a turn, EPOLLOUT) and arms the timer.
  */
 #include "config.h"
 
@@ -144,16 +145,12 @@ static void inf_remove(struct nbdc_conn *conn, struct nbdc_req *req)
 	conn->inf_count--;
 }
 
-void nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req)
+gboolean nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req)
 {
 	table_remove(conn, req->cookie);
 	inf_remove(conn, req);
 	g_atomic_int_add(&conn->load, -1);
-	/* A slot freed: more of the queue may go. */
-	if (conn->txq_head)
-		nbdc_send_schedule(conn);
-	else if (conn->draining && !conn->inf_head)
-		nbdc_conn_drained(conn);
+	return conn->draining && !conn->txq_head && !conn->inf_head;
 }
 
 struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn)
@@ -180,29 +177,6 @@ struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn)
 
 /* ---- queueing and writing ---- */
 
-static void flush_deferred(void *opaque)
-{
-	struct nbdc_conn *conn = opaque;
-	char *msg = NULL;
-
-	if (conn->phase == NBDC_CP_READY || conn->phase == NBDC_CP_CLOSING) {
-		if (nbdc_send_flush(conn, &msg) < 0) {
-			nbdc_conn_fail(conn, -ENOTCONN, msg);
-			g_free(msg);
-		} else {
-			nbdc_conn_update_events(conn);
-		}
-	}
-	nbdc_conn_unref(conn); /* the queued end-of-turn work's reference */
-}
-
-void nbdc_send_schedule(struct nbdc_conn *conn)
-{
-	if (conn->tx_defer.queued)
-		return;
-	loop_defer(conn->loop, &conn->tx_defer, flush_deferred, nbdc_conn_ref(conn));
-}
-
 void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req)
 {
 	struct nbd_request hdr;
@@ -225,7 +199,6 @@ void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req)
 			 " len=%u flags=0x%x conn=%u",
 			 nbdc_cmd_name(req->type), req->cookie, req->offset, req->len, req->flags,
 			 conn->index);
-	nbdc_send_schedule(conn);
 }
 
 /* Appends @req's payload bytes [skip, len) to @v; returns the count used. */
@@ -271,27 +244,14 @@ static void went_out(struct nbdc_conn *conn, struct nbdc_req *req, gint64 now)
 	loop_expect(conn->loop); /* a reply, soon from a fast server */
 	if (req->type == NBD_CMD_WRITE && conn->owner->sent)
 		conn->owner->sent(conn, conn->owner_data, req);
-	if (conn->cfg->request_timeout_ms && !loop_timer_armed(&conn->timer)) {
-		char *msg = NULL;
-
-		nbdc_send_check_timeout(conn, &msg); /* arms it */
-		g_free(msg);
-	}
 }
 
 /* The socket took less than offered: the request timeout also bounds how
  * long a server may leave our bytes unread. */
 static void stalled(struct nbdc_conn *conn, gint64 now)
 {
-	char *msg = NULL;
-
-	if (conn->stall_since)
-		return;
-	conn->stall_since = now;
-	if (conn->cfg->request_timeout_ms && !loop_timer_armed(&conn->timer)) {
-		nbdc_send_check_timeout(conn, &msg);
-		g_free(msg);
-	}
+	if (!conn->stall_since)
+		conn->stall_since = now;
 }
 
 int nbdc_send_flush(struct nbdc_conn *conn, char **msg)
@@ -371,24 +331,12 @@ failed:
 
 /* ---- the request timeout ---- */
 
-static void timeout_fired(void *opaque)
-{
-	struct nbdc_conn *conn = opaque;
-	char *msg = NULL;
-
-	if (conn->phase != NBDC_CP_READY)
-		return;
-	if (nbdc_send_check_timeout(conn, &msg) < 0) {
-		nbdc_conn_fail(conn, -ETIMEDOUT, msg);
-		g_free(msg);
-	}
-}
-
-int nbdc_send_check_timeout(struct nbdc_conn *conn, char **msg)
+int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg)
 {
 	gint64 tmo = (gint64)conn->cfg->request_timeout_ms * 1000;
 	gint64 now = g_get_monotonic_time(), next = 0;
 
+	*next_due = 0;
 	if (tmo == 0)
 		return 0;
 	if (conn->inf_head) {
@@ -412,8 +360,7 @@ int nbdc_send_check_timeout(struct nbdc_conn *conn, char **msg)
 		}
 		next = next ? MIN(next, due) : due;
 	}
-	if (next)
-		loop_timer_start(conn->loop, &conn->timer, next, timeout_fired, conn);
+	*next_due = next;
 	return 0;
 }
 
@@ -428,6 +375,6 @@ void nbdc_send_disc(struct nbdc_conn *conn)
 	conn->disc_sent = TRUE;
 	/* Best effort, one attempt: 28 bytes into an idle socket. */
 	if (nbdc_tr_writev(conn->t, &v, 1) == (ssize_t)sizeof(hdr))
-		nbdc_tls_bye(conn->t);
+		nbdc_tr_tls_bye(conn->t);
 	nbdc_tr_shutdown(conn->t, SHUT_WR);
 }

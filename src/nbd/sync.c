@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* sync.c: making handles (connect, open), their use and teardown, the
- * default loops, and the blocking wrappers (which must not run on a loop). */
+/* sync.c: making handles (connect, open), their use and teardown, and the
+ * blocking wrappers (which must not run on a loop). */
 #include "config.h"
 
 #include <errno.h>
@@ -13,26 +13,9 @@
 #define MAX_CONNECTIONS 16u
 #define DEFAULT_CONNECTIONS 4u
 
-/* ---- the default loops ---- */
-
-LoopSet *nbdc_cfg_loops(const struct nbdc_config *cfg)
-{
-	static LoopSet *deflt;
-
-	if (cfg->loops)
-		return cfg->loops;
-	if (g_once_init_enter(&deflt)) {
-		g_autoptr(GError) err = NULL;
-		LoopSet *ls = loop_set_new(MIN(4u, MAX(2u, g_get_num_processors())), 2, &err);
-
-		if (!ls)
-			g_error("nbdc: cannot start the default event loops: %s", err->message);
-		g_once_init_leave(&deflt, ls);
-	}
-	return deflt;
-}
-
 /* ---- making handles ---- */
+
+static gboolean export_connect(Nbdc *c, GError **error);
 
 static void set_max_request(Nbdc *c)
 {
@@ -83,11 +66,11 @@ static void set_log(Nbdc *c)
 
 Nbdc *nbdc_connect(const struct nbdc_config *cfg, GError **error)
 {
-	Nbdc *c = nbdc_export_new(cfg, FALSE, error);
+	Nbdc *c = nbdc_export_new(cfg, FALSE, nbdc_export_run, error);
 
 	if (!c)
 		return NULL;
-	if (!nbdc_export_connect(c, error)) {
+	if (!export_connect(c, error)) {
 		nbdc_free(c);
 		return NULL;
 	}
@@ -101,7 +84,7 @@ Nbdc *nbdc_open(const struct nbdc_config *cfg, const struct nbdc_export *known, 
 			    "nbdc_open: the export was not described (no NBD_OPT_INFO)");
 		return NULL;
 	}
-	Nbdc *c = nbdc_export_new(cfg, TRUE, error);
+	Nbdc *c = nbdc_export_new(cfg, TRUE, nbdc_export_run, error);
 	if (!c)
 		return NULL;
 	c->neg.size = known->size;
@@ -132,7 +115,8 @@ void nbdc_get_health(Nbdc *c, struct nbdc_health *out)
 
 /* ---- eager connections (nbdc_connect) ---- */
 
-gboolean nbdc_export_connect(Nbdc *c, GError **error)
+/* nbdc_connect: opens the connections now and waits for them (bounded). */
+static gboolean export_connect(Nbdc *c, GError **error)
 {
 	struct completion *w;
 	struct nbdc_conn *conn;
@@ -145,8 +129,8 @@ gboolean nbdc_export_connect(Nbdc *c, GError **error)
 	c->connecting_sync = TRUE;
 	c->state = NBDC_EX_CONNECTING;
 	c->sync_waiting = 1;
-	c->sync_wait = completion_new();
-	w = completion_ref(c->sync_wait);
+	c->sync_wait = completion_new(); /* the outcomes' reference; w the waiter's */
+	w = c->sync_wait;
 	conn = nbdc_export_new_conn_locked(c, c->home);
 	g_mutex_unlock(&c->lock);
 	nbdc_conn_start(conn);
@@ -174,7 +158,7 @@ gboolean nbdc_export_connect(Nbdc *c, GError **error)
 	if (extra) {
 		c->sync_waiting = extra;
 		c->sync_wait = completion_new();
-		w = completion_ref(c->sync_wait);
+		w = c->sync_wait;
 		for (guint i = 0; i < extra; i++)
 			g_ptr_array_add(more, nbdc_export_new_conn_locked(c, loop_set_pick(c->loops)));
 	}
@@ -226,6 +210,7 @@ void nbdc_free(Nbdc *c)
 	if (!c)
 		return;
 	nbdc_disconnect(c);
+	nbdc_op_cache_close(c);
 	if (loop_current() == NULL)
 		nbdc_export_wait_gone(c);
 	nbdc_export_unref(c);

@@ -10,7 +10,7 @@
 #include <errno.h>
 #include <string.h>
 
-#include "transport.h"
+#include "tls.h"
 
 /* TLS 1.2 at least (the NBD spec's MUST). */
 #define PRIORITY "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1"
@@ -161,51 +161,58 @@ void nbdc_tls_ctx_unref(struct nbdc_tls_ctx *ctx)
 	g_free(ctx);
 }
 
-void nbdc_tr_install_tls_io(struct nbdc_transport *t);
-
-gboolean nbdc_tls_start(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,
-			GError **error)
+/* Priorities, credentials, SNI and the peer check of a new session; *@what
+ * names the step that failed. */
+static int session_setup(gnutls_session_t s, const struct nbdc_tls_ctx *ctx, const char **what)
 {
 	int r;
 
-	if (t->tls) {
-		g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE,
-			    "%s: protocol error: STARTTLS acknowledged while TLS is already on",
-			    display);
-		return FALSE;
-	}
-	r = gnutls_init(&t->tls, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL | GNUTLS_NONBLOCK);
-	if (r < 0) {
-		t->tls = NULL;
-		return tls_fail(display, "init", r, error);
-	}
-	t->ctx = nbdc_tls_ctx_ref(ctx);
-	nbdc_tr_install_tls_io(t);
+	*what = "priority";
 	if (ctx->psk_mode) {
-		r = gnutls_priority_set_direct(t->tls, PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
+		r = gnutls_priority_set_direct(s, PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
 		if (r < 0)
-			return tls_fail(display, "priority", r, error);
-		r = gnutls_credentials_set(t->tls, GNUTLS_CRD_PSK, ctx->psk);
-	} else {
-		r = gnutls_priority_set_direct(t->tls, PRIORITY, NULL);
-		if (r < 0)
-			return tls_fail(display, "priority", r, error);
-		r = gnutls_credentials_set(t->tls, GNUTLS_CRD_CERTIFICATE, ctx->x509);
-		if (r >= 0 && ctx->hostname && !g_hostname_is_ip_address(ctx->hostname))
-			gnutls_server_name_set(t->tls, GNUTLS_NAME_DNS, ctx->hostname,
-					       strlen(ctx->hostname));
-		if (r >= 0 && ctx->verify_peer)
-			gnutls_session_set_verify_cert(t->tls, ctx->hostname, 0);
+			return r;
+		*what = "credentials";
+		return gnutls_credentials_set(s, GNUTLS_CRD_PSK, ctx->psk);
 	}
+	r = gnutls_priority_set_direct(s, PRIORITY, NULL);
 	if (r < 0)
-		return tls_fail(display, "credentials", r, error);
-	gnutls_handshake_set_timeout(t->tls, GNUTLS_INDEFINITE_TIMEOUT);
-	return TRUE;
+		return r;
+	*what = "credentials";
+	r = gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, ctx->x509);
+	if (r < 0)
+		return r;
+	if (ctx->hostname && !g_hostname_is_ip_address(ctx->hostname))
+		gnutls_server_name_set(s, GNUTLS_NAME_DNS, ctx->hostname, strlen(ctx->hostname));
+	if (ctx->verify_peer)
+		gnutls_session_set_verify_cert(s, ctx->hostname, 0);
+	return 0;
 }
 
-int nbdc_tls_handshake_step(struct nbdc_transport *t, const char *display, GError **error)
+gnutls_session_t nbdc_tls_session_new(struct nbdc_tls_ctx *ctx, const char *display,
+				      GError **error)
 {
-	int r = gnutls_handshake(t->tls);
+	gnutls_session_t s;
+	const char *what = "init";
+	int r = gnutls_init(&s, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL | GNUTLS_NONBLOCK);
+
+	if (r < 0) {
+		tls_fail(display, what, r, error);
+		return NULL;
+	}
+	r = session_setup(s, ctx, &what);
+	if (r < 0) {
+		tls_fail(display, what, r, error);
+		gnutls_deinit(s);
+		return NULL;
+	}
+	gnutls_handshake_set_timeout(s, GNUTLS_INDEFINITE_TIMEOUT);
+	return s;
+}
+
+int nbdc_tls_handshake_step(gnutls_session_t s, const char *display, GError **error)
+{
+	int r = gnutls_handshake(s);
 
 	if (r == 0)
 		return 1;
@@ -213,7 +220,7 @@ int nbdc_tls_handshake_step(struct nbdc_transport *t, const char *display, GErro
 		return 0;
 	if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
 		gnutls_datum_t out = {0};
-		unsigned status = gnutls_session_get_verify_cert_status(t->tls);
+		unsigned status = gnutls_session_get_verify_cert_status(s);
 
 		if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out,
 								 0) == 0) {
@@ -226,15 +233,4 @@ int nbdc_tls_handshake_step(struct nbdc_transport *t, const char *display, GErro
 	}
 	tls_fail(display, "handshake", r, error);
 	return -1;
-}
-
-gboolean nbdc_tls_wants_write(struct nbdc_transport *t)
-{
-	return gnutls_record_get_direction(t->tls) == 1;
-}
-
-void nbdc_tls_bye(struct nbdc_transport *t)
-{
-	if (t && t->tls)
-		gnutls_bye(t->tls, GNUTLS_SHUT_WR); /* non-blocking: one attempt */
 }

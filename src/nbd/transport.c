@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* transport.c: non-blocking reads and writes on a socket or a TLS session. */
+/* transport.c: non-blocking reads and writes on a socket or a TLS session
+ * (the session made by tls.c, fed through our pull and push functions). */
 #include "config.h"
 
 #include <errno.h>
@@ -113,13 +114,40 @@ static ssize_t tls_pushv(gnutls_transport_ptr_t ptr, const giovec_t *iov, int io
 	return n;
 }
 
-void nbdc_tr_install_tls_io(struct nbdc_transport *t);
-void nbdc_tr_install_tls_io(struct nbdc_transport *t)
+gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx,
+			   const char *display, GError **error)
 {
+	if (t->tls) {
+		g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE,
+			    "%s: protocol error: STARTTLS acknowledged while TLS is already on",
+			    display);
+		return FALSE;
+	}
+	t->tls = nbdc_tls_session_new(ctx, display, error);
+	if (!t->tls)
+		return FALSE;
+	t->ctx = nbdc_tls_ctx_ref(ctx);
 	gnutls_transport_set_ptr(t->tls, t);
 	gnutls_transport_set_pull_function(t->tls, tls_pull);
 	gnutls_transport_set_push_function(t->tls, tls_push);
 	gnutls_transport_set_vec_push_function(t->tls, tls_pushv);
+	return TRUE;
+}
+
+int nbdc_tr_tls_handshake(struct nbdc_transport *t, const char *display, GError **error)
+{
+	return nbdc_tls_handshake_step(t->tls, display, error);
+}
+
+gboolean nbdc_tr_tls_wants_write(struct nbdc_transport *t)
+{
+	return gnutls_record_get_direction(t->tls) == 1;
+}
+
+void nbdc_tr_tls_bye(struct nbdc_transport *t)
+{
+	if (t && t->tls)
+		gnutls_bye(t->tls, GNUTLS_SHUT_WR); /* non-blocking: one attempt */
 }
 
 /* A gnutls read/write result as our return convention. */

@@ -16,8 +16,7 @@
 #include <sys/uio.h>
 
 #include "nbdfs/nbd.h"
-
-struct nbdc_tls_ctx;
+#include "tls.h"
 
 struct nbdc_transport {
 	int fd;
@@ -46,22 +45,17 @@ gboolean nbdc_tr_want_write(const struct nbdc_transport *t);
 /* shutdown(2) of the socket. */
 void nbdc_tr_shutdown(struct nbdc_transport *t, int how);
 
-/* ---- TLS (tls.c) ---------------------------------------------------------- */
+/* ---- TLS on the stream (sessions from tls.c) ------------------------------ */
 
-/* The credentials of @cfg, loaded once (files read here, on the caller's
- * thread) and shared by every connection made from it.  NULL + GError
- * (NBDC_ERROR_TLS) when a file cannot be used. */
-struct nbdc_tls_ctx *nbdc_tls_ctx_new(const struct nbdc_config *cfg, const char *display,
-				      GError **error);
-struct nbdc_tls_ctx *nbdc_tls_ctx_ref(struct nbdc_tls_ctx *ctx);
-void nbdc_tls_ctx_unref(struct nbdc_tls_ctx *ctx);
-
-/* Starts a client session on @t (after STARTTLS was acknowledged). */
-gboolean nbdc_tls_start(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,
-			GError **error);
-/* One step of the handshake: 1 done, 0 in progress (wait for what
- * nbdc_tls_wants_write() says), -1 failed (@error set). */
-int nbdc_tls_handshake_step(struct nbdc_transport *t, const char *display, GError **error);
-gboolean nbdc_tls_wants_write(struct nbdc_transport *t);
-/* Best-effort close_notify (one non-blocking attempt). */
-void nbdc_tls_bye(struct nbdc_transport *t);
+/* Starts a client session on @t with @ctx's credentials (after STARTTLS was
+ * acknowledged); @t keeps a reference to @ctx.  FALSE + GError
+ * (NBDC_ERROR_TLS, or NBDC_ERROR_HANDSHAKE when TLS is already on). */
+gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx,
+			   const char *display, GError **error);
+/* One step of the TLS handshake: 1 done, 0 in progress (wait for what
+ * nbdc_tr_tls_wants_write() says), -1 failed (@error set). */
+int nbdc_tr_tls_handshake(struct nbdc_transport *t, const char *display, GError **error);
+/* During the handshake: TRUE when it waits to write, FALSE to read. */
+gboolean nbdc_tr_tls_wants_write(struct nbdc_transport *t);
+/* Best-effort close_notify (one non-blocking attempt); no-op without TLS. */
+void nbdc_tr_tls_bye(struct nbdc_transport *t);

@@ -10,8 +10,10 @@
  *
  * Exit status: 0 success, 1 an error (I/O: the errno name on stderr; setup:
  * the NbdcError kind and the GError message on stderr), 2 `list` refused with
- * POLICY or UNSUPPORTED, 3 a request that never completed (watchdog).
- * The `stress` engine lives in stress.c.
+ * POLICY or UNSUPPORTED, 3 a request that never completed (watchdog), 4 a
+ * callback of `aio-bg` that did not run exactly once.
+ * The `stress` engine lives in stress.c; requests left outstanding while the
+ * handle is abandoned (`aio-bg` ... `aio-wait`) in outstanding.c.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -24,6 +26,7 @@
 #include "nbdfs/loop.h"
 #include "nbdfs/nbd.h"
 #include "nbdc-cli.h"
+#include "outstanding.h"
 #include "stress.h"
 
 #define MAX_BUFFER (256u << 20)   /* largest read/write buffer we allocate */
@@ -50,7 +53,8 @@ static struct {
 	gboolean aio_disconnect;
 	gboolean req_one;
 	gint max_in_flight;
-} opt = { .timeout_ms = -1, .handshake_timeout_ms = -1 };
+	gint reconnect_ms;
+} opt = { .timeout_ms = -1, .handshake_timeout_ms = -1, .reconnect_ms = -1 };
 
 static GOptionEntry entries[] = {
 	{ "connections", 0, 0, G_OPTION_ARG_INT, &opt.connections, "Connections (multi-conn)", "N" },
@@ -73,6 +77,8 @@ static GOptionEntry entries[] = {
 	{ "req-one", 0, 0, G_OPTION_ARG_NONE, &opt.req_one, "extents with REQ_ONE", NULL },
 	{ "max-in-flight", 0, 0, G_OPTION_ARG_INT, &opt.max_in_flight,
 	  "Requests in flight per connection", "N" },
+	{ "reconnect-ms", 0, 0, G_OPTION_ARG_INT, &opt.reconnect_ms,
+	  "Reconnect a lost connection; a request waits this long for one", "MS" },
 	{ "aio-disconnect", 0, 0, G_OPTION_ARG_NONE, &opt.aio_disconnect,
 	  "aio-reads: call nbdc_disconnect while the reads are in flight", NULL },
 	{ "stress-max-len", 0, 0, G_OPTION_ARG_INT, &opt.stress_max_len,
@@ -745,6 +751,50 @@ static int cmd_stress(struct ctx *x, char **a)
 }
 
 
+/* ---- outstanding requests (outstanding.c) -------------------------------- */
+
+static int cmd_aio_bg(struct ctx *x, char **a)
+{
+	uint64_t off, len;
+	Nbdc *c;
+
+	if (!get_range(a + 1, &off, &len) || !(c = get_handle(x)))
+		return 1;
+	return outstanding_submit(c, a[0], off, len);
+}
+
+static int cmd_abandon(struct ctx *x, char **a)
+{
+	Nbdc *c = get_handle(x);
+
+	return c ? outstanding_abandon(c, FALSE) : 1;
+}
+
+static int cmd_abandon_on_loop(struct ctx *x, char **a)
+{
+	Nbdc *c = get_handle(x);
+
+	return c ? outstanding_abandon(c, TRUE) : 1;
+}
+
+static int cmd_disconnect_bg(struct ctx *x, char **a)
+{
+	Nbdc *c = get_handle(x);
+
+	return c ? outstanding_disconnect_bg(c) : 1;
+}
+
+static int cmd_aio_wait(struct ctx *x, char **a)
+{
+	uint64_t ms;
+
+	if (!parse_u64(a[0], &ms)) {
+		fprintf(stderr, "nbdc-cli: aio-wait MS: bad time '%s'\n", a[0]);
+		return 1;
+	}
+	return outstanding_wait(ms);
+}
+
 /* ---- command dispatch ---------------------------------------------------- */
 
 struct command {
@@ -769,6 +819,11 @@ static const struct command commands[] = {
 	{ "alive", 0, cmd_alive },
 	{ "disconnect", 0, cmd_disconnect },
 	{ "stress", 3, cmd_stress },
+	{ "aio-bg", 3, cmd_aio_bg },
+	{ "abandon", 0, cmd_abandon },
+	{ "abandon-on-loop", 0, cmd_abandon_on_loop },
+	{ "disconnect-bg", 0, cmd_disconnect_bg },
+	{ "aio-wait", 1, cmd_aio_wait },
 };
 
 static int run_commands(struct ctx *x, char **argv, int argc, gboolean in_repl);
@@ -860,7 +915,9 @@ int main(int argc, char **argv)
 		"Commands: info | list [--details] | read OFF LEN | write OFF LEN (<data) | flush |\n"
 		"  trim OFF LEN | zero OFF LEN | [aio-]extents OFF LEN | verify-pattern OFF LEN |\n"
 		"  fill OFF LEN BYTE | expect OFF LEN BYTE | alive | disconnect |\n"
-		"  aio-reads LEN N OFF... | stress THREADS OPS SEED | repl (commands from stdin)");
+		"  aio-reads LEN N OFF... | stress THREADS OPS SEED | repl (commands from stdin) |\n"
+		"  aio-bg read|write|flush|trim|zero OFF LEN | abandon | abandon-on-loop |\n"
+		"  disconnect-bg | aio-wait MS");
 	if (!g_option_context_parse(oc, &argc, &argv, &err)) {
 		fprintf(stderr, "nbdc-cli: %s\n", err->message);
 		return 1;
@@ -899,12 +956,18 @@ int main(int argc, char **argv)
 		x.cfg.structured_replies = FALSE;
 	if (opt.no_block_status)
 		x.cfg.block_status = FALSE;
+	if (opt.reconnect_ms >= 0) {
+		x.cfg.reconnect = TRUE;
+		x.cfg.reconnect_timeout_ms = opt.reconnect_ms;
+	}
 	x.cfg.log = log_cb;
 	x.cfg.debug = opt.debug;
 
 	status = run_commands(&x, argv + 2, argc - 2, FALSE);
 
 	nbdc_free(x.c);
+	if (!status)
+		status = outstanding_check();
 	nbdc_uri_free(x.uri);
 	g_free(opt.tls_psk);
 	g_free(opt.tls_certificates);

@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -230,12 +231,219 @@ def test_error_other_commands(nbdkit, op, cmd):
 
 
 def test_error_flush(nbdkit):
-    """(nbdkit 1.32's error filter cannot fail flushes: a scripted server does)"""
+    """A flush after a write fails with the server's error.  (nbdkit 1.32's
+    error filter cannot fail flushes: a scripted server does.)"""
     srv = nbdkit("eval", "get_size=echo 1M", "pread=head -c $3 /dev/zero",
                  "can_write=exit 0", "pwrite=cat >/dev/null", "can_flush=exit 0",
                  "flush=echo 'EIO flush failed' >&2; exit 1")
-    res = run_cli(srv.uri(), "info", "flush", "alive", "read", 0, 512, opts=["-k"])
+    res = run_cli(srv.uri(), "info", "write", 0, 512, "flush", "alive", "read", 0, 512,
+                  input=bytes(512), opts=["-k"])
     assert res.info()["can_flush"] == "1"
     assert res.returncode == 1, res
     assert io_err(res.stderr, "flush", "EIO"), res
     assert "alive=1" in res.text
+
+
+def flushes(log):
+    return len(re.findall(r" Flush id=", log.read_text())) if log.exists() else 0
+
+
+def test_flush_with_nothing_written_is_immediate_with_the_server_gone(nbdkit, repl, tmp_path):
+    """A flush with nothing to cover (no write since the last flush that
+    succeeded, or none ever) sends nothing and returns 0 at once, even with
+    the server killed and a long reconnect timeout; after a write it goes to
+    the server again."""
+    log = tmp_path / "log"
+    srv = nbdkit("--filter=log", "memory", "1M", f"logfile={log}")
+    r = repl(srv.uri(), opts=["--reconnect-ms", "30000", "--connections", "2"])
+    ok, _ = r.run("read 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("flush")                 # never wrote: nothing to flush
+    assert ok, r.stderr
+    assert flushes(log) == 0
+    ok, _ = r.run("fill 0 64k 7")          # a write: the next flush goes out
+    assert ok, r.stderr
+    ok, _ = r.run("flush")
+    assert ok, r.stderr
+    wait_for(lambda: flushes(log) == 1, timeout=10, what="the flush in the server's log")
+    ok, _ = r.run("read 0 4096")           # reads leave nothing to flush
+    assert ok, r.stderr
+    ok, _ = r.run("flush")
+    assert ok, r.stderr
+    assert flushes(log) == 1
+    srv.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    ok, _ = r.run("flush", timeout=10)
+    assert ok, r.stderr
+    assert time.monotonic() - t0 < 1.0
+    assert r.close() == 0
+
+
+def test_flush_after_a_write_waits_for_the_server(nbdkit, repl, tmp_path):
+    """With the server gone, a flush that has a write to cover is not skipped:
+    it waits for a connection and fails with EIO when none comes in time."""
+    log = tmp_path / "log"
+    srv = nbdkit("--filter=log", "memory", "1M", f"logfile={log}")
+    r = repl(srv.uri(), opts=["--reconnect-ms", "1500"])
+    ok, _ = r.run("fill 0 4096 1")
+    assert ok, r.stderr
+    srv.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    ok, _ = r.run("flush", timeout=20)
+    elapsed = time.monotonic() - t0
+    assert not ok
+    assert io_err(r.drain_stderr(), "flush", "EIO"), r.stderr
+    assert elapsed >= 1.0, elapsed
+    assert flushes(log) == 0
+    r.close()
+
+
+def _done(lines):
+    """aio-wait's lines: [(kind, offset, errno name, ms after the abandon)]."""
+    out = []
+    for line in lines:
+        if line.startswith("done "):
+            _, kind, off, err, ms = line.split()
+            out.append((kind, int(off), err, float(ms.split("=")[1])))
+    return out
+
+
+ABANDON_MS = 200  # "promptly": well under any timeout, with room for a loaded CI host
+
+
+def test_abandon_fails_requests_on_a_silent_server_at_once(nbdkit, repl):
+    """The server stops answering (SIGSTOP): requests in flight and queued
+    behind max_in_flight all fail with ENOTCONN as soon as the handle is
+    abandoned, each callback exactly once (nbdc-cli exits 4 otherwise)."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--connections", "1", "--max-in-flight", "4"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        for i in range(8):
+            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+            assert ok, r.stderr
+        ok, _ = r.run("aio-bg write 65536 4096")
+        assert ok, r.stderr
+        ok, _ = r.run("abandon")
+        assert ok, r.stderr
+        ok, out = r.run("aio-wait 10000", timeout=30)
+        assert ok, (out, r.stderr)
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+    done = _done(out)
+    assert len(done) == 9, out
+    assert all(err == "ENOTCONN" for _, _, err, _ in done), out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    assert r.close() == 0, r.stderr
+
+
+def test_abandon_from_a_loop_fails_parked_requests_at_once(nbdkit, repl):
+    """Server killed, reconnect with a long timeout: requests parked while
+    the handle reconnects fail with ENOTCONN as soon as it is abandoned, here
+    from a loop thread (a completion callback)."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--reconnect-ms", "60000", "--quiet-log"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    srv.kill(signal.SIGKILL)
+    for i in range(4):
+        ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+        assert ok, r.stderr
+    ok, _ = r.run("aio-bg zero 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("aio-bg flush 0 0")
+    assert ok, r.stderr
+    ok, _ = r.run("abandon-on-loop")
+    assert ok, r.stderr
+    ok, out = r.run("aio-wait 10000", timeout=30)
+    assert ok, (out, r.stderr)
+    done = _done(out)
+    assert len(done) == 6, out
+    assert all(err == "ENOTCONN" for _, _, err, _ in done), out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    t0 = time.monotonic()
+    assert r.close() == 0, r.stderr
+    assert time.monotonic() - t0 < 2.0  # no connection left to wait for
+
+
+def test_abandon_while_reconnecting_to_a_silent_server(nbdkit, repl):
+    """The server stops answering (SIGSTOP); the request timeout drops the
+    connection and the handle reconnects into a handshake nobody answers:
+    abandon fails the parked requests with ENOTCONN at once and ends the
+    attempt, so nothing is left for the teardown to wait for."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--connections", "1", "--timeout-ms", "300",
+                              "--reconnect-ms", "60000"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+            assert ok, r.stderr
+        wait_for(lambda: "reconnecting" in r.drain_stderr(), timeout=20,
+                 what="the request timeout to drop the connection")
+        ok, _ = r.run("abandon")
+        assert ok, r.stderr
+        ok, out = r.run("aio-wait 10000", timeout=30)
+        assert ok, (out, r.stderr)
+        done = _done(out)
+        assert [err for _, _, err, _ in done] == ["ENOTCONN"] * 3, out
+        assert max(ms for *_, ms in done) < ABANDON_MS, out
+        t0 = time.monotonic()
+        assert r.close() == 0, r.stderr
+        assert time.monotonic() - t0 < 2.0  # the attempt ended with the abandon
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+
+
+def test_abandon_ends_a_disconnect_waiting_for_a_silent_server(nbdkit, repl):
+    """nbdc_disconnect waits (bounded, seconds) for requests in flight; an
+    abandon from another thread meanwhile ends that wait at once."""
+    srv = nbdkit("memory", "1M")
+    r = repl(srv.uri(), opts=["--connections", "1"])
+    ok, _ = r.run("read 0 512")
+    assert ok, r.stderr
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
+            assert ok, r.stderr
+        ok, _ = r.run("disconnect-bg")
+        assert ok, r.stderr
+        ok, _ = r.run("abandon")
+        assert ok, r.stderr
+        ok, out = r.run("aio-wait 10000", timeout=30)
+        assert ok, (out, r.stderr)
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+    done = _done(out)
+    assert [err for _, _, err, _ in done] == ["ENOTCONN"] * 3, out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    disc = [float(l.split("=")[1]) for l in out if l.startswith("disconnect ms=")]
+    assert disc and disc[0] < ABANDON_MS, out
+    assert r.close() == 0, r.stderr
+
+
+def test_abandon_still_says_goodbye_on_idle_connections(nbdkit, repl):
+    """One connection holds a request the server sits on (delay filter), the
+    others are idle: abandon fails the request at once, and every idle
+    connection still ends with NBD_CMD_DISC (nbdkit -v says so)."""
+    srv = nbdkit("-v", "--filter=delay", "memory", "1M", "delay-read=20")
+    r = repl(srv.uri(), opts=["--connections", "3"])
+    ok, out = r.run("info")
+    assert ok and "connections=3" in out, (out, r.stderr)
+    ok, _ = r.run("aio-bg read 0 4096")
+    assert ok, r.stderr
+    ok, _ = r.run("abandon")
+    assert ok, r.stderr
+    ok, out = r.run("aio-wait 10000", timeout=30)
+    assert ok, (out, r.stderr)
+    assert [(k, e) for k, _, e, _ in _done(out)] == [("read", "ENOTCONN")], out
+    assert max(ms for *_, ms in _done(out)) < ABANDON_MS, out
+    assert r.close() == 0, r.stderr
+    srv.kill(signal.SIGKILL)
+    err = srv.proc.stderr.read().decode(errors="replace")
+    assert err.count("client sent NBD_CMD_DISC") == 2, err[-3000:]

@@ -190,7 +190,7 @@ static void test_t9_unknown_error_simple(void)
 	fake_expect_request(t.fs, 1);
 	fake_send(t.fs, fake_chunk_data(1, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 	ctx_connect(&t);
-	g_assert_cmpint(nbdc_flush(t.c), ==, -EINVAL);
+	g_assert_cmpint(nbdc_trim(t.c, 4096, 0, 0), ==, -EINVAL);
 	assert_alive(t.c);
 	read_ok(t.c, 4096, 4096);
 	ctx_end(&t);
@@ -223,7 +223,7 @@ static void test_t9_eshutdown_soft_disconnect(void)
 	fake_send(t.fs, fake_simple_reply(0, FAKE_ESHUTDOWN));
 	fake_expect_request(t.fs, 1);
 	ctx_connect(&t);
-	g_assert_cmpint(nbdc_flush(t.c), ==, -ESHUTDOWN);
+	g_assert_cmpint(nbdc_trim(t.c, 4096, 0, 0), ==, -ESHUTDOWN);
 	assert_dead(t.c);
 	nbdc_free(g_steal_pointer(&t.c));
 	fake_server_finish(t.fs, NULL);

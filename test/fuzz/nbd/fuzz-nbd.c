@@ -188,8 +188,10 @@ static void exercise(Nbdc *c)
 	struct nbdc_info info;
 	static uint8_t buf[3][8192];
 	struct iovec iov[2] = { { buf[1], 4096 }, { buf[2], 4096 } };
+	struct iovec wv = { buf[0], 512 };
 	struct completion *bs = completion_new(), *r5 = completion_new(), *r6 = completion_new();
-	int s, e, s5, s6, e5, e6;
+	struct completion *w3 = completion_new(), *f4 = completion_new();
+	int s, e, s3, s4, s5, s6, e5, e6;
 
 	nbdc_get_info(c, &info);
 	g_assert(info.size <= INT64_MAX);
@@ -200,8 +202,14 @@ static void exercise(Nbdc *c)
 	e = wait_done(bs, s);
 	if (s == 0)
 		show("block status done", e);
-	show("write", nbdc_pwrite(c, buf[0], 512, 0, NBDC_CMD_FLAG_FUA)); /* 3 */
-	show("flush", nbdc_flush(c));                             /* 4 */
+	/* The flush goes out while the write is unfinished, so that it is
+	 * sent (a flush with nothing to cover is not) even when the write fails. */
+	s3 = nbdc_aio_pwritev(c, &wv, 1, 0, NBDC_CMD_FLAG_FUA, completion_done, w3); /* 3 */
+	s4 = nbdc_aio_flush(c, completion_done, f4);                                 /* 4 */
+	e = wait_done(w3, s3);
+	show("write", s3 ? s3 : e);
+	e = wait_done(f4, s4);
+	show("flush", s4 ? s4 : e);
 	s5 = nbdc_aio_preadv(c, &iov[0], 1, 4096, 0, completion_done, r5);  /* 5 */
 	s6 = nbdc_aio_preadv(c, &iov[1], 1, 8192, 0, completion_done, r6);  /* 6 */
 	e5 = wait_done(r5, s5);

@@ -9,7 +9,8 @@ SET_META_CONTEXT base:allocation, GO; listing: LIST, then INFO per export with
 details, then ABORT), then replies to the requests fuzz-nbd.c issues, whose
 cookies count from 1 in this order:
   1 READ 4096@0, 2 BLOCK_STATUS 8192@0 (only with block status),
-  3 WRITE 512@0 FUA, 4 FLUSH, 5 READ 4096@4096, 6 READ 4096@8192,
+  3 WRITE 512@0 FUA, 4 FLUSH (sent while the write is unfinished, so it goes
+  out even when the write fails), 5 READ 4096@4096, 6 READ 4096@8192,
   7 TRIM 4096@0, 8 WRITE_ZEROES 4096@0.
 (Without block status there is no request 2 and the later cookies move down.)
 

@@ -1009,6 +1009,58 @@ static void test_disconnect_in_flight(void)
 	g_free(captured());
 }
 
+/* A flush's callback: where it ran. */
+struct flush_seen {
+	GThread *caller;
+	gint other_thread, on_loop;
+	struct completion *done; /* dropped here */
+};
+
+static void flush_seen_done(void *opaque, int err)
+{
+	struct flush_seen *f = opaque;
+
+	g_atomic_int_set(&f->other_thread, g_thread_self() != f->caller);
+	g_atomic_int_set(&f->on_loop, loop_current() != NULL);
+	completion_done(f->done, err);
+}
+
+/* nbdc_aio_flush on @c; its result, after checking the callback ran once,
+ * on a loop (not inside the caller's call). */
+static int flush_from_loop(Nbdc *c)
+{
+	struct flush_seen f = {.caller = g_thread_self(), .done = completion_new()};
+	gint64 err = -1;
+
+	g_assert_cmpint(nbdc_aio_flush(c, flush_seen_done, &f), ==, 0);
+	g_assert_true(completion_wait_until(f.done, g_get_monotonic_time() + 30 * G_USEC_PER_SEC,
+					    &err));
+	completion_unref(f.done);
+	g_assert_true(f.other_thread);
+	g_assert_true(f.on_loop);
+	return (int)err;
+}
+
+/* A flush with nothing to cover (never wrote, or nothing since the last
+ * flush) completes with 0 like any other: later, on a loop, never inside the
+ * call; the same after a write, when it goes to the server. */
+static void test_flush_nothing_to_cover(void)
+{
+	struct nbdkit *k = kit("memory", "1M", NULL);
+	struct nbdc_config cfg;
+	static char buf[4096];
+
+	cfg_unix(&cfg, k);
+	Nbdc *c = must_connect(&cfg);
+	g_assert_cmpint(flush_from_loop(c), ==, 0);
+	g_assert_cmpint(nbdc_pwrite(c, buf, sizeof(buf), 0, 0), ==, 0);
+	g_assert_cmpint(flush_from_loop(c), ==, 0);
+	g_assert_cmpint(flush_from_loop(c), ==, 0);
+	nbdc_free(c);
+	nbdkit_stop(k);
+	g_free(captured());
+}
+
 int main(int argc, char **argv)
 {
 	g_test_init(&argc, &argv, NULL);
@@ -1039,5 +1091,6 @@ int main(int argc, char **argv)
 	g_test_add_func("/nbdkit/timeouts", test_timeouts);
 	g_test_add_func("/nbdkit/callback-chain", test_callback_chain);
 	g_test_add_func("/nbdkit/disconnect-in-flight", test_disconnect_in_flight);
+	g_test_add_func("/nbdkit/flush-nothing-to-cover", test_flush_nothing_to_cover);
 	return g_test_run();
 }

@@ -160,10 +160,12 @@ static void test_long_export(void)
 	g_assert_no_error(err);
 	g_assert_cmpuint(strlen(u->export_name), ==, 4096);
 	g_autoptr(NbdcUri) v = nbdc_uri_parse(bad, &err);
+	g_assert_null(v);
 	g_assert_error(err, NBDC_ERROR, NBDC_ERROR_URI);
 	g_assert_nonnull(strstr(err->message, "longer than 4096"));
 	g_clear_error(&err);
 	g_autoptr(NbdcUri) w = nbdc_uri_parse(bad2, &err);
+	g_assert_null(w);
 	g_assert_error(err, NBDC_ERROR, NBDC_ERROR_URI);
 }
 
