@@ -12,48 +12,20 @@ import time
 
 import pytest
 
-from nbdfs_test.data import MiB, getx, nbd_read, read_file, sparse_file
+from nbdfs_test.data import MiB, direct_pread, getx, nbd_read, random_image, read_file, timed
 from nbdfs_test.mounts import is_mounted
 from nbdfs_test.polling import wait_for, wait_pid_exit
 from nbdfs_test.threads import Call, bounded
 
 
-def _data_image(tmp_path, size=4 * MiB):
-    data = os.urandom(size)
-    p = tmp_path / "data.img"
-    p.write_bytes(data)
-    return str(p), data
-
-
-def _timed(fn):
-    t0 = time.monotonic()
-    try:
-        r = fn()
-        return r, None, time.monotonic() - t0
-    except OSError as e:
-        return None, e.errno, time.monotonic() - t0
-
-
-def _direct_read(path, off, n):
-    """A read the page cache cannot answer (fresh offsets + O_DIRECT)."""
-    import mmap
-    buf = mmap.mmap(-1, n)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        os.close(fd)
-
-
 def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=2"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     t_kill = time.monotonic()
     srv.kill()
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", MiB, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", MiB, 4096))
     # the server has been unreachable for (about) the timeout when the read
     # fails, whether nbdfs starts counting at the loss or at the request
     since_kill = time.monotonic() - t_kill
@@ -63,9 +35,9 @@ def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
     # writes too
     fd = os.open(m / "disk", os.O_WRONLY)
     try:
-        r, e, dt = _timed(lambda: os.pwrite(fd, b"w" * 4096, 8192))
+        r, e, dt = timed(lambda: os.pwrite(fd, b"w" * 4096, 8192))
         if e is None:      # accepted into a cache? then the flush must fail
-            r, e, dt = _timed(lambda: os.fsync(fd))
+            r, e, dt = timed(lambda: os.fsync(fd))
         assert e == errno.EIO
     finally:
         try:
@@ -75,12 +47,12 @@ def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
 
 
 def test_timeout_0_fails_at_once(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=0"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", 2 * MiB, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))
     assert e == errno.EIO, (r, e)
     assert dt < 10, f"timeout=0 waited {dt:.1f}s"
 
@@ -94,18 +66,18 @@ def _syscall_of(tid):
 
 
 def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
     result = {}
 
     def reader():
         result["tid"] = threading.get_native_id()
-        result["r"], result["e"], result["dt"] = _timed(
-            lambda: _direct_read(m / "disk", 3 * MiB, 8192))
+        result["r"], result["e"], result["dt"] = timed(
+            lambda: direct_pread(m / "disk", 3 * MiB, 8192))
 
     th = threading.Thread(target=reader)
     th.start()
@@ -126,18 +98,18 @@ def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
 
 
 def test_recovers_after_a_failed_request(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=1"])
     srv.kill()
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", MiB, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", MiB, 4096))
     assert e == errno.EIO
     server("file", img, log=False, sock=sock)
 
     def ok():
         try:
-            return _direct_read(m / "disk", 2 * MiB, 4096) == data[2 * MiB:2 * MiB + 4096]
+            return direct_pread(m / "disk", 2 * MiB, 4096) == data[2 * MiB:2 * MiB + 4096]
         except OSError:
             return False
     wait_for(ok, timeout=30, what="I/O to work again after the server came back")
@@ -147,13 +119,13 @@ def test_slow_server_is_not_unreachable(server, mount):
     srv = server("--filter=delay", "pattern", "1M", "delay-read=3", log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=1"])
     from nbdfs_test.data import pattern_bytes
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", 65536, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", 65536, 4096))
     assert e is None, f"slow read failed with errno {e}"
     assert r == pattern_bytes(65536, 4096)
 
 
 def test_unmount_works_with_server_gone(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     # (with the default timeout of 60 s the daemon may spend 60 s on its last
     # flush before exiting; 10 s keeps the test short, the rule is the same)
@@ -171,7 +143,7 @@ def test_unmount_works_with_server_gone(tmp_path, server, mount):
 
 
 def test_sigterm_works_with_server_gone(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=3"], foreground=True)
     srv.kill()
@@ -190,11 +162,11 @@ def test_server_gone_at_mount_fails_at_once(tmp_path, mount):
 
 
 def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
-    img, data = _data_image(tmp_path, 8 * MiB)
+    img, data = random_image(tmp_path / "data.img", 8 * MiB)
     srv = server("file", img, log=False)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
     results = {}
     tids = {}
@@ -202,7 +174,7 @@ def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
     def reader(i):
         tids[i] = threading.get_native_id()
         off = MiB + i * 65536
-        results[i] = _timed(lambda: _direct_read(m / "disk", off, 65536))
+        results[i] = timed(lambda: direct_pread(m / "disk", off, 65536))
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
     for t in threads:
@@ -224,7 +196,7 @@ def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
 def test_default_timeout_waits(tmp_path, server, mount):
     """Default timeout is 60 s: a request is still waiting 5 s into an outage,
     and succeeds once the server is back."""
-    img, data = _data_image(tmp_path)
+    img, data = random_image(tmp_path / "data.img", 4 * MiB)
     srv = server("file", img, log=False)
     sock = srv.sock
     m = mount(srv.uri())
@@ -233,7 +205,7 @@ def test_default_timeout_waits(tmp_path, server, mount):
 
     def reader():
         result["tid"] = threading.get_native_id()
-        result["v"] = _timed(lambda: _direct_read(m / "disk", 2 * MiB, 4096))
+        result["v"] = timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))
 
     th = threading.Thread(target=reader)
     th.start()

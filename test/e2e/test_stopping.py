@@ -12,17 +12,10 @@ import signal
 import time
 
 from nbdfs_test.data import (MiB, STATS_KEYS, direct_pread, direct_pwrite, errno_of, getx,
-                             read_file, setx, sparse_file, state, stats)
+                             random_image, read_file, setx, sparse_file, state, stats)
 from nbdfs_test.mounts import is_mounted
 from nbdfs_test.polling import run, wait_for
 from nbdfs_test.threads import READS, WRITES, Call, bounded
-
-
-def _image(tmp_path, size=4 * MiB):
-    data = os.urandom(size)
-    p = tmp_path / "backing.img"
-    p.write_bytes(data)
-    return str(p), data
 
 
 def _named(log, name):
@@ -53,7 +46,7 @@ def test_sigterm_with_a_writer_blocked_on_a_stopped_server_exits_1_within_timeou
     still ends nbdfs within about `timeout`, unmounted, exit 1 naming the
     export it could not flush, and the writer gets an error, never success."""
     timeout = 3
-    img, _ = _image(tmp_path)
+    img, _ = random_image(tmp_path / "backing.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", f"io_timeout=2,timeout={timeout}"], foreground=True)
     fd = os.open(m / "disk", os.O_RDWR)
@@ -125,7 +118,7 @@ def test_unmount_with_server_gone_and_nothing_written_exits_0_at_once(tmp_path, 
     """A connected export with nothing written needs no flush: fusermount3 -u
     with its server gone exits 0 without waiting for the timeout."""
     timeout = 10
-    img, data = _image(tmp_path)
+    img, data = random_image(tmp_path / "backing.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", f"timeout={timeout}"], foreground=True)
     assert read_file(m / "disk", 0, 4096) == data[:4096]
@@ -143,7 +136,7 @@ def test_unmount_with_server_gone_and_data_unflushed_exits_1_within_timeout(
     fusermount3 -u makes nbdfs try once more within `timeout`, then exit 1
     naming the export."""
     timeout = 3
-    img, _ = _image(tmp_path)
+    img, _ = random_image(tmp_path / "backing.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", f"timeout={timeout}"], foreground=True)
     fd = os.open(m / "disk", os.O_RDWR)
@@ -178,7 +171,7 @@ def test_state_idle_connected_reconnecting_connected(tmp_path, server, mount):
     reconnecting while the server is gone and a request waits, connected again
     after the server is back on the same socket; partition files show their
     export's state."""
-    img, data = _image(tmp_path)
+    img, data = random_image(tmp_path / "backing.img", 4 * MiB)
     srv = server("file", img, log=False)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30,split=disk:2048"])
@@ -200,7 +193,7 @@ def test_state_idle_connected_reconnecting_connected(tmp_path, server, mount):
 def test_state_failed_after_a_request_gave_up(tmp_path, server, mount):
     """Server gone, a request waited `timeout` and failed with EIO: the export
     and its partitions say failed, and the failed request is counted."""
-    img, data = _image(tmp_path)
+    img, data = random_image(tmp_path / "backing.img", 4 * MiB)
     srv = server("file", img, log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=1,split=disk:2048"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
@@ -264,7 +257,7 @@ def test_stats_reconnects_and_in_flight(tmp_path, server, mount):
     """in_flight counts the request waiting through disk-part2 (and nothing on
     the export file), 0 again when it is answered; a server restart is one
     more reconnect on the export, seen through each of its files."""
-    img, data = _image(tmp_path)
+    img, data = random_image(tmp_path / "backing.img", 4 * MiB)
     srv = server("file", img, log=False)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30,split=disk:2048"])

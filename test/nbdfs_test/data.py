@@ -1,7 +1,8 @@
 """Bytes and files: the `pattern` plugin's contents, the server read straight
 with libnbd's nbdcopy/nbdinfo (an oracle independent of nbdfs), file reads and
-writes (O_DIRECT too), sparse images with sfdisk tables, nbdfs's xattrs (the
-state and the stats of a file), fallocate(2)."""
+writes (O_DIRECT too), random and sparse images (with sfdisk tables), nbdfs's
+xattrs (the state and the stats of a file), fallocate(2), a call's errno and
+how long it took."""
 import ctypes
 import ctypes.util
 import json
@@ -144,6 +145,15 @@ def direct_pwrite(path, off, data, fd=None):
         buf.close()
 
 
+def random_image(path, size):
+    """A file of size random bytes (for nbdkit's file plugin); returns
+    (str(path), the bytes), the contents to compare reads with."""
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path), data
+
+
 def sparse_file(path, size):
     with open(path, "wb") as f:
         f.truncate(size)
@@ -243,3 +253,13 @@ def errno_of(fn, *args, **kw):
     except OSError as e:
         return e.errno
     return None
+
+
+def timed(fn):
+    """Runs fn(); returns (its value, None, seconds it took), or (None, the
+    errno of the OSError it raised, seconds it took)."""
+    t0 = time.monotonic()
+    try:
+        return fn(), None, time.monotonic() - t0
+    except OSError as e:
+        return None, e.errno, time.monotonic() - t0
