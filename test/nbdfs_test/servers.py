@@ -179,8 +179,27 @@ class NbdLog:
         return any(x[0].lower() == kind_a.lower() and y[0].lower() == kind_b.lower()
                    and x[1] < end(y) and y[1] < end(x) for x in sp for y in sp)
 
+    _connect = " Connect export="
+    _disconnect = " Disconnect transactions="
+
     def connects(self):
-        return [l for l in self.text().splitlines() if " Connect export=" in l]
+        return [l for l in self.text().splitlines() if self._connect in l]
+
+    def open_connections(self):
+        """How many client connections are open now (connects less disconnects)."""
+        t = self.text()
+        return t.count(self._connect) - t.count(self._disconnect)
+
+    def max_open_connections(self):
+        """The most client connections open at once, replaying the log in order."""
+        n = best = 0
+        for line in self.text().splitlines():
+            if self._connect in line:
+                n += 1
+                best = max(best, n)
+            elif self._disconnect in line:
+                n -= 1
+        return best
 
     def clear(self):
         with open(self.path, "w"):
