@@ -93,6 +93,18 @@ def nbd_write_file(path, uri, timeout=120):
     run(["nbdcopy", "--synchronous", "--flush", str(path), uri], timeout=timeout)
 
 
+def file_text(path):
+    """The text of a log or stderr file (bad bytes replaced); "" while there
+    is none (path None, or no such file yet)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def read_file(path, off=0, length=None):
     with open(path, "rb", buffering=0) as f:
         f.seek(off)

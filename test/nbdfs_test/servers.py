@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from nbdfs_test.data import file_text
 from nbdfs_test.polling import kill_and_wait, wait_for
 
 
@@ -86,11 +87,7 @@ class LoggedServer(NbdServer):
         self.cmd = cmd
 
     def stderr(self):
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return f.read()
-        except (FileNotFoundError, TypeError):
-            return ""
+        return file_text(self.stderr_path)
 
     def disc_count(self):
         """How many clients ended with NBD_CMD_DISC (needs verbose=True)."""
@@ -112,11 +109,7 @@ class NbdLog:
         self.path = str(path)
 
     def text(self):
-        try:
-            with open(self.path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return file_text(self.path)
 
     def requests(self, kind=None):
         out = []
