@@ -1,8 +1,9 @@
 """Bytes and files: the `pattern` plugin's contents, the server read straight
 with libnbd's nbdcopy/nbdinfo (an oracle independent of nbdfs), file reads and
-writes (O_DIRECT too), random and sparse images (with sfdisk tables), nbdfs's
-xattrs (the state and the stats of a file), fallocate(2), a call's errno and
-how long it took."""
+writes (O_DIRECT too; an fd closed at the end of a block), random and sparse
+images (with sfdisk tables), nbdfs's xattrs (the state and the stats of a
+file), fallocate(2), a call's errno and how long it took."""
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -103,6 +104,17 @@ def file_text(path):
             return f.read()
     except FileNotFoundError:
         return ""
+
+
+@contextlib.contextmanager
+def opened(path, flags):
+    """`with opened(path, os.O_RDWR) as fd:` an os.open() fd, closed at the
+    end of the block whatever happens in it."""
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def read_file(path, off=0, length=None):
