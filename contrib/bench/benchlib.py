@@ -182,13 +182,22 @@ def pids_with_arg(arg):
     return [pid for pid, args in processes() if want in args]
 
 
-def pid_alive(pid):
-    """True while pid exists and is not a zombie."""
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (the state first),
+    or None when there is no such process."""
+    if not pid:
+        return None
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+
+
+def pid_alive(pid):
+    """True while pid exists and is not a zombie."""
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def kill_pid(pid, timeout=10):
@@ -230,24 +239,19 @@ def leftovers(workdir):
 
 def proc_cpu(pid):
     """utime+stime of a whole process (all threads), in seconds."""
-    if not pid:
-        return None
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
+    except (TypeError, IndexError, ValueError):
         return None
 
 
 def proc_minflt(pid):
     """Minor page faults of a whole process (all threads, live and dead)."""
-    if not pid:
-        return None
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
-    except (OSError, IndexError, ValueError):
+        return int(fields[7])
+    except (TypeError, IndexError, ValueError):
         return None
 
 
