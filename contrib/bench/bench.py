@@ -44,7 +44,7 @@ sys.dont_write_bytecode = True    # no root-owned __pycache__ in the source tree
 from benchlib import (GiB, MiB, Interrupted, Resources, _child_signals,  # noqa: E402
                       ctx_delta, ctx_switches, drop_caches, fmt, fmt_ratio, leftovers, log,
                       median, mounted, nthreads, proc_cpu, proc_minflt, proc_status, ratio,
-                      reset_hwm, run, start_nbdkit, wait_until)
+                      reset_hwm, run, start_daemon, start_nbdkit, wait_started, wait_until)
 import scale  # noqa: E402
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,19 +98,11 @@ def mount_nbdfuse(res, workdir, server, tag):
     mnt = os.path.join(workdir, f"nbdfuse-{tag}")
     os.mkdir(mnt)
     pidfile = os.path.join(workdir, f"nbdfuse-{tag}.pid")
-    logf = open(os.path.join(workdir, f"nbdfuse-{tag}.log"), "wb")
+    logpath = os.path.join(workdir, f"nbdfuse-{tag}.log")
     cmd = ["nbdfuse", "-P", pidfile, os.path.join(mnt, "nbd"), server.uri]
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                            preexec_fn=_child_signals)
-    logf.close()
-    res.daemons.append(proc)
-    res.mounts.append(mnt)
-
-    def ready():
-        if proc.poll() is not None:
-            raise RuntimeError(f"nbdfuse exited {proc.returncode}")
-        return os.path.exists(pidfile) and mounted(mnt)
-    wait_until(ready, 30, f"nbdfuse {tag} to mount")
+    proc = start_daemon(res, cmd, logpath, mnt)
+    wait_started(proc, "nbdfuse", cmd, logpath, lambda: os.path.exists(pidfile) and mounted(mnt),
+                 30, f"nbdfuse {tag} to mount")
     log(f"nbdfuse {tag}: pid {proc.pid} at {mnt}")
     return proc, os.path.join(mnt, "nbd")
 
@@ -120,25 +112,15 @@ def mount_nbdfs(res, workdir, nbdfs, server, tag, opts=()):
     mnt = os.path.join(workdir, f"nbdfs-{tag}")
     os.mkdir(mnt)
     logpath = os.path.join(workdir, f"nbdfs-{tag}.log")
-    logf = open(logpath, "wb")
     cmd = [nbdfs, "-f", "-o", f"split=disk:{SPLIT_SECTORS}"]
     for o in opts:
         cmd += ["-o", o]
     cmd += [server.uri, mnt]
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                            preexec_fn=_child_signals)
-    logf.close()
-    res.daemons.append(proc)
-    res.mounts.append(mnt)
-
-    def ready():
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = f.read()[-800:]
-            raise RuntimeError(f"nbdfs exited {proc.returncode}: {' '.join(cmd)}: {tail}")
-        return mounted(mnt) and os.path.exists(os.path.join(mnt, "disk-part2"))
+    proc = start_daemon(res, cmd, logpath, mnt)
     try:
-        wait_until(ready, 30, f"nbdfs {tag} to mount with disk and disk-part2")
+        wait_started(proc, "nbdfs", cmd, logpath,
+                     lambda: mounted(mnt) and os.path.exists(os.path.join(mnt, "disk-part2")),
+                     30, f"nbdfs {tag} to mount with disk and disk-part2", tail=800)
     except Exception:
         res.unmount(mnt)
         Resources._kill(proc)
@@ -157,21 +139,11 @@ def mount_memfile(res, workdir, tag, cmd, mnt):
     ready when mnt/disk exists. Returns (proc, path of the file)."""
     os.mkdir(mnt)
     logpath = os.path.join(workdir, f"{tag}.log")
-    with open(logpath, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                                preexec_fn=_child_signals)
-    res.daemons.append(proc)
-    res.mounts.append(mnt)
+    proc = start_daemon(res, cmd, logpath, mnt)
     path = os.path.join(mnt, MEMFILE_NAME)
-
-    def ready():
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = f.read()[-600:]
-            raise RuntimeError(f"{tag} exited {proc.returncode}: {' '.join(cmd)}: {tail}")
-        return mounted(mnt) and os.path.exists(path)
     try:
-        wait_until(ready, 60, f"{tag} to serve {path}")
+        wait_started(proc, tag, cmd, logpath, lambda: mounted(mnt) and os.path.exists(path), 60,
+                     f"{tag} to serve {path}")
     except Exception:
         res.stop_daemon(proc, mnt)
         raise
