@@ -241,6 +241,16 @@ class Bench:
         if p in self.res.workers:
             self.res.workers.remove(p)
 
+    @staticmethod
+    def _communicate(p, timeout, what):
+        """p.communicate() within timeout; past it, p is killed and
+        RuntimeError(what) raised."""
+        try:
+            return p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            Resources._kill(p, signal.SIGKILL, 5)
+            raise RuntimeError(what)
+
     def run_fio(self, w, t, size):
         out = os.path.join(self.workdir, "fio.json")
         if os.path.exists(out):
@@ -257,10 +267,7 @@ class Bench:
                     "--allow_file_create=0"]
         p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _, err = p.communicate(timeout=self.args.runtime + 60)
-        except subprocess.TimeoutExpired:
-            Resources._kill(p, signal.SIGKILL, 5)
-            raise RuntimeError("fio timed out")
+            _, err = self._communicate(p, self.args.runtime + 60, "fio timed out")
         finally:
             self._reap(p)
         if p.returncode != 0:
@@ -302,11 +309,7 @@ class Bench:
                 p.wait(timeout=self.args.runtime)
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGINT)
-            try:
-                _, err = p.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                Resources._kill(p, signal.SIGKILL, 5)
-                raise RuntimeError("dd did not stop")
+            _, err = self._communicate(p, 60, "dd did not stop")
         finally:
             self._reap(p)
         if w.rw == "write":
@@ -336,10 +339,7 @@ class Bench:
         t0 = time.monotonic()
         p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _, err = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            Resources._kill(p, signal.SIGKILL, 5)
-            raise RuntimeError("nbdcopy timed out")
+            _, err = self._communicate(p, 120, "nbdcopy timed out")
         finally:
             self._reap(p)
         secs = time.monotonic() - t0
