@@ -790,6 +790,12 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
         run(["nbdcopy", srcfile, srv.uri], timeout=300)
     log("exports filled with random data")
 
+    def not_started(name, verb, e):
+        """A FUSE daemon that would not start: logged, a failure, its rows skipped."""
+        log(f"{name} does not {verb}: {e}")
+        failures.append(f"{name} did not {verb}: {e}")
+        notes_extra.append(f"{name}: did not {verb} ({str(e)[:200]}); rows skipped")
+
     targets, delay_targets = [], {}
     if nbdfs:
         try:
@@ -816,9 +822,7 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
                 delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
                                                 delay_srv, proc)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            log(f"nbdfs does not mount: {e}")
-            failures.append(f"nbdfs did not mount: {e}")
-            notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
+            not_started("nbdfs", "mount", e)
             targets = [t for t in targets if not t.name.startswith("nbdfs")]
             delay_targets.pop("nbdfs", None)
     if tools["nbdfuse"]:
@@ -832,9 +836,7 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
                 proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
                 delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            log(f"nbdfuse does not mount: {e}")
-            failures.append(f"nbdfuse did not mount: {e}")
-            notes_extra.append(f"nbdfuse: did not mount ({str(e)[:200]}); rows skipped")
+            not_started("nbdfuse", "mount", e)
             targets = [t for t in targets if not t.name.startswith("nbdfuse")]
             delay_targets.pop("nbdfuse", None)
     floors = ((FLOOR, tools["memfile"], memfile_cmd),
@@ -853,9 +855,7 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
             try:
                 proc, path = mount_memfile(res, workdir, tag, make_cmd(binary, direct, mnt), mnt)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                log(f"{name} does not start: {e}")
-                failures.append(f"{name} did not start: {e}")
-                notes_extra.append(f"{name}: did not start ({str(e)[:200]}); rows skipped")
+                not_started(name, "start", e)
                 break
             targets.append(Target(name, "file", path, None, proc, only_kind=kind))
     targets.append(Target("raw", "raw", server=main_srv))
