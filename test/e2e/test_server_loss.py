@@ -12,15 +12,14 @@ import time
 
 import pytest
 
-from nbdfs_test.data import MiB, direct_pread, getx, nbd_read, random_image, read_file, timed
+from nbdfs_test.data import MiB, direct_pread, getx, nbd_read, read_file, timed
 from nbdfs_test.mounts import is_mounted
 from nbdfs_test.polling import wait_for, wait_pid_exit
 from nbdfs_test.threads import Call, bounded
 
 
-def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+def test_server_gone_read_fails_eio_after_timeout(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=2"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     t_kill = time.monotonic()
@@ -46,9 +45,8 @@ def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
             pass
 
 
-def test_timeout_0_fails_at_once(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+def test_timeout_0_fails_at_once(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=0"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
@@ -65,9 +63,8 @@ def _syscall_of(tid):
         return None
 
 
-def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+def test_server_back_in_time_pending_read_succeeds(server, random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
@@ -97,9 +94,8 @@ def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
     assert nbd_read(srv2.uri(), 5000, 15) == b"after reconnect"
 
 
-def test_recovers_after_a_failed_request(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+def test_recovers_after_a_failed_request(server, random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=1"])
     srv.kill()
@@ -124,9 +120,8 @@ def test_slow_server_is_not_unreachable(server, mount):
     assert r == pattern_bytes(65536, 4096)
 
 
-def test_unmount_works_with_server_gone(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+def test_unmount_works_with_server_gone(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     # (with the default timeout of 60 s the daemon may spend 60 s on its last
     # flush before exiting; 10 s keeps the test short, the rule is the same)
     m = mount(srv.uri(), opts=["-o", "timeout=10"])
@@ -142,9 +137,8 @@ def test_unmount_works_with_server_gone(tmp_path, server, mount):
     assert time.monotonic() - t0 < 120
 
 
-def test_sigterm_works_with_server_gone(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+def test_sigterm_works_with_server_gone(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=3"], foreground=True)
     srv.kill()
     m.proc.send_signal(signal.SIGTERM)
@@ -161,9 +155,8 @@ def test_server_gone_at_mount_fails_at_once(tmp_path, mount):
     assert time.monotonic() - t0 < 60
 
 
-def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
-    img, data = random_image(tmp_path / "data.img", 8 * MiB)
-    srv = server("file", img, log=False)
+def test_many_pending_requests_survive_a_restart(server, random_export, mount):
+    srv, img, data = random_export(8 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
@@ -193,11 +186,10 @@ def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
         assert r == data[off:off + 65536], f"read {i} wrong data"
 
 
-def test_default_timeout_waits(tmp_path, server, mount):
+def test_default_timeout_waits(server, random_export, mount):
     """Default timeout is 60 s: a request is still waiting 5 s into an outage,
     and succeeds once the server is back."""
-    img, data = random_image(tmp_path / "data.img", 4 * MiB)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri())
     srv.kill()

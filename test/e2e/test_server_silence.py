@@ -11,14 +11,13 @@ import time
 
 import pytest
 
-from nbdfs_test.data import MiB, direct_pread, getx, random_image, read_file, timed
+from nbdfs_test.data import MiB, direct_pread, getx, read_file, timed
 from nbdfs_test.polling import wait_for
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
-def test_silent_server_fails_the_request_then_recovers(tmp_path, server, mount, stopped, tcp):
-    img, data = random_image(tmp_path / "disk.img", 8 * MiB)
-    srv = server("file", img, log=False, tcp=tcp)
+def test_silent_server_fails_the_request_then_recovers(random_export, mount, stopped, tcp):
+    srv, img, data = random_export(8 * MiB, tcp=tcp)
     m = mount(srv.uri(), opts=["-o", "io_timeout=2,timeout=2"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     stopped(srv.proc)
