@@ -7,7 +7,6 @@ import errno
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from nbdfs_test.data import MiB, direct_pread, getx, nbd_read, read_file, timed
 from nbdfs_test.mounts import is_mounted
 from nbdfs_test.polling import wait_for, wait_pid_exit
-from nbdfs_test.threads import Call, bounded
+from nbdfs_test.threads import READS, Call, bounded
 
 
 def test_server_gone_read_fails_eio_after_timeout(random_export, mount):
@@ -55,37 +54,18 @@ def test_timeout_0_fails_at_once(random_export, mount):
     assert dt < 10, f"timeout=0 waited {dt:.1f}s"
 
 
-def _syscall_of(tid):
-    try:
-        with open(f"/proc/self/task/{tid}/syscall") as f:
-            return f.read().split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def test_server_back_in_time_pending_read_succeeds(server, random_export, mount):
     srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
-    result = {}
-
-    def reader():
-        result["tid"] = threading.get_native_id()
-        result["r"], result["e"], result["dt"] = timed(
-            lambda: direct_pread(m / "disk", 3 * MiB, 8192))
-
-    th = threading.Thread(target=reader)
-    th.start()
-    # wait until the reader is blocked in the read syscall (pread64 = 17, preadv = 295)
-    wait_for(lambda: "tid" in result and _syscall_of(result["tid"]) in ("17", "295", "327", "0", "19"),
-             timeout=20, what="the read to be pending")
+    read = Call(direct_pread, m / "disk", 3 * MiB, 8192, name="the pending read").start()
+    read.wait_blocked_in(*READS, timeout=20)
     srv2 = server("file", img, log=False, sock=sock)
-    th.join(timeout=60)
-    assert not th.is_alive(), "the pending read never returned"
-    assert result["e"] is None, f"pending read failed with errno {result['e']}"
-    assert result["r"] == data[3 * MiB:3 * MiB + 8192]
+    read.join(60)
+    assert read.errno is None, f"pending read failed with errno {read.errno}"
+    assert read.value == data[3 * MiB:3 * MiB + 8192]
     # and the mount goes on working
     assert read_file(m / "disk", 100, 100) == data[100:200]
     with open(m / "disk", "r+b") as f:
@@ -161,29 +141,17 @@ def test_many_pending_requests_survive_a_restart(server, random_export, mount):
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
-    results = {}
-    tids = {}
-
-    def reader(i):
-        tids[i] = threading.get_native_id()
-        off = MiB + i * 65536
-        results[i] = timed(lambda: direct_pread(m / "disk", off, 65536))
-
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(tids) == 8 and all(
-        _syscall_of(t) in ("17", "295", "327", "0", "19") for t in tids.values()),
-        timeout=20, what="8 pending reads")
+    reads = [Call(direct_pread, m / "disk", MiB + i * 65536, 65536, name=f"read {i}").start()
+             for i in range(8)]
+    wait_for(lambda: all(r.in_syscall(*READS) for r in reads), timeout=20,
+             what="8 pending reads")
     server("file", img, log=False, sock=sock)
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
-    for i in range(8):
-        r, e, dt = results[i]
+    for r in reads:
+        r.join(60)
+    for i, r in enumerate(reads):
         off = MiB + i * 65536
-        assert e is None, f"read {i} failed with errno {e}"
-        assert r == data[off:off + 65536], f"read {i} wrong data"
+        assert r.errno is None, f"read {i} failed with errno {r.errno}"
+        assert r.value == data[off:off + 65536], f"read {i} wrong data"
 
 
 def test_default_timeout_waits(server, random_export, mount):
@@ -193,21 +161,11 @@ def test_default_timeout_waits(server, random_export, mount):
     sock = srv.sock
     m = mount(srv.uri())
     srv.kill()
-    result = {}
-
-    def reader():
-        result["tid"] = threading.get_native_id()
-        result["v"] = timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))
-
-    th = threading.Thread(target=reader)
-    th.start()
-    th.join(timeout=5)
-    assert th.is_alive(), f"the read gave up within 5 s: {result.get('v')}"
+    read = Call(direct_pread, m / "disk", 2 * MiB, 4096, name="the read").start()
+    assert not read.wait(5), f"the read gave up within 5 s: {(read.value, read.errno)}"
     server("file", img, log=False, sock=sock)
-    th.join(timeout=60)
-    assert not th.is_alive()
-    r, e, dt = result["v"]
-    assert e is None and r == data[2 * MiB:2 * MiB + 4096]
+    read.join(60)
+    assert read.errno is None and read.value == data[2 * MiB:2 * MiB + 4096]
 
 
 def _split_chain(depth):

@@ -6,13 +6,13 @@ requests succeed.  Every SIGSTOP is undone (SIGCONT) in clean-up."""
 import errno
 import os
 import subprocess
-import threading
 import time
 
 import pytest
 
 from nbdfs_test.data import MiB, direct_pread, getx, read_file, timed
 from nbdfs_test.polling import wait_for
+from nbdfs_test.threads import Call
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
@@ -21,12 +21,7 @@ def test_silent_server_fails_the_request_then_recovers(random_export, mount, sto
     m = mount(srv.uri(), opts=["-o", "io_timeout=2,timeout=2"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     stopped(srv.proc)
-    result = {}
-
-    def reader():
-        result["r"], result["e"], result["dt"] = timed(lambda: direct_pread(m / "disk", MiB, 4096))
-    t = threading.Thread(target=reader)
-    t.start()
+    read = Call(direct_pread, m / "disk", MiB, 4096, name="the read on a silent server").start()
     try:
         # Metadata stays responsive while the read waits for the server.
         time.sleep(0.5)
@@ -34,13 +29,12 @@ def test_silent_server_fails_the_request_then_recovers(random_export, mount, sto
             r, e, dt = timed(lambda: (os.listdir(m.path), os.stat(m / "disk"),
                                        getx(m / "disk", "user.nbdfs.sectors")))
             assert e is None and dt < 1.0, (e, dt)
-        t.join(timeout=30)
-        assert not t.is_alive(), "the read on a silent server never ended"
+        read.join(30)
     finally:
         stopped.cont(srv.proc)
-        t.join(timeout=60)
-    assert result["e"] == errno.EIO, result
-    assert result["dt"] < 15, result
+        read.wait(60)
+    assert read.errno == errno.EIO, (read.value, read.errno, read.dt)
+    assert read.dt < 15, (read.value, read.errno, read.dt)
     # The server answers again: new requests reconnect and succeed.
     wait_for(lambda: timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))[1] is None, timeout=30,
              what="a read to succeed after SIGCONT")
