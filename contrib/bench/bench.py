@@ -44,7 +44,7 @@ sys.dont_write_bytecode = True    # no root-owned __pycache__ in the source tree
 from benchlib import (GiB, MiB, Interrupted, Resources, _child_signals,  # noqa: E402
                       ctx_delta, ctx_switches, drop_caches, fmt, fmt_ratio, leftovers, log,
                       median, mounted, nthreads, proc_cpu, proc_minflt, proc_status, ratio,
-                      reset_hwm, run, start_nbdkit, wait_until)
+                      reset_hwm, run, start_daemon, start_nbdkit, wait_started, wait_until)
 import scale  # noqa: E402
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,19 +98,11 @@ def mount_nbdfuse(res, workdir, server, tag):
     mnt = os.path.join(workdir, f"nbdfuse-{tag}")
     os.mkdir(mnt)
     pidfile = os.path.join(workdir, f"nbdfuse-{tag}.pid")
-    logf = open(os.path.join(workdir, f"nbdfuse-{tag}.log"), "wb")
+    logpath = os.path.join(workdir, f"nbdfuse-{tag}.log")
     cmd = ["nbdfuse", "-P", pidfile, os.path.join(mnt, "nbd"), server.uri]
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                            preexec_fn=_child_signals)
-    logf.close()
-    res.daemons.append(proc)
-    res.mounts.append(mnt)
-
-    def ready():
-        if proc.poll() is not None:
-            raise RuntimeError(f"nbdfuse exited {proc.returncode}")
-        return os.path.exists(pidfile) and mounted(mnt)
-    wait_until(ready, 30, f"nbdfuse {tag} to mount")
+    proc = start_daemon(res, cmd, logpath, mnt)
+    wait_started(proc, "nbdfuse", cmd, logpath, lambda: os.path.exists(pidfile) and mounted(mnt),
+                 30, f"nbdfuse {tag} to mount")
     log(f"nbdfuse {tag}: pid {proc.pid} at {mnt}")
     return proc, os.path.join(mnt, "nbd")
 
@@ -120,25 +112,15 @@ def mount_nbdfs(res, workdir, nbdfs, server, tag, opts=()):
     mnt = os.path.join(workdir, f"nbdfs-{tag}")
     os.mkdir(mnt)
     logpath = os.path.join(workdir, f"nbdfs-{tag}.log")
-    logf = open(logpath, "wb")
     cmd = [nbdfs, "-f", "-o", f"split=disk:{SPLIT_SECTORS}"]
     for o in opts:
         cmd += ["-o", o]
     cmd += [server.uri, mnt]
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                            preexec_fn=_child_signals)
-    logf.close()
-    res.daemons.append(proc)
-    res.mounts.append(mnt)
-
-    def ready():
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = f.read()[-800:]
-            raise RuntimeError(f"nbdfs exited {proc.returncode}: {' '.join(cmd)}: {tail}")
-        return mounted(mnt) and os.path.exists(os.path.join(mnt, "disk-part2"))
+    proc = start_daemon(res, cmd, logpath, mnt)
     try:
-        wait_until(ready, 30, f"nbdfs {tag} to mount with disk and disk-part2")
+        wait_started(proc, "nbdfs", cmd, logpath,
+                     lambda: mounted(mnt) and os.path.exists(os.path.join(mnt, "disk-part2")),
+                     30, f"nbdfs {tag} to mount with disk and disk-part2", tail=800)
     except Exception:
         res.unmount(mnt)
         Resources._kill(proc)
@@ -157,21 +139,11 @@ def mount_memfile(res, workdir, tag, cmd, mnt):
     ready when mnt/disk exists. Returns (proc, path of the file)."""
     os.mkdir(mnt)
     logpath = os.path.join(workdir, f"{tag}.log")
-    with open(logpath, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                                preexec_fn=_child_signals)
-    res.daemons.append(proc)
-    res.mounts.append(mnt)
+    proc = start_daemon(res, cmd, logpath, mnt)
     path = os.path.join(mnt, MEMFILE_NAME)
-
-    def ready():
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = f.read()[-600:]
-            raise RuntimeError(f"{tag} exited {proc.returncode}: {' '.join(cmd)}: {tail}")
-        return mounted(mnt) and os.path.exists(path)
     try:
-        wait_until(ready, 60, f"{tag} to serve {path}")
+        wait_started(proc, tag, cmd, logpath, lambda: mounted(mnt) and os.path.exists(path), 60,
+                     f"{tag} to serve {path}")
     except Exception:
         res.stop_daemon(proc, mnt)
         raise
@@ -269,6 +241,16 @@ class Bench:
         if p in self.res.workers:
             self.res.workers.remove(p)
 
+    @staticmethod
+    def _communicate(p, timeout, what):
+        """p.communicate() within timeout; past it, p is killed and
+        RuntimeError(what) raised."""
+        try:
+            return p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            Resources._kill(p, signal.SIGKILL, 5)
+            raise RuntimeError(what)
+
     def run_fio(self, w, t, size):
         out = os.path.join(self.workdir, "fio.json")
         if os.path.exists(out):
@@ -285,10 +267,7 @@ class Bench:
                     "--allow_file_create=0"]
         p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _, err = p.communicate(timeout=self.args.runtime + 60)
-        except subprocess.TimeoutExpired:
-            Resources._kill(p, signal.SIGKILL, 5)
-            raise RuntimeError("fio timed out")
+            _, err = self._communicate(p, self.args.runtime + 60, "fio timed out")
         finally:
             self._reap(p)
         if p.returncode != 0:
@@ -330,11 +309,7 @@ class Bench:
                 p.wait(timeout=self.args.runtime)
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGINT)
-            try:
-                _, err = p.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                Resources._kill(p, signal.SIGKILL, 5)
-                raise RuntimeError("dd did not stop")
+            _, err = self._communicate(p, 60, "dd did not stop")
         finally:
             self._reap(p)
         if w.rw == "write":
@@ -364,10 +339,7 @@ class Bench:
         t0 = time.monotonic()
         p = self._spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _, err = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            Resources._kill(p, signal.SIGKILL, 5)
-            raise RuntimeError("nbdcopy timed out")
+            _, err = self._communicate(p, 120, "nbdcopy timed out")
         finally:
             self._reap(p)
         secs = time.monotonic() - t0
@@ -818,6 +790,12 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
         run(["nbdcopy", srcfile, srv.uri], timeout=300)
     log("exports filled with random data")
 
+    def not_started(name, verb, e):
+        """A FUSE daemon that would not start: logged, a failure, its rows skipped."""
+        log(f"{name} does not {verb}: {e}")
+        failures.append(f"{name} did not {verb}: {e}")
+        notes_extra.append(f"{name}: did not {verb} ({str(e)[:200]}); rows skipped")
+
     targets, delay_targets = [], {}
     if nbdfs:
         try:
@@ -844,9 +822,7 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
                 delay_targets["nbdfs"] = Target("nbdfs", "file", os.path.join(mnt, "disk"),
                                                 delay_srv, proc)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            log(f"nbdfs does not mount: {e}")
-            failures.append(f"nbdfs did not mount: {e}")
-            notes_extra.append(f"nbdfs: did not mount ({str(e)[:200]}); rows skipped")
+            not_started("nbdfs", "mount", e)
             targets = [t for t in targets if not t.name.startswith("nbdfs")]
             delay_targets.pop("nbdfs", None)
     if tools["nbdfuse"]:
@@ -860,9 +836,7 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
                 proc, path = mount_nbdfuse(res, workdir, delay_srv, "delay")
                 delay_targets["nbdfuse"] = Target("nbdfuse", "file", path, delay_srv, proc)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            log(f"nbdfuse does not mount: {e}")
-            failures.append(f"nbdfuse did not mount: {e}")
-            notes_extra.append(f"nbdfuse: did not mount ({str(e)[:200]}); rows skipped")
+            not_started("nbdfuse", "mount", e)
             targets = [t for t in targets if not t.name.startswith("nbdfuse")]
             delay_targets.pop("nbdfuse", None)
     floors = ((FLOOR, tools["memfile"], memfile_cmd),
@@ -881,9 +855,7 @@ def setup_io(args, res, workdir, tools, workloads, notes_extra, failures):
             try:
                 proc, path = mount_memfile(res, workdir, tag, make_cmd(binary, direct, mnt), mnt)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                log(f"{name} does not start: {e}")
-                failures.append(f"{name} did not start: {e}")
-                notes_extra.append(f"{name}: did not start ({str(e)[:200]}); rows skipped")
+                not_started(name, "start", e)
                 break
             targets.append(Target(name, "file", path, None, proc, only_kind=kind))
     targets.append(Target("raw", "raw", server=main_srv))

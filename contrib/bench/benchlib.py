@@ -1,6 +1,7 @@
 """Helpers of the nbdfs benchmark: commands, polling, /proc counters, the
-resources of a run (released in one place, also on signals), nbdkit servers
-and number formatting. Standard library only; used by bench.py and scale.py."""
+resources of a run (released in one place, also on signals), FUSE daemons,
+nbdkit servers and number formatting. Standard library only; used by bench.py
+and scale.py."""
 
 import os
 import shutil
@@ -49,6 +50,23 @@ def wait_until(cond, timeout, what):
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def log_end(path, chars):
+    """The last chars characters of a log file."""
+    with open(path, errors="replace") as f:
+        return f.read()[-chars:]
+
+
+def wait_started(proc, name, cmd, logpath, cond, timeout, what, tail=600):
+    """wait_until(cond) for a process just started with its output in logpath;
+    a RuntimeError with the command and the end of that log if it exits first."""
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {proc.returncode}: {' '.join(cmd)}: "
+                               f"{log_end(logpath, tail)}")
+        return cond()
+    wait_until(ready, timeout, what)
 
 
 def mounted(path):
@@ -182,13 +200,22 @@ def pids_with_arg(arg):
     return [pid for pid, args in processes() if want in args]
 
 
-def pid_alive(pid):
-    """True while pid exists and is not a zombie."""
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (the state first),
+    or None when there is no such process."""
+    if not pid:
+        return None
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+
+
+def pid_alive(pid):
+    """True while pid exists and is not a zombie."""
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def kill_pid(pid, timeout=10):
@@ -226,28 +253,34 @@ def leftovers(workdir):
     return left
 
 
+def start_daemon(res, cmd, logpath, mnt):
+    """Starts a FUSE daemon in a session of its own, its stdout and stderr in
+    logpath; res owns it and its mountpoint mnt from now on."""
+    with open(logpath, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                                preexec_fn=_child_signals)
+    res.daemons.append(proc)
+    res.mounts.append(mnt)
+    return proc
+
+
 # ---------------------------------------------------------------- /proc
 
 def proc_cpu(pid):
     """utime+stime of a whole process (all threads), in seconds."""
-    if not pid:
-        return None
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
+    except (TypeError, IndexError, ValueError):
         return None
 
 
 def proc_minflt(pid):
     """Minor page faults of a whole process (all threads, live and dead)."""
-    if not pid:
-        return None
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
-    except (OSError, IndexError, ValueError):
+        return int(fields[7])
+    except (TypeError, IndexError, ValueError):
         return None
 
 
@@ -374,14 +407,7 @@ def start_nbdkit(res, workdir, name, extra=(), threads=64):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf,
                                 start_new_session=True, preexec_fn=_child_signals)
     res.servers.append(proc)
-
-    def ready():
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = f.read()[-600:]
-            raise RuntimeError(f"nbdkit exited {proc.returncode}: {' '.join(cmd)}: {tail}")
-        return os.path.exists(sock)
-    wait_until(ready, 30, f"nbdkit {name}")
+    wait_started(proc, "nbdkit", cmd, logpath, lambda: os.path.exists(sock), 30, f"nbdkit {name}")
     log(f"nbdkit {name}: pid {proc.pid}: {' '.join(cmd[3:])}")
     return Server(proc, sock, name)
 

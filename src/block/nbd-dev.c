@@ -307,38 +307,35 @@ static Blockdev *wrap(Nbdc *c, const struct blockdev_nbd_opts *opts, const struc
 	return &d->base;
 }
 
-Blockdev *blockdev_nbd_new(const struct nbdc_config *cfg, const struct blockdev_nbd_opts *opts,
-			   GError **error)
+/* blockdev_nbd_new() (@lazy FALSE: connects now) and blockdev_nbd_open()
+ * (@lazy TRUE: a handle for @known that connects on first use). */
+static Blockdev *nbddev_new(const struct nbdc_config *cfg, const struct blockdev_nbd_opts *opts,
+			    gboolean lazy, const struct nbdc_export *known, GError **error)
 {
-	struct blockdev_nbd_opts defaults = {0};
+	static const struct blockdev_nbd_opts defaults = {0};
 	struct nbdc_config dcfg;
 
-	g_return_val_if_fail(cfg != NULL, NULL);
 	if (!opts)
 		opts = &defaults;
 	if (!check_ss(opts->sector_size, error))
 		return NULL;
 	dev_config(&dcfg, cfg, opts);
-	Nbdc *c = nbdc_connect(&dcfg, error);
+	Nbdc *c = lazy ? nbdc_open(&dcfg, known, error) : nbdc_connect(&dcfg, error);
 	if (!c)
 		return NULL;
 	return wrap(c, opts, &dcfg, error);
 }
 
+Blockdev *blockdev_nbd_new(const struct nbdc_config *cfg, const struct blockdev_nbd_opts *opts,
+			   GError **error)
+{
+	g_return_val_if_fail(cfg != NULL, NULL);
+	return nbddev_new(cfg, opts, FALSE, NULL, error);
+}
+
 Blockdev *blockdev_nbd_open(const struct nbdc_config *cfg, const struct blockdev_nbd_opts *opts,
 			    const struct nbdc_export *known, GError **error)
 {
-	struct blockdev_nbd_opts defaults = {0};
-	struct nbdc_config dcfg;
-
 	g_return_val_if_fail(cfg != NULL, NULL);
-	if (!opts)
-		opts = &defaults;
-	if (!check_ss(opts->sector_size, error))
-		return NULL;
-	dev_config(&dcfg, cfg, opts);
-	Nbdc *c = nbdc_open(&dcfg, known, error);
-	if (!c)
-		return NULL;
-	return wrap(c, opts, &dcfg, error);
+	return nbddev_new(cfg, opts, TRUE, known, error);
 }

@@ -25,6 +25,7 @@ import time
 import pytest
 
 from nbdfs_test.build import BUILD_DIR, build_path
+from nbdfs_test.data import random_image
 from nbdfs_test.fsync_writer import FsyncWriter
 from nbdfs_test.mounts import (CleanupStack, Mount, cleanup_mount, detach_loop, find_daemon_pids,
                                is_mounted, need_fuse, need_root, umount_loop)
@@ -182,6 +183,21 @@ def server(e2e_stack, tmp_path):
     nbdkit_.qemu_nbd = qemu_nbd
     nbdkit_.nbd_server = nbd_server
     return nbdkit_
+
+
+@pytest.fixture
+def random_export(server, tmp_path):
+    """Factory: random_export(SIZE, **server_kw) -> (srv, img, data): a file
+    img of SIZE random bytes (data) served by `server("file", img, log=False,
+    **server_kw)`.  A server killed in the test comes back on the same socket
+    with server("file", img, log=False, sock=srv.sock)."""
+    n = [0]
+
+    def start(size, **kw):
+        img, data = random_image(tmp_path / f"random{n[0]}.img", size)
+        n[0] += 1
+        return server("file", img, log=False, **kw), img, data
+    return start
 
 
 @pytest.fixture

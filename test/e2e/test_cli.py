@@ -454,23 +454,6 @@ def test_default_sector_size_from_server_minimum(nbdkit, mount):
     assert getx(m / "disk", "user.nbdfs.sector_size") == "4096"
 
 
-def _active_connections(log):
-    t = log.text()
-    return t.count(" Connect export=") - t.count(" Disconnect transactions=")
-
-
-def _max_active_connections(log):
-    """The most connections open at once, replaying the log in order."""
-    n = best = 0
-    for line in log.text().splitlines():
-        if " Connect export=" in line:
-            n += 1
-            best = max(best, n)
-        elif " Disconnect transactions=" in line:
-            n -= 1
-    return best
-
-
 def _parallel_reads(path, seconds=3):
     """O_DIRECT random reads at a deep queue (fio): enough requests at once
     that they queue up on a connection."""
@@ -485,9 +468,9 @@ def test_option_connections_multi_conn_server(server, mount):
     srv = server("--filter=delay", "memory", "4M", "delay-read=5ms")  # multi-conn
     m = mount(srv.uri(), opts=["-o", "connections=3"])
     read_file(m / "disk", 0, 4096)
-    assert _max_active_connections(srv.log) == 1, srv.log.text()[-2000:]
+    assert srv.log.max_open_connections() == 1, srv.log.text()[-2000:]
     _parallel_reads(m / "disk")
-    assert _max_active_connections(srv.log) == 3, srv.log.text()[-3000:]
+    assert srv.log.max_open_connections() == 3, srv.log.text()[-3000:]
     with open(m / "disk", "r+b") as f:
         f.write(b"z" * 8192)
     assert read_file(m / "disk", 0, 8192) == b"z" * 8192
@@ -497,7 +480,7 @@ def test_default_connections_several_with_multi_conn(server, mount):
     srv = server("--filter=delay", "memory", "4M", "delay-read=5ms")
     m = mount(srv.uri())
     _parallel_reads(m / "disk")
-    assert _max_active_connections(srv.log) >= 2, srv.log.text()[-3000:]
+    assert srv.log.max_open_connections() >= 2, srv.log.text()[-3000:]
 
 
 def test_option_connections_server_without_multi_conn(server, mount):
@@ -506,7 +489,7 @@ def test_option_connections_server_without_multi_conn(server, mount):
     with open(m / "disk", "r+b") as f:
         f.write(b"q" * 1024)
     assert read_file(m / "disk", 0, 1024) == b"q" * 1024
-    assert _active_connections(srv.log) == 1
+    assert srv.log.open_connections() == 1
     assert any(w in m.log().lower() for w in ("multi-conn", "multi_conn", "connection")), \
         f"no warning logged: {m.log()!r}"
 
@@ -515,7 +498,7 @@ def test_default_connections_one_without_multi_conn(server, mount):
     srv = server("--filter=multi-conn", "memory", "4M", "multi-conn-mode=disable")
     m = mount(srv.uri())
     read_file(m / "disk", 0, 4096)
-    assert _active_connections(srv.log) == 1
+    assert srv.log.open_connections() == 1
 
 
 def test_option_timeout_accepted(nbdkit, mount):

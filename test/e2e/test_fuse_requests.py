@@ -10,7 +10,7 @@ import re
 import threading
 import time
 
-from nbdfs_test.data import MiB, nbd_read, pattern_bytes
+from nbdfs_test.data import MiB, nbd_read, opened, pattern_bytes
 from nbdfs_test.polling import wait_for
 from nbdfs_test.threads import Call
 
@@ -18,12 +18,9 @@ from nbdfs_test.threads import Call
 def test_buffered_writes_send_no_getxattr(server, mount):
     srv = server("memory", "4M", log=False)
     m = mount(srv.uri(), foreground="-d")
-    fd = os.open(m / "disk", os.O_WRONLY)
-    try:
+    with opened(m / "disk", os.O_WRONLY) as fd:
         for i in range(50):
             assert os.write(fd, bytes([i]) * 4096) == 4096
-    finally:
-        os.close(fd)
 
     def writes():
         return len(re.findall(r"fuse: WRITE ", m.log()))
@@ -64,12 +61,9 @@ def test_concurrent_o_direct_writers_to_one_file_are_in_flight_together(server, 
     m = mount(srv.uri())
     data = [os.urandom(65536) for _ in range(4)]
     bufs = [_aligned(d) for d in data]
-    fd = os.open(m / "disk", os.O_RDWR | os.O_DIRECT)
-    try:
+    with opened(m / "disk", os.O_RDWR | os.O_DIRECT) as fd:
         took, _ = _together([lambda b=b, i=i: os.pwrite(fd, b, i * MiB)
                                 for i, b in enumerate(bufs)])
-    finally:
-        os.close(fd)
     assert took < 1.5, f"4 O_DIRECT writes of 0.5 s each took {took:.2f}s: one after another"
     assert srv.log.max_in_flight("Write") >= 2, srv.log.text()[-3000:]
     for i, d in enumerate(data):
@@ -80,12 +74,9 @@ def test_concurrent_o_direct_readers_of_one_file_are_in_flight_together(server, 
     srv = server("--filter=delay", "pattern", "64M", "delay-read=500ms")
     m = mount(srv.uri())
     bufs = [mmap.mmap(-1, 65536) for _ in range(4)]
-    fd = os.open(m / "disk", os.O_RDONLY | os.O_DIRECT)
-    try:
+    with opened(m / "disk", os.O_RDONLY | os.O_DIRECT) as fd:
         took, _ = _together([lambda b=b, i=i: os.preadv(fd, [b], i * MiB)
                                     for i, b in enumerate(bufs)])
-    finally:
-        os.close(fd)
     assert took < 1.5, f"4 O_DIRECT reads of 0.5 s each took {took:.2f}s: one after another"
     assert srv.log.max_in_flight("Read") >= 2, srv.log.text()[-3000:]
     for i, b in enumerate(bufs):

@@ -15,8 +15,8 @@ import threading
 import pytest
 
 from nbdfs_test.data import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, MiB,
-                             SECTOR, direct_pwrite, errno_of, fallocate, nbd_read, pattern_bytes,
-                             read_file)
+                             SECTOR, direct_pwrite, errno_of, fallocate, nbd_read, opened,
+                             pattern_bytes, read_file)
 from nbdfs_test.polling import run, wait_for
 
 ODD = [(0, 1), (1, 1), (7, 9), (511, 2), (512, 512), (513, 1000), (4095, 4097), (12345, 65537),
@@ -24,11 +24,8 @@ ODD = [(0, 1), (1, 1), (7, 9), (511, 2), (512, 512), (513, 1000), (4095, 4097), 
 
 
 def _pread(path, off, n):
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with opened(path, os.O_RDONLY) as fd:
         return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- reads
@@ -67,8 +64,7 @@ def test_writes_at_odd_offsets(server, mount):
     srv = server("memory", str(size))
     m = mount(srv.uri())
     model = bytearray(size)
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         rnd = random.Random(1)
         for off, n in ODD + [(size - 7, 7), (2000, 1), (2001, 1), (2047, 3)]:
             data = bytes(rnd.randrange(256) for _ in range(min(n, 300))) * (n // 300 + 1)
@@ -77,8 +73,6 @@ def test_writes_at_odd_offsets(server, mount):
             model[off:off + n] = data
             lo, hi = max(0, off - 10), min(size, off + n + 10)
             assert os.pread(fd, hi - lo, lo) == bytes(model[lo:hi]), (off, n)
-    finally:
-        os.close(fd)
     assert read_file(m / "disk") == bytes(model)
     assert nbd_read(srv.uri()) == bytes(model)
     # every request on the wire was sector-aligned
@@ -89,14 +83,11 @@ def test_writes_at_odd_offsets(server, mount):
 def test_write_at_or_past_end_enospc_straddle_short(server, mount):
     srv = server("memory", "1M")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         assert errno_of(os.pwrite, fd, b"x", MiB) == errno.ENOSPC
         assert errno_of(os.pwrite, fd, b"x" * 4096, MiB + 4096) == errno.ENOSPC
         assert os.pwrite(fd, b"y" * 100, MiB - 10) == 10
         assert os.pread(fd, 20, MiB - 20) == bytes(10) + b"y" * 10
-    finally:
-        os.close(fd)
     assert os.path.getsize(m / "disk") == MiB
     assert nbd_read(srv.uri(), MiB - 20) == bytes(10) + b"y" * 10
 
@@ -104,12 +95,9 @@ def test_write_at_or_past_end_enospc_straddle_short(server, mount):
 def test_partition_end_protects_the_next_partition(server, mount):
     srv = server("memory", "1M")
     m = mount(srv.uri(), opts=["-o", "split=disk:8"])
-    fd = os.open(m / "disk-part1", os.O_RDWR)
-    try:
+    with opened(m / "disk-part1", os.O_RDWR) as fd:
         assert errno_of(os.pwrite, fd, b"x", 8 * SECTOR) == errno.ENOSPC
         assert os.pwrite(fd, b"z" * 100, 8 * SECTOR - 1) == 1
-    finally:
-        os.close(fd)
     assert _pread(m / "disk-part2", 0, 16) == bytes(16)
     assert nbd_read(srv.uri(), 8 * SECTOR - 1, 16) == b"z" + bytes(15)
 
@@ -146,15 +134,12 @@ def test_o_trunc_and_shell_redirect(server, mount):
     f = m / "disk"
     with open(f, "r+b") as fh:
         fh.write(b"A" * 8192)
-    fd = os.open(f, os.O_WRONLY | os.O_TRUNC)
-    try:
+    with opened(f, os.O_WRONLY | os.O_TRUNC) as fd:
         assert os.fstat(fd).st_size == MiB
         os.ftruncate(fd, 0)
         os.ftruncate(fd, 5)
         assert os.fstat(fd).st_size == MiB
         assert os.write(fd, b"hello") == 5
-    finally:
-        os.close(fd)
     assert os.path.getsize(f) == MiB
     # the bytes after what was written are not zeroed by the "truncation"
     assert _pread(f, 0, 10) == b"helloAAAAA"
@@ -182,8 +167,7 @@ def _flushes(srv):
 def test_fsync_fdatasync_flush(server, mount, call):
     srv = server("memory", "1M")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         os.pwrite(fd, b"d" * 1000, 1000)
         before = _flushes(srv)
         getattr(os, call)(fd)
@@ -192,8 +176,6 @@ def test_fsync_fdatasync_flush(server, mount, call):
         reqs = [r for r in srv.log.requests() if r["kind"] in ("Write", "Flush")]
         assert reqs[-1]["kind"] == "Flush"
         assert nbd_read(srv.uri(), 1000, 1000) == b"d" * 1000
-    finally:
-        os.close(fd)
 
 
 def test_fsync_without_server_flush_succeeds(mount, nbdkit):
@@ -201,13 +183,10 @@ def test_fsync_without_server_flush_succeeds(mount, nbdkit):
                  "can_write=exit 0", "pwrite=cat >/dev/null", "can_flush=exit 3",
                  "can_fua=echo none")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         os.pwrite(fd, b"q" * 512, 0)
         os.fsync(fd)
         os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_close_after_writes_flushes(server, mount):
@@ -237,8 +216,7 @@ def test_dd_data_on_server_when_dd_returns(tmp_path, server, mount):
 def test_o_sync_writes_fua_or_flush(server, mount, flag):
     srv = server("memory", "1M")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_WRONLY | getattr(os, flag))
-    try:
+    with opened(m / "disk", os.O_WRONLY | getattr(os, flag)) as fd:
         srv.log.clear()
         os.pwrite(fd, b"s" * 4096, 8192)
         reqs = srv.log.requests()
@@ -247,8 +225,6 @@ def test_o_sync_writes_fua_or_flush(server, mount, flag):
         durable = writes[-1].get("fua") == 1 or any(
             r["kind"] == "Flush" for r in reqs[reqs.index(writes[-1]) + 1:])
         assert durable, srv.log.text()
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- fallocate
@@ -256,8 +232,7 @@ def test_o_sync_writes_fua_or_flush(server, mount, flag):
 def test_punch_hole_keep_size(server, mount):
     srv = server("memory", "1M")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         os.pwrite(fd, b"\xaa" * 65536, 0)
         os.pread(fd, 65536, 0)   # warm the page cache
         srv.log.clear()
@@ -271,8 +246,6 @@ def test_punch_hole_keep_size(server, mount):
         want[4096:20480] = bytes(16384)
         want[30001:31000] = bytes(999)
         assert os.pread(fd, 65536, 0) == bytes(want)
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri(), 0, 65536) == bytes(want)
     assert os.path.getsize(m / "disk") == MiB
 
@@ -280,16 +253,13 @@ def test_punch_hole_keep_size(server, mount):
 def test_zero_range(server, mount):
     srv = server("memory", "1M")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         os.pwrite(fd, b"\x55" * 65536, 0)
         os.pread(fd, 65536, 0)
         srv.log.clear()
         fallocate(fd, FALLOC_FL_ZERO_RANGE, 8192, 32768)
         assert os.pread(fd, 65536, 0) == b"\x55" * 8192 + bytes(32768) + b"\x55" * (65536 - 40960)
         assert srv.log.requests("Zero"), srv.log.text()
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri(), 0, 65536) == b"\x55" * 8192 + bytes(32768) + b"\x55" * (65536 - 40960)
 
 
@@ -309,12 +279,9 @@ def test_fallocate_command_line(server, mount):
 
 def test_punch_hole_on_read_only_fails(nbdkit, mount):
     m = mount(nbdkit("memory", "1M").uri(), opts=["-o", "ro"])
-    fd = os.open(m / "disk", os.O_RDONLY)
-    try:
+    with opened(m / "disk", os.O_RDONLY) as fd:
         e = errno_of(fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
         assert e in (errno.EBADF, errno.EROFS, errno.EPERM)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- SEEK_DATA / SEEK_HOLE
@@ -328,8 +295,7 @@ def test_seek_data_hole(server, mount):
         f.write(b"\x01" * 65536)
         f.seek(5 * MiB)
         f.write(b"\x02" * 65536)
-    fd = os.open(m / "disk", os.O_RDONLY)
-    try:
+    with opened(m / "disk", os.O_RDONLY) as fd:
         assert os.lseek(fd, 0, os.SEEK_DATA) == MiB
         assert os.lseek(fd, MiB, os.SEEK_HOLE) == MiB + 65536
         assert os.lseek(fd, MiB + 100, os.SEEK_DATA) == MiB + 100
@@ -338,27 +304,19 @@ def test_seek_data_hole(server, mount):
         assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
         assert errno_of(os.lseek, fd, 5 * MiB + 65536, os.SEEK_DATA) == errno.ENXIO
         assert errno_of(os.lseek, fd, size, os.SEEK_DATA) == errno.ENXIO
-    finally:
-        os.close(fd)
     # a partition file answers in its own offsets
-    fd = os.open(m / "disk-part2", os.O_RDONLY)
-    try:
+    with opened(m / "disk-part2", os.O_RDONLY) as fd:
         base = 2048 * SECTOR     # == 1 MiB, where the first data is
         assert os.lseek(fd, 0, os.SEEK_DATA) == 0
         assert os.lseek(fd, 0, os.SEEK_HOLE) == 65536
         assert os.lseek(fd, 5 * MiB - base, os.SEEK_HOLE) == 5 * MiB + 65536 - base
-    finally:
-        os.close(fd)
 
 
 def test_seek_without_block_status_all_data(nbdkit, mount):
     m = mount(nbdkit("--filter=noextents", "memory", "1M").uri())
-    fd = os.open(m / "disk", os.O_RDONLY)
-    try:
+    with opened(m / "disk", os.O_RDONLY) as fd:
         assert os.lseek(fd, 0, os.SEEK_DATA) == 0
         assert os.lseek(fd, 100, os.SEEK_HOLE) == MiB
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- O_DIRECT
@@ -369,14 +327,11 @@ def test_o_direct(server, mount):
     buf = mmap.mmap(-1, 65536)
     data = os.urandom(65536)
     buf.write(data)
-    fd = os.open(m / "disk", os.O_RDWR | os.O_DIRECT)
-    try:
+    with opened(m / "disk", os.O_RDWR | os.O_DIRECT) as fd:
         assert os.pwrite(fd, buf, 131072) == 65536
         rbuf = mmap.mmap(-1, 65536)
         assert os.preadv(fd, [rbuf], 131072) == 65536
         assert bytes(rbuf) == data
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri(), 131072, 65536) == data
     # and the buffered view agrees at once
     assert _pread(m / "disk", 131072, 65536) == data
@@ -528,15 +483,12 @@ def test_concurrent_unaligned_writers(server, mount, sector):
             # even threads through the export, odd ones through the partition
             # (same bytes: disk-part2 starts at sector 16 of disk)
             path, delta = (m / "disk", 0) if t % 2 == 0 else (m / "disk-part2", 16 * SECTOR)
-            fd = os.open(path, os.O_RDWR)
-            try:
+            with opened(path, os.O_RDWR) as fd:
                 for rnd in range(6):
                     for k in range(region // (stripe * nthreads)):
                         off = 16 * SECTOR + (k * nthreads + t) * stripe
                         val = bytes([(t * 16 + rnd) & 0xff]) * stripe
                         assert os.pwrite(fd, val, off - delta) == stripe
-            finally:
-                os.close(fd)
         except Exception as e:
             errors.append(e)
 
@@ -563,8 +515,7 @@ def test_4096_minimum_server_byte_writes(server, mount):
                  "blocksize-error-policy=error")
     m = mount(srv.uri())
     model = bytearray(MiB)
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         for off in (0, 1, 4095, 4096, 4097, 8191, 65535, MiB - 1):
             os.pwrite(fd, b"\x7f", off)
             model[off] = 0x7f
@@ -572,8 +523,6 @@ def test_4096_minimum_server_byte_writes(server, mount):
         model[10000:16000] = b"ab" * 3000
         assert os.pread(fd, 70000, 0) == bytes(model[:70000])
         os.fsync(fd)
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri()) == bytes(model)
     for r in srv.log.requests("Write") + srv.log.requests("Read"):
         assert r["offset"] % 4096 == 0 and r["count"] % 4096 == 0, r
@@ -591,8 +540,7 @@ def test_4096_minimum_and_size_not_a_multiple(server, mount):
     f = m / "disk"
     assert os.path.getsize(f) == size
     last_full = (size // 4096) * 4096
-    fd = os.open(f, os.O_RDWR)
-    try:
+    with opened(f, os.O_RDWR) as fd:
         assert os.pwrite(fd, b"END", last_full - 3) == 3
         assert os.pread(fd, 3, last_full - 3) == b"END"
         assert errno_of(os.pwrite, fd, b"x", size) == errno.ENOSPC
@@ -604,8 +552,6 @@ def test_4096_minimum_and_size_not_a_multiple(server, mount):
             os.pread(fd, 10, size - 4)
         except OSError:
             pass
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri(), last_full - 3, 3, request_size=4096, extents=False) == b"END"
 
 
@@ -614,16 +560,13 @@ def test_export_size_not_a_multiple_of_512(server, mount):
     m = mount(srv.uri())
     f = m / "disk"
     assert os.path.getsize(f) == 1000
-    fd = os.open(f, os.O_RDWR)
-    try:
+    with opened(f, os.O_RDWR) as fd:
         assert os.pwrite(fd, b"0123456789", 990) == 10
         assert os.pread(fd, 100, 995) == b"56789"
         assert os.pread(fd, 10, 1000) == b""
         assert errno_of(os.pwrite, fd, b"x", 1000) == errno.ENOSPC
         assert os.pwrite(fd, b"abcdef", 997) == 3
         assert os.pwrite(fd, b"head", 0) == 4
-    finally:
-        os.close(fd)
     assert read_file(f) == b"head" + bytes(986) + b"0123456abc"
     assert nbd_read(srv.uri()) == b"head" + bytes(986) + b"0123456abc"
 
@@ -642,12 +585,9 @@ def test_large_sequential_io_crosses_max_block_size(server, mount):
                  "blocksize-error-policy=error", log=False)
     m = mount(srv.uri())
     data = os.urandom(3 * MiB)
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         assert os.pwrite(fd, data, 12345) == len(data)
         assert os.pread(fd, len(data), 12345) == data
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri(), 12345, len(data), request_size=65536) == data
 
 
@@ -658,8 +598,7 @@ def test_o_sync_without_fua_write_then_flush(server, mount):
                  "pwrite=cat >/dev/null", "can_flush=exit 0", "flush=exit 0",
                  "can_fua=echo none")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_WRONLY | os.O_DSYNC)
-    try:
+    with opened(m / "disk", os.O_WRONLY | os.O_DSYNC) as fd:
         srv.log.clear()
         os.pwrite(fd, b"s" * 4096, 8192)
         reqs = srv.log.requests()
@@ -667,16 +606,13 @@ def test_o_sync_without_fua_write_then_flush(server, mount):
         assert writes, srv.log.text()
         assert all(r.get("fua", 0) == 0 for r in reqs if r["kind"] == "Write")
         assert any(r["kind"] == "Flush" for r in reqs[writes[-1] + 1:]), srv.log.text()
-    finally:
-        os.close(fd)
 
 
 def test_punch_and_zero_without_server_write_zeroes(server, mount):
     """A server with no WRITE_ZEROES: the range still reads back as zeros."""
     srv = server("--filter=nozero", "memory", "1M", "zeromode=none")
     m = mount(srv.uri())
-    fd = os.open(m / "disk", os.O_RDWR)
-    try:
+    with opened(m / "disk", os.O_RDWR) as fd:
         os.pwrite(fd, b"\x77" * 65536, 0)
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1000, 10000)
         fallocate(fd, FALLOC_FL_ZERO_RANGE, 30000, 5000)
@@ -684,8 +620,6 @@ def test_punch_and_zero_without_server_write_zeroes(server, mount):
         want[1000:11000] = bytes(10000)
         want[30000:35000] = bytes(5000)
         assert os.pread(fd, 65536, 0) == bytes(want)
-    finally:
-        os.close(fd)
     assert nbd_read(srv.uri(), 0, 65536) == bytes(want)
     assert srv.log.requests("Zero") == []
 
@@ -702,12 +636,9 @@ def test_server_error_is_eio_at_once(tmp_path, server, mount):
 
     def direct_read(off):
         buf = mmap.mmap(-1, 4096)
-        fd = os.open(m / "disk", os.O_RDONLY | os.O_DIRECT)
-        try:
+        with opened(m / "disk", os.O_RDONLY | os.O_DIRECT) as fd:
             os.preadv(fd, [buf], off)
             return bytes(buf)
-        finally:
-            os.close(fd)
     assert direct_read(0) == pattern_bytes(0, 4096)
     inject.write_text("")
     t0 = time.monotonic()
@@ -772,12 +703,9 @@ def test_coherence_with_a_loop_device(server, mount, loopdev):
 
     def dev_read(off, n):
         buf = mmap.mmap(-1, 4096)
-        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-        try:
+        with opened(dev, os.O_RDONLY | os.O_DIRECT) as fd:
             os.preadv(fd, [buf], off)
             return bytes(buf[:n])
-        finally:
-            os.close(fd)
     assert dev_read(8192, 8) == bytes(8)
     with open(m / "disk", "r+b") as f:
         f.seek(base + 8192)
@@ -786,11 +714,8 @@ def test_coherence_with_a_loop_device(server, mount, loopdev):
     # and the reverse: through the loop device, seen in the export file
     buf = mmap.mmap(-1, 4096)
     buf.write(b"via-loop" + bytes(4088))
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
-    try:
+    with opened(dev, os.O_WRONLY | os.O_DIRECT) as fd:
         os.pwrite(fd, buf, 16384)
         os.fsync(fd)
-    finally:
-        os.close(fd)
     assert _pread(m / "disk", base + 16384, 8) == b"via-loop"
     assert nbd_read(srv.uri(), base + 16384, 8) == b"via-loop"

@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from nbdfs_test.data import (MiB, SECTOR, errno_of, getx, image, nbd_read, read_file, set_partition,
-                             setx, sfdisk_json, sparse_file)
+from nbdfs_test.data import (MiB, SECTOR, errno_of, getx, image, nbd_read, opened, read_file,
+                             set_partition, setx, sfdisk_json, sparse_file)
 from nbdfs_test.polling import run
 
 GPT2 = "label: gpt\nsize=4M, name=first\nsize=8M, name=second\n"
@@ -164,15 +164,12 @@ def test_split_values_on_partition_and_nested_none(nbdkit, mount):
 def test_ebusy_while_partition_open(tmp_path, nbdkit, mount):
     img = image(tmp_path / "d.img", 16 * MiB, GPT2)
     m = mount(nbdkit("file", img).uri(), opts=["-P"])
-    fd = os.open(m / "disk-part1", os.O_RDONLY)
-    try:
+    with opened(m / "disk-part1", os.O_RDONLY):
         for v in ("none", "auto", "100"):
             assert errno_of(set_partition, m / "disk", v) == errno.EBUSY, v
         # checked before anything else: a malformed value is still EBUSY
         assert errno_of(set_partition, m / "disk", "garbage") == errno.EBUSY
         assert _files(m) == ["disk", "disk-part1", "disk-part2"]
-    finally:
-        os.close(fd)
     set_partition(m / "disk", "none")
     assert _files(m) == ["disk"]
 

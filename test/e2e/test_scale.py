@@ -47,22 +47,6 @@ def _sockets(pid):
     return n
 
 
-def _active_connections(log):
-    t = log.text()
-    return t.count(" Connect export=") - t.count(" Disconnect transactions=")
-
-
-def _max_active_connections(log):
-    n = best = 0
-    for line in log.text().splitlines():
-        if " Connect export=" in line:
-            n += 1
-            best = max(best, n)
-        elif " Disconnect transactions=" in line:
-            n -= 1
-    return best
-
-
 def test_two_thousand_exports_under_a_low_open_file_limit(tmp_path, server, mount):
     """-a on a server with 2000 exports, the daemon under `ulimit -n 1024`:
     the mount works, holds no data connection until files are used, and
@@ -90,11 +74,11 @@ def test_data_connection_on_first_use_and_idle_close(server, mount):
     NBD_CMD_DISC after idle_timeout."""
     srv = server("memory", "4M")
     m = mount(srv.uri(), opts=["-o", "idle_timeout=1"], foreground=True)
-    assert _active_connections(srv.log) == 0, srv.log.text()
+    assert srv.log.open_connections() == 0, srv.log.text()
     assert " Read id=" not in srv.log.text() and " Write id=" not in srv.log.text()
     assert read_file(m / "disk", 0, 4096) == bytes(4096)
     assert " Read id=" in srv.log.text()
-    wait_for(lambda: _active_connections(srv.log) == 0, timeout=30,
+    wait_for(lambda: srv.log.open_connections() == 0, timeout=30,
              what=f"the idle connection to close (log:\n{srv.log.text()[-1500:]})")
     # used again: connects again
     with open(m / "disk", "r+b") as f:
@@ -145,7 +129,7 @@ def test_exports_are_learnt_over_parallel_connections(tmp_path, server, mount):
     srv = server("--filter=delay", "file", f"dir={d}", "delay-open=200ms")
     m = mount(srv.uri(), opts=["-a"])
     assert len(m.files()) == n
-    assert _max_active_connections(srv.log) >= 2, srv.log.text()[-2000:]
+    assert srv.log.max_open_connections() >= 2, srv.log.text()[-2000:]
 
 
 @pytest.mark.parametrize("n", [1, 40])
@@ -155,6 +139,6 @@ def test_startup_never_opens_a_data_connection(tmp_path, server, mount, n):
     d = _export_dir(tmp_path, n)
     srv = server("file", f"dir={d}")
     m = mount(srv.uri() if n > 1 else srv.uri("e00000"), opts=["-a"] if n > 1 else [])
-    assert _active_connections(srv.log) == 0, srv.log.text()[-2000:]
+    assert srv.log.open_connections() == 0, srv.log.text()[-2000:]
     assert " Read id=" not in srv.log.text()
     assert len(m.files()) == n

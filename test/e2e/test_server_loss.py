@@ -7,53 +7,23 @@ import errno
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
-from nbdfs_test.data import MiB, getx, nbd_read, read_file, sparse_file
+from nbdfs_test.data import MiB, direct_pread, getx, nbd_read, read_file, timed
 from nbdfs_test.mounts import is_mounted
 from nbdfs_test.polling import wait_for, wait_pid_exit
-from nbdfs_test.threads import Call, bounded
+from nbdfs_test.threads import READS, Call, bounded
 
 
-def _data_image(tmp_path, size=4 * MiB):
-    data = os.urandom(size)
-    p = tmp_path / "data.img"
-    p.write_bytes(data)
-    return str(p), data
-
-
-def _timed(fn):
-    t0 = time.monotonic()
-    try:
-        r = fn()
-        return r, None, time.monotonic() - t0
-    except OSError as e:
-        return None, e.errno, time.monotonic() - t0
-
-
-def _direct_read(path, off, n):
-    """A read the page cache cannot answer (fresh offsets + O_DIRECT)."""
-    import mmap
-    buf = mmap.mmap(-1, n)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        os.close(fd)
-
-
-def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+def test_server_gone_read_fails_eio_after_timeout(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=2"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     t_kill = time.monotonic()
     srv.kill()
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", MiB, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", MiB, 4096))
     # the server has been unreachable for (about) the timeout when the read
     # fails, whether nbdfs starts counting at the loss or at the request
     since_kill = time.monotonic() - t_kill
@@ -63,9 +33,9 @@ def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
     # writes too
     fd = os.open(m / "disk", os.O_WRONLY)
     try:
-        r, e, dt = _timed(lambda: os.pwrite(fd, b"w" * 4096, 8192))
+        r, e, dt = timed(lambda: os.pwrite(fd, b"w" * 4096, 8192))
         if e is None:      # accepted into a cache? then the flush must fail
-            r, e, dt = _timed(lambda: os.fsync(fd))
+            r, e, dt = timed(lambda: os.fsync(fd))
         assert e == errno.EIO
     finally:
         try:
@@ -74,49 +44,28 @@ def test_server_gone_read_fails_eio_after_timeout(tmp_path, server, mount):
             pass
 
 
-def test_timeout_0_fails_at_once(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+def test_timeout_0_fails_at_once(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=0"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", 2 * MiB, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))
     assert e == errno.EIO, (r, e)
     assert dt < 10, f"timeout=0 waited {dt:.1f}s"
 
 
-def _syscall_of(tid):
-    try:
-        with open(f"/proc/self/task/{tid}/syscall") as f:
-            return f.read().split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+def test_server_back_in_time_pending_read_succeeds(server, random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
-    result = {}
-
-    def reader():
-        result["tid"] = threading.get_native_id()
-        result["r"], result["e"], result["dt"] = _timed(
-            lambda: _direct_read(m / "disk", 3 * MiB, 8192))
-
-    th = threading.Thread(target=reader)
-    th.start()
-    # wait until the reader is blocked in the read syscall (pread64 = 17, preadv = 295)
-    wait_for(lambda: "tid" in result and _syscall_of(result["tid"]) in ("17", "295", "327", "0", "19"),
-             timeout=20, what="the read to be pending")
+    read = Call(direct_pread, m / "disk", 3 * MiB, 8192, name="the pending read").start()
+    read.wait_blocked_in(*READS, timeout=20)
     srv2 = server("file", img, log=False, sock=sock)
-    th.join(timeout=60)
-    assert not th.is_alive(), "the pending read never returned"
-    assert result["e"] is None, f"pending read failed with errno {result['e']}"
-    assert result["r"] == data[3 * MiB:3 * MiB + 8192]
+    read.join(60)
+    assert read.errno is None, f"pending read failed with errno {read.errno}"
+    assert read.value == data[3 * MiB:3 * MiB + 8192]
     # and the mount goes on working
     assert read_file(m / "disk", 100, 100) == data[100:200]
     with open(m / "disk", "r+b") as f:
@@ -125,19 +74,18 @@ def test_server_back_in_time_pending_read_succeeds(tmp_path, server, mount):
     assert nbd_read(srv2.uri(), 5000, 15) == b"after reconnect"
 
 
-def test_recovers_after_a_failed_request(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+def test_recovers_after_a_failed_request(server, random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=1"])
     srv.kill()
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", MiB, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", MiB, 4096))
     assert e == errno.EIO
     server("file", img, log=False, sock=sock)
 
     def ok():
         try:
-            return _direct_read(m / "disk", 2 * MiB, 4096) == data[2 * MiB:2 * MiB + 4096]
+            return direct_pread(m / "disk", 2 * MiB, 4096) == data[2 * MiB:2 * MiB + 4096]
         except OSError:
             return False
     wait_for(ok, timeout=30, what="I/O to work again after the server came back")
@@ -147,14 +95,13 @@ def test_slow_server_is_not_unreachable(server, mount):
     srv = server("--filter=delay", "pattern", "1M", "delay-read=3", log=False)
     m = mount(srv.uri(), opts=["-o", "timeout=1"])
     from nbdfs_test.data import pattern_bytes
-    r, e, dt = _timed(lambda: _direct_read(m / "disk", 65536, 4096))
+    r, e, dt = timed(lambda: direct_pread(m / "disk", 65536, 4096))
     assert e is None, f"slow read failed with errno {e}"
     assert r == pattern_bytes(65536, 4096)
 
 
-def test_unmount_works_with_server_gone(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+def test_unmount_works_with_server_gone(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     # (with the default timeout of 60 s the daemon may spend 60 s on its last
     # flush before exiting; 10 s keeps the test short, the rule is the same)
     m = mount(srv.uri(), opts=["-o", "timeout=10"])
@@ -170,9 +117,8 @@ def test_unmount_works_with_server_gone(tmp_path, server, mount):
     assert time.monotonic() - t0 < 120
 
 
-def test_sigterm_works_with_server_gone(tmp_path, server, mount):
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+def test_sigterm_works_with_server_gone(random_export, mount):
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=3"], foreground=True)
     srv.kill()
     m.proc.send_signal(signal.SIGTERM)
@@ -189,61 +135,37 @@ def test_server_gone_at_mount_fails_at_once(tmp_path, mount):
     assert time.monotonic() - t0 < 60
 
 
-def test_many_pending_requests_survive_a_restart(tmp_path, server, mount):
-    img, data = _data_image(tmp_path, 8 * MiB)
-    srv = server("file", img, log=False)
+def test_many_pending_requests_survive_a_restart(server, random_export, mount):
+    srv, img, data = random_export(8 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30"])
-    assert _direct_read(m / "disk", 0, 4096) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
-    results = {}
-    tids = {}
-
-    def reader(i):
-        tids[i] = threading.get_native_id()
-        off = MiB + i * 65536
-        results[i] = _timed(lambda: _direct_read(m / "disk", off, 65536))
-
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(tids) == 8 and all(
-        _syscall_of(t) in ("17", "295", "327", "0", "19") for t in tids.values()),
-        timeout=20, what="8 pending reads")
+    reads = [Call(direct_pread, m / "disk", MiB + i * 65536, 65536, name=f"read {i}").start()
+             for i in range(8)]
+    wait_for(lambda: all(r.in_syscall(*READS) for r in reads), timeout=20,
+             what="8 pending reads")
     server("file", img, log=False, sock=sock)
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
-    for i in range(8):
-        r, e, dt = results[i]
+    for r in reads:
+        r.join(60)
+    for i, r in enumerate(reads):
         off = MiB + i * 65536
-        assert e is None, f"read {i} failed with errno {e}"
-        assert r == data[off:off + 65536], f"read {i} wrong data"
+        assert r.errno is None, f"read {i} failed with errno {r.errno}"
+        assert r.value == data[off:off + 65536], f"read {i} wrong data"
 
 
-def test_default_timeout_waits(tmp_path, server, mount):
+def test_default_timeout_waits(server, random_export, mount):
     """Default timeout is 60 s: a request is still waiting 5 s into an outage,
     and succeeds once the server is back."""
-    img, data = _data_image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri())
     srv.kill()
-    result = {}
-
-    def reader():
-        result["tid"] = threading.get_native_id()
-        result["v"] = _timed(lambda: _direct_read(m / "disk", 2 * MiB, 4096))
-
-    th = threading.Thread(target=reader)
-    th.start()
-    th.join(timeout=5)
-    assert th.is_alive(), f"the read gave up within 5 s: {result.get('v')}"
+    read = Call(direct_pread, m / "disk", 2 * MiB, 4096, name="the read").start()
+    assert not read.wait(5), f"the read gave up within 5 s: {(read.value, read.errno)}"
     server("file", img, log=False, sock=sock)
-    th.join(timeout=60)
-    assert not th.is_alive()
-    r, e, dt = result["v"]
-    assert e is None and r == data[2 * MiB:2 * MiB + 4096]
+    read.join(60)
+    assert read.errno is None and read.value == data[2 * MiB:2 * MiB + 4096]
 
 
 def _split_chain(depth):

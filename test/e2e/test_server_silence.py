@@ -4,90 +4,56 @@ a lost connection after io_timeout, then `timeout` applies as for a server
 that went away; metadata never waits for it; once it answers again new
 requests succeed.  Every SIGSTOP is undone (SIGCONT) in clean-up."""
 import errno
-import mmap
 import os
 import subprocess
-import threading
 import time
 
 import pytest
 
-from nbdfs_test.data import MiB, getx, read_file
+from nbdfs_test.data import MiB, direct_pread, getx, read_file, timed
 from nbdfs_test.polling import wait_for
-
-
-def _direct_read(path, off, n=4096):
-    buf = mmap.mmap(-1, n)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        os.close(fd)
-
-
-def _timed(fn):
-    t0 = time.monotonic()
-    try:
-        return fn(), None, time.monotonic() - t0
-    except OSError as e:
-        return None, e.errno, time.monotonic() - t0
-
-
-def _image(tmp_path, size=8 * MiB):
-    p = tmp_path / "disk.img"
-    data = os.urandom(size)
-    p.write_bytes(data)
-    return str(p), data
+from nbdfs_test.threads import Call
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
-def test_silent_server_fails_the_request_then_recovers(tmp_path, server, mount, stopped, tcp):
-    img, data = _image(tmp_path)
-    srv = server("file", img, log=False, tcp=tcp)
+def test_silent_server_fails_the_request_then_recovers(random_export, mount, stopped, tcp):
+    srv, img, data = random_export(8 * MiB, tcp=tcp)
     m = mount(srv.uri(), opts=["-o", "io_timeout=2,timeout=2"])
-    assert _direct_read(m / "disk", 0) == data[:4096]
+    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     stopped(srv.proc)
-    result = {}
-
-    def reader():
-        result["r"], result["e"], result["dt"] = _timed(lambda: _direct_read(m / "disk", MiB))
-    t = threading.Thread(target=reader)
-    t.start()
+    read = Call(direct_pread, m / "disk", MiB, 4096, name="the read on a silent server").start()
     try:
         # Metadata stays responsive while the read waits for the server.
         time.sleep(0.5)
         for _ in range(5):
-            r, e, dt = _timed(lambda: (os.listdir(m.path), os.stat(m / "disk"),
+            r, e, dt = timed(lambda: (os.listdir(m.path), os.stat(m / "disk"),
                                        getx(m / "disk", "user.nbdfs.sectors")))
             assert e is None and dt < 1.0, (e, dt)
-        t.join(timeout=30)
-        assert not t.is_alive(), "the read on a silent server never ended"
+        read.join(30)
     finally:
         stopped.cont(srv.proc)
-        t.join(timeout=60)
-    assert result["e"] == errno.EIO, result
-    assert result["dt"] < 15, result
+        read.wait(60)
+    assert read.errno == errno.EIO, (read.value, read.errno, read.dt)
+    assert read.dt < 15, (read.value, read.errno, read.dt)
     # The server answers again: new requests reconnect and succeed.
-    wait_for(lambda: _timed(lambda: _direct_read(m / "disk", 2 * MiB))[1] is None, timeout=30,
+    wait_for(lambda: timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))[1] is None, timeout=30,
              what="a read to succeed after SIGCONT")
-    assert _direct_read(m / "disk", 3 * MiB) == data[3 * MiB:3 * MiB + 4096]
+    assert direct_pread(m / "disk", 3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
 
 
 def test_slow_server_within_io_timeout_is_not_touched(server, mount):
     """Replies slower than a second but within io_timeout: no reconnect."""
     srv = server("--filter=delay", "memory", "4M", "delay-read=1500ms")
     m = mount(srv.uri(), opts=["-o", "io_timeout=5,timeout=1"])
-    assert _direct_read(m / "disk", 0) == bytes(4096)
-    t = srv.log.text()
-    assert t.count(" Connect export=") - t.count(" Disconnect transactions=") == 1
-    assert t.count(" Connect export=") == 2, t  # the mount's INFO, one data connection
+    assert direct_pread(m / "disk", 0, 4096) == bytes(4096)
+    assert srv.log.open_connections() == 1
+    assert len(srv.log.connects()) == 2, srv.log.text()  # the mount's INFO, one data connection
 
 
 def test_io_timeout_0_waits_for_a_slow_server(server, mount):
     srv = server("--filter=delay", "memory", "4M", "delay-read=2")
     m = mount(srv.uri(), opts=["-o", "io_timeout=0,timeout=1"])
-    assert _direct_read(m / "disk", 0) == bytes(4096)
+    assert direct_pread(m / "disk", 0, 4096) == bytes(4096)
 
 
 NS_SETUP = """

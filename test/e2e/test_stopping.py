@@ -18,13 +18,6 @@ from nbdfs_test.polling import run, wait_for
 from nbdfs_test.threads import READS, WRITES, Call, bounded
 
 
-def _image(tmp_path, size=4 * MiB):
-    data = os.urandom(size)
-    p = tmp_path / "backing.img"
-    p.write_bytes(data)
-    return str(p), data
-
-
 def _named(log, name):
     """The lines of the log that name the file `name` as a word of its own
     (alone, or as the export in a URI), not inside a longer name."""
@@ -48,13 +41,12 @@ def _close_quietly(fds):
 # ---------------------------------------------------------------- stopping
 
 def test_sigterm_with_a_writer_blocked_on_a_stopped_server_exits_1_within_timeout(
-        tmp_path, server, mount, stopped):
+        random_export, mount, stopped):
     """The server freezes (SIGSTOP) while a writer waits in write(2): SIGTERM
     still ends nbdfs within about `timeout`, unmounted, exit 1 naming the
     export it could not flush, and the writer gets an error, never success."""
     timeout = 3
-    img, _ = _image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", f"io_timeout=2,timeout={timeout}"], foreground=True)
     fd = os.open(m / "disk", os.O_RDWR)
     try:
@@ -121,12 +113,11 @@ def test_sigterm_with_twelve_exports_flushes_in_parallel_and_names_the_dirty_one
         assert not _flush_failures(log, n), f"clean export {n} named as not flushed:\n{log}"
 
 
-def test_unmount_with_server_gone_and_nothing_written_exits_0_at_once(tmp_path, server, mount):
+def test_unmount_with_server_gone_and_nothing_written_exits_0_at_once(random_export, mount):
     """A connected export with nothing written needs no flush: fusermount3 -u
     with its server gone exits 0 without waiting for the timeout."""
     timeout = 10
-    img, data = _image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", f"timeout={timeout}"], foreground=True)
     assert read_file(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
@@ -137,14 +128,12 @@ def test_unmount_with_server_gone_and_nothing_written_exits_0_at_once(tmp_path, 
     assert dt < timeout / 2, f"unmount waited {dt:.1f}s with nothing to flush\n{m.log()}"
 
 
-def test_unmount_with_server_gone_and_data_unflushed_exits_1_within_timeout(
-        tmp_path, server, mount):
+def test_unmount_with_server_gone_and_data_unflushed_exits_1_within_timeout(random_export, mount):
     """Written, then the server died: close(2) cannot flush (EIO), and
     fusermount3 -u makes nbdfs try once more within `timeout`, then exit 1
     naming the export."""
     timeout = 3
-    img, _ = _image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", f"timeout={timeout}"], foreground=True)
     fd = os.open(m / "disk", os.O_RDWR)
     try:
@@ -173,13 +162,12 @@ def _states(m):
     return {f: state(m / f) for f in FILES}
 
 
-def test_state_idle_connected_reconnecting_connected(tmp_path, server, mount):
+def test_state_idle_connected_reconnecting_connected(server, random_export, mount):
     """idle before any I/O (no data connection yet), connected once read,
     reconnecting while the server is gone and a request waits, connected again
     after the server is back on the same socket; partition files show their
     export's state."""
-    img, data = _image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30,split=disk:2048"])
     assert _states(m) == dict.fromkeys(FILES, "idle")
@@ -197,11 +185,10 @@ def test_state_idle_connected_reconnecting_connected(tmp_path, server, mount):
              what=f"every file to say connected again (now {_states(m)})")
 
 
-def test_state_failed_after_a_request_gave_up(tmp_path, server, mount):
+def test_state_failed_after_a_request_gave_up(random_export, mount):
     """Server gone, a request waited `timeout` and failed with EIO: the export
     and its partitions say failed, and the failed request is counted."""
-    img, data = _image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     m = mount(srv.uri(), opts=["-o", "timeout=1,split=disk:2048"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
@@ -260,12 +247,11 @@ def test_stats_count_failed_requests_as_errors(server, mount):
     assert stats(m / "disk")["errors"] == 2
 
 
-def test_stats_reconnects_and_in_flight(tmp_path, server, mount):
+def test_stats_reconnects_and_in_flight(server, random_export, mount):
     """in_flight counts the request waiting through disk-part2 (and nothing on
     the export file), 0 again when it is answered; a server restart is one
     more reconnect on the export, seen through each of its files."""
-    img, data = _image(tmp_path)
-    srv = server("file", img, log=False)
+    srv, img, data = random_export(4 * MiB)
     sock = srv.sock
     m = mount(srv.uri(), opts=["-o", "timeout=30,split=disk:2048"])
     part = m / "disk-part2"

@@ -1,7 +1,9 @@
 """Bytes and files: the `pattern` plugin's contents, the server read straight
 with libnbd's nbdcopy/nbdinfo (an oracle independent of nbdfs), file reads and
-writes (O_DIRECT too), sparse images with sfdisk tables, nbdfs's xattrs (the
-state and the stats of a file), fallocate(2)."""
+writes (O_DIRECT too; an fd closed at the end of a block), random and sparse
+images (with sfdisk tables), nbdfs's xattrs (the state and the stats of a
+file), fallocate(2), a call's errno and how long it took."""
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -92,6 +94,29 @@ def nbd_write_file(path, uri, timeout=120):
     run(["nbdcopy", "--synchronous", "--flush", str(path), uri], timeout=timeout)
 
 
+def file_text(path):
+    """The text of a log or stderr file (bad bytes replaced); "" while there
+    is none (path None, or no such file yet)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+@contextlib.contextmanager
+def opened(path, flags):
+    """`with opened(path, os.O_RDWR) as fd:` an os.open() fd, closed at the
+    end of the block whatever happens in it."""
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def read_file(path, off=0, length=None):
     with open(path, "rb", buffering=0) as f:
         f.seek(off)
@@ -142,6 +167,15 @@ def direct_pwrite(path, off, data, fd=None):
         if own:
             os.close(fd)
         buf.close()
+
+
+def random_image(path, size):
+    """A file of size random bytes (for nbdkit's file plugin); returns
+    (str(path), the bytes), the contents to compare reads with."""
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path), data
 
 
 def sparse_file(path, size):
@@ -243,3 +277,13 @@ def errno_of(fn, *args, **kw):
     except OSError as e:
         return e.errno
     return None
+
+
+def timed(fn):
+    """Runs fn(); returns (its value, None, seconds it took), or (None, the
+    errno of the OSError it raised, seconds it took)."""
+    t0 = time.monotonic()
+    try:
+        return fn(), None, time.monotonic() - t0
+    except OSError as e:
+        return None, e.errno, time.monotonic() - t0

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from nbdfs_test.data import file_text
 from nbdfs_test.polling import kill_and_wait, run, wait_for, wait_pid_exit
 
 
@@ -124,11 +125,7 @@ class Mount:
 
     def log(self):
         """What nbdfs wrote to stderr (before daemonizing, or all of it with -f)."""
-        try:
-            with open(self.errpath, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return file_text(self.errpath)
 
     def mounted(self):
         return is_mounted(self.path)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from nbdfs_test.data import file_text
 from nbdfs_test.polling import kill_and_wait, wait_for
 
 
@@ -86,11 +87,7 @@ class LoggedServer(NbdServer):
         self.cmd = cmd
 
     def stderr(self):
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return f.read()
-        except (FileNotFoundError, TypeError):
-            return ""
+        return file_text(self.stderr_path)
 
     def disc_count(self):
         """How many clients ended with NBD_CMD_DISC (needs verbose=True)."""
@@ -112,11 +109,7 @@ class NbdLog:
         self.path = str(path)
 
     def text(self):
-        try:
-            with open(self.path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return file_text(self.path)
 
     def requests(self, kind=None):
         out = []
@@ -179,8 +172,27 @@ class NbdLog:
         return any(x[0].lower() == kind_a.lower() and y[0].lower() == kind_b.lower()
                    and x[1] < end(y) and y[1] < end(x) for x in sp for y in sp)
 
+    _connect = " Connect export="
+    _disconnect = " Disconnect transactions="
+
     def connects(self):
-        return [l for l in self.text().splitlines() if " Connect export=" in l]
+        return [l for l in self.text().splitlines() if self._connect in l]
+
+    def open_connections(self):
+        """How many client connections are open now (connects less disconnects)."""
+        t = self.text()
+        return t.count(self._connect) - t.count(self._disconnect)
+
+    def max_open_connections(self):
+        """The most client connections open at once, replaying the log in order."""
+        n = best = 0
+        for line in self.text().splitlines():
+            if self._connect in line:
+                n += 1
+                best = max(best, n)
+            elif self._disconnect in line:
+                n -= 1
+        return best
 
     def clear(self):
         with open(self.path, "w"):

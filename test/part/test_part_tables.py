@@ -16,11 +16,11 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 
 from nbdfs_test.build import build_path
+from nbdfs_test.polling import wait_for
 
 PART_DUMP = build_path("test", "unit", "part", "part-dump")
 MiB = 1 << 20
@@ -91,17 +91,6 @@ def sgdisk_info(img, number):
                 type=field("Partition GUID code").split()[0].lower(),
                 uuid=field("Partition unique GUID").lower(),
                 name=field("Partition name").strip("'"))
-
-
-def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def kernel_partitions(loop, sector_size):

@@ -84,9 +84,17 @@ static void server_fini(struct server *s)
 	g_free(s->dir);
 }
 
-static Blockdev *connect_dev(struct server *s, struct nbdc_config *cfg, guint timeout_s,
-			     uint32_t sector_size, gboolean read_only, GError **error)
+/* A fresh @s serving nbdkit @args. */
+static void server_up(struct server *s, const char *const *args)
 {
+	server_init(s);
+	server_start(s, args);
+}
+
+static Blockdev *connect_dev(struct server *s, guint timeout_s, uint32_t sector_size,
+			     gboolean read_only, GError **error)
+{
+	struct nbdc_config cfg;
 	struct blockdev_nbd_opts opts = {
 		.sector_size = sector_size,
 		.timeout_s = timeout_s,
@@ -94,26 +102,33 @@ static Blockdev *connect_dev(struct server *s, struct nbdc_config *cfg, guint ti
 		.uri = "nbd+unix:///?socket=test",
 	};
 
-	nbdc_config_init(cfg);
-	cfg->socket_path = s->sock;
-	return blockdev_nbd_new(cfg, &opts, error);
+	nbdc_config_init(&cfg);
+	cfg.socket_path = s->sock;
+	return blockdev_nbd_new(&cfg, &opts, error);
+}
+
+/* A read-write device on @s with the server's sector size; it must connect. */
+static Blockdev *connect_ok(struct server *s, guint timeout_s)
+{
+	g_autoptr(GError) error = NULL;
+	Blockdev *dev = connect_dev(s, timeout_s, 0, FALSE, &error);
+
+	g_assert_no_error(error);
+	return dev;
 }
 
 static void test_nbd_basic(void)
 {
 	const char *args[] = { "memory", "1M", NULL };
 	struct server s;
-	struct nbdc_config cfg;
 	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) dev = NULL;
 	struct blockdev_info info;
 	uint8_t wbuf[3000], rbuf[3000];
 	Blockdev *a, *b;
 
-	server_init(&s);
-	server_start(&s, args);
-	dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
-	g_assert_no_error(error);
+	server_up(&s, args);
+	dev = connect_ok(&s, 5);
 	blockdev_get_info(dev, &info);
 	g_assert_cmpuint(info.size, ==, 1024 * 1024);
 	g_assert_cmpuint(info.sector_size, ==, 512);
@@ -154,16 +169,12 @@ static void test_nbd_partial(void)
 {
 	const char *args[] = { "memory", "1000", NULL };
 	struct server s;
-	struct nbdc_config cfg;
-	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) dev = NULL;
 	struct blockdev_info info;
 	uint8_t buf[1024], rbuf[1100];
 
-	server_init(&s);
-	server_start(&s, args);
-	dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
-	g_assert_no_error(error);
+	server_up(&s, args);
+	dev = connect_ok(&s, 5);
 	blockdev_get_info(dev, &info);
 	g_assert_cmpuint(info.size, ==, 1000);
 	g_assert_cmpuint(info.sectors, ==, 1);
@@ -189,22 +200,20 @@ static void test_nbd_sector_size(void)
 	const char *args[] = { "--filter=blocksize-policy", "memory", "1001K",
 			       "blocksize-minimum=4096", "blocksize-error-policy=error", NULL };
 	struct server s;
-	struct nbdc_config cfg;
 	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) dev = NULL;
 	struct blockdev_info info;
 	g_autofree uint8_t *buf = g_malloc(8192);
 
-	server_init(&s);
-	server_start(&s, args);
-	dev = connect_dev(&s, &cfg, 5, 512, FALSE, &error);
+	server_up(&s, args);
+	dev = connect_dev(&s, 5, 512, FALSE, &error);
 	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_INVALID);
 	g_assert_null(dev);
 	g_clear_error(&error);
-	dev = connect_dev(&s, &cfg, 5, 3000, FALSE, &error);
+	dev = connect_dev(&s, 5, 3000, FALSE, &error);
 	g_assert_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_INVALID);
 	g_clear_error(&error);
-	dev = connect_dev(&s, &cfg, 5, 0, TRUE, &error);
+	dev = connect_dev(&s, 5, 0, TRUE, &error);
 	g_assert_no_error(error);
 	blockdev_get_info(dev, &info);
 	g_assert_cmpuint(info.sector_size, ==, 4096);
@@ -234,7 +243,6 @@ static ssize_t pending_wait(struct completion *c)
 static void test_nbd_reconnect(void)
 {
 	struct server s;
-	struct nbdc_config cfg;
 	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) dev = NULL;
 	g_autofree char *file = NULL;
@@ -253,8 +261,7 @@ static void test_nbd_reconnect(void)
 	filearg = g_strdup_printf("file=%s", file);
 	args[1] = filearg;
 	server_start(&s, args);
-	dev = connect_dev(&s, &cfg, 30, 0, FALSE, &error);
-	g_assert_no_error(error);
+	dev = connect_ok(&s, 30);
 	for (size_t i = 0; i < sizeof(wbuf); i++)
 		wbuf[i] = (uint8_t)(i * 13 + 1);
 	g_assert_cmpint(blockdev_pwrite_bytes_sync(dev, wbuf, 1500, 777, 0), ==, 1500);
@@ -287,17 +294,13 @@ static void test_nbd_gone(gconstpointer data)
 	guint timeout_s = GPOINTER_TO_UINT(data);
 	const char *args[] = { "memory", "64K", NULL };
 	struct server s;
-	struct nbdc_config cfg;
-	g_autoptr(GError) error = NULL;
 	Blockdev *dev;
 	uint8_t buf[512];
 	struct completion *p = completion_new();
 	ssize_t r;
 
-	server_init(&s);
-	server_start(&s, args);
-	dev = connect_dev(&s, &cfg, timeout_s, 0, FALSE, &error);
-	g_assert_no_error(error);
+	server_up(&s, args);
+	dev = connect_ok(&s, timeout_s);
 	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, 0);
 	server_kill(&s);
 	if (timeout_s < 10) {
@@ -323,15 +326,11 @@ static void test_nbd_size_changed(void)
 	const char *args1[] = { "memory", "64K", NULL };
 	const char *args2[] = { "memory", "128K", NULL };
 	struct server s;
-	struct nbdc_config cfg;
-	g_autoptr(GError) error = NULL;
 	Blockdev *dev;
 	uint8_t buf[512];
 
-	server_init(&s);
-	server_start(&s, args1);
-	dev = connect_dev(&s, &cfg, 2, 0, FALSE, &error);
-	g_assert_no_error(error);
+	server_up(&s, args1);
+	dev = connect_ok(&s, 2);
 	server_kill(&s);
 	server_start(&s, args2);
 	g_assert_cmpint(blockdev_read_sync(dev, 0, buf, 512), ==, -EIO);
@@ -367,7 +366,6 @@ static void test_nbd_block_status(void)
 {
 	const char *args[] = { "memory", "1M", NULL };
 	struct server s;
-	struct nbdc_config cfg;
 	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) dev = NULL;
 	g_autoptr(Blockdev) w = NULL;
@@ -377,10 +375,8 @@ static void test_nbd_block_status(void)
 	uint64_t covered = 0;
 	gboolean saw_data = FALSE;
 
-	server_init(&s);
-	server_start(&s, args);
-	dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
-	g_assert_no_error(error);
+	server_up(&s, args);
+	dev = connect_ok(&s, 5);
 	memset(buf, 0x42, sizeof(buf));
 	g_assert_cmpint(blockdev_write_sync(dev, 128, buf, 4096, 0), ==, 0);
 	/* Through a window starting at sector 64: the data is at window byte 32K. */
@@ -459,17 +455,14 @@ static void test_nbd_concurrency(void)
 	g_autofree char *size = g_strdup_printf("%d", CONC_SIZE);
 	const char *args[] = { "memory", size, NULL };
 	struct server s;
-	struct nbdc_config cfg;
 	g_autoptr(GError) error = NULL;
 	struct conc c = { 0 };
 	struct conc_worker wk[NW];
 	GThread *t[NW];
 	g_autofree uint8_t *back = g_malloc(CONC_SIZE);
 
-	server_init(&s);
-	server_start(&s, args);
-	c.dev = connect_dev(&s, &cfg, 5, 0, FALSE, &error);
-	g_assert_no_error(error);
+	server_up(&s, args);
+	c.dev = connect_ok(&s, 5);
 	c.win = blockdev_window_new(c.dev, 8, (CONC_SIZE + 511) / 512 - 8, &error);
 	g_assert_no_error(error);
 	c.model = g_malloc0(CONC_SIZE);

@@ -39,6 +39,16 @@ static void run_on(Loop *loop, loop_fn fn, void *opaque)
 	completion_unref(k.c);
 }
 
+/* loop_set_new(@n, @pool_threads), which must succeed. */
+static LoopSet *loop_set_ok(guint n, guint pool_threads)
+{
+	g_autoptr(GError) err = NULL;
+	LoopSet *ls = loop_set_new(n, pool_threads, &err);
+
+	g_assert_no_error(err);
+	return ls;
+}
+
 /* ---- tasks run in order, on the loop's thread ---- */
 
 struct order {
@@ -62,11 +72,9 @@ static void record(void *opaque)
 
 static void test_post_order(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(2, 1, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(2, 1);
 	struct order o = {.seen = g_array_new(FALSE, FALSE, sizeof(int))};
 
-	g_assert_no_error(err);
 	g_assert_cmpuint(loop_set_size(ls), ==, 2);
 	g_mutex_init(&o.lock);
 	o.loop = loop_set_get(ls, 1);
@@ -120,12 +128,10 @@ static void start_timers(void *opaque)
 
 static void test_timers(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(1, 1, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
 	struct timers ts = {0};
 	gint64 r;
 
-	g_assert_no_error(err);
 	ts.loop = loop_set_get(ls, 0);
 	ts.fired = g_array_new(FALSE, FALSE, sizeof(int));
 	ts.all = completion_new();
@@ -181,11 +187,9 @@ static void nothing(void *opaque)
 
 static void test_defer(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(1, 1, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
 	struct turn t = {0};
 
-	g_assert_no_error(err);
 	t.loop = loop_set_get(ls, 0);
 	run_on(t.loop, turn_post_many, &t);
 	/* The turn that ran the ten tasks ends with its deferred work before
@@ -237,12 +241,10 @@ static void add_watches(void *opaque)
 
 static void test_watch_delete_ready(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(1, 1, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
 	struct socks s = {0};
 	gint64 r;
 
-	g_assert_no_error(err);
 	s.loop = loop_set_get(ls, 0);
 	for (int i = 0; i < 2; i++)
 		g_assert_cmpint(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, s.sv[i]), ==, 0);
@@ -271,11 +273,9 @@ static void blocking(void *opaque)
 
 static void test_pool(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(1, 2, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(1, 2);
 	struct completion *c[8];
 
-	g_assert_no_error(err);
 	for (int i = 0; i < 8; i++) {
 		c[i] = completion_new();
 		loop_set_run_blocking(ls, blocking, c[i]);
@@ -296,12 +296,10 @@ static void late(void *opaque)
 
 static void test_completion_deadline(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(1, 1, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
 	struct completion *c = completion_new();
 	gint64 r = 0;
 
-	g_assert_no_error(err);
 	loop_set_run_blocking(ls, late, c);
 	g_assert_false(completion_wait_until(c, g_get_monotonic_time() + 1000, &r));
 	completion_unref(c); /* the callback still holds its reference */
@@ -324,11 +322,9 @@ static void do_pick(void *opaque)
 
 static void test_pick(void)
 {
-	g_autoptr(GError) err = NULL;
-	g_autoptr(LoopSet) ls = loop_set_new(3, 1, &err);
+	g_autoptr(LoopSet) ls = loop_set_ok(3, 1);
 	struct pick p = {ls};
 
-	g_assert_no_error(err);
 	for (guint i = 0; i < 3; i++) {
 		p.loop = loop_set_get(ls, i);
 		run_on(p.loop, do_pick, &p);

@@ -462,6 +462,21 @@ static void test_io_error(void)
 
 /* ---- GPT ----------------------------------------------------------------- */
 
+/* The disk most damaged-GPT cases start from: a table made for 2048 sectors
+ * of 512 bytes (on a disk of @disk_sectors) with one partition, entry 0 at
+ * LBAs 100..199, which reads back as gpt_one_part.  Caller frees. */
+static const struct want gpt_one_part[] = {{1, 100, 100}};
+
+static uint8_t *gpt_one_part_disk(uint64_t disk_sectors)
+{
+	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
+	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	uint8_t *d = disk_new(disk_sectors * 512);
+
+	tg_gpt_write(d, &g, p, 1);
+	return d;
+}
+
 static const struct tg_gpt_part basic_parts[] = {
     {0, 34, 1000, TG_ESP, "EFI system"},
     {1, 1001, 1999, NULL,
@@ -519,15 +534,11 @@ static void test_gpt_4096(void)
 
 static void test_gpt_bad_primary_crc(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
-	static const struct want w[] = {{1, 100, 100}};
+	g_autofree uint8_t *d = gpt_one_part_disk(2048);
 
-	tg_gpt_write(d, &g, p, 1);
 	d[512 + 40] ^= 1; /* first usable LBA changed, CRC not updated */
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
-	check_entries(t, w, 1);
+	check_entries(t, gpt_one_part, 1);
 	g_assert_true(t->used_backup);
 	check_warning(t, "GPT: primary header CRC mismatch, using backup at LBA 2047");
 	g_assert_cmpuint(t->warnings->len, ==, 1);
@@ -535,30 +546,22 @@ static void test_gpt_bad_primary_crc(void)
 
 static void test_gpt_bad_entries_crc(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
-	static const struct want w[] = {{1, 100, 100}};
+	g_autofree uint8_t *d = gpt_one_part_disk(2048);
 
-	tg_gpt_write(d, &g, p, 1);
 	d[2 * 512 + 32] = 50; /* primary entry 1 now starts at 50 */
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
-	check_entries(t, w, 1);
+	check_entries(t, gpt_one_part, 1);
 	g_assert_true(t->used_backup);
 	check_warning(t, "GPT: primary partition entries CRC mismatch, using backup at LBA 2047");
 }
 
 static void test_gpt_bad_backup(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
-	static const struct want w[] = {{1, 100, 100}};
+	g_autofree uint8_t *d = gpt_one_part_disk(2048);
 
-	tg_gpt_write(d, &g, p, 1);
 	d[2047 * 512 + 3] ^= 1; /* backup signature */
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
-	check_entries(t, w, 1);
+	check_entries(t, gpt_one_part, 1);
 	g_assert_false(t->used_backup);
 	check_warning(t, "GPT: backup header at LBA 2047 is damaged (header has no \"EFI PART\" "
 			 "signature); the primary is used");
@@ -581,21 +584,17 @@ static void test_gpt_grown_disk(void)
 {
 	/* Table made for 2048 sectors, disk grown to 4096: the backup is at
 	 * the primary's alternate_lba (2047), not at the last LBA. */
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
-	static const struct want w[] = {{1, 100, 100}};
+	g_autofree uint8_t *d = gpt_one_part_disk(4096);
 
-	tg_gpt_write(d, &g, p, 1);
 	{
 		g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
 
-		check_entries(t, w, 1);
+		check_entries(t, gpt_one_part, 1);
 		check_no_warnings(t);
 	}
 	d[2 * 512 + 32] = 50; /* primary entries damaged: the backup at 2047 */
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
-	check_entries(t, w, 1);
+	check_entries(t, gpt_one_part, 1);
 	g_assert_true(t->used_backup);
 	check_warning(t, "using backup at LBA 2047");
 }
@@ -604,23 +603,19 @@ static void test_gpt_alternate_wrong(void)
 {
 	/* Primary entries damaged and its alternate_lba pointing at nothing
 	 * (sector 1000): the backup is then looked for at the last LBA. */
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
-	static const struct want w[] = {{1, 100, 100}};
+	g_autofree uint8_t *d = gpt_one_part_disk(2048);
 
-	tg_gpt_write(d, &g, p, 1);
 	put_le64(d + 512 + 32, 1000);
 	tg_gpt_fix_header_crc(d, 512, 1);
 	d[2 * 512 + 32] = 50;
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
-	check_entries(t, w, 1);
+	check_entries(t, gpt_one_part, 1);
 	g_assert_true(t->used_backup);
 	check_warning(t, "GPT: primary partition entries CRC mismatch, using backup at LBA 2047");
 	/* With a good primary the stale alternate_lba is no damage at all. */
 	d[2 * 512 + 32] = 100;
 	g_autoptr(PartTable) t2 = read_ok(512, d, 2048 * 512);
-	check_entries(t2, w, 1);
+	check_entries(t2, gpt_one_part, 1);
 	g_assert_false(t2->used_backup);
 	check_no_warnings(t2);
 }
@@ -806,18 +801,14 @@ static void test_gpt_no_entries(void)
 
 static void test_gpt_hybrid_and_pmbr(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
-	static const struct want w[] = {{1, 100, 100}};
+	g_autofree uint8_t *d = gpt_one_part_disk(2048);
 
-	tg_gpt_write(d, &g, p, 1);
 	/* Hybrid MBR: 0xEE in slot 2, a FAT partition in slot 1: GPT wins. */
 	tg_mbr_entry(d, 1, 0x80, 0x0c, 100, 100);
 	tg_mbr_entry(d, 2, 0, 0xee, 5, 2000);
 	g_autoptr(PartTable) t = read_ok(512, d, 2048 * 512);
 	g_assert_cmpint(t->kind, ==, PART_TABLE_GPT);
-	check_entries(t, w, 1);
+	check_entries(t, gpt_one_part, 1);
 	check_warning(t, "protective MBR: the 0xEE partition starts at sector 5, not 1");
 }
 
