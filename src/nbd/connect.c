@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -31,9 +32,23 @@ static const char *port_of(const struct nbdc_conn *conn)
 	return conn->cfg->port ? conn->cfg->port : NBD_DEFAULT_PORT;
 }
 
+/* Names the limit when @e says a file descriptor could not be had.  The
+ * result lives until the thread's next call. */
 static const char *fd_limit_hint(int e)
 {
-	return e == EMFILE || e == ENFILE ? " (open file limit reached: ulimit -n)" : "";
+	static __thread char hint[96];
+	struct rlimit rl;
+
+	if (e == ENFILE)
+		return " (the system's open file limit is reached: fs.file-max)";
+	if (e != EMFILE)
+		return "";
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+		g_snprintf(hint, sizeof(hint), " (the open file limit of %llu is reached: ulimit -n)",
+			   (unsigned long long)rl.rlim_cur);
+	else
+		g_snprintf(hint, sizeof(hint), " (the open file limit is reached: ulimit -n)");
+	return hint;
 }
 
 /* ---- TCP options ---- */
@@ -77,6 +92,7 @@ int nbdc_connect_unix(struct nbdc_conn *conn, gint64 *retry_at, char **msg)
 	if (fd < 0) {
 		int e = errno;
 
+		conn->connect_errno = e;
 		*msg = g_strdup_printf("socket: %s%s", g_strerror(e), fd_limit_hint(e));
 		return -ENOTCONN;
 	}

@@ -498,6 +498,10 @@ static void conn_finished(struct nbdc_conn *conn, void *data, GError *err)
 		g_free(c->error);
 		c->error = g_strdup(err->message);
 		c->attempts++;
+		/* Out of file descriptors: waiting would not bring one back in
+		 * time, so the requests fail now and the next one tries again. */
+		c->starved = c->nready == 0 &&
+			     (conn->connect_errno == EMFILE || conn->connect_errno == ENFILE);
 		if (c->state == NBDC_EX_RECOVERING || c->state == NBDC_EX_CONNECTING) {
 			if (c->attempts == 1 || c->attempts % 10 == 0)
 				nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: connect attempt %u failed: %s",

@@ -408,6 +408,8 @@ struct nbdc {
 	enum nbdc_ex_state state;
 	gint closing;                  /* atomic: no new requests */
 	gboolean dead;                 /* without reconnect: a connection died */
+	gboolean starved;              /* the last attempt found no file descriptor:
+	                                * the waiting requests fail now */
 	char *error;                   /* why it died (or the last attempt failed) */
 	struct nbdc_req *parked_head, *parked_tail;
 	guint nparked;

@@ -108,10 +108,13 @@ static void export_run(Nbdc *c, gboolean kicked)
 
 		/* Requests wait out their timeout; the first connection of a
 		 * lazy handle is always given its attempt. */
-		if (c->cfg.reconnect && (c->attempts > 0 || c->state == NBDC_EX_RECOVERING))
-			expired = expire_locked(c, now, FALSE);
-		if (!c->cfg.reconnect && c->attempts > 0)
+		if (c->starved)
 			expired = expire_locked(c, now, TRUE);
+		else if (c->cfg.reconnect && (c->attempts > 0 || c->state == NBDC_EX_RECOVERING))
+			expired = expire_locked(c, now, FALSE);
+		else if (!c->cfg.reconnect && c->attempts > 0)
+			expired = expire_locked(c, now, TRUE);
+		c->starved = FALSE;
 		if (c->state == NBDC_EX_RECOVERING && c->log_head && !c->replaying &&
 		    now >= c->lost_at + tmo && c->nready == 0) {
 			nbdc_log_lose(c, "the server stayed away");

@@ -2,12 +2,13 @@
 limit, names and sizes learnt without data connections, a data connection
 only once a file is used, idle connections closed, an export that cannot be
 opened skipped, the exports learnt over parallel control connections."""
+import errno
 import os
 import stat
 
 import pytest
 
-from nbdfs_test.data import read_file
+from nbdfs_test.data import direct_pread, read_file, timed
 from nbdfs_test.polling import wait_for
 
 CPUS = os.cpu_count() or 1
@@ -66,6 +67,34 @@ def test_two_thousand_exports_under_a_low_open_file_limit(tmp_path, server, moun
     assert _threads(m.pid) <= 2 * CPUS + 8, _threads(m.pid)
     # idle connections close (idle_timeout=1)
     wait_for(lambda: _sockets(m.pid) == 0, timeout=30, what="idle connections to close")
+    assert m.unmount() == 0
+
+
+def test_out_of_file_descriptors_fails_the_request_at_once(tmp_path, server, mount):
+    """Data connections kept open (idle_timeout=0) until the daemon's open
+    file limit is reached: the read that needs one more fails with EIO at
+    once, not after the reconnect timeout; the log names the export and the
+    limit; the exports already connected keep working."""
+    n, nofile = 100, 48
+    d = _export_dir(tmp_path, n)
+    srv = server("file", f"dir={d}", log=False)
+    m = mount(srv.uri(), opts=["-a", "-o", "idle_timeout=0,timeout=30,connections=1"],
+              foreground=True, nofile=nofile)
+    failed = None
+    for i in range(n):
+        _, err, secs = timed(lambda: direct_pread(m / f"e{i:05d}", 0, 4096))
+        if err is not None:
+            failed = (i, err, secs)
+            break
+    assert failed is not None, f"{n} data connections under a limit of {nofile} open files"
+    i, err, secs = failed
+    assert i > 0 and err == errno.EIO, failed
+    assert secs < 15, f"the read waited {secs:.1f} s for a file descriptor (timeout=30)"
+    log = m.log()
+    assert f"open file limit of {nofile} is reached" in log, log[-2000:]
+    assert f"e{i:05d}" in log, log[-2000:]
+    # the exports that have their connection go on
+    assert direct_pread(m / "e00000", 0, 4096)[:12] == b"export 00000"
     assert m.unmount() == 0
 
 
