@@ -2,13 +2,14 @@
 # Installs the Debian packages nbdfs needs to build, test, benchmark and run
 # its demo.  Does nothing when they are all present; needs root otherwise.
 # python3-docutils: rst2man for the man page; man-db: the test that renders it
-# (man -l); bash-completion: its pkg-config file says where the completion goes.
+# (man -l); bash-completion: its pkg-config file says where the completion goes;
+# clang-format: the format check (contrib/format.sh).
 set -euo pipefail
 
 pkgs=(
 	build-essential meson ninja-build pkg-config
 	libfuse3-dev fuse3 libglib2.0-dev libgnutls28-dev gnutls-bin
-	clang libclang-rt-14-dev
+	clang libclang-rt-14-dev clang-format
 	nbdkit libnbd-bin qemu-utils nbd-server
 	python3 python3-pytest fio attr util-linux
 	e2fsprogs xfsprogs dosfstools mtools fdisk gdisk

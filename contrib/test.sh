@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole nbdfs test suite, as CI runs it (README.md: "Test").
 #
-#  1. installs the Debian packages it needs (contrib/install-deps.sh);
+#  1. installs the Debian packages it needs (contrib/install-deps.sh) and
+#     checks that the C sources match .clang-format (contrib/format.sh);
 #  2. builds with -Dwerror=true and runs every test: GLib unit tests, the
 #     fake-server tests and the pytest suite (real servers, FUSE mounts, loop
 #     devices, real filesystems);
@@ -63,6 +64,9 @@ suite() {
 	run "pytest $dir" meson test -C "$dir" --suite pytest-suite -v --no-rebuild
 	count_results "$dir"
 }
+
+step "format check (contrib/format.sh --check)"
+run "format check" contrib/format.sh --check
 
 mkdir -p build
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

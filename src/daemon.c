@@ -40,7 +40,7 @@ enum log_dest { LOG_DEST_STDERR, LOG_DEST_SYSLOG, LOG_DEST_FILE };
 static gboolean log_verbose; /* -f or -d: info messages on stderr too */
 static gboolean log_debug;   /* -d: every NBD request */
 static enum log_dest log_dest = LOG_DEST_STDERR;
-static int log_fd = -1;      /* LOG_DEST_FILE: O_APPEND, close-on-exec */
+static int log_fd = -1;	     /* LOG_DEST_FILE: O_APPEND, close-on-exec */
 static gboolean log_started; /* the mount is ready: destination only */
 
 /* One line "TIME nbdfs[PID]: TAGMSG" with the local time to the millisecond;
@@ -110,8 +110,8 @@ static GLogWriterOutput log_writer(GLogLevelFlags level, const GLogField *fields
  * tries first, or stream); FALSE with the reason in @why. */
 static gboolean syslog_reachable(const char **why)
 {
-	static const int types[] = {SOCK_DGRAM, SOCK_STREAM};
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	static const int types[] = { SOCK_DGRAM, SOCK_STREAM };
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	int first_errno = 0;
 
 	g_strlcpy(sa.sun_path, _PATH_LOG, sizeof(sa.sun_path));
@@ -164,8 +164,7 @@ gboolean daemon_log_open(const char *log, gboolean foreground)
 static GString *fuse_msg;
 static gboolean fuse_msg_capture = TRUE;
 
-static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
-	G_GNUC_PRINTF(2, 0);
+static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap) G_GNUC_PRINTF(2, 0);
 static void fuse_log_cb(enum fuse_log_level level, const char *fmt, va_list ap)
 {
 	g_autofree char *m = g_strdup_vprintf(fmt, ap);
@@ -229,7 +228,7 @@ const char *daemon_fuse_messages(void)
 static void notify(const char *state)
 {
 	const char *path = g_getenv("NOTIFY_SOCKET");
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 
 	if (path == NULL || *path == '\0')
 		return;

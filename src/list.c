@@ -207,7 +207,7 @@ int list_exports(const struct options *o, const struct fuse_args *args)
 	if (list == NULL) {
 		g_autofree char *display = nbdc_uri_to_display(uri);
 		const char *why =
-		    sources_strip_prefix(sources_strip_prefix(err->message, arg), display);
+			sources_strip_prefix(sources_strip_prefix(err->message, arg), display);
 
 		if (g_error_matches(err, NBDC_ERROR, NBDC_ERROR_POLICY)) {
 			fprintf(stderr, "nbdfs: %s: listing exports refused by policy: %s\n", arg,

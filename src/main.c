@@ -79,8 +79,7 @@ static struct fuse_session *new_session(struct fuse_args *args, const struct opt
 	add_mount_opt(args, "fsname", o->fsname ? o->fsname : sources_display_name(src));
 	add_mount_opt(args, "subtype", o->subtype ? o->subtype : "nbdfs");
 	fuse_opt_add_arg(args, "-omax_read=1048576");
-	struct fuse_session *se =
-		fuse_session_new(args, &no_ops, sizeof(no_ops), NULL);
+	struct fuse_session *se = fuse_session_new(args, &no_ops, sizeof(no_ops), NULL);
 	if (se == NULL)
 		fprintf(stderr, "nbdfs: bad mount options: %s\n", daemon_fuse_messages());
 	return se;

@@ -14,7 +14,9 @@
 
 enum { KEY_SPLIT, KEY_DISCARD_RW, KEY_LONG };
 
+/* clang-format off */
 #define OPT(t, f, v) {t, offsetof(struct options, f), v}
+/* clang-format on */
 static const struct fuse_opt opt_spec[] = {
 	OPT("-f", foreground, 1),
 	OPT("--foreground", foreground, 1),
@@ -112,10 +114,25 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
  * "--opt=VALUE": the first form is rewritten into the second before
  * fuse_opt_parse (whose "--opt %s" templates would also match "--opt=V"). */
 static const char *const long_with_value[] = {
-	"--pidfile", "--split", "--partitions", "--sector-size", "--sector_size",
-	"--connections", "--timeout", "--io-timeout", "--io_timeout", "--idle-timeout",
-	"--idle_timeout", "--tls-psk", "--tls-certificates", "--tls-verify-peer", "--uid",
-	"--gid", "--umask", "--log", NULL,
+	"--pidfile",
+	"--split",
+	"--partitions",
+	"--sector-size",
+	"--sector_size",
+	"--connections",
+	"--timeout",
+	"--io-timeout",
+	"--io_timeout",
+	"--idle-timeout",
+	"--idle_timeout",
+	"--tls-psk",
+	"--tls-certificates",
+	"--tls-verify-peer",
+	"--uid",
+	"--gid",
+	"--umask",
+	"--log",
+	NULL,
 };
 
 /* A copy of argv with "--opt VALUE" joined into "--opt=VALUE" (caller frees). */
@@ -168,11 +185,15 @@ static gboolean check_uint(const char *name, const char *s, guint base, guint64 
 		return TRUE;
 	if (!g_ascii_string_to_unsigned(s, base, min, max, &v, &err)) {
 		if (base == 8)
-			fprintf(stderr, "nbdfs: %s=%s: want an octal number from %" G_GUINT64_FORMAT
-				" to %" G_GINT64_MODIFIER "o\n", name, s, min, max);
+			fprintf(stderr,
+				"nbdfs: %s=%s: want an octal number from %" G_GUINT64_FORMAT
+				" to %" G_GINT64_MODIFIER "o\n",
+				name, s, min, max);
 		else
-			fprintf(stderr, "nbdfs: %s=%s: want a whole number from %" G_GUINT64_FORMAT
-				" to %" G_GUINT64_FORMAT "\n", name, s, min, max);
+			fprintf(stderr,
+				"nbdfs: %s=%s: want a whole number from %" G_GUINT64_FORMAT
+				" to %" G_GUINT64_FORMAT "\n",
+				name, s, min, max);
 		return FALSE;
 	}
 	*out = (unsigned)v;
@@ -210,8 +231,7 @@ gboolean options_check(struct options *o)
 	o->io_timeout = 120;
 	o->idle_timeout = 60;
 	if (!check_uint("sector_size", o->sector_size_s, 10, 0, 65536, &o->sector_size) ||
-	    !check_uint("connections", o->connections_s, 10, 1, MAX_CONNECTIONS,
-			&o->connections) ||
+	    !check_uint("connections", o->connections_s, 10, 1, MAX_CONNECTIONS, &o->connections) ||
 	    !check_uint("timeout", o->timeout_s, 10, 0, MAX_TIMEOUT_S, &o->timeout) ||
 	    !check_uint("io_timeout", o->io_timeout_s, 10, 0, MAX_TIMEOUT_S, &o->io_timeout) ||
 	    !check_uint("idle_timeout", o->idle_timeout_s, 10, 0, MAX_TIMEOUT_S,
@@ -257,55 +277,66 @@ void options_clear(struct options *o)
 	g_clear_pointer(&o->splits, g_ptr_array_unref);
 	g_clear_pointer(&o->args, g_ptr_array_unref);
 	g_clear_pointer(&o->unknown_long, g_ptr_array_unref);
-	char **strs[] = {&o->partitions, &o->pidfile, &o->log, &o->sector_size_s,
-			 &o->connections_s, &o->timeout_s, &o->io_timeout_s, &o->idle_timeout_s,
-			 &o->uid_s, &o->gid_s, &o->umask_s, &o->tls_psk, &o->tls_certificates,
-			 &o->tls_verify_peer, &o->fsname, &o->subtype};
+	char **strs[] = { &o->partitions,
+			  &o->pidfile,
+			  &o->log,
+			  &o->sector_size_s,
+			  &o->connections_s,
+			  &o->timeout_s,
+			  &o->io_timeout_s,
+			  &o->idle_timeout_s,
+			  &o->uid_s,
+			  &o->gid_s,
+			  &o->umask_s,
+			  &o->tls_psk,
+			  &o->tls_certificates,
+			  &o->tls_verify_peer,
+			  &o->fsname,
+			  &o->subtype };
 	for (gsize i = 0; i < G_N_ELEMENTS(strs); i++)
 		g_clear_pointer(strs[i], g_free);
 }
 
 void options_usage(FILE *f)
 {
-	fprintf(f,
-		"usage: nbdfs [OPTIONS] [NAME=]URI... MOUNTPOINT\n"
-		"       nbdfs --list [--long|--json] URI\n"
-		"       mount -t fuse.nbdfs URI MOUNTPOINT -o OPTIONS\n"
-		"\n"
-		"Shows every NBD export (and partition on request) as a regular file.\n"
-		"URI: nbd://host[:port][/export], nbd+unix:///[export]?socket=PATH,\n"
-		"     nbds://..., nbds+unix://... (TLS)\n"
-		"\n"
-		"  -a, --all-exports        show every export of each server\n"
-		"  --list [--long|--json]   print the server's exports and exit\n"
-		"  -f, --foreground         stay in the foreground, log to stderr\n"
-		"  -d, --debug              log every FUSE and NBD request (implies -f)\n"
-		"  --pidfile FILE           write the pid once the mount is ready\n"
-		"  --log=stderr|syslog|FILE where messages go (default: stderr with -f,\n"
-		"                           else syslog); also -o log=...\n"
-		"  -P                       same as -o partitions=auto\n"
-		"  -h, --help  -V, --version\n"
-		"\n"
-		"  -o ro                    every file read-only\n"
-		"  -o partitions=auto       scan every export's MBR/GPT at mount\n"
-		"  -o split=FILE:SECTORS    split FILE after SECTORS sectors (repeatable)\n"
-		"  -o sector_size=512|4096  override the sector size\n"
-		"  -o connections=N         NBD connections per export (multi-conn, 1-16)\n"
-		"  -o timeout=SECS          wait for an unreachable server (default 60);\n"
-		"                           also the bound on stopping: in-flight requests\n"
-		"                           and final flushes get at most SECS together\n"
-		"  -o io_timeout=SECS       a sent request unanswered this long means the\n"
-		"                           connection is lost (default 120, 0 = never)\n"
-		"  -o idle_timeout=SECS     close unused connections (default 60, 0 = never)\n"
-		"  -o tls-psk=FILE  -o tls-certificates=DIR  -o tls-verify-peer=on|off\n"
-		"  -o writeback             kernel writeback cache: faster small writes, but\n"
-		"                           gives up coherence between an export file and its\n"
-		"                           partition files, and errors (e.g. writes past the\n"
-		"                           end) surface only at fsync/close\n"
-		"  -o allow_other,uid=N,gid=N,umask=M   the usual FUSE ownership options\n"
-		"  -o fsname=NAME,subtype=TYPE          as in other FUSE filesystems\n"
-		"\n"
-		"Partitions later: setfattr -n user.nbdfs.partition -v auto|none|SECTORS FILE\n"
-		"-o options of nbdfs are also long options (-o timeout=5: --timeout=5).\n"
-		"See nbdfs(1).\n");
+	fprintf(f, "usage: nbdfs [OPTIONS] [NAME=]URI... MOUNTPOINT\n"
+		   "       nbdfs --list [--long|--json] URI\n"
+		   "       mount -t fuse.nbdfs URI MOUNTPOINT -o OPTIONS\n"
+		   "\n"
+		   "Shows every NBD export (and partition on request) as a regular file.\n"
+		   "URI: nbd://host[:port][/export], nbd+unix:///[export]?socket=PATH,\n"
+		   "     nbds://..., nbds+unix://... (TLS)\n"
+		   "\n"
+		   "  -a, --all-exports        show every export of each server\n"
+		   "  --list [--long|--json]   print the server's exports and exit\n"
+		   "  -f, --foreground         stay in the foreground, log to stderr\n"
+		   "  -d, --debug              log every FUSE and NBD request (implies -f)\n"
+		   "  --pidfile FILE           write the pid once the mount is ready\n"
+		   "  --log=stderr|syslog|FILE where messages go (default: stderr with -f,\n"
+		   "                           else syslog); also -o log=...\n"
+		   "  -P                       same as -o partitions=auto\n"
+		   "  -h, --help  -V, --version\n"
+		   "\n"
+		   "  -o ro                    every file read-only\n"
+		   "  -o partitions=auto       scan every export's MBR/GPT at mount\n"
+		   "  -o split=FILE:SECTORS    split FILE after SECTORS sectors (repeatable)\n"
+		   "  -o sector_size=512|4096  override the sector size\n"
+		   "  -o connections=N         NBD connections per export (multi-conn, 1-16)\n"
+		   "  -o timeout=SECS          wait for an unreachable server (default 60);\n"
+		   "                           also the bound on stopping: in-flight requests\n"
+		   "                           and final flushes get at most SECS together\n"
+		   "  -o io_timeout=SECS       a sent request unanswered this long means the\n"
+		   "                           connection is lost (default 120, 0 = never)\n"
+		   "  -o idle_timeout=SECS     close unused connections (default 60, 0 = never)\n"
+		   "  -o tls-psk=FILE  -o tls-certificates=DIR  -o tls-verify-peer=on|off\n"
+		   "  -o writeback             kernel writeback cache: faster small writes, but\n"
+		   "                           gives up coherence between an export file and its\n"
+		   "                           partition files, and errors (e.g. writes past the\n"
+		   "                           end) surface only at fsync/close\n"
+		   "  -o allow_other,uid=N,gid=N,umask=M   the usual FUSE ownership options\n"
+		   "  -o fsname=NAME,subtype=TYPE          as in other FUSE filesystems\n"
+		   "\n"
+		   "Partitions later: setfattr -n user.nbdfs.partition -v auto|none|SECTORS FILE\n"
+		   "-o options of nbdfs are also long options (-o timeout=5: --timeout=5).\n"
+		   "See nbdfs(1).\n");
 }

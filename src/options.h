@@ -19,18 +19,18 @@ struct options {
 	int partitions_auto, read_only, writeback;
 	char *partitions;
 	char *pidfile;
-	char *log;                  /* --log=stderr|syslog|FILE, NULL = default */
+	char *log; /* --log=stderr|syslog|FILE, NULL = default */
 	/* Numeric values as given (checked by options_check into the fields below). */
 	char *sector_size_s, *connections_s, *timeout_s, *io_timeout_s, *idle_timeout_s;
 	char *uid_s, *gid_s, *umask_s;
 	unsigned sector_size, connections, timeout, io_timeout, idle_timeout;
-	unsigned uid, gid, umask;   /* OPTIONS_UNSET_ID when not given */
+	unsigned uid, gid, umask; /* OPTIONS_UNSET_ID when not given */
 	char *tls_psk, *tls_certificates, *tls_verify_peer;
-	gboolean verify_peer;       /* from tls_verify_peer, default TRUE */
-	char *fsname, *subtype;     /* -o fsname=, -o subtype= (NULL: defaults) */
-	GPtrArray *splits;          /* char *: "FILE:SECTORS" */
-	GPtrArray *args;            /* char *: sources, then the mountpoint */
-	GPtrArray *unknown_long;    /* char *: "--x" options fuse_opt does not know */
+	gboolean verify_peer;	 /* from tls_verify_peer, default TRUE */
+	char *fsname, *subtype;	 /* -o fsname=, -o subtype= (NULL: defaults) */
+	GPtrArray *splits;	 /* char *: "FILE:SECTORS" */
+	GPtrArray *args;	 /* char *: sources, then the mountpoint */
+	GPtrArray *unknown_long; /* char *: "--x" options fuse_opt does not know */
 };
 
 /* Parses @argc/@argv into @o (initialised here) and @args (the FUSE mount

@@ -20,19 +20,19 @@ struct server {
 };
 
 struct export_src {
-	struct server *srv;     /* borrowed */
-	char *label;            /* for messages: the arg, or the arg + export */
-	char *export_name;      /* requested export name */
-	char *display;          /* URI without secrets */
+	struct server *srv;	/* borrowed */
+	char *label;		/* for messages: the arg, or the arg + export */
+	char *export_name;	/* requested export name */
+	char *display;		/* URI without secrets */
 	struct nbdc_config cfg; /* borrows srv->uri, export_name */
 	Blockdev *dev;
 };
 
 struct sources {
 	const struct options *o; /* borrowed */
-	LoopSet *loops;          /* borrowed: the daemon's */
-	GPtrArray *servers;      /* struct server * */
-	GPtrArray *exports;      /* struct export_src * */
+	LoopSet *loops;		 /* borrowed: the daemon's */
+	GPtrArray *servers;	 /* struct server * */
+	GPtrArray *exports;	 /* struct export_src * */
 	char *display;
 };
 
@@ -91,8 +91,7 @@ static void core_log(void *opaque, enum nbdc_log_level level, const char *msg)
 }
 
 /* Fills @cfg for @uri with the command-line defaults. */
-static void config_for(struct nbdc_config *cfg, const struct options *o,
-		       const struct nbdc_uri *uri)
+static void config_for(struct nbdc_config *cfg, const struct options *o, const struct nbdc_uri *uri)
 {
 	nbdc_config_init(cfg);
 	cfg->tls_psk_file = o->tls_psk;
@@ -286,10 +285,12 @@ gboolean sources_connect(Sources *s, LoopSet *loops, Fs *fs)
 				shown++;
 				continue;
 			}
-			if (g_error_matches(e_err, FS_ERROR, FS_ERROR_NAME_CLASH) || !o->all_exports) {
-				struct export_src *x = s->exports->len ? g_ptr_array_index(
-									  s->exports, s->exports->len - 1)
-								      : NULL;
+			if (g_error_matches(e_err, FS_ERROR, FS_ERROR_NAME_CLASH) ||
+			    !o->all_exports) {
+				struct export_src *x =
+					s->exports->len
+						? g_ptr_array_index(s->exports, s->exports->len - 1)
+						: NULL;
 				const char *label = x && x->srv == srv ? x->label : srv->arg;
 
 				fail_line_uri(label, srv->uri, e_err->message);

@@ -35,10 +35,23 @@ static gboolean parse_size(const char *s, uint64_t *out)
 	if (end == s)
 		return FALSE;
 	switch (*end) {
-	case 'K': case 'k': mult = 1ull << 10; end++; break;
-	case 'M': case 'm': mult = 1ull << 20; end++; break;
-	case 'G': case 'g': mult = 1ull << 30; end++; break;
-	default: break;
+	case 'K':
+	case 'k':
+		mult = 1ull << 10;
+		end++;
+		break;
+	case 'M':
+	case 'm':
+		mult = 1ull << 20;
+		end++;
+		break;
+	case 'G':
+	case 'g':
+		mult = 1ull << 30;
+		end++;
+		break;
+	default:
+		break;
 	}
 	if (*end != '\0' || v == 0 || v > (1ull << 40) / mult)
 		return FALSE;
@@ -69,7 +82,8 @@ int main(int argc, char *argv[])
 			size_s = NULL, i = argc;
 	}
 	if (!size_s || !mnt || !parse_size(size_s, &size)) {
-		fprintf(stderr, "usage: nbdfs-memfile [--direct-io] [-d] [--loops=N] SIZE MOUNTPOINT\n");
+		fprintf(stderr,
+			"usage: nbdfs-memfile [--direct-io] [-d] [--loops=N] SIZE MOUNTPOINT\n");
 		return 2;
 	}
 	if (cfg.debug)
@@ -88,8 +102,12 @@ int main(int argc, char *argv[])
 	}
 	blockdev_unref(dev);
 
-	char *fargv[] = { argv[0], "-odefault_permissions", "-ofsname=nbdfs-memfile",
-			  "-osubtype=nbdfs-memfile", "-omax_read=1048576", NULL };
+	char *fargv[] = { argv[0],
+			  "-odefault_permissions",
+			  "-ofsname=nbdfs-memfile",
+			  "-osubtype=nbdfs-memfile",
+			  "-omax_read=1048576",
+			  NULL };
 	struct fuse_args args = FUSE_ARGS_INIT(5, fargv);
 	struct fuse_session *se = fuse_session_new(&args, &no_ops, sizeof(no_ops), NULL);
 	if (!se)

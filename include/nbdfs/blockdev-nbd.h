@@ -16,17 +16,17 @@
 G_BEGIN_DECLS
 
 struct blockdev_nbd_opts {
-	uint32_t sector_size;   /* 0 = the server's minimum block size if >= 512, else 512 */
-	guint timeout_s;        /* how long a request waits for an unreachable server
-	                         * (reconnecting with backoff meanwhile) before -EIO;
-	                         * 0 = fail at once.  A slow but connected server is
-	                         * not unreachable.  Also bounds each connect. */
-	guint io_timeout_s;     /* a sent request unanswered this long means the
-	                         * connection is lost (reconnect and resend); 0 = never */
-	guint idle_timeout_s;   /* lazy devices: close connections idle this long with
-	                         * no open file; 0 = never */
-	gboolean read_only;     /* refuse writes even where the export allows them */
-	const char *uri;        /* display URI (no secrets) for blockdev_info.uri; copied */
+	uint32_t sector_size; /* 0 = the server's minimum block size if >= 512, else 512 */
+	guint timeout_s;      /* how long a request waits for an unreachable server
+			       * (reconnecting with backoff meanwhile) before -EIO;
+			       * 0 = fail at once.  A slow but connected server is
+			       * not unreachable.  Also bounds each connect. */
+	guint io_timeout_s;   /* a sent request unanswered this long means the
+			       * connection is lost (reconnect and resend); 0 = never */
+	guint idle_timeout_s; /* lazy devices: close connections idle this long with
+			       * no open file; 0 = never */
+	gboolean read_only;   /* refuse writes even where the export allows them */
+	const char *uri;      /* display URI (no secrets) for blockdev_info.uri; copied */
 };
 
 /* Connects now with @cfg (copied; its strings are borrowed and must outlive

@@ -35,21 +35,21 @@ typedef struct blockdev Blockdev;
 GQuark blockdev_error_quark(void);
 
 typedef enum {
-	BLOCKDEV_ERROR_INVALID,   /* a bad parameter (e.g. a sector size) */
-	BLOCKDEV_ERROR_RANGE,     /* a window or split beyond the end of its parent */
+	BLOCKDEV_ERROR_INVALID, /* a bad parameter (e.g. a sector size) */
+	BLOCKDEV_ERROR_RANGE,	/* a window or split beyond the end of its parent */
 } BlockdevError;
 
 struct blockdev_info {
-	uint32_t sector_size;      /* 512 or 4096 (any power of two >= 512) */
-	uint64_t size;             /* bytes; may end with a partial sector */
-	uint64_t sectors;          /* whole sectors: size / sector_size */
-	uint64_t offset;           /* first sector within the root export, however deep */
+	uint32_t sector_size; /* 512 or 4096 (any power of two >= 512) */
+	uint64_t size;	      /* bytes; may end with a partial sector */
+	uint64_t sectors;     /* whole sectors: size / sector_size */
+	uint64_t offset;      /* first sector within the root export, however deep */
 	gboolean read_write;
-	uint32_t pref_block;       /* preferred I/O size for st_blksize; 4096 if none */
-	uint32_t max_request;      /* bytes: largest efficient single read/write */
+	uint32_t pref_block;  /* preferred I/O size for st_blksize; 4096 if none */
+	uint32_t max_request; /* bytes: largest efficient single read/write */
 	gboolean can_flush, can_fua, can_trim, can_zero, can_block_status;
-	const char *export_name;   /* the root export's name; borrowed, valid while @dev lives */
-	const char *uri;           /* the root export's URI without secrets; borrowed */
+	const char *export_name; /* the root export's name; borrowed, valid while @dev lives */
+	const char *uri;	 /* the root export's URI without secrets; borrowed */
 };
 
 typedef void (*blockdev_done_fn)(void *opaque, int err);
@@ -59,12 +59,12 @@ enum { BLOCKDEV_STATE_HOLE = 1 << 0, BLOCKDEV_STATE_ZERO = 1 << 1 };
 
 /* Request flags. */
 enum {
-	BLOCKDEV_FUA      = 1 << 0,   /* write/zero: durable on completion */
-	BLOCKDEV_MAY_TRIM = 1 << 1,   /* zero: may deallocate (punch hole) */
+	BLOCKDEV_FUA = 1 << 0,	    /* write/zero: durable on completion */
+	BLOCKDEV_MAY_TRIM = 1 << 1, /* zero: may deallocate (punch hole) */
 };
 
 Blockdev *blockdev_ref(Blockdev *dev);
-void blockdev_unref(Blockdev *dev);          /* NULL is a no-op */
+void blockdev_unref(Blockdev *dev); /* NULL is a no-op */
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(Blockdev, blockdev_unref)
 
 void blockdev_get_info(Blockdev *dev, struct blockdev_info *info);
@@ -83,8 +83,8 @@ void blockdev_flush(Blockdev *dev, blockdev_done_fn done, void *opaque);
 void blockdev_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
 			   blockdev_done_fn done, void *opaque);
 /* Advisory discard (NBD TRIM); contents are undefined afterwards. */
-void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count,
-		      blockdev_done_fn done, void *opaque);
+void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+		      void *opaque);
 /* Extents covering [sector, sector+count) in order (possibly fewer bytes,
  * never more); -EOPNOTSUPP where the device has no block status. */
 void blockdev_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
@@ -104,15 +104,15 @@ void blockdev_disconnect(Blockdev *dev);
 void blockdev_hold(Blockdev *dev, gboolean held);
 
 enum blockdev_conn_state {
-	BLOCKDEV_CONN_IDLE,         /* no connection needed yet, or closed while idle */
+	BLOCKDEV_CONN_IDLE, /* no connection needed yet, or closed while idle */
 	BLOCKDEV_CONN_CONNECTED,
 	BLOCKDEV_CONN_RECONNECTING, /* lost; requests wait up to the timeout */
-	BLOCKDEV_CONN_FAILED,       /* the last wait ran out: requests failed with EIO */
+	BLOCKDEV_CONN_FAILED,	    /* the last wait ran out: requests failed with EIO */
 };
 
 struct blockdev_health {
 	enum blockdev_conn_state state;
-	uint64_t reconnects;        /* connections re-established after a loss */
+	uint64_t reconnects; /* connections re-established after a loss */
 	/* Counts the times acknowledged writes that no flush had covered yet
 	 * were lost (a server restart before the flush, and the replay failed).
 	 * A file that saw it change since its last flush must fail its next
@@ -128,7 +128,8 @@ const char *blockdev_conn_state_name(enum blockdev_conn_state state);
 
 /* Blocking wrappers (sync.c): return 0 or a negative errno. */
 int blockdev_read_sync(Blockdev *dev, uint64_t sector, void *buf, size_t len);
-int blockdev_write_sync(Blockdev *dev, uint64_t sector, const void *buf, size_t len, uint32_t flags);
+int blockdev_write_sync(Blockdev *dev, uint64_t sector, const void *buf, size_t len,
+			uint32_t flags);
 int blockdev_flush_sync(Blockdev *dev);
 
 /* ---- Windows (window.c) --------------------------------------------------

@@ -32,8 +32,9 @@ typedef void (*loop_io_fn)(void *opaque, uint32_t events);
 /* Starts @n loop threads (0 = one per online CPU) named "nbdfs-loop-I",
  * with every signal blocked, and a pool of at most @pool_threads (0 = 4,
  * LOOP_POOL_UNBOUNDED = as many as there are jobs: for jobs that may wait
- * on one another, such as the daemon's kernel cache invalidations) threads.  NULL + GError (G_FILE_ERROR) when a thread, epoll or eventfd
- * could not be made; the message names the resource. */
+ * on one another, such as the daemon's kernel cache invalidations) threads.  NULL + GError
+ * (G_FILE_ERROR) when a thread, epoll or eventfd could not be made; the message names the resource.
+ */
 #define LOOP_POOL_UNBOUNDED G_MAXUINT
 LoopSet *loop_set_new(guint n, guint pool_threads, GError **error);
 /* Stops every loop (after the tasks already posted to it ran), joins the
@@ -70,12 +71,12 @@ static inline gboolean loop_is_current(const Loop *loop)
  * its own or any other watch of the loop, even one that is ready in the
  * same turn (it is then not called). */
 struct loop_watch {
-	Loop *loop;                   /* set while registered, else NULL */
+	Loop *loop; /* set while registered, else NULL */
 	int fd;
 	uint32_t events;
 	loop_io_fn fn;
 	void *opaque;
-	guint slot;                   /* private: the loop's dispatch slot */
+	guint slot; /* private: the loop's dispatch slot */
 };
 
 /* 0 or a negative errno from epoll_ctl (the watch is then not registered). */
@@ -89,11 +90,11 @@ void loop_watch_del(struct loop_watch *w);
  * Embedded; @when is g_get_monotonic_time() microseconds.  Starting an armed
  * timer moves it.  A timer fires once; its callback may start it again. */
 struct loop_timer {
-	Loop *loop;                   /* set while armed, else NULL */
+	Loop *loop; /* set while armed, else NULL */
 	gint64 when;
 	loop_fn fn;
 	void *opaque;
-	guint index;                  /* private: position in the loop's heap */
+	guint index; /* private: position in the loop's heap */
 };
 
 void loop_timer_start(Loop *loop, struct loop_timer *t, gint64 when, loop_fn fn, void *opaque);

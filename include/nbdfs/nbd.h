@@ -32,18 +32,18 @@ G_BEGIN_DECLS
 GQuark nbdc_error_quark(void);
 
 typedef enum {
-	NBDC_ERROR_URI,          /* malformed URI; the message names the bad part */
-	NBDC_ERROR_CONNECT,      /* socket, connect or resolve failed (unreachable) */
-	NBDC_ERROR_HANDSHAKE,    /* server broke the protocol during negotiation */
-	NBDC_ERROR_TLS,          /* TLS refused by the server, handshake or certificate failed */
+	NBDC_ERROR_URI,		 /* malformed URI; the message names the bad part */
+	NBDC_ERROR_CONNECT,	 /* socket, connect or resolve failed (unreachable) */
+	NBDC_ERROR_HANDSHAKE,	 /* server broke the protocol during negotiation */
+	NBDC_ERROR_TLS,		 /* TLS refused by the server, handshake or certificate failed */
 	NBDC_ERROR_TLS_REQUIRED, /* the server requires TLS and we asked for none */
-	NBDC_ERROR_NO_EXPORT,    /* the server does not know the export */
-	NBDC_ERROR_POLICY,       /* refused by policy (the seed's `Policy`) */
-	NBDC_ERROR_UNSUPPORTED,  /* the server cannot do it (the seed's `Unsupported`:
-	                          * oldstyle, non-fixed newstyle, ERR_UNSUP, ERR_PLATFORM) */
-	NBDC_ERROR_SERVER,       /* another option error reply from the server */
-	NBDC_ERROR_TIMEOUT,      /* the handshake did not finish in time */
-	NBDC_ERROR_INVALID,      /* a bad argument from the caller (e.g. bad config) */
+	NBDC_ERROR_NO_EXPORT,	 /* the server does not know the export */
+	NBDC_ERROR_POLICY,	 /* refused by policy (the seed's `Policy`) */
+	NBDC_ERROR_UNSUPPORTED,	 /* the server cannot do it (the seed's `Unsupported`:
+				  * oldstyle, non-fixed newstyle, ERR_UNSUP, ERR_PLATFORM) */
+	NBDC_ERROR_SERVER,	 /* another option error reply from the server */
+	NBDC_ERROR_TIMEOUT,	 /* the handshake did not finish in time */
+	NBDC_ERROR_INVALID,	 /* a bad argument from the caller (e.g. bad config) */
 } NbdcError;
 
 /* ---- I/O errors --------------------------------------------------------
@@ -54,8 +54,8 @@ typedef enum {
  *   the handle or its connection is gone (Disconnected) -> -ENOTCONN
  *   the server broke the protocol (connection now dead) -> -EPROTO
  *   request timeout (config.request_timeout_ms)          -> -ETIMEDOUT
- *   out of bounds or unaligned to the minimum block      -> -EINVAL (-ENOSPC for writes past the end)
- * nbdc_get_error() gives the readable reason a connection died.
+ *   out of bounds or unaligned to the minimum block      -> -EINVAL (-ENOSPC for writes past the
+ * end) nbdc_get_error() gives the readable reason a connection died.
  */
 
 /* Maps an NBD error code (wire value) to a positive errno.  Unknown -> EINVAL. */
@@ -66,18 +66,19 @@ int nbdc_errno_from_nbd(uint32_t nbd_error);
 typedef struct nbdc_uri NbdcUri;
 
 struct nbdc_uri {
-	gboolean tls;              /* nbds:// or nbds+unix:// */
-	gboolean unix_socket;      /* nbd+unix:// or nbds+unix:// */
-	char *host;                /* TCP host, IPv6 without brackets; NULL for unix */
-	char *port;                /* TCP port, "10809" when absent; NULL for unix */
-	char *socket_path;         /* ?socket= (required for +unix); NULL for TCP */
-	char *export_name;         /* percent-decoded path minus the leading '/'; never NULL ("" = default) */
-	char *tls_username;        /* userinfo before '@' (PSK identity), or NULL */
-	char *tls_psk_file;        /* ?tls-psk-file=, or NULL */
-	char *tls_certificates;    /* ?tls-certificates=, or NULL */
-	char *tls_hostname;        /* ?tls-hostname=, or NULL */
-	char *tls_type;            /* ?tls-type= (anon|x509|psk), or NULL */
-	int tls_verify_peer;       /* ?tls-verify-peer=0|1|true|false; -1 when absent */
+	gboolean tls;	      /* nbds:// or nbds+unix:// */
+	gboolean unix_socket; /* nbd+unix:// or nbds+unix:// */
+	char *host;	      /* TCP host, IPv6 without brackets; NULL for unix */
+	char *port;	      /* TCP port, "10809" when absent; NULL for unix */
+	char *socket_path;    /* ?socket= (required for +unix); NULL for TCP */
+	char *export_name;  /* percent-decoded path minus the leading '/'; never NULL ("" = default)
+			     */
+	char *tls_username; /* userinfo before '@' (PSK identity), or NULL */
+	char *tls_psk_file; /* ?tls-psk-file=, or NULL */
+	char *tls_certificates; /* ?tls-certificates=, or NULL */
+	char *tls_hostname;	/* ?tls-hostname=, or NULL */
+	char *tls_type;		/* ?tls-type= (anon|x509|psk), or NULL */
+	int tls_verify_peer;	/* ?tls-verify-peer=0|1|true|false; -1 when absent */
 };
 
 /* Parses @uri.  Returns a new struct (caller frees with nbdc_uri_free) or
@@ -104,32 +105,32 @@ typedef struct loop_set LoopSet;
 struct nbdc_config {
 	/* Where to connect: exactly one of host, socket_path, fd. */
 	const char *host;
-	const char *port;              /* NULL = "10809" */
+	const char *port; /* NULL = "10809" */
 	const char *socket_path;
-	int fd;                        /* connected socket, -1 when unused; nbdc_connect
-	                                * takes ownership (closes it, even on failure) */
-	const char *export_name;       /* NULL or "" = the default export */
+	int fd;			 /* connected socket, -1 when unused; nbdc_connect
+				  * takes ownership (closes it, even on failure) */
+	const char *export_name; /* NULL or "" = the default export */
 
 	/* TLS (STARTTLS).  tls = TRUE (nbds URIs) requires it: any refusal fails. */
 	gboolean tls;
-	const char *tls_psk_file;      /* "user:hexkey" lines */
-	const char *tls_username;      /* PSK identity; NULL = the login name */
-	const char *tls_certificates;  /* dir: ca-cert.pem, client-cert.pem, client-key.pem */
-	const char *tls_hostname;      /* SNI and verification name; NULL = host */
-	gboolean tls_verify_peer;      /* default TRUE */
+	const char *tls_psk_file;     /* "user:hexkey" lines */
+	const char *tls_username;     /* PSK identity; NULL = the login name */
+	const char *tls_certificates; /* dir: ca-cert.pem, client-cert.pem, client-key.pem */
+	const char *tls_hostname;     /* SNI and verification name; NULL = host */
+	gboolean tls_verify_peer;     /* default TRUE */
 
 	/* Negotiation. */
-	gboolean structured_replies;   /* default TRUE */
-	gboolean block_status;         /* ask for base:allocation; default TRUE */
-	guint connections;             /* 0 = default (4 if CAN_MULTI_CONN, else 1); N>1
-	                                * without CAN_MULTI_CONN gives 1 and logs a warning */
-	guint max_in_flight;           /* per connection; default 64; more wait in a queue */
-	guint handshake_timeout_ms;    /* resolve + connect + negotiate; default 30000; 0 = none */
-	guint request_timeout_ms;      /* a sent request unanswered this long (or a server
-	                                * that stops reading our bytes) means the connection
-	                                * is lost; default 0 = never.  Without reconnect its
-	                                * requests fail with -ETIMEDOUT.  On TCP it also sets
-	                                * keepalive and TCP_USER_TIMEOUT. */
+	gboolean structured_replies; /* default TRUE */
+	gboolean block_status;	     /* ask for base:allocation; default TRUE */
+	guint connections;	     /* 0 = default (4 if CAN_MULTI_CONN, else 1); N>1
+				      * without CAN_MULTI_CONN gives 1 and logs a warning */
+	guint max_in_flight;	     /* per connection; default 64; more wait in a queue */
+	guint handshake_timeout_ms;  /* resolve + connect + negotiate; default 30000; 0 = none */
+	guint request_timeout_ms;    /* a sent request unanswered this long (or a server
+				      * that stops reading our bytes) means the connection
+				      * is lost; default 0 = never.  Without reconnect its
+				      * requests fail with -ETIMEDOUT.  On TCP it also sets
+				      * keepalive and TCP_USER_TIMEOUT. */
 
 	/* Where connections run: NULL = a process-wide default set of loops. */
 	LoopSet *loops;
@@ -167,16 +168,16 @@ void nbdc_config_set_uri(struct nbdc_config *cfg, const struct nbdc_uri *uri);
 /* ---- Listing (the seed's `list`) ---------------------------------------- */
 
 struct nbdc_export {
-	char *name;                /* never NULL */
-	char *description;         /* "" when none */
+	char *name;	   /* never NULL */
+	char *description; /* "" when none */
 	/* Filled only when the server answered NBD_OPT_INFO for this export
 	 * (details asked, or a probe): */
 	gboolean has_info;
 	uint64_t size;
 	uint16_t eflags;
 	gboolean read_only;
-	uint32_t block_min, block_pref, block_max;   /* 0 = not advertised */
-	char *canonical_name;      /* NBD_INFO_NAME, or NULL */
+	uint32_t block_min, block_pref, block_max; /* 0 = not advertised */
+	char *canonical_name;			   /* NBD_INFO_NAME, or NULL */
 	/* Probes only: why this export could not be described, or NULL.
 	 * NBDC_ERROR_UNSUPPORTED: the server cannot describe exports without
 	 * connecting to them (no NBD_OPT_INFO, oldstyle...): use nbdc_connect. */
@@ -213,20 +214,20 @@ typedef struct nbdc Nbdc;
 Nbdc *nbdc_connect(const struct nbdc_config *cfg, GError **error);
 
 struct nbdc_info {
-	uint64_t size;             /* bytes, <= INT64_MAX */
-	uint32_t sector_size;      /* block_min if >= 512, else 512 */
-	uint64_t size_sectors;     /* size / sector_size (whole sectors) */
-	gboolean read_write;       /* !READ_ONLY */
-	uint16_t eflags;           /* transmission flags as the server sent them */
+	uint64_t size;	       /* bytes, <= INT64_MAX */
+	uint32_t sector_size;  /* block_min if >= 512, else 512 */
+	uint64_t size_sectors; /* size / sector_size (whole sectors) */
+	gboolean read_write;   /* !READ_ONLY */
+	uint16_t eflags;       /* transmission flags as the server sent them */
 	gboolean can_flush, can_fua, can_trim, can_zero, can_fast_zero, can_multi_conn;
 	gboolean can_block_status; /* base:allocation negotiated */
 	gboolean structured_replies, tls;
-	uint32_t block_min, block_pref, block_max;   /* 0 = not advertised */
-	uint32_t max_request;      /* largest READ/WRITE sent: min(block_max, 32 MiB) */
-	guint connections;         /* connections actually open */
-	const char *protocol;      /* "oldstyle", "newstyle", "newstyle-fixed"; static */
-	const char *export_name;   /* canonical name (NBD_INFO_NAME) or the requested one */
-	const char *description;   /* "" when none */
+	uint32_t block_min, block_pref, block_max; /* 0 = not advertised */
+	uint32_t max_request;	 /* largest READ/WRITE sent: min(block_max, 32 MiB) */
+	guint connections;	 /* connections actually open */
+	const char *protocol;	 /* "oldstyle", "newstyle", "newstyle-fixed"; static */
+	const char *export_name; /* canonical name (NBD_INFO_NAME) or the requested one */
+	const char *description; /* "" when none */
 };
 
 /* A handle for the export @known describes (a probe result with has_info),
@@ -245,16 +246,16 @@ void nbdc_get_info(const Nbdc *c, struct nbdc_info *out);
 void nbdc_hold(Nbdc *c, gboolean held);
 
 enum nbdc_state {
-	NBDC_STATE_IDLE,          /* no connection needed yet, or closed while idle */
+	NBDC_STATE_IDLE, /* no connection needed yet, or closed while idle */
 	NBDC_STATE_CONNECTED,
-	NBDC_STATE_RECONNECTING,  /* lost; requests wait up to reconnect_timeout_ms */
-	NBDC_STATE_FAILED,        /* the last wait ran out: requests failed with -EIO */
+	NBDC_STATE_RECONNECTING, /* lost; requests wait up to reconnect_timeout_ms */
+	NBDC_STATE_FAILED,	 /* the last wait ran out: requests failed with -EIO */
 };
 
 struct nbdc_health {
 	enum nbdc_state state;
-	guint connections;        /* open now */
-	uint64_t reconnects;      /* connections re-made after a loss */
+	guint connections;	  /* open now */
+	uint64_t reconnects;	  /* connections re-made after a loss */
 	uint64_t lost_writes_seq; /* times acknowledged, unflushed writes were lost */
 };
 
@@ -282,18 +283,18 @@ const char *nbdc_get_error(const Nbdc *c);
 typedef void (*nbdc_done_fn)(void *opaque, int err);
 
 enum {
-	NBDC_CMD_FLAG_FUA       = 1 << 0,
-	NBDC_CMD_FLAG_NO_HOLE   = 1 << 1,
-	NBDC_CMD_FLAG_DF        = 1 << 2,
-	NBDC_CMD_FLAG_REQ_ONE   = 1 << 3,
+	NBDC_CMD_FLAG_FUA = 1 << 0,
+	NBDC_CMD_FLAG_NO_HOLE = 1 << 1,
+	NBDC_CMD_FLAG_DF = 1 << 2,
+	NBDC_CMD_FLAG_REQ_ONE = 1 << 3,
 	NBDC_CMD_FLAG_FAST_ZERO = 1 << 4,
 };
 
-int nbdc_aio_preadv(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset,
-		    uint32_t flags, nbdc_done_fn done, void *opaque);
+int nbdc_aio_preadv(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset, uint32_t flags,
+		    nbdc_done_fn done, void *opaque);
 /* FUA without SEND_FUA is emulated by a flush after the write (if SEND_FLUSH). */
-int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset,
-		     uint32_t flags, nbdc_done_fn done, void *opaque);
+int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offset, uint32_t flags,
+		     nbdc_done_fn done, void *opaque);
 /* Without SEND_FLUSH: completes with 0 and sends nothing.  With multi-conn a
  * flush on one connection covers the writes completed on all of them.
  * A flush with nothing to cover also completes with 0 and sends nothing
@@ -305,11 +306,11 @@ int nbdc_aio_pwritev(Nbdc *c, const struct iovec *iov, int iovcnt, uint64_t offs
  * as not covered).  A handle that never wrote never flushes. */
 int nbdc_aio_flush(Nbdc *c, nbdc_done_fn done, void *opaque);
 /* Without SEND_TRIM: -EOPNOTSUPP. */
-int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
-		  nbdc_done_fn done, void *opaque);
+int nbdc_aio_trim(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags, nbdc_done_fn done,
+		  void *opaque);
 /* Without SEND_WRITE_ZEROES: emulated with writes of a zero buffer. */
-int nbdc_aio_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
-		  nbdc_done_fn done, void *opaque);
+int nbdc_aio_zero(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags, nbdc_done_fn done,
+		  void *opaque);
 
 /* base:allocation states (wire values). */
 enum { NBDC_STATE_HOLE = 1 << 0, NBDC_STATE_ZERO = 1 << 1 };

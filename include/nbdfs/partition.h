@@ -20,31 +20,32 @@ G_BEGIN_DECLS
 GQuark part_error_quark(void);
 
 typedef enum {
-	PART_ERROR_NO_TABLE,   /* no valid MBR or GPT in the device */
-	PART_ERROR_IO,         /* reading the table failed */
+	PART_ERROR_NO_TABLE, /* no valid MBR or GPT in the device */
+	PART_ERROR_IO,	     /* reading the table failed */
 } PartError;
 
 enum part_table_kind { PART_TABLE_NONE, PART_TABLE_MBR, PART_TABLE_GPT };
 
 struct part_entry {
-	guint number;          /* kernel numbering: MBR 1-4 primaries, 5.. logicals;
-	                        * GPT entry index + 1 */
-	uint64_t start;        /* first sector, relative to the scanned device */
-	uint64_t sectors;      /* length in sectors (> 0) */
-	uint8_t mbr_type;      /* MBR partition type byte; 0 for GPT */
-	char type_guid[37];    /* GPT type GUID, lower-case text; "" for MBR */
-	char uuid[37];         /* GPT unique partition GUID; "" for MBR */
-	char *label;           /* GPT name as UTF-8 (may be ""); NULL for MBR */
+	guint number;	    /* kernel numbering: MBR 1-4 primaries, 5.. logicals;
+			     * GPT entry index + 1 */
+	uint64_t start;	    /* first sector, relative to the scanned device */
+	uint64_t sectors;   /* length in sectors (> 0) */
+	uint8_t mbr_type;   /* MBR partition type byte; 0 for GPT */
+	char type_guid[37]; /* GPT type GUID, lower-case text; "" for MBR */
+	char uuid[37];	    /* GPT unique partition GUID; "" for MBR */
+	char *label;	    /* GPT name as UTF-8 (may be ""); NULL for MBR */
 };
 
 struct part_table {
 	enum part_table_kind kind;
-	uint32_t sector_size;  /* the sector size the table was read with */
-	char disk_guid[37];    /* GPT disk GUID; "" for MBR */
-	gboolean used_backup;  /* GPT: the primary header was damaged, the backup was used */
-	GPtrArray *entries;    /* struct part_entry *, in number order; owns them */
-	GPtrArray *warnings;   /* char *: one readable reason per refused entry or
-	                        * ignored damage ("GPT entry 3: ends after last usable LBA"); owns them */
+	uint32_t sector_size; /* the sector size the table was read with */
+	char disk_guid[37];   /* GPT disk GUID; "" for MBR */
+	gboolean used_backup; /* GPT: the primary header was damaged, the backup was used */
+	GPtrArray *entries;   /* struct part_entry *, in number order; owns them */
+	GPtrArray *warnings;  /* char *: one readable reason per refused entry or
+			       * ignored damage ("GPT entry 3: ends after last usable LBA"); owns
+			       * them */
 };
 
 /* Reads the MBR or GPT table of @dev with @dev's sector size (blocking I/O).

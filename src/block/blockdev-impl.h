@@ -23,8 +23,8 @@ struct blockdev_ops {
 	void (*flush)(Blockdev *dev, blockdev_done_fn done, void *opaque);
 	void (*write_zeroes)(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
 			     blockdev_done_fn done, void *opaque);
-	void (*discard)(Blockdev *dev, uint64_t sector, uint64_t count,
-			blockdev_done_fn done, void *opaque);
+	void (*discard)(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+			void *opaque);
 	void (*block_status)(Blockdev *dev, uint64_t sector, uint64_t count,
 			     blockdev_extent_fn extent, blockdev_done_fn done, void *opaque);
 	/* Optional: called once, by the first blockdev_disconnect. */
@@ -42,20 +42,20 @@ struct sector_locks;
 struct blockdev {
 	const struct blockdev_ops *ops;
 	gint refcount;
-	gint disconnected;            /* atomic */
-	Blockdev *root;               /* self for a root; borrowed (kept alive by the parent chain) */
-	struct blockdev_info info;    /* immutable after creation */
-	uint64_t addr_sectors;        /* addressable sectors: ceil(size / sector_size) */
-	struct sector_locks *locks;   /* root only: the byte layer's sector lock table */
-	char *export_name;            /* root only: owned strings info points at */
+	gint disconnected;	    /* atomic */
+	Blockdev *root;		    /* self for a root; borrowed (kept alive by the parent chain) */
+	struct blockdev_info info;  /* immutable after creation */
+	uint64_t addr_sectors;	    /* addressable sectors: ceil(size / sector_size) */
+	struct sector_locks *locks; /* root only: the byte layer's sector lock table */
+	char *export_name;	    /* root only: owned strings info points at */
 	char *uri;
 };
 
 /* Initialises the base of a root device (export name and uri are copied;
  * NULL gives "").  Fill dev->info's other fields before or after, then call
  * blockdev_finish_info(). */
-void blockdev_init_root(Blockdev *dev, const struct blockdev_ops *ops,
-			const char *export_name, const char *uri);
+void blockdev_init_root(Blockdev *dev, const struct blockdev_ops *ops, const char *export_name,
+			const char *uri);
 /* Initialises the base of a device that lives inside @parent (takes no
  * reference: the caller does). */
 void blockdev_init_child(Blockdev *dev, const struct blockdev_ops *ops, Blockdev *parent);
@@ -76,8 +76,8 @@ void bdev_submit_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, 
 		       uint32_t flags, blockdev_done_fn done, void *opaque);
 void bdev_submit_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
 			      blockdev_done_fn done, void *opaque);
-void bdev_submit_discard(Blockdev *dev, uint64_t sector, uint64_t count,
-			 blockdev_done_fn done, void *opaque);
+void bdev_submit_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+			 void *opaque);
 void bdev_submit_block_status(Blockdev *dev, uint64_t sector, uint64_t count,
 			      blockdev_extent_fn extent, blockdev_done_fn done, void *opaque);
 
@@ -98,10 +98,10 @@ int bdev_check_range(Blockdev *dev, uint64_t sector, uint64_t count);
 typedef void (*sector_lock_fn)(void *opaque);
 
 struct sector_lock {
-	GList link;                   /* in the table's active or waiting queue */
-	uint64_t start, end;          /* absolute sectors, end exclusive */
-	uint64_t excl[2];             /* exclusive sectors */
-	int nexcl;                    /* 0, 1 or 2 */
+	GList link;	     /* in the table's active or waiting queue */
+	uint64_t start, end; /* absolute sectors, end exclusive */
+	uint64_t excl[2];    /* exclusive sectors */
+	int nexcl;	     /* 0, 1 or 2 */
 	sector_lock_fn granted;
 	void *opaque;
 };
@@ -109,8 +109,8 @@ struct sector_lock {
 struct sector_locks *sector_locks_new(void);
 void sector_locks_free(struct sector_locks *t);
 /* Fills @l; @excl_head/@excl_tail mark start and end - 1 exclusive. */
-void sector_lock_init(struct sector_lock *l, uint64_t start, uint64_t end,
-		      gboolean excl_head, gboolean excl_tail, sector_lock_fn granted, void *opaque);
+void sector_lock_init(struct sector_lock *l, uint64_t start, uint64_t end, gboolean excl_head,
+		      gboolean excl_tail, sector_lock_fn granted, void *opaque);
 /* Calls l->granted (now, on this thread, or later on a releasing thread). */
 void sector_lock_acquire(struct sector_locks *t, struct sector_lock *l);
 void sector_lock_release(struct sector_locks *t, struct sector_lock *l);

@@ -17,8 +17,8 @@
 G_DEFINE_QUARK(nbdfs-blockdev-error-quark, blockdev_error)
 /* clang-format on */
 
-void blockdev_init_root(Blockdev *dev, const struct blockdev_ops *ops,
-			const char *export_name, const char *uri)
+void blockdev_init_root(Blockdev *dev, const struct blockdev_ops *ops, const char *export_name,
+			const char *uri)
 {
 	dev->ops = ops;
 	dev->refcount = 1;
@@ -234,8 +234,8 @@ void bdev_submit_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, ui
 		dev->ops->write_zeroes(dev, sector, count, flags, done, opaque);
 }
 
-void bdev_submit_discard(Blockdev *dev, uint64_t sector, uint64_t count,
-			 blockdev_done_fn done, void *opaque)
+void bdev_submit_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+			 void *opaque)
 {
 	if (admit(dev, TRUE, TRUE, 0, sector, count, dev->info.can_trim, done, opaque))
 		dev->ops->discard(dev, sector, count, done, opaque);
@@ -290,8 +290,8 @@ static void locked_granted(void *opaque)
 
 	switch (req->kind) {
 	case LOCKED_WRITE:
-		dev->ops->write(dev, req->sector, req->iov, req->iovcnt, req->flags,
-				locked_done, req);
+		dev->ops->write(dev, req->sector, req->iov, req->iovcnt, req->flags, locked_done,
+				req);
 		break;
 	case LOCKED_ZERO:
 		dev->ops->write_zeroes(dev, req->sector, req->count, req->flags, locked_done, req);
@@ -307,7 +307,7 @@ static void submit_locked(Blockdev *dev, enum locked_kind kind, uint64_t sector,
 			  blockdev_done_fn done, void *opaque)
 {
 	struct locked_req *req = g_new0(struct locked_req, 1);
-	uint64_t abs = dev->info.offset + sector;   /* in bounds: cannot overflow */
+	uint64_t abs = dev->info.offset + sector; /* in bounds: cannot overflow */
 
 	req->dev = blockdev_ref(dev);
 	req->kind = kind;
@@ -339,8 +339,8 @@ void blockdev_write_zeroes(Blockdev *dev, uint64_t sector, uint64_t count, uint3
 		submit_locked(dev, LOCKED_ZERO, sector, count, NULL, 0, flags, done, opaque);
 }
 
-void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count,
-		      blockdev_done_fn done, void *opaque)
+void blockdev_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+		      void *opaque)
 {
 	if (admit(dev, FALSE, TRUE, 0, sector, count, dev->info.can_trim, done, opaque))
 		submit_locked(dev, LOCKED_DISCARD, sector, count, NULL, 0, 0, done, opaque);

@@ -27,25 +27,25 @@
 enum bytes_kind { BYTES_READ, BYTES_WRITE, BYTES_ZERO };
 
 struct bytes_req {
-	struct sector_lock lock;      /* writes and zeroes only */
-	Blockdev *dev;                /* reference held */
+	struct sector_lock lock; /* writes and zeroes only */
+	Blockdev *dev;		 /* reference held */
 	enum bytes_kind kind;
-	uint8_t *buf;                 /* the caller's buffer; NULL for zero */
-	size_t len;                   /* clipped to the device end */
+	uint8_t *buf; /* the caller's buffer; NULL for zero */
+	size_t len;   /* clipped to the device end */
 	uint32_t flags;
 	uint32_t ss;
-	uint64_t fs, ls;              /* device sectors [fs, ls) touched */
-	uint64_t mid_s, mid_e;        /* aligned middle [mid_s, mid_e) */
+	uint64_t fs, ls;       /* device sectors [fs, ls) touched */
+	uint64_t mid_s, mid_e; /* aligned middle [mid_s, mid_e) */
 	gboolean need_head, need_tail;
-	uint32_t head_off;            /* offset % ss */
+	uint32_t head_off; /* offset % ss */
 	int stage;
-	gint pending;                 /* pieces of the current stage, + 1 while submitting */
-	gint err;                     /* first error */
+	gint pending; /* pieces of the current stage, + 1 while submitting */
+	gint err;     /* first error */
 	blockdev_bytes_fn done;
 	void *opaque;
-	uint8_t *bounce;              /* head sector, then tail sector; NULL if unused */
+	uint8_t *bounce; /* head sector, then tail sector; NULL if unused */
 	int nmid;
-	struct iovec mid[];           /* read/write: the middle over the caller's buffer */
+	struct iovec mid[]; /* read/write: the middle over the caller's buffer */
 };
 
 static void stage_done(struct bytes_req *req);
@@ -127,8 +127,8 @@ static void submit_middle(struct bytes_req *req)
 		if (req->kind == BYTES_READ)
 			bdev_submit_read(req->dev, sector, &req->mid[i], 1, piece_done, req);
 		else
-			bdev_submit_write(req->dev, sector, &req->mid[i], 1, req->flags,
-					  piece_done, req);
+			bdev_submit_write(req->dev, sector, &req->mid[i], 1, req->flags, piece_done,
+					  req);
 		sector += req->mid[i].iov_len / req->ss;
 	}
 }
@@ -214,15 +214,15 @@ static struct bytes_req *req_new(Blockdev *dev, enum bytes_kind kind, void *buf,
 {
 	uint32_t ss = dev->info.sector_size;
 	uint32_t max = dev->info.max_request;
-	uint64_t end = offset + len;          /* <= size: no overflow */
+	uint64_t end = offset + len; /* <= size: no overflow */
 	uint64_t fs = offset / ss, ls = (end + ss - 1) / ss;
 	gboolean need_head = offset % ss != 0, need_tail = end % ss != 0;
 	uint64_t mid_s, mid_e, mid_bytes;
-	size_t nmid = 0, extra_iov, bounce_len, total;   /* extra_iov: edge_iov() */
+	size_t nmid = 0, extra_iov, bounce_len, total; /* extra_iov: edge_iov() */
 	struct bytes_req *req;
 
 	if (need_head && need_tail && ls - fs == 1)
-		need_tail = FALSE;            /* one sector: the head bounce covers it */
+		need_tail = FALSE; /* one sector: the head bounce covers it */
 	mid_s = fs + (need_head ? 1 : 0);
 	mid_e = ls - (need_tail ? 1 : 0);
 	if (mid_e < mid_s)
@@ -306,19 +306,19 @@ void blockdev_pread_bytes(Blockdev *dev, void *buf, size_t len, uint64_t offset,
 	req = req_new(dev, BYTES_READ, buf, (size_t)n, offset, 0, done, opaque);
 	g_atomic_int_set(&req->pending, 1);
 	if (req->need_head || req->need_tail)
-		submit_edge_reads(req);   /* resets pending to 1 + edges */
+		submit_edge_reads(req); /* resets pending to 1 + edges */
 	submit_middle(req);
 	piece_done(req, 0);
 }
 
-static void start_write(Blockdev *dev, enum bytes_kind kind, void *buf, size_t len,
-			uint64_t offset, uint32_t flags, blockdev_bytes_fn done, void *opaque)
+static void start_write(Blockdev *dev, enum bytes_kind kind, void *buf, size_t len, uint64_t offset,
+			uint32_t flags, blockdev_bytes_fn done, void *opaque)
 {
 	struct bytes_req *req = req_new(dev, kind, buf, len, offset, flags, done, opaque);
 	uint64_t base = dev->info.offset;
 
-	sector_lock_init(&req->lock, base + req->fs, base + req->ls, req->need_head,
-			 req->need_tail, write_granted, req);
+	sector_lock_init(&req->lock, base + req->fs, base + req->ls, req->need_head, req->need_tail,
+			 write_granted, req);
 	sector_lock_acquire(dev->root->locks, &req->lock);
 }
 

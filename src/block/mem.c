@@ -16,9 +16,9 @@
 struct mem_dev {
 	struct blockdev base;
 	GRWLock lock;
-	uint8_t *data;                /* addr_sectors * sector_size bytes */
+	uint8_t *data; /* addr_sectors * sector_size bytes */
 	size_t alloc;
-	gint delay_us;                /* tests: sleep before each read/write */
+	gint delay_us; /* tests: sleep before each read/write */
 };
 
 #define MEM(dev) ((struct mem_dev *)(dev))
@@ -95,8 +95,8 @@ static void mem_zero(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t fl
 	done(opaque, 0);
 }
 
-static void mem_discard(Blockdev *dev, uint64_t sector, uint64_t count,
-			blockdev_done_fn done, void *opaque)
+static void mem_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+			void *opaque)
 {
 	mem_zero(dev, sector, count, 0, done, opaque);
 }

@@ -27,7 +27,7 @@ struct trimmed {
 
 struct nbddev {
 	struct blockdev base;
-	struct nbdc_config cfg;       /* the handle's configuration (strings borrowed) */
+	struct nbdc_config cfg; /* the handle's configuration (strings borrowed) */
 	Nbdc *c;
 	uint64_t size;
 };
@@ -73,7 +73,7 @@ static void nbddev_rw(Blockdev *dev, enum nbddev_op op, uint64_t sector, const s
 			size_t l = iov[i].iov_len, take = (size_t)MIN((uint64_t)l, left);
 
 			if (take)
-				t->iov[k++] = (struct iovec){iov[i].iov_base, take};
+				t->iov[k++] = (struct iovec){ iov[i].iov_base, take };
 			if (op == OP_READ && take < l)
 				memset((uint8_t *)iov[i].iov_base + take, 0, l - take);
 			left -= take;
@@ -126,8 +126,8 @@ static void nbddev_zero(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t
 	uint64_t offset = sector * dev->info.sector_size;
 	uint32_t f = (flags & BLOCKDEV_FUA ? NBDC_CMD_FLAG_FUA : 0) |
 		     (flags & BLOCKDEV_MAY_TRIM ? 0 : NBDC_CMD_FLAG_NO_HOLE);
-	int r = nbdc_aio_zero(d->c, clip(d, offset, count * dev->info.sector_size), offset, f,
-			      done, opaque);
+	int r = nbdc_aio_zero(d->c, clip(d, offset, count * dev->info.sector_size), offset, f, done,
+			      opaque);
 
 	if (r < 0)
 		done(opaque, dev_err(r));
@@ -138,8 +138,8 @@ static void nbddev_discard(Blockdev *dev, uint64_t sector, uint64_t count, block
 {
 	struct nbddev *d = NBDDEV(dev);
 	uint64_t offset = sector * dev->info.sector_size;
-	int r = nbdc_aio_trim(d->c, clip(d, offset, count * dev->info.sector_size), offset, 0,
-			      done, opaque);
+	int r = nbdc_aio_trim(d->c, clip(d, offset, count * dev->info.sector_size), offset, 0, done,
+			      opaque);
 
 	if (r < 0)
 		done(opaque, dev_err(r));
@@ -312,7 +312,7 @@ static Blockdev *wrap(Nbdc *c, const struct blockdev_nbd_opts *opts, const struc
 static Blockdev *nbddev_new(const struct nbdc_config *cfg, const struct blockdev_nbd_opts *opts,
 			    gboolean lazy, const struct nbdc_export *known, GError **error)
 {
-	static const struct blockdev_nbd_opts defaults = {0};
+	static const struct blockdev_nbd_opts defaults = { 0 };
 	struct nbdc_config dcfg;
 
 	if (!opts)

@@ -18,7 +18,7 @@ struct sector_locks {
 	GMutex mu;
 	GQueue active;
 	GQueue waiting;
-	guint active_excl;            /* active entries with exclusive sectors */
+	guint active_excl; /* active entries with exclusive sectors */
 };
 
 struct sector_locks *sector_locks_new(void)
@@ -40,8 +40,8 @@ void sector_locks_free(struct sector_locks *t)
 	g_free(t);
 }
 
-void sector_lock_init(struct sector_lock *l, uint64_t start, uint64_t end,
-		      gboolean excl_head, gboolean excl_tail, sector_lock_fn granted, void *opaque)
+void sector_lock_init(struct sector_lock *l, uint64_t start, uint64_t end, gboolean excl_head,
+		      gboolean excl_tail, sector_lock_fn granted, void *opaque)
 {
 	g_assert(start < end);
 	l->link.data = l;

@@ -16,8 +16,8 @@
 
 struct window {
 	struct blockdev base;
-	Blockdev *parent;             /* owned reference */
-	uint64_t start;               /* first sector within the parent */
+	Blockdev *parent; /* owned reference */
+	uint64_t start;	  /* first sector within the parent */
 };
 
 #define WIN(dev) ((struct window *)(dev))
@@ -31,8 +31,8 @@ static void win_read(Blockdev *dev, uint64_t sector, const struct iovec *iov, in
 static void win_write(Blockdev *dev, uint64_t sector, const struct iovec *iov, int iovcnt,
 		      uint32_t flags, blockdev_done_fn done, void *opaque)
 {
-	bdev_submit_write(WIN(dev)->parent, WIN(dev)->start + sector, iov, iovcnt, flags,
-			  done, opaque);
+	bdev_submit_write(WIN(dev)->parent, WIN(dev)->start + sector, iov, iovcnt, flags, done,
+			  opaque);
 }
 
 static void win_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
@@ -44,12 +44,12 @@ static void win_flush(Blockdev *dev, blockdev_done_fn done, void *opaque)
 static void win_zero(Blockdev *dev, uint64_t sector, uint64_t count, uint32_t flags,
 		     blockdev_done_fn done, void *opaque)
 {
-	bdev_submit_write_zeroes(WIN(dev)->parent, WIN(dev)->start + sector, count, flags,
-				 done, opaque);
+	bdev_submit_write_zeroes(WIN(dev)->parent, WIN(dev)->start + sector, count, flags, done,
+				 opaque);
 }
 
-static void win_discard(Blockdev *dev, uint64_t sector, uint64_t count,
-			blockdev_done_fn done, void *opaque)
+static void win_discard(Blockdev *dev, uint64_t sector, uint64_t count, blockdev_done_fn done,
+			void *opaque)
 {
 	bdev_submit_discard(WIN(dev)->parent, WIN(dev)->start + sector, count, done, opaque);
 }
@@ -60,8 +60,8 @@ struct win_bs {
 	blockdev_extent_fn extent;
 	blockdev_done_fn done;
 	void *opaque;
-	uint64_t base;                /* window start in parent bytes */
-	uint64_t lo, hi;              /* asked range, window bytes */
+	uint64_t base;	 /* window start in parent bytes */
+	uint64_t lo, hi; /* asked range, window bytes */
 };
 
 static void win_bs_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -143,10 +143,11 @@ Blockdev *blockdev_window_new(Blockdev *parent, uint64_t start, uint64_t sectors
 	g_return_val_if_fail(parent != NULL, NULL);
 	pi = &parent->info;
 	if (!g_uint64_checked_add(&end, start, sectors) || end > parent->addr_sectors) {
-		g_set_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE,
-			    "partition: window at sector %" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT
-			    " sectors: beyond the end of the device (%" G_GUINT64_FORMAT " sectors)",
-			    start, sectors, parent->addr_sectors);
+		g_set_error(
+			error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE,
+			"partition: window at sector %" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT
+			" sectors: beyond the end of the device (%" G_GUINT64_FORMAT " sectors)",
+			start, sectors, parent->addr_sectors);
 		return NULL;
 	}
 	/* end <= addr_sectors, so start * ss is at most size rounded up to a
@@ -177,8 +178,10 @@ gboolean blockdev_split(Blockdev *dev, uint64_t first_sectors, Blockdev **first,
 	g_return_val_if_fail(dev && first && rest, FALSE);
 	if (first_sectors > dev->addr_sectors) {
 		g_set_error(error, BLOCKDEV_ERROR, BLOCKDEV_ERROR_RANGE,
-			    "split: %" G_GUINT64_FORMAT " sectors: beyond the end of the device (%"
-			    G_GUINT64_FORMAT " sectors)", first_sectors, dev->addr_sectors);
+			    "split: %" G_GUINT64_FORMAT
+			    " sectors: beyond the end of the device (%" G_GUINT64_FORMAT
+			    " sectors)",
+			    first_sectors, dev->addr_sectors);
 		return FALSE;
 	}
 	a = blockdev_window_new(dev, 0, first_sectors, error);

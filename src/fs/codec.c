@@ -227,31 +227,56 @@ int fusep_decode(const void *buf, size_t len, struct fusep_req *r)
 }
 
 static const char *const opnames[] = {
-	[FUSE_LOOKUP] = "LOOKUP",         [FUSE_FORGET] = "FORGET",
-	[FUSE_GETATTR] = "GETATTR",       [FUSE_SETATTR] = "SETATTR",
-	[FUSE_READLINK] = "READLINK",     [FUSE_SYMLINK] = "SYMLINK",
-	[FUSE_MKNOD] = "MKNOD",           [FUSE_MKDIR] = "MKDIR",
-	[FUSE_UNLINK] = "UNLINK",         [FUSE_RMDIR] = "RMDIR",
-	[FUSE_RENAME] = "RENAME",         [FUSE_LINK] = "LINK",
-	[FUSE_OPEN] = "OPEN",             [FUSE_READ] = "READ",
-	[FUSE_WRITE] = "WRITE",           [FUSE_STATFS] = "STATFS",
-	[FUSE_RELEASE] = "RELEASE",       [FUSE_FSYNC] = "FSYNC",
-	[FUSE_SETXATTR] = "SETXATTR",     [FUSE_GETXATTR] = "GETXATTR",
-	[FUSE_LISTXATTR] = "LISTXATTR",   [FUSE_REMOVEXATTR] = "REMOVEXATTR",
-	[FUSE_FLUSH] = "FLUSH",           [FUSE_INIT] = "INIT",
-	[FUSE_OPENDIR] = "OPENDIR",       [FUSE_READDIR] = "READDIR",
-	[FUSE_RELEASEDIR] = "RELEASEDIR", [FUSE_FSYNCDIR] = "FSYNCDIR",
-	[FUSE_GETLK] = "GETLK",           [FUSE_SETLK] = "SETLK",
-	[FUSE_SETLKW] = "SETLKW",         [FUSE_ACCESS] = "ACCESS",
-	[FUSE_CREATE] = "CREATE",         [FUSE_INTERRUPT] = "INTERRUPT",
-	[FUSE_BMAP] = "BMAP",             [FUSE_DESTROY] = "DESTROY",
-	[FUSE_IOCTL] = "IOCTL",           [FUSE_POLL] = "POLL",
-	[FUSE_NOTIFY_REPLY] = "NOTIFY_REPLY", [FUSE_BATCH_FORGET] = "BATCH_FORGET",
-	[FUSE_FALLOCATE] = "FALLOCATE",   [FUSE_READDIRPLUS] = "READDIRPLUS",
-	[FUSE_RENAME2] = "RENAME2",       [FUSE_LSEEK] = "LSEEK",
-	[FUSE_COPY_FILE_RANGE] = "COPY_FILE_RANGE", [FUSE_SETUPMAPPING] = "SETUPMAPPING",
-	[FUSE_REMOVEMAPPING] = "REMOVEMAPPING", [FUSE_SYNCFS] = "SYNCFS",
-	[FUSE_TMPFILE] = "TMPFILE",       [FUSE_STATX] = "STATX",
+	[FUSE_LOOKUP] = "LOOKUP",
+	[FUSE_FORGET] = "FORGET",
+	[FUSE_GETATTR] = "GETATTR",
+	[FUSE_SETATTR] = "SETATTR",
+	[FUSE_READLINK] = "READLINK",
+	[FUSE_SYMLINK] = "SYMLINK",
+	[FUSE_MKNOD] = "MKNOD",
+	[FUSE_MKDIR] = "MKDIR",
+	[FUSE_UNLINK] = "UNLINK",
+	[FUSE_RMDIR] = "RMDIR",
+	[FUSE_RENAME] = "RENAME",
+	[FUSE_LINK] = "LINK",
+	[FUSE_OPEN] = "OPEN",
+	[FUSE_READ] = "READ",
+	[FUSE_WRITE] = "WRITE",
+	[FUSE_STATFS] = "STATFS",
+	[FUSE_RELEASE] = "RELEASE",
+	[FUSE_FSYNC] = "FSYNC",
+	[FUSE_SETXATTR] = "SETXATTR",
+	[FUSE_GETXATTR] = "GETXATTR",
+	[FUSE_LISTXATTR] = "LISTXATTR",
+	[FUSE_REMOVEXATTR] = "REMOVEXATTR",
+	[FUSE_FLUSH] = "FLUSH",
+	[FUSE_INIT] = "INIT",
+	[FUSE_OPENDIR] = "OPENDIR",
+	[FUSE_READDIR] = "READDIR",
+	[FUSE_RELEASEDIR] = "RELEASEDIR",
+	[FUSE_FSYNCDIR] = "FSYNCDIR",
+	[FUSE_GETLK] = "GETLK",
+	[FUSE_SETLK] = "SETLK",
+	[FUSE_SETLKW] = "SETLKW",
+	[FUSE_ACCESS] = "ACCESS",
+	[FUSE_CREATE] = "CREATE",
+	[FUSE_INTERRUPT] = "INTERRUPT",
+	[FUSE_BMAP] = "BMAP",
+	[FUSE_DESTROY] = "DESTROY",
+	[FUSE_IOCTL] = "IOCTL",
+	[FUSE_POLL] = "POLL",
+	[FUSE_NOTIFY_REPLY] = "NOTIFY_REPLY",
+	[FUSE_BATCH_FORGET] = "BATCH_FORGET",
+	[FUSE_FALLOCATE] = "FALLOCATE",
+	[FUSE_READDIRPLUS] = "READDIRPLUS",
+	[FUSE_RENAME2] = "RENAME2",
+	[FUSE_LSEEK] = "LSEEK",
+	[FUSE_COPY_FILE_RANGE] = "COPY_FILE_RANGE",
+	[FUSE_SETUPMAPPING] = "SETUPMAPPING",
+	[FUSE_REMOVEMAPPING] = "REMOVEMAPPING",
+	[FUSE_SYNCFS] = "SYNCFS",
+	[FUSE_TMPFILE] = "TMPFILE",
+	[FUSE_STATX] = "STATX",
 };
 
 const char *fusep_opname(uint32_t opcode, char *spare)
@@ -336,8 +361,9 @@ size_t fusep_add_dirent(char *buf, size_t size, size_t used, const char *name, u
 	size_t padded = FUSE_DIRENT_ALIGN(entlen);
 	if (used > size || padded > size - used)
 		return 0;
-	struct fuse_dirent d = { .ino = ino, .off = next_off, .namelen = (uint32_t)namelen,
-				 .type = type };
+	struct fuse_dirent d = {
+		.ino = ino, .off = next_off, .namelen = (uint32_t)namelen, .type = type
+	};
 	char *p = buf + used;
 	memcpy(p, &d, FUSE_NAME_OFFSET);
 	memcpy(p + FUSE_NAME_OFFSET, name, namelen);

@@ -84,7 +84,8 @@ static void send_invals(Fs *fs, GArray *invals)
 					      (int64_t)inv->len);
 		if (r < 0 && r != -ENOENT && r != -ENODEV)
 			g_debug("%s: invalidating [%" G_GUINT64_FORMAT ", +%" G_GUINT64_FORMAT
-				"): %s", inv->node->name, inv->off, inv->len, g_strerror(-r));
+				"): %s",
+				inv->node->name, inv->off, inv->len, g_strerror(-r));
 	}
 }
 
@@ -101,7 +102,8 @@ void fs_io_register(struct fs_io *io)
 
 void fs_cache_mark(struct fs_node *node, uint64_t off, size_t len)
 {
-	uint64_t lo = off & ~(uint64_t)(PAGE - 1), hi = (off + len + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+	uint64_t lo = off & ~(uint64_t)(PAGE - 1),
+		 hi = (off + len + PAGE - 1) & ~(uint64_t)(PAGE - 1);
 	g_mutex_lock(&node->cache_lock);
 	if (node->cache_lo >= node->cache_hi) {
 		node->cache_lo = lo;
@@ -142,8 +144,7 @@ static gboolean cache_take(struct fs_node *node, uint64_t lo, uint64_t hi, uint6
 
 /* Under the tree lock: adds invalidations of @node's subtree overlapping
  * [a, b) (export bytes) that may hold pages, skipping @self. */
-static void collect(struct fs_node *node, struct fs_node *self, uint64_t a, uint64_t b,
-		    GArray *out)
+static void collect(struct fs_node *node, struct fs_node *self, uint64_t a, uint64_t b, GArray *out)
 {
 	if (node != self && node->in_tree && node->info.size > 0) {
 		uint64_t s = node->start_byte, e = node->start_byte + node->info.size;
@@ -198,9 +199,9 @@ void fs_io_complete(struct fs_io *io, void (*reply)(struct fs_io *io),
 	struct fs_node *node = io->node;
 	struct fs_export *ex = node->export;
 	gboolean failed = io->result < 0;
-	uint64_t touched = failed ? io->len
-			 : io->kind == FS_IO_WRITE ? (uint64_t)io->result
-						   : io->len;
+	uint64_t touched = failed		     ? io->len
+			   : io->kind == FS_IO_WRITE ? (uint64_t)io->result
+						     : io->len;
 
 	io->reply = reply;
 	io->release = release;

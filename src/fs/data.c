@@ -158,7 +158,7 @@ void fs_free_handles(Fs *fs)
 struct export_flush {
 	Fs *fs;
 	struct fs_export *ex;
-	int gen;                   /* the write_gen this flush covers */
+	int gen; /* the write_gen this flush covers */
 	blockdev_done_fn done;
 	void *opaque;
 };
@@ -196,7 +196,7 @@ struct fs_flush {
 	Fs *fs;
 	struct fs_req req;
 	struct fs_handle *h;
-	gboolean release;          /* free the handle after the reply */
+	gboolean release; /* free the handle after the reply */
 };
 
 static void flush_done(void *opaque, int err)
@@ -212,7 +212,8 @@ static void flush_done(void *opaque, int err)
 		h->errseq = health.lost_writes_seq;
 		if (g_atomic_int_get(&h->wrote) && err == 0) {
 			g_warning("%s: acknowledged writes were lost by the server before a "
-				  "flush: this flush fails with EIO", h->node->name);
+				  "flush: this flush fails with EIO",
+				  h->node->name);
 			err = -EIO;
 		}
 	}
@@ -311,9 +312,9 @@ void fs_op_syncfs(Fs *fs, struct fs_req *r, const struct fusep_req *q)
 struct fs_read {
 	Fs *fs;
 	struct fs_req req;
-	struct fs_node *node;      /* ref */
-	uint8_t *buf;              /* FS_REPLY_HDR + data */
-	gboolean pooled;           /* @buf came from fs_buf_get */
+	struct fs_node *node; /* ref */
+	uint8_t *buf;	      /* FS_REPLY_HDR + data */
+	gboolean pooled;      /* @buf came from fs_buf_get */
 };
 
 /* Small reads get a buffer of their own size; large ones a request buffer
@@ -448,7 +449,7 @@ void fs_op_write(Fs *fs, struct fs_req *r, const struct fusep_req *q, uint8_t **
 	size_t size = q->write.size;
 	uint64_t off = q->write.offset;
 	struct fs_io *io = io_new(fs, r, h, FS_IO_WRITE, off, size);
-	io->buf = *bufp;           /* the payload stays where the kernel put it */
+	io->buf = *bufp; /* the payload stays where the kernel put it */
 	*bufp = NULL;
 	io->data = q->write.data;
 	io->fua = h->sync || (q->write.flags & (O_SYNC | O_DSYNC));
@@ -514,11 +515,11 @@ enum { SEEK_ISSUING, SEEK_DONE_INLINE, SEEK_ASYNC };
 struct fs_seek {
 	Fs *fs;
 	struct fs_req req;
-	struct fs_node *node;      /* ref */
+	struct fs_node *node; /* ref */
 	int whence;
 	uint64_t off, size, pos;
-	uint64_t found;            /* result, UINT64_MAX while not found */
-	uint64_t covered;          /* end of the last extent seen */
+	uint64_t found;	  /* result, UINT64_MAX while not found */
+	uint64_t covered; /* end of the last extent seen */
 	int err;
 	gint phase;
 };

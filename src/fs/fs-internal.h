@@ -58,39 +58,39 @@ typedef uint64_t fs_ino_t;
 struct fs_chan {
 	Fs *fs;
 	Loop *loop;
-	int fd;                    /* owned: a clone of the session's descriptor */
+	int fd; /* owned: a clone of the session's descriptor */
 	struct loop_watch w;
-	uint8_t *buf;              /* the next read's buffer, or NULL */
+	uint8_t *buf; /* the next read's buffer, or NULL */
 	struct loop_task task;
-	struct completion *sync;   /* attach/detach on the loop, waited for */
-	struct loop_timer retry;   /* reading again after memory ran out */
-	gboolean starved;          /* said so in the log */
+	struct completion *sync; /* attach/detach on the loop, waited for */
+	struct loop_timer retry; /* reading again after memory ran out */
+	gboolean starved;	 /* said so in the log */
 };
 
 /* A FUSE request being answered: where its reply goes.  Small and copied by
  * value into whatever outlives the dispatch (an I/O in flight). */
 struct fs_req {
-	struct fs_chan *ch;        /* borrowed: channels outlive every request */
+	struct fs_chan *ch; /* borrowed: channels outlive every request */
 	uint64_t unique;
 	uint64_t nodeid;
 	uint32_t opcode;
-	gint64 t0;                 /* -d: when it arrived (monotonic us) */
-	char *what;                /* -d: its arguments, or NULL; freed by the reply */
+	gint64 t0;  /* -d: when it arrived (monotonic us) */
+	char *what; /* -d: its arguments, or NULL; freed by the reply */
 };
 
 struct fs_export {
-	char *source;              /* how the user named it (error messages) */
-	char *name;                /* its file name */
-	Blockdev *root;            /* the export device (ref) */
-	GMutex part_lock;          /* partitioning in this export */
+	char *source;	  /* how the user named it (error messages) */
+	char *name;	  /* its file name */
+	Blockdev *root;	  /* the export device (ref) */
+	GMutex part_lock; /* partitioning in this export */
 	GMutex wlock;
-	GList *writes;             /* struct fs_io * in flight (coherence registry) */
-	gint nodes;                /* in-tree nodes of this export (atomic read) */
+	GList *writes; /* struct fs_io * in flight (coherence registry) */
+	gint nodes;    /* in-tree nodes of this export (atomic read) */
 	/* The stop (stop.c) and flush bookkeeping (data.c), atomics: */
-	gint inflight;             /* data requests in flight on this export */
-	gint write_gen;            /* bumped by every completed non-FUA write or zero */
-	gint clean_gen;            /* the write_gen a successful flush covered */
-	uint64_t lost_seq;         /* lost_writes_seq when the mount began */
+	gint inflight;	   /* data requests in flight on this export */
+	gint write_gen;	   /* bumped by every completed non-FUA write or zero */
+	gint clean_gen;	   /* the write_gen a successful flush covered */
+	uint64_t lost_seq; /* lost_writes_seq when the mount began */
 	/* Under fs->stop_lock: */
 	gboolean final_running, final_failed;
 	int final_gen;
@@ -108,13 +108,13 @@ struct fs_stats {
 struct fs_node {
 	gint ref;
 	fs_ino_t ino;
-	char *name;                /* the file name (escaped) */
-	Blockdev *dev;             /* ref */
+	char *name;		   /* the file name (escaped) */
+	Blockdev *dev;		   /* ref */
 	struct blockdev_info info; /* snapshot at creation (sizes never change) */
-	uint64_t start_byte;       /* first byte within the export */
-	gboolean read_only;        /* mount ro or device read-only */
+	uint64_t start_byte;	   /* first byte within the export */
+	gboolean read_only;	   /* mount ro or device read-only */
 	struct fs_export *export;  /* borrowed: exports live as long as the Fs */
-	struct fs_node *parent;    /* ref; NULL for an export file */
+	struct fs_node *parent;	   /* ref; NULL for an export file */
 
 	/* From a partition table (table_part): */
 	gboolean table_part;
@@ -125,10 +125,10 @@ struct fs_node {
 	char *label;
 
 	/* Under the tree lock: */
-	gboolean in_tree;          /* visible in the directory */
-	uint64_t nlookup;          /* kernel references (lookup minus forget) */
-	guint open_count;          /* open file handles */
-	GPtrArray *children;       /* struct fs_node * (refs), partition files */
+	gboolean in_tree;    /* visible in the directory */
+	uint64_t nlookup;    /* kernel references (lookup minus forget) */
+	guint open_count;    /* open file handles */
+	GPtrArray *children; /* struct fs_node * (refs), partition files */
 	enum fs_part_kind part_kind;
 	uint64_t split_sectors;
 
@@ -144,13 +144,13 @@ struct fs_node {
 
 /* An open file. */
 struct fs_handle {
-	struct fs_node *node;      /* ref */
+	struct fs_node *node; /* ref */
 	gboolean writable;
-	gboolean sync;             /* O_SYNC / O_DSYNC: FUA writes */
-	gboolean direct_io;        /* opened O_DIRECT: FOPEN_DIRECT_IO, no page cache */
-	gint dirty;                /* written since the last flush (atomic) */
-	gint wrote;                /* ever written through (atomic) */
-	guint64 errseq;            /* the export's lost_writes_seq last reported */
+	gboolean sync;	    /* O_SYNC / O_DSYNC: FUA writes */
+	gboolean direct_io; /* opened O_DIRECT: FOPEN_DIRECT_IO, no page cache */
+	gint dirty;	    /* written since the last flush (atomic) */
+	gint wrote;	    /* ever written through (atomic) */
+	guint64 errseq;	    /* the export's lost_writes_seq last reported */
 };
 
 struct fs {
@@ -158,52 +158,52 @@ struct fs {
 	struct timespec mount_time;
 
 	/* The session (session.c). */
-	LoopSet *loops;            /* borrowed, from fs_serve */
-	GPtrArray *chans;          /* struct fs_chan *, one per loop */
-	int notify_fd;             /* where notifications are written (chans[0]) */
-	gint serving;              /* atomic: channels are attached */
-	gint initialized;          /* atomic: INIT answered */
-	gint ended;                /* atomic: the kernel ended the session */
-	int end_fd;                /* eventfd, readable once ended */
+	LoopSet *loops;	  /* borrowed, from fs_serve */
+	GPtrArray *chans; /* struct fs_chan *, one per loop */
+	int notify_fd;	  /* where notifications are written (chans[0]) */
+	gint serving;	  /* atomic: channels are attached */
+	gint initialized; /* atomic: INIT answered */
+	gint ended;	  /* atomic: the kernel ended the session */
+	int end_fd;	  /* eventfd, readable once ended */
 	uint32_t proto_minor;
-	GMutex buf_lock;           /* the free request buffers */
+	GMutex buf_lock; /* the free request buffers */
 	GPtrArray *free_bufs;
 
-	GMutex lock;               /* the tree lock */
-	GCond closed_cond;         /* signalled (under lock) when a file is released */
-	GHashTable *inodes;        /* fs_ino_t -> struct fs_node * (ref) */
-	GHashTable *handles;       /* struct fs_handle * of open files (their RELEASE
-	                            * may never come if the session ends first) */
-	GHashTable *dirs;          /* GArray * directory snapshots, likewise */
-	GHashTable *names;         /* name -> struct fs_node * (borrowed; in-tree nodes) */
-	GPtrArray *exports;        /* struct fs_node * (borrowed from inodes), mount order */
-	GPtrArray *export_data;    /* struct fs_export *, owned */
+	GMutex lock;		/* the tree lock */
+	GCond closed_cond;	/* signalled (under lock) when a file is released */
+	GHashTable *inodes;	/* fs_ino_t -> struct fs_node * (ref) */
+	GHashTable *handles;	/* struct fs_handle * of open files (their RELEASE
+				 * may never come if the session ends first) */
+	GHashTable *dirs;	/* GArray * directory snapshots, likewise */
+	GHashTable *names;	/* name -> struct fs_node * (borrowed; in-tree nodes) */
+	GPtrArray *exports;	/* struct fs_node * (borrowed from inodes), mount order */
+	GPtrArray *export_data; /* struct fs_export *, owned */
 	fs_ino_t next_ino;
 
 	/* Requests in flight (answered from completions), for the stop. */
-	gint inflight;             /* atomic */
+	gint inflight; /* atomic */
 	GMutex stop_lock;
-	GCond stop_cond;           /* broadcast when a count the stop watches changes */
-	gint stopping;             /* atomic: fs_stop is watching */
+	GCond stop_cond; /* broadcast when a count the stop watches changes */
+	gint stopping;	 /* atomic: fs_stop is watching */
 };
 
 /* One read, write or zero in flight. */
 struct fs_io {
 	struct fs *fs;
 	struct fs_req req;
-	struct fs_node *node;      /* ref */
-	int kind;                  /* FS_IO_READ, FS_IO_WRITE, FS_IO_ZERO */
-	uint64_t abs_start, abs_end;   /* bytes within the export */
-	gboolean registered;       /* in export->writes */
-	gboolean direct;           /* through a FOPEN_DIRECT_IO handle: holds no pages,
-	                            * and its own file's pages need invalidating */
+	struct fs_node *node;	     /* ref */
+	int kind;		     /* FS_IO_READ, FS_IO_WRITE, FS_IO_ZERO */
+	uint64_t abs_start, abs_end; /* bytes within the export */
+	gboolean registered;	     /* in export->writes */
+	gboolean direct;	     /* through a FOPEN_DIRECT_IO handle: holds no pages,
+				      * and its own file's pages need invalidating */
 	gboolean fua;
 	ssize_t result;
-	GArray *now;               /* struct fs_inval: aliases to invalidate before the reply */
-	GArray *after;             /* struct fs_inval: to invalidate after the reply */
+	GArray *now;   /* struct fs_inval: aliases to invalidate before the reply */
+	GArray *after; /* struct fs_inval: to invalidate after the reply */
 	size_t len;
-	uint8_t *buf;              /* the request buffer holding the payload (owned) */
-	const uint8_t *data;       /* the write payload inside @buf */
+	uint8_t *buf;			   /* the request buffer holding the payload (owned) */
+	const uint8_t *data;		   /* the write payload inside @buf */
 	void (*reply)(struct fs_io *io);   /* answers the request (data.c) */
 	void (*release)(struct fs_io *io); /* frees it once the work after the reply is done */
 };
@@ -211,8 +211,8 @@ struct fs_io {
 enum { FS_IO_READ = 1, FS_IO_WRITE, FS_IO_ZERO };
 
 struct fs_inval {
-	struct fs_node *node;      /* ref */
-	uint64_t off, len;         /* bytes within node */
+	struct fs_node *node; /* ref */
+	uint64_t off, len;    /* bytes within node */
 };
 
 /* ---- reply.c ---- */

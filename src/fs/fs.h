@@ -22,22 +22,22 @@ G_BEGIN_DECLS
 GQuark fs_error_quark(void);
 
 typedef enum {
-	FS_ERROR_NAME_CLASH,   /* two files would get the same name */
-	FS_ERROR_NOT_FOUND,    /* no such file in the mount */
-	FS_ERROR_BUSY,         /* a partition file below is open */
-	FS_ERROR_INVALID,      /* malformed value, split beyond the end, no table */
-	FS_ERROR_IO,           /* reading a table failed */
-	FS_ERROR_NO_TABLE,     /* "auto" on a file with no valid MBR/GPT */
+	FS_ERROR_NAME_CLASH, /* two files would get the same name */
+	FS_ERROR_NOT_FOUND,  /* no such file in the mount */
+	FS_ERROR_BUSY,	     /* a partition file below is open */
+	FS_ERROR_INVALID,    /* malformed value, split beyond the end, no table */
+	FS_ERROR_IO,	     /* reading a table failed */
+	FS_ERROR_NO_TABLE,   /* "auto" on a file with no valid MBR/GPT */
 } FsError;
 
 struct fs_config {
-	gboolean read_only;    /* -o ro: every file read-only */
-	gboolean writeback;    /* -o writeback: kernel writeback cache, no alias coherence */
-	uid_t uid;             /* owner of every file */
+	gboolean read_only; /* -o ro: every file read-only */
+	gboolean writeback; /* -o writeback: kernel writeback cache, no alias coherence */
+	uid_t uid;	    /* owner of every file */
 	gid_t gid;
-	mode_t umask;          /* masks 0644/0444 and the root dir's 0755 */
-	gboolean debug;        /* -d: one log line per FUSE request */
-	gboolean direct_io;    /* every open bypasses the page cache (the benchmark's floor) */
+	mode_t umask;	    /* masks 0644/0444 and the root dir's 0755 */
+	gboolean debug;	    /* -d: one log line per FUSE request */
+	gboolean direct_io; /* every open bypasses the page cache (the benchmark's floor) */
 };
 
 typedef struct fs Fs;

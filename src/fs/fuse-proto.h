@@ -64,7 +64,7 @@ struct fusep_req {
 		} batch_forget;
 		struct {
 			uint32_t major, minor, max_readahead;
-			uint64_t flags;                      /* flags | flags2 << 32 */
+			uint64_t flags; /* flags | flags2 << 32 */
 		} init;
 		struct {
 			uint64_t fh;
@@ -89,7 +89,7 @@ struct fusep_req {
 		struct {
 			uint64_t fh;
 			uint32_t flags; /* RELEASE: release_flags; FSYNC: fsync_flags */
-		} release;        /* RELEASE, RELEASEDIR, FLUSH, FSYNC, FSYNCDIR */
+		} release;		/* RELEASE, RELEASEDIR, FLUSH, FSYNC, FSYNCDIR */
 		struct {
 			const char *name;
 			const char *value;
@@ -98,7 +98,7 @@ struct fusep_req {
 		struct {
 			const char *name; /* NULL for LISTXATTR */
 			uint32_t size;
-		} getxattr;           /* GETXATTR, LISTXATTR */
+		} getxattr; /* GETXATTR, LISTXATTR */
 		struct {
 			uint64_t fh, offset, length;
 			uint32_t mode;
@@ -125,7 +125,7 @@ const char *fusep_opname(uint32_t opcode, char *spare);
 /* ---- INIT -------------------------------------------------------------- */
 
 struct fusep_init_cfg {
-	bool writeback;           /* -o writeback: FUSE_WRITEBACK_CACHE */
+	bool writeback; /* -o writeback: FUSE_WRITEBACK_CACHE */
 	uint16_t max_background;
 	uint16_t congestion_threshold;
 };

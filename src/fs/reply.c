@@ -80,7 +80,8 @@ static int written(struct fs_req *r, ssize_t w, size_t want)
 static int reply_iov(struct fs_req *r, int err, const void *arg, size_t len)
 {
 	struct fuse_out_header h = { .len = (uint32_t)(sizeof(h) + (err ? 0 : len)),
-				     .error = -err, .unique = r->unique };
+				     .error = -err,
+				     .unique = r->unique };
 	struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)arg, len } };
 	int n = err || len == 0 ? 1 : 2;
 	if (r->what) {
@@ -104,7 +105,8 @@ int fs_reply(struct fs_req *r, const void *arg, size_t len)
 
 int fs_reply_data(struct fs_req *r, uint8_t *buf, size_t len)
 {
-	struct fuse_out_header h = { .len = (uint32_t)(FS_REPLY_HDR + len), .error = 0,
+	struct fuse_out_header h = { .len = (uint32_t)(FS_REPLY_HDR + len),
+				     .error = 0,
 				     .unique = r->unique };
 	memcpy(buf, &h, sizeof(h));
 	if (r->what)
@@ -139,4 +141,3 @@ int fs_notify_inval_entry(Fs *fs, fs_ino_t parent, const char *name)
 		return -ENODEV;
 	return writev(fs->notify_fd, iov, cnt) < 0 ? -errno : 0;
 }
-

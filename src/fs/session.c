@@ -48,7 +48,6 @@
 #define FUSE_DEV_IOC_CLONE _IOR(229, 0, uint32_t)
 #endif
 
-
 /* ---- Dispatch --------------------------------------------------------------- */
 
 /* -d: the request's arguments, for its log line. */
@@ -85,8 +84,9 @@ static char *describe(const struct fusep_req *q)
 		g_string_append_printf(s, " name=%s size=%u", q->setxattr.name, q->setxattr.size);
 		break;
 	case FUSE_FALLOCATE:
-		g_string_append_printf(s, " mode=0x%x off=%" G_GUINT64_FORMAT " len=%" G_GUINT64_FORMAT,
-				       q->fallocate.mode, q->fallocate.offset, q->fallocate.length);
+		g_string_append_printf(
+			s, " mode=0x%x off=%" G_GUINT64_FORMAT " len=%" G_GUINT64_FORMAT,
+			q->fallocate.mode, q->fallocate.offset, q->fallocate.length);
 		break;
 	case FUSE_LSEEK:
 		g_string_append_printf(s, " off=%" G_GUINT64_FORMAT " whence=%u", q->lseek.offset,
@@ -283,8 +283,8 @@ static void starve(struct fs_chan *ch)
 			  FUSEP_BUF_SIZE, STARVED_RETRY_MS);
 	ch->starved = TRUE;
 	loop_watch_mod(&ch->w, 0);
-	loop_timer_start(ch->loop, &ch->retry,
-			 g_get_monotonic_time() + STARVED_RETRY_MS * 1000, retry_reading, ch);
+	loop_timer_start(ch->loop, &ch->retry, g_get_monotonic_time() + STARVED_RETRY_MS * 1000,
+			 retry_reading, ch);
 }
 
 static void on_readable(void *opaque, uint32_t events)

@@ -126,15 +126,16 @@ gboolean fs_stop(Fs *fs, guint timeout_s)
 		g_mutex_lock(&fs->stop_lock);
 		const char *why = ex->final_error;
 		g_autofree char *late = NULL;
-		if (!why && (dirty(ex) || ex->final_running || g_atomic_int_get(&ex->inflight) > 0)) {
+		if (!why &&
+		    (dirty(ex) || ex->final_running || g_atomic_int_get(&ex->inflight) > 0)) {
 			late = g_strdup_printf("not flushed within the timeout (%us)", bound_s);
 			why = late;
 		}
 		if (!why && h.lost_writes_seq != ex->lost_seq)
 			why = "the server lost acknowledged writes before a flush";
 		if (why) {
-			g_warning("%s (%s): data may not be on the server: %s", ex->name, ex->source,
-				  why);
+			g_warning("%s (%s): data may not be on the server: %s", ex->name,
+				  ex->source, why);
 			ok = FALSE;
 		}
 		g_mutex_unlock(&fs->stop_lock);

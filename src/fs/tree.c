@@ -17,7 +17,9 @@
 #include "fs-internal.h"
 #include "nbdfs/partition.h"
 
+/* clang-format off */
 G_DEFINE_QUARK(nbdfs-fs-error-quark, fs_error)
+/* clang-format on */
 
 /* How long partitioning waits for a just-closed partition file's release. */
 #define FS_RELEASE_GRACE_US (500 * 1000)
@@ -30,8 +32,8 @@ static void fit_name(GString *s)
 {
 	if (s->len <= FS_NAME_MAX)
 		return;
-	g_autofree char *sum = g_compute_checksum_for_data(G_CHECKSUM_SHA256,
-							   (const guchar *)s->str, s->len);
+	g_autofree char *sum =
+		g_compute_checksum_for_data(G_CHECKSUM_SHA256, (const guchar *)s->str, s->len);
 	gsize keep = 200;
 	/* Do not cut through a %XX escape or a UTF-8 sequence. */
 	while (keep > 0 && ((s->str[keep] & 0xC0) == 0x80))
@@ -257,8 +259,7 @@ gboolean fs_add_export(Fs *fs, const char *raw_name, const char *source, Blockde
 	struct fs_node *other = g_hash_table_lookup(fs->names, name);
 	if (other) {
 		g_set_error(error, FS_ERROR, FS_ERROR_NAME_CLASH,
-			    "file name \"%s\" is already given by %s", name,
-			    other->export->source);
+			    "file name \"%s\" is already given by %s", name, other->export->source);
 		g_mutex_unlock(&fs->lock);
 		g_free(name);
 		return FALSE;
@@ -326,7 +327,8 @@ static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value,
 	gboolean gone = !node->in_tree, busy = subtree_busy(node);
 	g_mutex_unlock(&fs->lock);
 	if (gone) {
-		g_set_error(error, FS_ERROR, FS_ERROR_NOT_FOUND, "%s: file was removed", node->name);
+		g_set_error(error, FS_ERROR, FS_ERROR_NOT_FOUND, "%s: file was removed",
+			    node->name);
 		return FALSE;
 	}
 	if (busy) {
@@ -380,8 +382,9 @@ static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value,
 		g_autoptr(GError) err = NULL;
 		Blockdev *first = NULL, *rest = NULL;
 		if (!blockdev_split(node->dev, split, &first, &rest, &err)) {
-			g_set_error(error, FS_ERROR, FS_ERROR_INVALID, "%s: split at %" G_GUINT64_FORMAT
-				    " sectors: %s", node->name, split, err->message);
+			g_set_error(error, FS_ERROR, FS_ERROR_INVALID,
+				    "%s: split at %" G_GUINT64_FORMAT " sectors: %s", node->name,
+				    split, err->message);
 			return FALSE;
 		}
 		g_ptr_array_add(devs, first);
@@ -391,9 +394,10 @@ static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value,
 		g_array_append_val(numbers, n2);
 		kind = FS_PART_SPLIT;
 	} else {
-		g_set_error(error, FS_ERROR, FS_ERROR_INVALID,
-			    "%s: malformed partition value \"%s\" (want auto, none or a sector count)",
-			    node->name, v);
+		g_set_error(
+			error, FS_ERROR, FS_ERROR_INVALID,
+			"%s: malformed partition value \"%s\" (want auto, none or a sector count)",
+			node->name, v);
 		return FALSE;
 	}
 
@@ -459,8 +463,7 @@ static gboolean apply_partition(Fs *fs, struct fs_node *node, const char *value,
 }
 
 gboolean fs_apply_partition(Fs *fs, struct fs_node *node, const char *value, size_t len,
-			    gboolean mounting, GPtrArray *removed, GPtrArray *added,
-			    GError **error)
+			    gboolean mounting, GPtrArray *removed, GPtrArray *added, GError **error)
 {
 	g_mutex_lock(&node->export->part_lock);
 	gboolean ok = apply_partition(fs, node, value, len, mounting, removed, added, error);

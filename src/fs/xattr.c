@@ -24,21 +24,26 @@
 #define XATTR_PARTITION XATTR_PREFIX "partition"
 
 enum attr_id {
-	A_PARTITION, A_START, A_SECTORS, A_SECTOR_SIZE, A_EXPORT, A_URI, A_STATE, A_STATS, A_TYPE,
-	A_UUID, A_LABEL, A_COUNT
+	A_PARTITION,
+	A_START,
+	A_SECTORS,
+	A_SECTOR_SIZE,
+	A_EXPORT,
+	A_URI,
+	A_STATE,
+	A_STATS,
+	A_TYPE,
+	A_UUID,
+	A_LABEL,
+	A_COUNT
 };
 
 static const char *const attr_names[A_COUNT] = {
-	[A_PARTITION] = XATTR_PREFIX "partition",
-	[A_START] = XATTR_PREFIX "start",
-	[A_SECTORS] = XATTR_PREFIX "sectors",
-	[A_SECTOR_SIZE] = XATTR_PREFIX "sector_size",
-	[A_EXPORT] = XATTR_PREFIX "export",
-	[A_URI] = XATTR_PREFIX "uri",
-	[A_STATE] = XATTR_PREFIX "state",
-	[A_STATS] = XATTR_PREFIX "stats",
-	[A_TYPE] = XATTR_PREFIX "type",
-	[A_UUID] = XATTR_PREFIX "uuid",
+	[A_PARTITION] = XATTR_PREFIX "partition", [A_START] = XATTR_PREFIX "start",
+	[A_SECTORS] = XATTR_PREFIX "sectors",	  [A_SECTOR_SIZE] = XATTR_PREFIX "sector_size",
+	[A_EXPORT] = XATTR_PREFIX "export",	  [A_URI] = XATTR_PREFIX "uri",
+	[A_STATE] = XATTR_PREFIX "state",	  [A_STATS] = XATTR_PREFIX "stats",
+	[A_TYPE] = XATTR_PREFIX "type",		  [A_UUID] = XATTR_PREFIX "uuid",
 	[A_LABEL] = XATTR_PREFIX "label",
 };
 
@@ -66,13 +71,13 @@ static char *stats_text(struct fs_node *node)
 	struct blockdev_health h;
 	blockdev_get_health(node->dev, &h);
 	return g_strdup_printf("reads=%" G_GUINT64_FORMAT "\nwrites=%" G_GUINT64_FORMAT
-			       "\nbytes_read=%" G_GUINT64_FORMAT "\nbytes_written=%" G_GUINT64_FORMAT
-			       "\nerrors=%" G_GUINT64_FORMAT "\nreconnects=%" G_GUINT64_FORMAT
-			       "\nin_flight=%d\n",
+			       "\nbytes_read=%" G_GUINT64_FORMAT
+			       "\nbytes_written=%" G_GUINT64_FORMAT "\nerrors=%" G_GUINT64_FORMAT
+			       "\nreconnects=%" G_GUINT64_FORMAT "\nin_flight=%d\n",
 			       counter(&node->stats.reads), counter(&node->stats.writes),
-			       counter(&node->stats.bytes_read), counter(&node->stats.bytes_written),
-			       counter(&node->stats.errors), h.reconnects,
-			       g_atomic_int_get(&node->stats.in_flight));
+			       counter(&node->stats.bytes_read),
+			       counter(&node->stats.bytes_written), counter(&node->stats.errors),
+			       h.reconnects, g_atomic_int_get(&node->stats.in_flight));
 }
 
 /* The value of attribute @id on @node, or NULL where it does not apply. */
@@ -127,7 +132,7 @@ static void notify_names(Fs *fs, GPtrArray *names)
 struct part_job {
 	Fs *fs;
 	struct fs_req req;
-	struct fs_node *node;      /* ref */
+	struct fs_node *node; /* ref */
 	char *value;
 	size_t len;
 };
@@ -139,15 +144,26 @@ static void part_job_run(void *opaque)
 	g_autoptr(GPtrArray) removed = g_ptr_array_new_with_free_func(g_free);
 	g_autoptr(GPtrArray) added = g_ptr_array_new_with_free_func(g_free);
 	g_autoptr(GError) err = NULL;
-	gboolean ok = fs_apply_partition(fs, j->node, j->value, j->len, FALSE, removed, added, &err);
+	gboolean ok =
+		fs_apply_partition(fs, j->node, j->value, j->len, FALSE, removed, added, &err);
 	int e = 0;
 	if (!ok) {
 		switch (err->code) {
-		case FS_ERROR_BUSY: e = EBUSY; break;
-		case FS_ERROR_NOT_FOUND: e = ENOENT; break;
-		case FS_ERROR_IO: e = EIO; break;
-		case FS_ERROR_NAME_CLASH: e = EEXIST; break;
-		default: e = EINVAL; break;
+		case FS_ERROR_BUSY:
+			e = EBUSY;
+			break;
+		case FS_ERROR_NOT_FOUND:
+			e = ENOENT;
+			break;
+		case FS_ERROR_IO:
+			e = EIO;
+			break;
+		case FS_ERROR_NAME_CLASH:
+			e = EEXIST;
+			break;
+		default:
+			e = EINVAL;
+			break;
 		}
 		g_warning("setxattr %s: %s", XATTR_PARTITION, err->message);
 	} else {

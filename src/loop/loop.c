@@ -62,7 +62,7 @@ struct loop {
 	/* Timers: a binary min-heap of struct loop_timer * by @when (1-based). */
 	struct loop_timer **heap;
 	guint heap_len, heap_cap;
-	gint64 timers_now;            /* while running timers: their "now" */
+	gint64 timers_now; /* while running timers: their "now" */
 
 	/* Posted tasks (any thread). */
 	GMutex tasks_lock;
@@ -73,9 +73,9 @@ struct loop {
 	struct loop_defer *defer_head, *defer_tail;
 
 	/* Polling before sleeping (see loop_expect). */
-	gboolean expecting;           /* loop_expect was called this turn */
-	gint spin_us;                 /* the current polling budget */
-	int last_events;              /* how many the last wait returned */
+	gboolean expecting; /* loop_expect was called this turn */
+	gint spin_us;	    /* the current polling budget */
+	int last_events;    /* how many the last wait returned */
 };
 
 struct loop_set {
@@ -216,7 +216,7 @@ static guint slot_alloc(Loop *l)
 		return s;
 	}
 	l->slots = g_renew(struct slot, l->slots, l->nslots + 1);
-	l->slots[l->nslots] = (struct slot){0};
+	l->slots[l->nslots] = (struct slot){ 0 };
 	return l->nslots++;
 }
 
@@ -231,7 +231,7 @@ int loop_watch_add(Loop *loop, struct loop_watch *w, int fd, uint32_t events, lo
 	g_assert(loop_is_current(loop) || loop->thread == NULL);
 	g_assert(w->loop == NULL);
 	guint s = slot_alloc(loop);
-	struct epoll_event ev = {.events = events};
+	struct epoll_event ev = { .events = events };
 
 	loop->slots[s].w = w;
 	ev.data.u64 = slot_key(loop, s);
@@ -260,7 +260,7 @@ int loop_watch_mod(struct loop_watch *w, uint32_t events)
 	g_assert(loop);
 	if (events == w->events)
 		return 0;
-	struct epoll_event ev = {.events = events, .data.u64 = slot_key(loop, w->slot)};
+	struct epoll_event ev = { .events = events, .data.u64 = slot_key(loop, w->slot) };
 	if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, w->fd, &ev) < 0)
 		return -errno;
 	w->events = events;
@@ -581,8 +581,8 @@ LoopSet *loop_set_new(guint n, guint pool_threads, GError **error)
 		}
 	}
 	gint max = pool_threads == LOOP_POOL_UNBOUNDED ? -1
-		   : pool_threads ? (gint)MIN(pool_threads, (guint)G_MAXINT)
-				  : DEFAULT_POOL_THREADS;
+		   : pool_threads		       ? (gint)MIN(pool_threads, (guint)G_MAXINT)
+						       : DEFAULT_POOL_THREADS;
 	ls->pool = g_thread_pool_new(pool_run, ls, max, FALSE, error);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!ls->pool) {

@@ -44,8 +44,8 @@ static void conn_fail(struct nbdc_conn *conn, int err, const char *msg);
 
 /* ---- life ---- */
 
-struct nbdc_conn *nbdc_conn_new(Loop *loop, const struct nbdc_config *cfg,
-				struct nbdc_tls_ctx *tls, const struct nbdc_hs_goal *goal,
+struct nbdc_conn *nbdc_conn_new(Loop *loop, const struct nbdc_config *cfg, struct nbdc_tls_ctx *tls,
+				const struct nbdc_hs_goal *goal,
 				const struct nbdc_conn_owner *owner, void *owner_data, int fd)
 {
 	struct nbdc_conn *conn = g_new0(struct nbdc_conn, 1);

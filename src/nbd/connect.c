@@ -44,7 +44,8 @@ static const char *fd_limit_hint(int e)
 	if (e != EMFILE)
 		return "";
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
-		g_snprintf(hint, sizeof(hint), " (the open file limit of %llu is reached: ulimit -n)",
+		g_snprintf(hint, sizeof(hint),
+			   " (the open file limit of %llu is reached: ulimit -n)",
 			   (unsigned long long)rl.rlim_cur);
 	else
 		g_snprintf(hint, sizeof(hint), " (the open file limit is reached: ulimit -n)");
@@ -78,7 +79,7 @@ static void tcp_options(struct nbdc_conn *conn, int fd)
 
 int nbdc_connect_unix(struct nbdc_conn *conn, gint64 *retry_at, char **msg)
 {
-	struct sockaddr_un sun = {.sun_family = AF_UNIX};
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	const char *path = conn->cfg->socket_path;
 	size_t plen = strlen(path);
 
@@ -166,9 +167,9 @@ int nbdc_connect_finish(struct nbdc_conn *conn, char **msg)
 
 gboolean nbdc_connect_numeric(struct nbdc_conn *conn)
 {
-	struct addrinfo hints = {.ai_family = AF_UNSPEC,
-				 .ai_socktype = SOCK_STREAM,
-				 .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV};
+	struct addrinfo hints = { .ai_family = AF_UNSPEC,
+				  .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV };
 	struct addrinfo *res = NULL;
 
 	if (getaddrinfo(conn->cfg->host, port_of(conn), &hints, &res) != 0)
@@ -214,9 +215,9 @@ static void resolved(void *opaque)
 static void resolve_on_pool(void *opaque)
 {
 	struct resolve_job *j = opaque;
-	struct addrinfo hints = {.ai_family = AF_UNSPEC,
-				 .ai_socktype = SOCK_STREAM,
-				 .ai_flags = AI_ADDRCONFIG};
+	struct addrinfo hints = { .ai_family = AF_UNSPEC,
+				  .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_ADDRCONFIG };
 
 	j->gai = getaddrinfo(j->host, j->port, &hints, &j->res);
 	loop_post(j->loop, resolved, j);

@@ -51,7 +51,7 @@ void nbdc_log(const struct nbdc_config *cfg, enum nbdc_log_level level, const ch
 		cfg->log(cfg->log_opaque, level, msg);
 		return;
 	}
-	static const char *const names[] = {"debug", "info", "warning"};
+	static const char *const names[] = { "debug", "info", "warning" };
 	fprintf(stderr, "nbdc %s: %s\n", names[level], msg);
 }
 

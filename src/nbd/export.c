@@ -219,7 +219,7 @@ struct nbdc_req *nbdc_early_flush_locked(Nbdc *c)
 /* Under c->lock: a new connection on @loop (started after unlocking). */
 struct nbdc_conn *nbdc_export_new_conn_locked(Nbdc *c, Loop *loop)
 {
-	static const struct nbdc_hs_goal go = {.go = TRUE};
+	static const struct nbdc_hs_goal go = { .go = TRUE };
 	int fd = -1;
 
 	if (c->cfg.fd >= 0) {
@@ -340,7 +340,8 @@ static void submit_from(Nbdc *c, struct nbdc_req *req, Loop *cur)
 			req->flush_seq = c->log_seq;
 			req->flush_gen = c->write_gen;
 		}
-		if (c->log_on && !req->internal && is_write_like(req) && c->log_bytes >= NBDC_LOG_MAX) {
+		if (c->log_on && !req->internal && is_write_like(req) &&
+		    c->log_bytes >= NBDC_LOG_MAX) {
 			nbdc_req_append(&c->throttled_head, &c->throttled_tail, req);
 			flush = nbdc_early_flush_locked(c);
 			g_mutex_unlock(&c->lock);
@@ -428,8 +429,8 @@ static void conn_ready(struct nbdc_conn *conn, void *data)
 	else if (c->connecting_sync && c->ever_ready &&
 		 (conn->neg.eflags != c->neg.eflags ||
 		  conn->neg.structured_replies != c->neg.structured_replies))
-		refused = g_strdup_printf("connection %u negotiated a different export",
-					  conn->index);
+		refused =
+			g_strdup_printf("connection %u negotiated a different export", conn->index);
 	else if (g_atomic_int_get(&c->closing) || c->state == NBDC_EX_CLOSED)
 		refused = g_strdup("closing");
 	if (!refused) {
@@ -504,8 +505,9 @@ static void conn_finished(struct nbdc_conn *conn, void *data, GError *err)
 			     (conn->connect_errno == EMFILE || conn->connect_errno == ENFILE);
 		if (c->state == NBDC_EX_RECOVERING || c->state == NBDC_EX_CONNECTING) {
 			if (c->attempts == 1 || c->attempts % 10 == 0)
-				nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: connect attempt %u failed: %s",
-					 c->display, c->attempts,
+				nbdc_log(&c->cfg, NBDC_LOG_WARNING,
+					 "%s: connect attempt %u failed: %s", c->display,
+					 c->attempts,
 					 g_str_has_prefix(err->message, c->display) &&
 							 err->message[strlen(c->display)] == ':'
 						 ? err->message + strlen(c->display) + 2
@@ -571,7 +573,8 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 		while (tail && tail->next)
 			tail = tail->next;
 		for (struct nbdc_req *r = list; r; r = r->next) {
-			r->wait_since_us = r->wait_since_us ? r->wait_since_us : g_get_monotonic_time();
+			r->wait_since_us =
+				r->wait_since_us ? r->wait_since_us : g_get_monotonic_time();
 			c->nparked++;
 		}
 		if (tail) {
@@ -613,8 +616,8 @@ static void conn_lost(struct nbdc_conn *conn, void *data, struct nbdc_req *reqs,
 		c->error = g_strdup(msg ? msg : "server is shutting down");
 		if (!c->warned) {
 			c->warned = TRUE;
-			nbdc_log(&c->cfg, NBDC_LOG_WARNING, "%s: connection lost (%s); reconnecting",
-				 c->display, c->error);
+			nbdc_log(&c->cfg, NBDC_LOG_WARNING,
+				 "%s: connection lost (%s); reconnecting", c->display, c->error);
 		}
 	} else if (closing || !c->cfg.reconnect) {
 		if (loss || msg) {
@@ -673,9 +676,10 @@ static void conn_done(struct nbdc_conn *conn, void *data, struct nbdc_req *req, 
 	gboolean flushed = err == 0 && req->type == NBD_CMD_FLUSH;
 	/* The log: a write joins it when acknowledged, a flush (ours too)
 	 * trims what it covers. */
-	gboolean logged = c->log_on && (req->type == NBD_CMD_FLUSH ||
-				       (!req->internal && (req->log || (req->type == NBD_CMD_WRITE_ZEROES &&
-									!(req->flags & NBD_CMD_FLAG_FUA)))));
+	gboolean logged =
+		c->log_on && (req->type == NBD_CMD_FLUSH ||
+			      (!req->internal && (req->log || (req->type == NBD_CMD_WRITE_ZEROES &&
+							       !(req->flags & NBD_CMD_FLAG_FUA)))));
 	if (wrote || flushed || logged) {
 		struct nbdc_req *flush = NULL;
 
@@ -768,4 +772,3 @@ static const struct nbdc_conn_owner data_owner = {
 	.sent = conn_sent,
 	.shutting_down = conn_shutting_down,
 };
-

@@ -7,14 +7,14 @@
 #include "internal.h"
 
 enum hs_state {
-	ST_GREETING,      /* 16 bytes: NBDMAGIC + oldstyle magic or IHAVEOPT */
-	ST_OLDSTYLE,      /* the 136-byte oldstyle tail */
-	ST_GFLAGS,        /* 2 bytes of handshake flags */
-	ST_NEXT,          /* choose the next option */
-	ST_REPLY,         /* an option reply (header + payload) to h->opt */
-	ST_EXPORT_NAME,   /* the EXPORT_NAME reply */
-	ST_TLS,           /* the connection runs the TLS handshake */
-	ST_ABORT_WAIT,    /* ABORT sent: its reply or EOF ends it */
+	ST_GREETING,	/* 16 bytes: NBDMAGIC + oldstyle magic or IHAVEOPT */
+	ST_OLDSTYLE,	/* the 136-byte oldstyle tail */
+	ST_GFLAGS,	/* 2 bytes of handshake flags */
+	ST_NEXT,	/* choose the next option */
+	ST_REPLY,	/* an option reply (header + payload) to h->opt */
+	ST_EXPORT_NAME, /* the EXPORT_NAME reply */
+	ST_TLS,		/* the connection runs the TLS handshake */
+	ST_ABORT_WAIT,	/* ABORT sent: its reply or EOF ends it */
 	ST_DONE,
 	ST_FAILED,
 };
@@ -22,25 +22,25 @@ enum hs_state {
 struct nbdc_hs {
 	const struct nbdc_config *cfg; /* borrowed */
 	char *display;
-	const char *export_name;       /* borrowed from cfg ("" = default) */
+	const char *export_name; /* borrowed from cfg ("" = default) */
 	struct nbdc_hs_goal goal;
 	enum hs_state state;
 	gboolean oldstyle, fixed, no_zeroes, tls_on;
 	const char *protocol;
 	/* progress through the options */
 	gboolean sr_done, meta_done, list_done, go_sent;
-	uint32_t opt;                  /* option whose replies we read */
-	gboolean neg_sr, neg_meta;     /* STRUCTURED_REPLY, base:allocation agreed */
+	uint32_t opt;		   /* option whose replies we read */
+	gboolean neg_sr, neg_meta; /* STRUCTURED_REPLY, base:allocation agreed */
 	uint32_t neg_meta_id;
 	/* GO / INFO in progress */
 	struct nbdc_neg neg;
 	gboolean seen_export;
-	char *info_name;               /* INFO: the export asked about */
-	gboolean info_unsup;           /* the server has no NBD_OPT_INFO */
+	char *info_name;     /* INFO: the export asked about */
+	gboolean info_unsup; /* the server has no NBD_OPT_INFO */
 	/* LIST */
-	GPtrArray *list;               /* struct nbdc_export * */
+	GPtrArray *list; /* struct nbdc_export * */
 	uint64_t list_bytes;
-	guint detail_i;                /* list_details: next entry to ask INFO about */
+	guint detail_i; /* list_details: next entry to ask INFO about */
 	GError *error;
 };
 

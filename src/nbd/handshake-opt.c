@@ -53,7 +53,6 @@ int nbdc_hs_fail(struct nbdc_hs *h, NbdcError code, const char *fmt, ...)
 	return NBDC_HS_FAILED;
 }
 
-
 /* The GError for an error reply of @type to an option about @what. */
 GError *nbdc_hs_reply_error(struct nbdc_hs *h, uint32_t type, const uint8_t *msg, uint32_t len,
 			    const char *what)
@@ -251,7 +250,7 @@ static int parse_info(struct nbdc_hs *h, const uint8_t *d, uint32_t len)
 /* An INFO reply sequence for h->info_name ended: report it. */
 static void info_finished(struct nbdc_hs *h, GError *err)
 {
-	struct nbdc_export e = {0};
+	struct nbdc_export e = { 0 };
 
 	if (!err) {
 		e.name = h->info_name;
@@ -294,8 +293,8 @@ int nbdc_hs_go_info_reply(struct nbdc_hs *h, GByteArray *out, uint32_t type, con
 			  uint32_t len)
 {
 	gboolean err = (type & NBD_REP_FLAG_ERROR) != 0;
-	g_autofree char *what = g_strdup_printf(
-	    "export '%s'", h->opt == NBD_OPT_GO ? h->export_name : h->info_name);
+	g_autofree char *what = g_strdup_printf("export '%s'", h->opt == NBD_OPT_GO ? h->export_name
+										    : h->info_name);
 
 	if (type == NBD_REP_INFO)
 		return parse_info(h, d, len);

@@ -173,8 +173,8 @@ static int next_option(struct nbdc_hs *h, GByteArray *out)
 	if (h->oldstyle) {
 		h->state = ST_DONE;
 		return nbdc_hs_check_eflags(h, h->neg.size, h->neg.eflags) == NBDC_HS_FAILED
-			   ? NBDC_HS_FAILED
-			   : NBDC_HS_DONE;
+			       ? NBDC_HS_FAILED
+			       : NBDC_HS_DONE;
 	}
 	if (!h->fixed) {
 		nbdc_hs_put_option(out, NBD_OPT_EXPORT_NAME, h->export_name,
@@ -254,8 +254,9 @@ int nbdc_hs_step(struct nbdc_hs *h, struct nbdc_rbuf *in, GByteArray *out)
 			}
 			if (m2 != NBD_IHAVEOPT)
 				return HS_PROTO(
-				    h, "unknown handshake style (magic 0x%" G_GINT64_MODIFIER "x)",
-				    (guint64)m2);
+					h,
+					"unknown handshake style (magic 0x%" G_GINT64_MODIFIER "x)",
+					(guint64)m2);
 			h->state = ST_GFLAGS;
 			continue;
 		}
@@ -351,8 +352,8 @@ int nbdc_hs_step(struct nbdc_hs *h, struct nbdc_rbuf *in, GByteArray *out)
 			h->neg.eflags = get_be16(p + 8);
 			h->state = ST_DONE;
 			return nbdc_hs_check_eflags(h, h->neg.size, h->neg.eflags) == NBDC_HS_FAILED
-				   ? NBDC_HS_FAILED
-				   : NBDC_HS_DONE;
+				       ? NBDC_HS_FAILED
+				       : NBDC_HS_DONE;
 		}
 		case ST_TLS:
 			return NBDC_HS_START_TLS;
@@ -385,18 +386,18 @@ int nbdc_hs_eof(struct nbdc_hs *h, gboolean midway)
 	case ST_EXPORT_NAME:
 		if (!midway)
 			return nbdc_hs_fail(
-			    h, NBDC_ERROR_NO_EXPORT,
-			    "export '%s': server closed the connection (it does not know "
-			    "this export)",
-			    h->export_name);
+				h, NBDC_ERROR_NO_EXPORT,
+				"export '%s': server closed the connection (it does not know "
+				"this export)",
+				h->export_name);
 		break;
 	default:
 		break;
 	}
 	const char *what =
-	    h->state == ST_GREETING || h->state == ST_OLDSTYLE || h->state == ST_GFLAGS
-		? "greeting"
-		: nbdc_hs_opt_name(h->opt);
+		h->state == ST_GREETING || h->state == ST_OLDSTYLE || h->state == ST_GFLAGS
+			? "greeting"
+			: nbdc_hs_opt_name(h->opt);
 	return nbdc_hs_fail(h, NBDC_ERROR_HANDSHAKE, "server closed the connection during %s",
 			    what);
 }
@@ -427,7 +428,6 @@ GError *nbdc_hs_take_error(struct nbdc_hs *h)
 	h->error = NULL;
 	return e;
 }
-
 
 void nbdc_hs_result(struct nbdc_hs *h, struct nbdc_neg *neg)
 {

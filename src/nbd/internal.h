@@ -40,9 +40,9 @@ struct nbdc_neg {
 	gboolean meta; /* base:allocation negotiated */
 	uint32_t meta_id;
 	uint32_t block_min, block_pref, block_max; /* 0 = not advertised */
-	char *name;                                /* canonical or requested name; owned */
-	char *description;                         /* owned, "" when none */
-	const char *protocol;                      /* static */
+	char *name;				   /* canonical or requested name; owned */
+	char *description;			   /* owned, "" when none */
+	const char *protocol;			   /* static */
 	gboolean tls;
 };
 
@@ -73,8 +73,8 @@ struct nbdc_rbuf {
 struct nbdc_hs;
 
 struct nbdc_hs_goal {
-	gboolean go;           /* negotiate cfg->export_name for transmission */
-	gboolean list;         /* NBD_OPT_LIST */
+	gboolean go;	       /* negotiate cfg->export_name for transmission */
+	gboolean list;	       /* NBD_OPT_LIST */
 	gboolean list_details; /* then NBD_OPT_INFO for each listed export */
 	/* INFO for each name @probe_next returns (NULL: no more), results to
 	 * @probe_result (@e borrowed for the call; NULL with @err). */
@@ -127,30 +127,30 @@ struct nbdc_req {
 	uint32_t len;
 	const struct iovec *iov; /* READ/WRITE data (borrowed from the caller) */
 	int iovcnt;
-	size_t iov_off;          /* where this piece starts in @iov */
-	struct iovec one;        /* backing for @iov when we own the buffer */
+	size_t iov_off;	  /* where this piece starts in @iov */
+	struct iovec one; /* backing for @iov when we own the buffer */
 	struct nbdc_op *op;
-	int err;                 /* first error, negative errno */
-	gboolean embedded;       /* lives inside its op: not freed alone */
+	int err;	   /* first error, negative errno */
+	gboolean embedded; /* lives inside its op: not freed alone */
 	/* reply state (reset before a resend) */
-	gboolean bs_seen;        /* a block status chunk was delivered */
-	guint content_chunks;    /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
-	uint64_t covered;        /* structured READ: bytes received */
-	GArray *ranges;          /* sorted [start,end) pairs once out of order */
+	gboolean bs_seen;     /* a block status chunk was delivered */
+	guint content_chunks; /* OFFSET_DATA/HOLE chunks seen (DF: at most 1) */
+	uint64_t covered;     /* structured READ: bytes received */
+	GArray *ranges;	      /* sorted [start,end) pairs once out of order */
 	/* timing */
-	gint64 sent_us;          /* fully written to the socket; 0 = not yet */
-	gint64 wait_since_us;    /* parked (waiting for a connection) since; 0 = never */
+	gint64 sent_us;		    /* fully written to the socket; 0 = not yet */
+	gint64 wait_since_us;	    /* parked (waiting for a connection) since; 0 = never */
 	struct nbdc_log_entry *log; /* a WRITE's copy for the replay log, once sent */
-	guint64 flush_seq;       /* FLUSH: the log sequence it covers */
-	guint64 flush_gen;       /* FLUSH: the c->write_gen it covers */
-	gboolean internal;       /* the core's own (replay, early flush) */
+	guint64 flush_seq;	    /* FLUSH: the log sequence it covers */
+	guint64 flush_gen;	    /* FLUSH: the c->write_gen it covers */
+	gboolean internal;	    /* the core's own (replay, early flush) */
 	/* block status: extents go to @extent; @bs_reached = where they ended */
 	nbdc_extent_fn extent;
 	void *extent_opaque;
 	uint64_t bs_reached;
 	/* called once when the request is finished (0 or -errno) */
 	void (*complete)(struct nbdc_req *req, int err);
-	uint8_t hdr[28];         /* the encoded request header */
+	uint8_t hdr[28]; /* the encoded request header */
 	struct nbdc_req *prev, *next;
 };
 
@@ -203,21 +203,21 @@ struct addrinfo;
 struct nbdc_conn {
 	gint refs;
 	Loop *loop;
-	const struct nbdc_config *cfg;     /* borrowed from the owner */
-	struct nbdc_tls_ctx *tls;          /* ref, or NULL */
+	const struct nbdc_config *cfg; /* borrowed from the owner */
+	struct nbdc_tls_ctx *tls;      /* ref, or NULL */
 	const struct nbdc_conn_owner *owner;
 	void *owner_data;
 	char *display;
 	guint index;
-	int fd_in;                         /* cfg->fd to use, taken at start; -1 */
-	enum nbdc_conn_phase phase;        /* loop only, read racily elsewhere */
+	int fd_in;		    /* cfg->fd to use, taken at start; -1 */
+	enum nbdc_conn_phase phase; /* loop only, read racily elsewhere */
 	struct nbdc_transport *t;
 	struct loop_watch w;
-	struct loop_timer timer;           /* handshake deadline or Unix retry, request
-	                                    * timeout, goodbye */
-	gint64 deadline;                   /* of the handshake; 0 = none */
-	gboolean quiet;                    /* a close we asked for: no warning */
-	GError *fail_error;                /* the precise error of a failure, if known */
+	struct loop_timer timer; /* handshake deadline or Unix retry, request
+				  * timeout, goodbye */
+	gint64 deadline;	 /* of the handshake; 0 = none */
+	gboolean quiet;		 /* a close we asked for: no warning */
+	GError *fail_error;	 /* the precise error of a failure, if known */
 
 	/* resolving and connecting */
 	struct addrinfo *ai_list, *ai_next;
@@ -226,28 +226,28 @@ struct nbdc_conn {
 	/* negotiation */
 	struct nbdc_hs *hs;
 	struct nbdc_hs_goal goal;
-	GByteArray *wbuf;                  /* negotiation bytes not yet sent: [wpos, len) */
+	GByteArray *wbuf; /* negotiation bytes not yet sent: [wpos, len) */
 	gsize wpos;
 	struct nbdc_rbuf rb;
 	struct nbdc_neg neg;
 
 	/* sending (send.c; conn.c schedules it) */
 	struct nbdc_req *txq_head, *txq_tail; /* queued, not fully sent */
-	size_t tx_off;                     /* bytes of txq_head already written */
-	guint tx_count;                    /* requests in the send queue */
+	size_t tx_off;			      /* bytes of txq_head already written */
+	guint tx_count;			      /* requests in the send queue */
 	struct loop_defer tx_defer;
-	gint64 stall_since;                /* the socket stopped taking bytes; 0 = not */
+	gint64 stall_since; /* the socket stopped taking bytes; 0 = not */
 	uint64_t next_cookie;
 	/* in flight: fully sent, waiting for the reply */
-	struct nbdc_slot *table;           /* cookie -> request: open addressing */
+	struct nbdc_slot *table; /* cookie -> request: open addressing */
 	guint table_mask, table_used;
 	struct nbdc_req *inf_head, *inf_tail; /* send order */
 	guint inf_count;
-	gint load;                         /* queued + in flight (atomic: for balancing) */
+	gint load; /* queued + in flight (atomic: for balancing) */
 	gboolean disc_sent, shutdown_pending;
-	gboolean draining;                 /* closing gracefully: no new requests */
-	gboolean counted;                  /* the owner counts it as ready (owner's field) */
-	gboolean doomed;                   /* the owner closes it: not usable (owner's lock) */
+	gboolean draining; /* closing gracefully: no new requests */
+	gboolean counted;  /* the owner counts it as ready (owner's field) */
+	gboolean doomed;   /* the owner closes it: not usable (owner's lock) */
 
 	/* receiving (reply.c) */
 	int rx_state;
@@ -257,10 +257,10 @@ struct nbdc_conn {
 	} rx_hdr;
 	uint16_t rx_flags, rx_type;
 	uint32_t rx_len;
-	uint64_t rx_rel, rx_left;          /* payload destination and bytes left */
-	uint8_t *buf;                      /* a chunk's payload (block status, errors) */
+	uint64_t rx_rel, rx_left; /* payload destination and bytes left */
+	uint8_t *buf;		  /* a chunk's payload (block status, errors) */
 	size_t buf_size, buf_have;
-	gboolean rx_drained;               /* the last reply of a draining connection: DISC due */
+	gboolean rx_drained; /* the last reply of a draining connection: DISC due */
 
 	/* the inbox: requests handed over by other threads */
 	GMutex inq_lock;
@@ -273,8 +273,8 @@ struct nbdc_conn {
 
 /* A connection to the server of @cfg (borrowed, must outlive it) on @loop,
  * negotiating @goal.  @tls: the credentials when cfg->tls.  Not started. */
-struct nbdc_conn *nbdc_conn_new(Loop *loop, const struct nbdc_config *cfg,
-				struct nbdc_tls_ctx *tls, const struct nbdc_hs_goal *goal,
+struct nbdc_conn *nbdc_conn_new(Loop *loop, const struct nbdc_config *cfg, struct nbdc_tls_ctx *tls,
+				const struct nbdc_hs_goal *goal,
 				const struct nbdc_conn_owner *owner, void *owner_data, int fd);
 struct nbdc_conn *nbdc_conn_ref(struct nbdc_conn *conn);
 /* The last reference frees (the connection must be dead or never started). */
@@ -324,9 +324,9 @@ int nbdc_connect_resolved(struct nbdc_conn *conn, struct addrinfo **res, int gai
 /* negotiate.c (loop only): the negotiation.  Results besides -errno (failed:
  * *@msg, conn->fail_error or the handshake's error says why): */
 enum {
-	NBDC_NEG_WAIT,  /* wait for the events the phase asks for */
+	NBDC_NEG_WAIT,	/* wait for the events the phase asks for */
 	NBDC_NEG_READY, /* GO done: transmission; nbdc_neg_finish */
-	NBDC_NEG_DONE,  /* a control connection finished its goal */
+	NBDC_NEG_DONE,	/* a control connection finished its goal */
 };
 /* Phase HANDSHAKE over conn->t: the handshake, its buffers. */
 int nbdc_neg_start(struct nbdc_conn *conn);
@@ -373,62 +373,62 @@ struct nbdc_log_entry {
 	struct nbdc_log_entry *next;
 	uint64_t offset;
 	uint32_t len;
-	uint16_t type, flags;      /* NBD_CMD_WRITE or NBD_CMD_WRITE_ZEROES, wire flags */
-	guint64 seq;               /* order of acknowledgement; 0 = not yet */
-	uint8_t data[];            /* WRITE payload */
+	uint16_t type, flags; /* NBD_CMD_WRITE or NBD_CMD_WRITE_ZEROES, wire flags */
+	guint64 seq;	      /* order of acknowledgement; 0 = not yet */
+	uint8_t data[];	      /* WRITE payload */
 };
 
 enum nbdc_ex_state {
-	NBDC_EX_IDLE,       /* no connection, none needed yet */
+	NBDC_EX_IDLE,	    /* no connection, none needed yet */
 	NBDC_EX_CONNECTING, /* the first connection (or the first after idle) */
 	NBDC_EX_READY,
 	NBDC_EX_RECOVERING, /* lost: reconnecting, replaying, then resending */
-	NBDC_EX_FAILED,     /* gave up until the next request */
+	NBDC_EX_FAILED,	    /* gave up until the next request */
 	NBDC_EX_CLOSED,
 };
 
 struct nbdc {
-	gint refs;                     /* the user's, one per connection, one per task */
-	struct nbdc_config cfg;        /* copy; strings borrowed from the caller */
-	LoopSet *loops;                /* borrowed: outlives the handle */
-	Loop *home;                    /* runs the export's timers and state changes */
+	gint refs;		/* the user's, one per connection, one per task */
+	struct nbdc_config cfg; /* copy; strings borrowed from the caller */
+	LoopSet *loops;		/* borrowed: outlives the handle */
+	Loop *home;		/* runs the export's timers and state changes */
 	char *display;
-	struct nbdc_tls_ctx *tls;      /* ref, or NULL */
-	struct nbdc_neg neg;           /* what the export is; fixed once known */
+	struct nbdc_tls_ctx *tls; /* ref, or NULL */
+	struct nbdc_neg neg;	  /* what the export is; fixed once known */
 	uint32_t max_request;
 	guint max_conns;
-	gboolean lazy;                 /* made by nbdc_open: on-demand connections */
-	gboolean had_fd;               /* cfg.fd given: one connection, never again */
-	gboolean log_on;               /* keep unflushed writes for replay */
+	gboolean lazy;	 /* made by nbdc_open: on-demand connections */
+	gboolean had_fd; /* cfg.fd given: one connection, never again */
+	gboolean log_on; /* keep unflushed writes for replay */
 
-	GMutex lock;                   /* the export lock: everything below */
-	GPtrArray *conns;              /* struct nbdc_conn * (refs): connecting or ready */
+	GMutex lock;	  /* the export lock: everything below */
+	GPtrArray *conns; /* struct nbdc_conn * (refs): connecting or ready */
 	guint nready, nopening;
-	guint rr;                      /* round-robin start among connections */
+	guint rr; /* round-robin start among connections */
 	enum nbdc_ex_state state;
-	gint closing;                  /* atomic: no new requests */
-	gboolean dead;                 /* without reconnect: a connection died */
-	gboolean starved;              /* the last attempt found no file descriptor:
-	                                * the waiting requests fail now */
-	char *error;                   /* why it died (or the last attempt failed) */
+	gint closing;	  /* atomic: no new requests */
+	gboolean dead;	  /* without reconnect: a connection died */
+	gboolean starved; /* the last attempt found no file descriptor:
+			   * the waiting requests fail now */
+	char *error;	  /* why it died (or the last attempt failed) */
 	struct nbdc_req *parked_head, *parked_tail;
 	guint nparked;
 	struct nbdc_req *throttled_head, *throttled_tail;
-	Loop *prefer;                  /* where the next connection should live */
-	gint64 lost_at;                /* the outage began */
-	gboolean warned;               /* this outage was logged */
+	Loop *prefer;	 /* where the next connection should live */
+	gint64 lost_at;	 /* the outage began */
+	gboolean warned; /* this outage was logged */
 	guint attempts;
 	gint64 backoff_us, next_attempt;
-	guint holds;                   /* nbdc_hold */
-	gint in_flight;                /* atomic: requests submitted, not finished */
+	guint holds;	/* nbdc_hold */
+	gint in_flight; /* atomic: requests submitted, not finished */
 	guint64 reconnects, lost_seq;
 	gboolean ever_ready;
 	/* the replay log */
 	struct nbdc_log_entry *log_head, *log_tail;
-	guint64 log_bytes, log_seq;     /* payload bytes held; last sequence given */
+	guint64 log_bytes, log_seq; /* payload bytes held; last sequence given */
 	guint log_entries;
 	gboolean log_flushing, replaying;
-	gboolean replay_owed;          /* this outage's replay is still to do */
+	gboolean replay_owed;		      /* this outage's replay is still to do */
 	struct nbdc_log_entry *replay_cursor; /* next entry to write again */
 	guint replay_pending;
 	gboolean replay_failed;
@@ -436,30 +436,30 @@ struct nbdc {
 	 * user's (write_gen counts them) against those covered by the last flush
 	 * that succeeded (flushed_gen); and the ones not finished yet */
 	guint64 write_gen, flushed_gen;
-	gint writes_busy;              /* atomic: write/zero/trim calls not completed */
+	gint writes_busy; /* atomic: write/zero/trim calls not completed */
 
 	/* the home loop's machinery (home loop only, but kick_posted) */
-	loop_fn run;                   /* the state machine: recover.c's nbdc_export_run */
+	loop_fn run; /* the state machine: recover.c's nbdc_export_run */
 	struct loop_task kick_task;
-	gboolean kick_posted;          /* under @lock */
+	gboolean kick_posted; /* under @lock */
 	struct loop_timer retry_timer, expiry_timer, idle_timer;
 	gboolean idle_fired;
 	guint next_index;
 	/* nbdc_connect waiting for its connections */
 	gboolean connecting_sync;
-	guint sync_waiting;            /* outcomes still due */
-	struct completion *sync_wait;  /* done when they are in */
-	GError *sync_error;            /* the first connection's failure */
+	guint sync_waiting;	      /* outcomes still due */
+	struct completion *sync_wait; /* done when they are in */
+	GError *sync_error;	      /* the first connection's failure */
 	/* teardown */
-	struct completion *gone;       /* done when the last connection ended */
+	struct completion *gone; /* done when the last connection ended */
 	gboolean gone_done;
-	struct completion *drained;    /* done when nothing is in flight */
+	struct completion *drained; /* done when nothing is in flight */
 
 	/* nbdc.c: ops and the zero buffer */
 	GMutex op_lock;
 	struct nbdc_op *op_cache;
 	guint op_cached;
-	gboolean op_cache_closed;      /* nbdc_free: ops are freed, not kept */
+	gboolean op_cache_closed; /* nbdc_free: ops are freed, not kept */
 	uint32_t zero_len;
 	void *zero_buf;
 };
@@ -474,9 +474,9 @@ void nbdc_op_cache_close(Nbdc *c);
 
 #define NBDC_BACKOFF_MIN_US (50 * 1000)
 #define NBDC_BACKOFF_MAX_US (2 * G_USEC_PER_SEC)
-#define NBDC_LOG_FLUSH_AT (32u * 1024 * 1024) /* unflushed bytes held: an early flush */
-#define NBDC_LOG_FLUSH_ENTRIES 65536u          /* ... or that many entries */
-#define NBDC_LOG_MAX (96u * 1024 * 1024)      /* ... and new writes wait */
+#define NBDC_LOG_FLUSH_AT (32u * 1024 * 1024)  /* unflushed bytes held: an early flush */
+#define NBDC_LOG_FLUSH_ENTRIES 65536u	       /* ... or that many entries */
+#define NBDC_LOG_MAX (96u * 1024 * 1024)       /* ... and new writes wait */
 #define NBDC_GONE_WAIT_US (5 * G_USEC_PER_SEC) /* teardown waits for connections */
 
 /* recover.c */

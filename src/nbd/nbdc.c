@@ -22,19 +22,19 @@
 
 struct nbdc_op {
 	Nbdc *c;
-	gint pending;            /* pieces not finished + 1 while submitting */
-	gint err;                /* first error */
+	gint pending; /* pieces not finished + 1 while submitting */
+	gint err;     /* first error */
 	nbdc_done_fn done;
 	void *opaque;
 	nbdc_extent_fn extent;
-	gboolean changes;        /* a write, zero or trim: counted in c->writes_busy */
-	gboolean fua_flush;      /* emulated FUA: flush once the pieces succeed */
-	gboolean flushing;       /* the emulated flush was sent */
+	gboolean changes;	 /* a write, zero or trim: counted in c->writes_busy */
+	gboolean fua_flush;	 /* emulated FUA: flush once the pieces succeed */
+	gboolean flushing;	 /* the emulated flush was sent */
 	uint64_t bs_pos, bs_end; /* block status: described so far / wanted end
 				  * (bs_end 0 = not a looping block status) */
-	uint64_t bs_piece_end;   /* end of the piece in flight */
+	uint64_t bs_piece_end;	 /* end of the piece in flight */
 	struct nbdc_op *next_free;
-	struct nbdc_req req;     /* the first piece */
+	struct nbdc_req req; /* the first piece */
 };
 
 /* ---- ops ---- */

@@ -47,7 +47,7 @@ void nbdc_neg_finish(struct nbdc_conn *conn)
 static int hs_write(struct nbdc_conn *conn, char **msg)
 {
 	while (conn->wpos < conn->wbuf->len) {
-		struct iovec v = {conn->wbuf->data + conn->wpos, conn->wbuf->len - conn->wpos};
+		struct iovec v = { conn->wbuf->data + conn->wpos, conn->wbuf->len - conn->wpos };
 		ssize_t n = nbdc_tr_writev(conn->t, &v, 1);
 
 		if (n == -EAGAIN)
@@ -60,9 +60,10 @@ static int hs_write(struct nbdc_conn *conn, char **msg)
 		}
 		if (n < 0) {
 			*msg = g_strdup_printf(
-			    "sending %s: %s", conn->hs ? nbdc_hs_waiting_for(conn->hs) : "handshake",
-			    n == -EPIPE || n == -ECONNRESET ? "server closed the connection"
-							     : g_strerror((int)-n));
+				"sending %s: %s",
+				conn->hs ? nbdc_hs_waiting_for(conn->hs) : "handshake",
+				n == -EPIPE || n == -ECONNRESET ? "server closed the connection"
+								: g_strerror((int)-n));
 			return -ENOTCONN;
 		}
 		conn->wpos += (gsize)n;
@@ -79,7 +80,7 @@ static int hs_write(struct nbdc_conn *conn, char **msg)
 static int hs_failed(struct nbdc_conn *conn)
 {
 	if (conn->t && conn->wbuf && conn->wpos < conn->wbuf->len) {
-		struct iovec v = {conn->wbuf->data + conn->wpos, conn->wbuf->len - conn->wpos};
+		struct iovec v = { conn->wbuf->data + conn->wpos, conn->wbuf->len - conn->wpos };
 
 		nbdc_tr_writev(conn->t, &v, 1);
 	}
@@ -115,15 +116,14 @@ static int start_tls(struct nbdc_conn *conn, char **msg)
 		return NBDC_NEG_WAIT; /* the ACK's reply goes first */
 	if (conn->rb.pos != conn->rb.end) {
 		/* The server speaks second in TLS: bytes now are not TLS. */
-		conn->fail_error =
-		    g_error_new(NBDC_ERROR, NBDC_ERROR_TLS,
-				"%s: TLS: handshake: the server sent data before our hello",
-				conn->display);
+		conn->fail_error = g_error_new(
+			NBDC_ERROR, NBDC_ERROR_TLS,
+			"%s: TLS: handshake: the server sent data before our hello", conn->display);
 		return -EPROTO;
 	}
 	if (!conn->tls) {
-		conn->fail_error = g_error_new(NBDC_ERROR, NBDC_ERROR_TLS, "%s: TLS: no credentials",
-					       conn->display);
+		conn->fail_error = g_error_new(NBDC_ERROR, NBDC_ERROR_TLS,
+					       "%s: TLS: no credentials", conn->display);
 		return -ENOTCONN;
 	}
 	if (!nbdc_tr_start_tls(conn->t, conn->tls, conn->display, &err)) {
@@ -184,8 +184,9 @@ static int hs_read(struct nbdc_conn *conn, char **msg)
 
 				g_clear_error(&superseded);
 				*msg = g_strdup_printf("%s: %s", nbdc_hs_waiting_for(conn->hs),
-						       n == -ECONNRESET ? "server closed the connection"
-									: g_strerror((int)-n));
+						       n == -ECONNRESET
+							       ? "server closed the connection"
+							       : g_strerror((int)-n));
 				return -ENOTCONN;
 			}
 			if (r == NBDC_HS_DONE)

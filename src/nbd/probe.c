@@ -25,19 +25,19 @@
 #define DEFAULT_PARALLEL 16u
 
 struct probe {
-	struct nbdc_config cfg;       /* export_name NULL: a control connection */
+	struct nbdc_config cfg; /* export_name NULL: a control connection */
 	LoopSet *loops;
-	struct nbdc_tls_ctx *tls;     /* ref, or NULL */
+	struct nbdc_tls_ctx *tls; /* ref, or NULL */
 	char *display;
-	GMutex lock;                  /* everything below */
-	GPtrArray *results;           /* struct nbdc_export *, one per name */
-	guint next;                   /* next name to hand out */
-	guint *tries;                 /* per name */
-	GQueue again;                 /* indexes given back by a dead connection */
+	GMutex lock;	    /* everything below */
+	GPtrArray *results; /* struct nbdc_export *, one per name */
+	guint next;	    /* next name to hand out */
+	guint *tries;	    /* per name */
+	GQueue again;	    /* indexes given back by a dead connection */
 	guint active, parallel;
-	guint learnt;                 /* results received */
+	guint learnt; /* results received */
 	GError *fatal;
-	gboolean unsupported;         /* the server cannot INFO */
+	gboolean unsupported; /* the server cannot INFO */
 	struct completion *done;
 	/* --list */
 	gboolean list_mode, details;
@@ -47,8 +47,8 @@ struct probe {
 /* One control connection's view. */
 struct pconn {
 	struct probe *p;
-	guint asked;                  /* INFOs asked on this connection */
-	gint current;                 /* index in flight, or -1 */
+	guint asked;  /* INFOs asked on this connection */
+	gint current; /* index in flight, or -1 */
 	gboolean progress;
 };
 
@@ -125,8 +125,9 @@ static void probe_result(void *opaque, const char *name, const struct nbdc_expor
 static void start_conn_locked(struct probe *p, GPtrArray *start)
 {
 	struct pconn *pc = g_new0(struct pconn, 1);
-	struct nbdc_hs_goal goal = {.probe_next = probe_next, .probe_result = probe_result,
-				    .opaque = pc};
+	struct nbdc_hs_goal goal = { .probe_next = probe_next,
+				     .probe_result = probe_result,
+				     .opaque = pc };
 
 	pc->p = p;
 	pc->current = -1;
@@ -278,7 +279,7 @@ static void probe_run(struct probe *p, guint first)
 static void start_list_locked(struct probe *p, GPtrArray *start)
 {
 	struct pconn *pc = g_new0(struct pconn, 1);
-	struct nbdc_hs_goal goal = {.list = TRUE, .list_details = p->details, .opaque = pc};
+	struct nbdc_hs_goal goal = { .list = TRUE, .list_details = p->details, .opaque = pc };
 
 	pc->p = p;
 	pc->current = -1;
@@ -358,9 +359,10 @@ GPtrArray *nbdc_probe_exports(const struct nbdc_config *cfg, const char *const *
 		if (!e->has_info && !e->error)
 			e->error = p->unsupported && p->fatal
 					   ? g_error_copy(p->fatal)
-					   : g_error_new(NBDC_ERROR, NBDC_ERROR_UNSUPPORTED,
-							 "%s: export '%s': not described by the server",
-							 p->display, e->name);
+					   : g_error_new(
+						     NBDC_ERROR, NBDC_ERROR_UNSUPPORTED,
+						     "%s: export '%s': not described by the server",
+						     p->display, e->name);
 	}
 	GPtrArray *r = g_steal_pointer(&p->results);
 	probe_free(p);

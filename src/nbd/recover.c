@@ -121,7 +121,8 @@ static void export_run(Nbdc *c, gboolean kicked)
 			c->replay_owed = FALSE;
 		}
 		if (c->nready > 0) {
-			need_replay = c->state == NBDC_EX_RECOVERING && c->replay_owed && c->log_head;
+			need_replay =
+				c->state == NBDC_EX_RECOVERING && c->replay_owed && c->log_head;
 			if (!need_replay) {
 				c->state = NBDC_EX_READY;
 				release = c->parked_head;
@@ -130,14 +131,14 @@ static void export_run(Nbdc *c, gboolean kicked)
 			}
 		} else if (!attempting && c->conns->len == 0) {
 			gboolean keep_trying = c->nparked > 0 || c->throttled_head || c->log_head ||
-					       (c->state == NBDC_EX_RECOVERING && now < c->lost_at + tmo &&
-						c->holds > 0) ||
+					       (c->state == NBDC_EX_RECOVERING &&
+						now < c->lost_at + tmo && c->holds > 0) ||
 					       (c->attempts == 0 && wanted);
 			if (!c->cfg.reconnect && c->attempts > 0)
 				keep_trying = FALSE;
 			if (!keep_trying) {
 				c->state = c->attempts > 0 || c->ever_ready ? NBDC_EX_FAILED
-									     : NBDC_EX_IDLE;
+									    : NBDC_EX_IDLE;
 			} else if (now >= c->next_attempt) {
 				start = nbdc_export_new_conn_locked(c, attempt_loop(c));
 			} else {
@@ -178,7 +179,8 @@ static void export_run(Nbdc *c, gboolean kicked)
 				 c->display, c->conns->len, c->conns->len == 1 ? "" : "s");
 		} else if (!loop_timer_armed(&c->idle_timer)) {
 			loop_timer_start(c->home, &c->idle_timer,
-					 now + (gint64)c->cfg.idle_timeout_ms * 1000, timer_fired, c);
+					 now + (gint64)c->cfg.idle_timeout_ms * 1000, timer_fired,
+					 c);
 		}
 	} else {
 		loop_timer_stop(&c->idle_timer);
@@ -322,8 +324,8 @@ static void close_task(void *opaque)
 	 * fails with -ENOTCONN; idle connections say goodbye (each decides on
 	 * its own loop, so one stuck request does not cost the others their
 	 * NBD_CMD_DISC). */
-	enum nbdc_close_how how = g_atomic_int_get(&c->in_flight) == 0 ? NBDC_CLOSE_GRACEFUL
-									: NBDC_CLOSE_ABANDON;
+	enum nbdc_close_how how =
+		g_atomic_int_get(&c->in_flight) == 0 ? NBDC_CLOSE_GRACEFUL : NBDC_CLOSE_ABANDON;
 	g_mutex_unlock(&c->lock);
 	for (guint i = 0; i < conns->len; i++) {
 		nbdc_conn_close(conns->pdata[i], how);
@@ -380,4 +382,3 @@ void nbdc_export_wait_gone(Nbdc *c)
 	completion_wait_until(w, g_get_monotonic_time() + NBDC_GONE_WAIT_US, NULL);
 	completion_unref(w);
 }
-

@@ -133,4 +133,3 @@ gboolean nbdc_replay_step(Nbdc *c)
 	nbdc_conn_unref(conn);
 	return TRUE;
 }
-

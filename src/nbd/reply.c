@@ -147,7 +147,7 @@ static gboolean cover(struct nbdc_req *req, uint64_t rel, uint64_t n)
 	if (!req->ranges) {
 		req->ranges = g_array_new(FALSE, FALSE, sizeof(uint64_t) * 2);
 		if (req->covered) {
-			uint64_t r0[2] = {0, req->covered};
+			uint64_t r0[2] = { 0, req->covered };
 
 			g_array_append_vals(req->ranges, r0, 1);
 		}
@@ -178,7 +178,7 @@ static gboolean cover(struct nbdc_req *req, uint64_t rel, uint64_t n)
 	} else {
 		if (a->len >= MAX_RANGES)
 			return FALSE;
-		uint64_t nr[2] = {rel, rel + n};
+		uint64_t nr[2] = { rel, rel + n };
 
 		g_array_insert_vals(a, lo, nr, 1);
 	}
@@ -308,7 +308,8 @@ static char *chunk_payload(struct nbdc_conn *conn)
 		uint32_t hl = get_be32(b + 8);
 
 		if (hl == 0 || !nbd_range_inside(off, hl, req->offset, req->len))
-			return VIOLATION("OFFSET_HOLE [%" G_GUINT64_FORMAT "+%u) outside the request",
+			return VIOLATION("OFFSET_HOLE [%" G_GUINT64_FORMAT
+					 "+%u) outside the request",
 					 off, hl);
 		zero_into(req, off - req->offset, hl);
 		if (!cover(req, off - req->offset, hl) ||
@@ -331,8 +332,8 @@ static char *chunk_payload(struct nbdc_conn *conn)
 		set_err(req, e ? -nbdc_errno_from_nbd(e) : -EPROTO);
 		if (conn->cfg->debug && ml)
 			nbdc_log(conn->cfg, NBDC_LOG_DEBUG,
-				 "cookie=%" G_GUINT64_FORMAT " server error %u: %.*s", req->cookie, e,
-				 (int)ml, b + 6);
+				 "cookie=%" G_GUINT64_FORMAT " server error %u: %.*s", req->cookie,
+				 e, (int)ml, b + 6);
 		break;
 	}
 	}
@@ -436,7 +437,8 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 			return DRAINED;
 		if (n <= 0) {
 			*msg = n == 0 || n == -ECONNRESET
-				       ? g_strdup("server closed the connection (reading READ payload)")
+				       ? g_strdup("server closed the connection (reading READ "
+						  "payload)")
 				       : g_strdup_printf("reading READ payload: %s",
 							 g_strerror((int)-n));
 			return -ENOTCONN;
@@ -488,7 +490,8 @@ static int parse(struct nbdc_conn *conn, char **msg)
 			uint64_t dlen = conn->rx_len - 8;
 			conn->rb.pos += 8;
 			if (!nbd_range_inside(off, dlen, req->offset, req->len)) {
-				*msg = VIOLATION("OFFSET_DATA [%" G_GUINT64_FORMAT "+%" G_GUINT64_FORMAT
+				*msg = VIOLATION("OFFSET_DATA [%" G_GUINT64_FORMAT
+						 "+%" G_GUINT64_FORMAT
 						 ") outside the request [%" G_GUINT64_FORMAT "+%u)",
 						 off, dlen, req->offset, req->len);
 				return -EPROTO;
@@ -578,7 +581,7 @@ int nbdc_reply_read(struct nbdc_conn *conn, char **msg)
 				return -ENOTCONN;
 			}
 			*msg = n == -ECONNRESET ? g_strdup("server closed the connection")
-			       : n == -EPROTO   ? g_strdup("TLS: receiving: protocol error")
+			       : n == -EPROTO	? g_strdup("TLS: receiving: protocol error")
 						: g_strdup_printf("reading replies: %s",
 								  g_strerror((int)-n));
 			return n == -EPROTO ? -EPROTO : -ENOTCONN;

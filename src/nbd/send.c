@@ -323,8 +323,8 @@ int nbdc_send_flush(struct nbdc_conn *conn, char **msg)
 	}
 	return 0;
 failed:
-	*msg = g_strdup_printf("sending requests: %s",
-			       n == -EPIPE || n == -ECONNRESET ? "server closed the connection"
+	*msg = g_strdup_printf("sending requests: %s", n == -EPIPE || n == -ECONNRESET
+							       ? "server closed the connection"
 							       : g_strerror((int)-n));
 	return -ENOTCONN;
 }
@@ -343,9 +343,9 @@ int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg
 		gint64 due = conn->inf_head->sent_us + tmo;
 
 		if (due <= now) {
-			*msg = g_strdup_printf("request cookie=%" G_GUINT64_FORMAT
-					       " timed out after %u ms",
-					       conn->inf_head->cookie, conn->cfg->request_timeout_ms);
+			*msg = g_strdup_printf(
+				"request cookie=%" G_GUINT64_FORMAT " timed out after %u ms",
+				conn->inf_head->cookie, conn->cfg->request_timeout_ms);
 			return -ETIMEDOUT;
 		}
 		next = due;
@@ -367,7 +367,7 @@ int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg
 void nbdc_send_disc(struct nbdc_conn *conn)
 {
 	struct nbd_request hdr;
-	struct iovec v = {&hdr, sizeof(hdr)};
+	struct iovec v = { &hdr, sizeof(hdr) };
 
 	nbd_encode_request(&hdr, 0, NBD_CMD_DISC, 0, 0, 0);
 	if (conn->cfg->debug)

@@ -93,7 +93,8 @@ Nbdc *nbdc_open(const struct nbdc_config *cfg, const struct nbdc_export *known, 
 	c->neg.block_pref = known->block_pref;
 	c->neg.block_max = known->block_max;
 	c->neg.name = g_strdup(known->canonical_name ? known->canonical_name
-			       : cfg->export_name ? cfg->export_name : "");
+			       : cfg->export_name    ? cfg->export_name
+						     : "");
 	c->neg.description = g_strdup(known->description ? known->description : "");
 	c->neg.protocol = "newstyle-fixed";
 	c->neg.tls = cfg->tls;
@@ -160,7 +161,8 @@ static gboolean export_connect(Nbdc *c, GError **error)
 		c->sync_wait = completion_new();
 		w = c->sync_wait;
 		for (guint i = 0; i < extra; i++)
-			g_ptr_array_add(more, nbdc_export_new_conn_locked(c, loop_set_pick(c->loops)));
+			g_ptr_array_add(more,
+					nbdc_export_new_conn_locked(c, loop_set_pick(c->loops)));
 	}
 	g_mutex_unlock(&c->lock);
 	for (guint i = 0; i < more->len; i++) {
@@ -230,7 +232,7 @@ static int wait_result(struct completion *w, int r)
 
 int nbdc_pread(Nbdc *c, void *buf, size_t count, uint64_t offset, uint32_t flags)
 {
-	struct iovec v = {buf, count};
+	struct iovec v = { buf, count };
 	struct completion *w = completion_new();
 
 	return wait_result(w, nbdc_aio_preadv(c, &v, 1, offset, flags, completion_done, w));
@@ -238,7 +240,7 @@ int nbdc_pread(Nbdc *c, void *buf, size_t count, uint64_t offset, uint32_t flags
 
 int nbdc_pwrite(Nbdc *c, const void *buf, size_t count, uint64_t offset, uint32_t flags)
 {
-	struct iovec v = {(void *)buf, count};
+	struct iovec v = { (void *)buf, count };
 	struct completion *w = completion_new();
 
 	return wait_result(w, nbdc_aio_pwritev(c, &v, 1, offset, flags, completion_done, w));
@@ -291,8 +293,8 @@ static void sync_bs_done(void *opaque, int err)
 int nbdc_block_status(Nbdc *c, uint64_t count, uint64_t offset, uint32_t flags,
 		      nbdc_extent_fn extent, void *opaque)
 {
-	struct sync_bs b = {extent, opaque, completion_new()};
+	struct sync_bs b = { extent, opaque, completion_new() };
 
-	return wait_result(b.w, nbdc_aio_block_status(c, count, offset, flags, sync_extent,
-						      sync_bs_done, &b));
+	return wait_result(
+		b.w, nbdc_aio_block_status(c, count, offset, flags, sync_extent, sync_bs_done, &b));
 }

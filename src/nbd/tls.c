@@ -75,9 +75,9 @@ static gboolean setup_x509(struct nbdc_tls_ctx *ctx, const struct nbdc_config *c
 		g_autofree char *ca = g_build_filename(cfg->tls_certificates, "ca-cert.pem", NULL);
 		g_autofree char *crl = g_build_filename(cfg->tls_certificates, "ca-crl.pem", NULL);
 		g_autofree char *cert =
-		    g_build_filename(cfg->tls_certificates, "client-cert.pem", NULL);
+			g_build_filename(cfg->tls_certificates, "client-cert.pem", NULL);
 		g_autofree char *key =
-		    g_build_filename(cfg->tls_certificates, "client-key.pem", NULL);
+			g_build_filename(cfg->tls_certificates, "client-key.pem", NULL);
 
 		if (g_file_test(ca, G_FILE_TEST_EXISTS)) {
 			r = gnutls_certificate_set_x509_trust_file(ctx->x509, ca,
@@ -113,7 +113,7 @@ static gboolean setup_psk(struct nbdc_tls_ctx *ctx, const struct nbdc_config *cf
 
 	if (!key)
 		return FALSE;
-	gnutls_datum_t k = {.data = (unsigned char *)key, .size = (unsigned)strlen(key)};
+	gnutls_datum_t k = { .data = (unsigned char *)key, .size = (unsigned)strlen(key) };
 	int r = gnutls_psk_allocate_client_credentials(&ctx->psk);
 	if (r < 0)
 		ctx->psk = NULL;
@@ -189,8 +189,7 @@ static int session_setup(gnutls_session_t s, const struct nbdc_tls_ctx *ctx, con
 	return 0;
 }
 
-gnutls_session_t nbdc_tls_session_new(struct nbdc_tls_ctx *ctx, const char *display,
-				      GError **error)
+gnutls_session_t nbdc_tls_session_new(struct nbdc_tls_ctx *ctx, const char *display, GError **error)
 {
 	gnutls_session_t s;
 	const char *what = "init";
@@ -219,7 +218,7 @@ int nbdc_tls_handshake_step(gnutls_session_t s, const char *display, GError **er
 	if (!gnutls_error_is_fatal(r))
 		return 0;
 	if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
-		gnutls_datum_t out = {0};
+		gnutls_datum_t out = { 0 };
 		unsigned status = gnutls_session_get_verify_cert_status(s);
 
 		if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out,

@@ -54,8 +54,8 @@ static ssize_t raw_io(struct nbdc_transport *t, gboolean sending, const struct i
 		ssize_t n;
 
 		if (t->is_socket) {
-			struct msghdr m = {.msg_iov = (struct iovec *)iov,
-					   .msg_iovlen = (size_t)iovcnt};
+			struct msghdr m = { .msg_iov = (struct iovec *)iov,
+					    .msg_iovlen = (size_t)iovcnt };
 
 			n = sending ? sendmsg(t->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL)
 				    : recvmsg(t->fd, &m, MSG_DONTWAIT);
@@ -76,7 +76,7 @@ static ssize_t raw_io(struct nbdc_transport *t, gboolean sending, const struct i
 static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
 {
 	struct nbdc_transport *t = ptr;
-	struct iovec v = {buf, len};
+	struct iovec v = { buf, len };
 	ssize_t n = raw_io(t, FALSE, &v, 1);
 
 	if (n < 0) {
@@ -90,7 +90,7 @@ static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
 static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
 {
 	struct nbdc_transport *t = ptr;
-	struct iovec v = {(void *)buf, len};
+	struct iovec v = { (void *)buf, len };
 	ssize_t n = raw_io(t, TRUE, &v, 1);
 
 	if (n < 0) {
@@ -114,8 +114,8 @@ static ssize_t tls_pushv(gnutls_transport_ptr_t ptr, const giovec_t *iov, int io
 	return n;
 }
 
-gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx,
-			   const char *display, GError **error)
+gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,
+			   GError **error)
 {
 	if (t->tls) {
 		g_set_error(error, NBDC_ERROR, NBDC_ERROR_HANDSHAKE,
@@ -173,7 +173,7 @@ static ssize_t tls_result(struct nbdc_transport *t, ssize_t r, gboolean reading)
 ssize_t nbdc_tr_recv(struct nbdc_transport *t, void *buf, size_t len)
 {
 	if (!t->tls) {
-		struct iovec v = {buf, len};
+		struct iovec v = { buf, len };
 
 		return raw_io(t, FALSE, &v, 1);
 	}

@@ -20,11 +20,11 @@
 
 struct nbdc_transport {
 	int fd;
-	gboolean is_socket;          /* FALSE: a pipe in tests (readv/writev) */
-	gnutls_session_t tls;        /* NULL while plaintext */
-	struct nbdc_tls_ctx *ctx;    /* ref while tls */
-	gboolean tls_flush_pending;  /* encrypted bytes wait for the socket */
-	int rd_errno, wr_errno;      /* errno seen by the gnutls pull/push functions */
+	gboolean is_socket;	    /* FALSE: a pipe in tests (readv/writev) */
+	gnutls_session_t tls;	    /* NULL while plaintext */
+	struct nbdc_tls_ctx *ctx;   /* ref while tls */
+	gboolean tls_flush_pending; /* encrypted bytes wait for the socket */
+	int rd_errno, wr_errno;	    /* errno seen by the gnutls pull/push functions */
 };
 
 /* Wraps a connected (or connecting) fd, made non-blocking.  Takes the fd. */
@@ -50,8 +50,8 @@ void nbdc_tr_shutdown(struct nbdc_transport *t, int how);
 /* Starts a client session on @t with @ctx's credentials (after STARTTLS was
  * acknowledged); @t keeps a reference to @ctx.  FALSE + GError
  * (NBDC_ERROR_TLS, or NBDC_ERROR_HANDSHAKE when TLS is already on). */
-gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx,
-			   const char *display, GError **error);
+gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,
+			   GError **error);
 /* One step of the TLS handshake: 1 done, 0 in progress (wait for what
  * nbdc_tr_tls_wants_write() says), -1 failed (@error set). */
 int nbdc_tr_tls_handshake(struct nbdc_transport *t, const char *display, GError **error);

@@ -182,7 +182,7 @@ static gboolean parse_query(struct nbdc_uri *u, const char *q, const char *uri, 
 			continue;
 		char *eq = strchr(*p, '=');
 		g_autofree char *key =
-		    pct_decode(*p, eq ? (size_t)(eq - *p) : strlen(*p), uri, "query", error);
+			pct_decode(*p, eq ? (size_t)(eq - *p) : strlen(*p), uri, "query", error);
 		if (!key)
 			return FALSE;
 		if (!eq)
@@ -328,7 +328,7 @@ char *nbdc_uri_to_display(const struct nbdc_uri *u)
 {
 	GString *s = g_string_new(u->tls ? "nbds" : "nbd");
 	g_autofree char *exp =
-	    g_uri_escape_string(u->export_name ? u->export_name : "", "/:@!$'()*+,;=", FALSE);
+		g_uri_escape_string(u->export_name ? u->export_name : "", "/:@!$'()*+,;=", FALSE);
 
 	if (u->unix_socket) {
 		g_autofree char *sock = g_uri_escape_string(u->socket_path ? u->socket_path : "",

@@ -232,7 +232,7 @@ static void gpt_add_entries(struct part_reader *r, const struct gpt_loaded *g)
 gboolean part_gpt_read(struct part_reader *r, const uint8_t *sector0, GError **error)
 {
 	struct mbr_sector mbr;
-	struct gpt_loaded primary = {0}, backup = {0};
+	struct gpt_loaded primary = { 0 }, backup = { 0 };
 	g_autofree char *why_primary = NULL;
 	g_autofree char *why_backup = NULL;
 	const struct gpt_loaded *use;

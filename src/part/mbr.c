@@ -41,8 +41,8 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 	const uint64_t ext_end = ext_start + ext_sectors;
 	g_autofree uint8_t *buf = g_malloc(r->sector_size);
 	g_autofree char *container =
-	    g_strdup_printf("the extended partition %u (sectors %" PRIu64 "..%" PRIu64 ")", slot,
-			    ext_start, ext_end - 1);
+		g_strdup_printf("the extended partition %u (sectors %" PRIu64 "..%" PRIu64 ")",
+				slot, ext_start, ext_end - 1);
 	uint64_t ebr = ext_start;
 
 	for (guint link = 1;; link++) {
@@ -61,8 +61,8 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 		if (s.signature[0] != MBR_SIG0 || s.signature[1] != MBR_SIG1) {
 			/* An extended partition with no logicals may start with a
 			 * blank sector: that is an empty chain, not damage. */
-			gboolean blank =
-			    link == 1 && buf[0] == 0 && memcmp(buf, buf + 1, sizeof(s) - 1) == 0;
+			gboolean blank = link == 1 && buf[0] == 0 &&
+					 memcmp(buf, buf + 1, sizeof(s) - 1) == 0;
 
 			if (!blank)
 				part_warn(r,
@@ -79,7 +79,8 @@ static gboolean follow_ebr_chain(struct part_reader *r, guint slot, uint64_t ext
 		if (e->type != 0 && count != 0 && !mbr_type_is_extended(e->type)) {
 			guint number = (*next_number)++;
 			g_autofree char *what = g_strdup_printf(
-			    "MBR partition %u (logical, EBR at sector %" PRIu64 ")", number, ebr);
+				"MBR partition %u (logical, EBR at sector %" PRIu64 ")", number,
+				ebr);
 
 			lba = ebr + rel;
 			if (rel == 0)
@@ -141,7 +142,7 @@ gboolean part_mbr_read(struct part_reader *r, const uint8_t *sector0, GError **e
 		uint64_t count = get_le32(e->sectors_le);
 		gboolean extended = mbr_type_is_extended(e->type);
 		g_autofree char *what =
-		    g_strdup_printf("MBR partition %u%s", i + 1, extended ? " (extended)" : "");
+			g_strdup_printf("MBR partition %u%s", i + 1, extended ? " (extended)" : "");
 
 		if (e->type == 0 || count == 0)
 			continue; /* an empty slot; its number stays unused */

@@ -73,7 +73,7 @@ static gboolean fat_boot_sector(const uint8_t *s, const struct mbr_sector *mbr)
 struct part_table *part_table_read(Blockdev *dev, GError **error)
 {
 	struct blockdev_info info;
-	struct part_reader r = {.dev = dev};
+	struct part_reader r = { .dev = dev };
 	g_autoptr(PartTable) table = NULL;
 	g_autofree uint8_t *sector0 = NULL;
 	struct mbr_sector mbr;

@@ -29,7 +29,7 @@
 #include "outstanding.h"
 #include "stress.h"
 
-#define MAX_BUFFER (256u << 20)   /* largest read/write buffer we allocate */
+#define MAX_BUFFER (256u << 20) /* largest read/write buffer we allocate */
 
 static struct {
 	gint connections;
@@ -57,19 +57,26 @@ static struct {
 } opt = { .timeout_ms = -1, .handshake_timeout_ms = -1, .reconnect_ms = -1 };
 
 static GOptionEntry entries[] = {
-	{ "connections", 0, 0, G_OPTION_ARG_INT, &opt.connections, "Connections (multi-conn)", "N" },
+	{ "connections", 0, 0, G_OPTION_ARG_INT, &opt.connections, "Connections (multi-conn)",
+	  "N" },
 	{ "tls-psk", 0, 0, G_OPTION_ARG_FILENAME, &opt.tls_psk, "PSK key file", "FILE" },
-	{ "tls-certificates", 0, 0, G_OPTION_ARG_FILENAME, &opt.tls_certificates, "X.509 dir", "DIR" },
+	{ "tls-certificates", 0, 0, G_OPTION_ARG_FILENAME, &opt.tls_certificates, "X.509 dir",
+	  "DIR" },
 	{ "tls-username", 0, 0, G_OPTION_ARG_STRING, &opt.tls_username, "PSK identity", "NAME" },
 	{ "tls-hostname", 0, 0, G_OPTION_ARG_STRING, &opt.tls_hostname, "TLS peer name", "NAME" },
-	{ "no-verify", 0, 0, G_OPTION_ARG_NONE, &opt.no_verify, "Do not verify the TLS peer", NULL },
+	{ "no-verify", 0, 0, G_OPTION_ARG_NONE, &opt.no_verify, "Do not verify the TLS peer",
+	  NULL },
 	{ "timeout-ms", 0, 0, G_OPTION_ARG_INT, &opt.timeout_ms, "Request timeout", "MS" },
-	{ "handshake-timeout-ms", 0, 0, G_OPTION_ARG_INT, &opt.handshake_timeout_ms, "Handshake timeout", "MS" },
+	{ "handshake-timeout-ms", 0, 0, G_OPTION_ARG_INT, &opt.handshake_timeout_ms,
+	  "Handshake timeout", "MS" },
 	{ "no-sr", 0, 0, G_OPTION_ARG_NONE, &opt.no_sr, "Do not ask for structured replies", NULL },
-	{ "no-block-status", 0, 0, G_OPTION_ARG_NONE, &opt.no_block_status, "Do not ask for base:allocation", NULL },
-	{ "details", 0, 0, G_OPTION_ARG_NONE, &opt.details, "list: ask NBD_OPT_INFO per export", NULL },
+	{ "no-block-status", 0, 0, G_OPTION_ARG_NONE, &opt.no_block_status,
+	  "Do not ask for base:allocation", NULL },
+	{ "details", 0, 0, G_OPTION_ARG_NONE, &opt.details, "list: ask NBD_OPT_INFO per export",
+	  NULL },
 	{ "hex", 0, 0, G_OPTION_ARG_NONE, &opt.hex, "read: print hex instead of raw bytes", NULL },
-	{ "keep-going", 'k', 0, G_OPTION_ARG_NONE, &opt.keep_going, "Run later commands after an error", NULL },
+	{ "keep-going", 'k', 0, G_OPTION_ARG_NONE, &opt.keep_going,
+	  "Run later commands after an error", NULL },
 	{ "fua", 0, 0, G_OPTION_ARG_NONE, &opt.fua, "write/trim/zero with FUA", NULL },
 	{ "fast-zero", 0, 0, G_OPTION_ARG_NONE, &opt.fast_zero, "zero with FAST_ZERO", NULL },
 	{ "debug", 0, 0, G_OPTION_ARG_NONE, &opt.debug, "Core debug log", NULL },
@@ -99,18 +106,30 @@ struct ctx {
 static const char *kind_name(int code)
 {
 	switch (code) {
-	case NBDC_ERROR_URI: return "URI";
-	case NBDC_ERROR_CONNECT: return "CONNECT";
-	case NBDC_ERROR_HANDSHAKE: return "HANDSHAKE";
-	case NBDC_ERROR_TLS: return "TLS";
-	case NBDC_ERROR_TLS_REQUIRED: return "TLS_REQUIRED";
-	case NBDC_ERROR_NO_EXPORT: return "NO_EXPORT";
-	case NBDC_ERROR_POLICY: return "POLICY";
-	case NBDC_ERROR_UNSUPPORTED: return "UNSUPPORTED";
-	case NBDC_ERROR_SERVER: return "SERVER";
-	case NBDC_ERROR_TIMEOUT: return "TIMEOUT";
-	case NBDC_ERROR_INVALID: return "INVALID";
-	default: return "UNKNOWN";
+	case NBDC_ERROR_URI:
+		return "URI";
+	case NBDC_ERROR_CONNECT:
+		return "CONNECT";
+	case NBDC_ERROR_HANDSHAKE:
+		return "HANDSHAKE";
+	case NBDC_ERROR_TLS:
+		return "TLS";
+	case NBDC_ERROR_TLS_REQUIRED:
+		return "TLS_REQUIRED";
+	case NBDC_ERROR_NO_EXPORT:
+		return "NO_EXPORT";
+	case NBDC_ERROR_POLICY:
+		return "POLICY";
+	case NBDC_ERROR_UNSUPPORTED:
+		return "UNSUPPORTED";
+	case NBDC_ERROR_SERVER:
+		return "SERVER";
+	case NBDC_ERROR_TIMEOUT:
+		return "TIMEOUT";
+	case NBDC_ERROR_INVALID:
+		return "INVALID";
+	default:
+		return "UNKNOWN";
 	}
 }
 
@@ -119,7 +138,8 @@ static void print_gerror(const char *what, const GError *err)
 	if (err && err->domain == NBDC_ERROR)
 		fprintf(stderr, "nbdc-cli: %s: %s: %s\n", what, kind_name(err->code), err->message);
 	else
-		fprintf(stderr, "nbdc-cli: %s: OTHER: %s\n", what, err ? err->message : "(no GError)");
+		fprintf(stderr, "nbdc-cli: %s: OTHER: %s\n", what,
+			err ? err->message : "(no GError)");
 }
 
 /* Parses a byte count or offset: decimal or 0x hex, optional k/K, M, G suffix. */
@@ -229,14 +249,16 @@ static int cmd_list(struct ctx *x, char **a)
 	for (guint n = 0; n < list->len; n++) {
 		const struct nbdc_export *e = g_ptr_array_index(list, n);
 		g_autofree char *name = g_strescape(e->name ? e->name : "(null)", NULL);
-		g_autofree char *desc = g_strescape(e->description ? e->description : "(null)", NULL);
+		g_autofree char *desc =
+			g_strescape(e->description ? e->description : "(null)", NULL);
 
 		printf("%s\t%s", name, desc);
 		if (opt.details) {
 			if (e->has_info)
 				printf("\tsize=%" PRIu64 " eflags=0x%04x read_only=%d block_min=%u"
-				       " block_pref=%u block_max=%u", e->size, e->eflags,
-				       !!e->read_only, e->block_min, e->block_pref, e->block_max);
+				       " block_pref=%u block_max=%u",
+				       e->size, e->eflags, !!e->read_only, e->block_min,
+				       e->block_pref, e->block_max);
 			else
 				printf("\tnoinfo");
 		}
@@ -305,7 +327,8 @@ static int cmd_write(struct ctx *x, char **a)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
-			fprintf(stderr, "nbdc-cli: write: stdin gave %" PRIu64 " of %" PRIu64 " bytes\n",
+			fprintf(stderr,
+				"nbdc-cli: write: stdin gave %" PRIu64 " of %" PRIu64 " bytes\n",
 				got, len);
 			return 1;
 		}
@@ -366,7 +389,7 @@ static int cmd_zero(struct ctx *x, char **a)
 }
 
 struct extent_list {
-	GArray *a;   /* of uint64_t triples */
+	GArray *a; /* of uint64_t triples */
 	gboolean bad_order;
 	uint64_t next;
 };
@@ -415,7 +438,7 @@ static int aio_block_status(Nbdc *c, uint64_t count, uint64_t offset, struct ext
 		if (!completion_wait_until(w.done, deadline, &err)) {
 			fprintf(stderr, "nbdc-cli: aio-extents: request never completed\n");
 			fflush(stderr);
-			_exit(3);   /* the callback still references our stack */
+			_exit(3); /* the callback still references our stack */
 		}
 		r = (int)err;
 	} else {
@@ -446,7 +469,8 @@ static int do_extents(struct ctx *x, char **a, gboolean aio)
 			r = aio_block_status(c, off + len - pos, pos, &l);
 		else
 			r = nbdc_block_status(c, off + len - pos, pos,
-					      opt.req_one ? NBDC_CMD_FLAG_REQ_ONE : 0, extent_cb, &l);
+					      opt.req_one ? NBDC_CMD_FLAG_REQ_ONE : 0, extent_cb,
+					      &l);
 		if (r < 0) {
 			g_array_unref(l.a);
 			return io_fail(name, pos, off + len - pos, r);
@@ -505,9 +529,10 @@ static int cmd_verify_pattern(struct ctx *x, char **a)
 			return io_fail("verify-pattern", off + done, n, r);
 		for (uint64_t i = 0; i < n; i++) {
 			if (buf[i] != pattern_byte(off + done + i)) {
-				fprintf(stderr, "nbdc-cli: verify-pattern: mismatch at %" PRIu64
-					": got 0x%02x, want 0x%02x\n", off + done + i, buf[i],
-					pattern_byte(off + done + i));
+				fprintf(stderr,
+					"nbdc-cli: verify-pattern: mismatch at %" PRIu64
+					": got 0x%02x, want 0x%02x\n",
+					off + done + i, buf[i], pattern_byte(off + done + i));
 				return 1;
 			}
 		}
@@ -570,8 +595,10 @@ static int cmd_expect(struct ctx *x, char **a)
 			return io_fail("expect", off + done, n, r);
 		for (uint64_t i = 0; i < n; i++) {
 			if (buf[i] != b) {
-				fprintf(stderr, "nbdc-cli: expect: byte at %" PRIu64
-					" is 0x%02x, want 0x%02x\n", off + done + i, buf[i], b);
+				fprintf(stderr,
+					"nbdc-cli: expect: byte at %" PRIu64
+					" is 0x%02x, want 0x%02x\n",
+					off + done + i, buf[i], b);
 				return 1;
 			}
 		}
@@ -613,14 +640,14 @@ static int cmd_disconnect(struct ctx *x, char **a)
 struct aread {
 	uint64_t off;
 	uint8_t *buf;
-	struct iovec iov;   /* must stay valid until the completion */
+	struct iovec iov; /* must stay valid until the completion */
 	int err;
 	struct completion *done; /* NULL until submitted */
 };
 
 struct aread_set {
 	GMutex lock;
-	GPtrArray *order;   /* struct aread * in completion order, under @lock */
+	GPtrArray *order; /* struct aread * in completion order, under @lock */
 	guint64 len;
 };
 
@@ -708,9 +735,10 @@ static int cmd_aio_reads(struct ctx *x, char **a, int *consumed)
 
 			for (uint64_t k = 0; k < n && rs[k].done; k++)
 				pending += !completion_is_done(rs[k].done);
-			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n", pending);
+			fprintf(stderr, "nbdc-cli: aio-reads: %u requests never completed\n",
+				pending);
 			fflush(stderr);
-			_exit(3);   /* callbacks still reference our stack: cannot return */
+			_exit(3); /* callbacks still reference our stack: cannot return */
 		}
 	}
 	for (guint i = 0; i < s.order->len; i++) {
@@ -749,7 +777,6 @@ static int cmd_stress(struct ctx *x, char **a)
 	return stress_run(c, nthreads, nops, seed,
 			  opt.stress_max_len > 0 ? (uint32_t)opt.stress_max_len : 0);
 }
-
 
 /* ---- outstanding requests (outstanding.c) -------------------------------- */
 
@@ -887,7 +914,8 @@ static int run_commands(struct ctx *x, char **argv, int argc, gboolean in_repl)
 				return 1;
 			}
 			if (cmd->nargs > argc - i - 1) {
-				fprintf(stderr, "nbdc-cli: %s needs %d arguments\n", name, cmd->nargs);
+				fprintf(stderr, "nbdc-cli: %s needs %d arguments\n", name,
+					cmd->nargs);
 				return 1;
 			}
 			r = cmd->fn(x, argv + i + 1);
@@ -911,11 +939,14 @@ int main(int argc, char **argv)
 	int status;
 
 	g_option_context_add_main_entries(oc, entries, NULL);
-	g_option_context_set_summary(oc,
-		"Commands: info | list [--details] | read OFF LEN | write OFF LEN (<data) | flush |\n"
+	g_option_context_set_summary(
+		oc,
+		"Commands: info | list [--details] | read OFF LEN | write OFF LEN (<data) | flush "
+		"|\n"
 		"  trim OFF LEN | zero OFF LEN | [aio-]extents OFF LEN | verify-pattern OFF LEN |\n"
 		"  fill OFF LEN BYTE | expect OFF LEN BYTE | alive | disconnect |\n"
-		"  aio-reads LEN N OFF... | stress THREADS OPS SEED | repl (commands from stdin) |\n"
+		"  aio-reads LEN N OFF... | stress THREADS OPS SEED | repl (commands from stdin) "
+		"|\n"
 		"  aio-bg read|write|flush|trim|zero OFF LEN | abandon | abandon-on-loop |\n"
 		"  disconnect-bg | aio-wait MS");
 	if (!g_option_context_parse(oc, &argc, &argv, &err)) {

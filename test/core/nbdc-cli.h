@@ -9,7 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define CHUNK (1u << 20)          /* verify/fill/expect work in these steps */
+#define CHUNK (1u << 20) /* verify/fill/expect work in these steps */
 #define WATCHDOG_US (120 * G_USEC_PER_SEC)
 
 /* "EIO" for 5 or -5 (a static per-thread buffer for unknown numbers). */

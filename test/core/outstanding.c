@@ -24,8 +24,8 @@ struct bg_req {
 	struct completion *done; /* the callback drops one reference */
 };
 
-static GPtrArray *reqs;        /* struct bg_req *, never freed */
-static gint64 given_up_us;     /* when the abandon was called; 0 = not yet */
+static GPtrArray *reqs;	   /* struct bg_req *, never freed */
+static gint64 given_up_us; /* when the abandon was called; 0 = not yet */
 static GThread *disconnector;
 static gint64 disconnected_us; /* when nbdc_disconnect returned */
 
@@ -104,8 +104,8 @@ int outstanding_abandon(Nbdc *c, gboolean on_loop)
 	}
 	/* A read of nothing completes on a loop without the server. */
 	static char none[1];
-	struct iovec v = {none, 0};
-	struct loop_abandon a = {.c = c, .done = completion_new()};
+	struct iovec v = { none, 0 };
+	struct loop_abandon a = { .c = c, .done = completion_new() };
 	int s = nbdc_aio_preadv(c, &v, 1, 0, 0, abandon_from_callback, &a);
 
 	if (s < 0) {
@@ -192,8 +192,8 @@ int outstanding_check(void)
 		gint n = g_atomic_int_get(&r->calls);
 
 		if (n != 1) {
-			fprintf(stderr, "nbdc-cli: %s %" PRIu64 ": callback ran %d times\n", r->kind,
-				r->off, n);
+			fprintf(stderr, "nbdc-cli: %s %" PRIu64 ": callback ran %d times\n",
+				r->kind, r->off, n);
 			status = 4;
 		}
 	}

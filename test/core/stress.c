@@ -23,14 +23,14 @@
 #include "nbdfs/loop.h"
 
 #define REGION (64u << 10)
-#define STRESS_MAX_LEN (32u << 10)   /* default; --stress-max-len */
+#define STRESS_MAX_LEN (32u << 10) /* default; --stress-max-len */
 #define BATCH 4
 
 enum { OP_READ, OP_WRITE, OP_ZERO };
 
 struct stress {
 	Nbdc *c;
-	uint64_t size;      /* the part of the export we use (whole units) */
+	uint64_t size; /* the part of the export we use (whole units) */
 	uint32_t unit;
 	uint8_t *model;
 	GMutex *locks;
@@ -123,7 +123,8 @@ static void make_iov(struct sop *op, GRand *rnd)
 	}
 	{
 		uint32_t cut1 = g_rand_int_range(rnd, 1, op->len - 1);
-		uint32_t cut2 = op->iovcnt == 3 ? (uint32_t)g_rand_int_range(rnd, cut1 + 1, op->len) : op->len;
+		uint32_t cut2 = op->iovcnt == 3 ? (uint32_t)g_rand_int_range(rnd, cut1 + 1, op->len)
+						: op->len;
 
 		op->iov[0].iov_base = op->buf;
 		op->iov[0].iov_len = cut1;
@@ -190,8 +191,10 @@ static void stress_check(struct stress *st, struct sop *op)
 			while (i < op->len && op->buf[i] == st->model[op->off + i])
 				i++;
 			g_atomic_int_inc(&st->mismatches);
-			stress_fail(st, "%s read %" PRIu64 "+%u: data differs from the model at %"
-				    PRIu64, op->sync ? "sync" : "async", op->off, op->len, op->off + i);
+			stress_fail(st,
+				    "%s read %" PRIu64
+				    "+%u: data differs from the model at %" PRIu64,
+				    op->sync ? "sync" : "async", op->off, op->len, op->off + i);
 		}
 		break;
 	case OP_WRITE:
@@ -265,7 +268,10 @@ static gpointer stress_thread(gpointer data)
 			struct sop *op = &ops[i];
 			guint p = g_rand_int_range(rnd, 0, 100);
 
-			op->kind = !st->writable ? OP_READ : p < 45 ? OP_READ : p < 92 ? OP_WRITE : OP_ZERO;
+			op->kind = !st->writable ? OP_READ
+				   : p < 45	 ? OP_READ
+				   : p < 92	 ? OP_WRITE
+						 : OP_ZERO;
 			op->sync = g_rand_int_range(rnd, 0, 100) < 20;
 			op->buf = g_malloc(op->len);
 			if (op->kind == OP_WRITE)
@@ -305,7 +311,7 @@ static gpointer stress_thread(gpointer data)
 				fprintf(stderr, "nbdc-cli: stress: %d requests never completed\n",
 					pending);
 				fflush(stderr);
-				_exit(3);   /* callbacks still reference our stack */
+				_exit(3); /* callbacks still reference our stack */
 			}
 		}
 		for (int i = 0; i < nops; i++) {
@@ -361,7 +367,8 @@ int stress_run(Nbdc *c, uint64_t nthreads, uint64_t nops, uint64_t seed, uint32_
 	}
 	st.size = info.size / st.unit * st.unit;
 	if (st.size == 0 || st.size > (64u << 20)) {
-		fprintf(stderr, "nbdc-cli: stress: export size %" PRIu64 " unsuitable\n", info.size);
+		fprintf(stderr, "nbdc-cli: stress: export size %" PRIu64 " unsuitable\n",
+			info.size);
 		return 1;
 	}
 	st.writable = info.read_write;
@@ -409,7 +416,8 @@ int stress_run(Nbdc *c, uint64_t nthreads, uint64_t nops, uint64_t seed, uint32_
 	}
 	printf("stress threads=%" PRIu64 " reads=%" G_GINT64_FORMAT " writes=%" G_GINT64_FORMAT
 	       " zeroes=%" G_GINT64_FORMAT " sync=%" G_GINT64_FORMAT " flushes=%" G_GINT64_FORMAT
-	       " bytes=%" G_GINT64_FORMAT " failures=%d mismatches=%d reentrant=%d double_done=%d\n",
+	       " bytes=%" G_GINT64_FORMAT
+	       " failures=%d mismatches=%d reentrant=%d double_done=%d\n",
 	       nthreads, st.nreads, st.nwrites, st.nzeroes, st.nsync, st.nflush, st.bytes,
 	       st.failures, st.mismatches, st.reentrant, st.double_done);
 	fflush(stdout);

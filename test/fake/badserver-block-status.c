@@ -8,7 +8,7 @@
 /* The async API shares one opaque between the extent and done callbacks. */
 typedef struct {
 	struct completion *done; /* the done callback's reference */
-	GArray *ext;             /* borrowed */
+	GArray *ext;		 /* borrowed */
 } BsWait;
 
 static void bs_extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -127,8 +127,8 @@ static void test_b1_ext_type(void)
 	fake_msg_u32(p, 1);
 	fake_msg_u64(p, 8192);
 	fake_msg_u64(p, 0);
-	bs_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_BLOCK_STATUS_EXT, p), NULL, 8192, 0,
-		  0, -EPROTO, EITHER, ext);
+	bs_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_BLOCK_STATUS_EXT, p), NULL, 8192,
+		  0, 0, -EPROTO, EITHER, ext);
 }
 
 static void test_b2_unknown_context(void)
@@ -171,8 +171,8 @@ static void test_b4_past_export_end(void)
 	static const uint32_t e[] = { 65536, 1 };
 	g_autoptr(GArray) ext = g_array_new(FALSE, FALSE, sizeof(Extent));
 
-	bs_expect(fake_chunk_block_status(0, FAKE_CHUNK_FLAG_DONE, 7, e, 1), NULL, 4096,
-		  MiB - 4096, 0, 0, ALIVE, ext);
+	bs_expect(fake_chunk_block_status(0, FAKE_CHUNK_FLAG_DONE, 7, e, 1), NULL, 4096, MiB - 4096,
+		  0, 0, ALIVE, ext);
 	g_assert_cmpuint(ext->len, ==, 1);
 	assert_extent(ext, 0, MiB - 4096, 4096, NBDC_STATE_HOLE);
 }

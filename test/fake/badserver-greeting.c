@@ -262,8 +262,8 @@ static void block_sizes_ignored(uint32_t min, uint32_t pref, uint32_t max)
 	fake_negotiate(t.fs, &t.e, 0, 0);
 	ctx_connect(&t);
 	nbdc_get_info(t.c, &info);
-	note("advertised %u/%u/%u, got %u/%u/%u", min, pref, max, info.block_min,
-	     info.block_pref, info.block_max);
+	note("advertised %u/%u/%u, got %u/%u/%u", min, pref, max, info.block_min, info.block_pref,
+	     info.block_max);
 	g_assert_cmpuint(info.block_min, ==, 0);
 	g_assert_cmpuint(info.block_pref, ==, 0);
 	g_assert_cmpuint(info.block_max, ==, 0);

@@ -245,8 +245,8 @@ static void test_h18_meta_context_unrequested(void)
 
 	ctx_init(&t);
 	fake_negotiate(t.fs, &t.e, FAKE_OPT_SET_META_CONTEXT, 1);
-	fake_send(t.fs, fake_rep_meta_context(FAKE_OPT_SET_META_CONTEXT, 9,
-					      "qemu:dirty-bitmap:bitmap0"));
+	fake_send(t.fs,
+		  fake_rep_meta_context(FAKE_OPT_SET_META_CONTEXT, 9, "qemu:dirty-bitmap:bitmap0"));
 	fake_send(t.fs, fake_rep_ack(FAKE_OPT_SET_META_CONTEXT));
 	rest = t.e;
 	rest.greeting = FALSE;
@@ -311,8 +311,7 @@ static void test_h16_endless_list(void)
 	t.cfg.handshake_timeout_ms = 20000;
 	fake_server_set_timeout(t.fs, 20000);
 	fake_negotiate(t.fs, &t.e, FAKE_OPT_LIST, 1);
-	fake_send_repeat(t.fs, fake_rep_server("export-with-a-name", "and a description"),
-			 4000000);
+	fake_send_repeat(t.fs, fake_rep_server("export-with-a-name", "and a description"), 4000000);
 	ctx_list_fails(&t, NBDC_ERROR_HANDSHAKE);
 	ctx_end(&t);
 }

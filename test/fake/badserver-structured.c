@@ -90,8 +90,8 @@ static void test_s4_overlapping_data(void)
 
 static void test_s4_duplicate_data(void)
 {
-	read_expect(fake_chunk_data(0, 0, 0, 4096), fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096),
-		    -EPROTO, EITHER);
+	read_expect(fake_chunk_data(0, 0, 0, 4096),
+		    fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096), -EPROTO, EITHER);
 }
 
 static void test_s5_gap(void)
@@ -139,7 +139,8 @@ static void test_s8_error_too_short(void)
 	FakeMsg *p = fake_msg_new();
 
 	fake_msg_u32(p, FAKE_EIO);
-	read_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_ERROR, p), NULL, -EPROTO, EITHER);
+	read_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_ERROR, p), NULL, -EPROTO,
+		    EITHER);
 }
 
 static void test_s8_error_msglen_too_big(void)
@@ -149,7 +150,8 @@ static void test_s8_error_msglen_too_big(void)
 	fake_msg_u32(p, FAKE_EIO);
 	fake_msg_u16(p, 100);
 	fake_msg_bytes(p, "ten bytes!", 10);
-	read_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_ERROR, p), NULL, -EPROTO, EITHER);
+	read_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_ERROR, p), NULL, -EPROTO,
+		    EITHER);
 }
 
 static void test_s8_error_code_zero(void)

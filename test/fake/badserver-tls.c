@@ -5,9 +5,9 @@
 
 #include <glib/gstdio.h>
 
-static char *psk_file;     /* alice's key: what the client uses */
+static char *psk_file;	   /* alice's key: what the client uses */
 static char *psk_file_bob; /* a server that knows only bob */
-static char *psk_dir;      /* set in the parent process only */
+static char *psk_dir;	   /* set in the parent process only */
 
 /* ---- STARTTLS refused or broken (H20, H21) ------------------------------ */
 
@@ -203,9 +203,11 @@ int main(int argc, char **argv)
 		psk_dir = g_dir_make_tmp("nbdfs-fake-XXXXXX", &err);
 		g_assert_no_error(err);
 		g_setenv(PSK_DIR_ENV, psk_dir, TRUE);
-		psk_file = write_psk_file(psk_dir, "alice.psk",
+		psk_file = write_psk_file(
+			psk_dir, "alice.psk",
 			"alice:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n");
-		psk_file_bob = write_psk_file(psk_dir, "bob.psk",
+		psk_file_bob = write_psk_file(
+			psk_dir, "bob.psk",
 			"bob:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210\n");
 	}
 

@@ -317,9 +317,9 @@ static void test_t11_close_with_three_in_flight(void)
 		b[i] = buf_new(4096);
 		d[i] = completion_new();
 		v[i] = (struct iovec){ b[i].p, 4096 };
-		g_assert_cmpint(
-		    nbdc_aio_preadv(t.c, &v[i], 1, (uint64_t)i * 4096, 0, completion_done, d[i]),
-		    ==, 0);
+		g_assert_cmpint(nbdc_aio_preadv(t.c, &v[i], 1, (uint64_t)i * 4096, 0,
+						completion_done, d[i]),
+				==, 0);
 	}
 	for (int i = 0; i < 3; i++) {
 		g_assert_cmpint(done_wait(d[i]), ==, -ENOTCONN);
@@ -491,12 +491,10 @@ int main(int argc, char **argv)
 	ADD("/badserver/t1/bad-reply-magic", test_t1_bad_reply_magic);
 	ADD("/badserver/t2/unknown-cookie-simple", test_t2_unknown_cookie_simple);
 	ADD("/badserver/t3/unknown-cookie-chunk", test_t3_unknown_cookie_chunk);
-	ADD("/badserver/t3/unknown-cookie-simple-error",
-			test_t3_unknown_cookie_simple_error);
+	ADD("/badserver/t3/unknown-cookie-simple-error", test_t3_unknown_cookie_simple_error);
 	ADD("/badserver/t4/duplicate-reply", test_t4_duplicate_reply);
 	ADD("/badserver/t5/reply-to-disc", test_t5_reply_to_disc);
-	ADD("/badserver/t6/simple-reply-to-read-with-sr",
-			test_t6_simple_reply_to_read_with_sr);
+	ADD("/badserver/t6/simple-reply-to-read-with-sr", test_t6_simple_reply_to_read_with_sr);
 	ADD("/badserver/t7/chunk-without-sr", test_t7_chunk_without_sr);
 	ADD("/badserver/t8/chunk-len-huge", test_t8_chunk_len_huge);
 	ADD("/badserver/t9/unknown-error-simple", test_t9_unknown_error_simple);

@@ -304,7 +304,8 @@ static void run_isolated(gconstpointer data)
 	}
 	g_test_trap_subprocess(NULL, 60 * G_USEC_PER_SEC, G_TEST_SUBPROCESS_INHERIT_STDERR);
 	if (!g_test_trap_has_passed())
-		g_test_fail_printf("the case failed in its subprocess (its assertion is on stderr)");
+		g_test_fail_printf(
+			"the case failed in its subprocess (its assertion is on stderr)");
 }
 
 void badserver_add(const char *path, void (*fn)(void))

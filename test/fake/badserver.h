@@ -107,8 +107,8 @@ void assert_alive(Nbdc *c);
 
 /* What must hold of the connection after a failed request. */
 enum after {
-	DEAD,   /* torn down: later requests -ENOTCONN */
-	ALIVE,  /* kept: the next request works */
+	DEAD,	/* torn down: later requests -ENOTCONN */
+	ALIVE,	/* kept: the next request works */
 	EITHER, /* protocol.md allows a resync (then the next request works) or DEAD */
 };
 

@@ -101,7 +101,11 @@ void fake_msg_fill(FakeMsg *m, uint8_t byte, size_t len)
 static void add_patch(FakeMsg *m, enum patch_kind kind, int slot, int64_t delta, size_t len)
 {
 	struct patch p = {
-		.kind = kind, .pos = m->bytes->len, .slot = slot, .delta = delta, .len = len,
+		.kind = kind,
+		.pos = m->bytes->len,
+		.slot = slot,
+		.delta = delta,
+		.len = len,
 	};
 
 	g_assert(slot >= 0 && slot < FAKE_SLOTS);
@@ -277,7 +281,9 @@ FakeMsg *fake_simple_reply(int slot, uint32_t error)
 FakeMsg *fake_simple_reply_data(int slot)
 {
 	FakeMsg *m = fake_simple_reply(slot, 0);
-	struct patch p = { .kind = PATCH_PATTERN, .pos = m->bytes->len, .slot = slot, .len = SIZE_MAX };
+	struct patch p = {
+		.kind = PATCH_PATTERN, .pos = m->bytes->len, .slot = slot, .len = SIZE_MAX
+	};
 
 	g_array_append_val(m->patches, p);
 	return m;
@@ -379,8 +385,8 @@ enum step_kind {
 struct step {
 	enum step_kind kind;
 	FakeMsg *msg;
-	size_t n;          /* bytes (expect, partial), SIZE_MAX = all */
-	guint max;         /* repeat count */
+	size_t n;  /* bytes (expect, partial), SIZE_MAX = all */
+	guint max; /* repeat count */
 	int slot;
 	FakeExport exp;
 	uint32_t stop_option;
@@ -388,19 +394,19 @@ struct step {
 };
 
 struct fake_server {
-	int fd;            /* server end, -1 once closed */
-	int client_fd;     /* client end until taken */
+	int fd;	       /* server end, -1 once closed */
+	int client_fd; /* client end until taken */
 	gboolean client_taken;
-	GArray *steps;     /* struct step */
+	GArray *steps; /* struct step */
 	GThread *thread;
 	gboolean joined;
 	guint timeout_ms;
 	gboolean ok;
-	gboolean stopped;  /* ABORT handled: end the script */
+	gboolean stopped; /* ABORT handled: end the script */
 	char *why;
 	uint32_t client_flags;
 	FakeCapture caps[FAKE_SLOTS];
-	gnutls_session_t tls;   /* after fake_starttls(), NULL before */
+	gnutls_session_t tls; /* after fake_starttls(), NULL before */
 	gnutls_psk_server_credentials_t psk;
 };
 
@@ -498,8 +504,9 @@ static int io_read(FakeServer *fs, void *buf, size_t len, gint64 deadline)
 		ssize_t n = gnutls_record_recv(fs->tls, p, len);
 
 		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
-			int r = gnutls_record_check_pending(fs->tls) ? IO_OK
-								     : wait_fd(fs->fd, POLLIN, deadline);
+			int r = gnutls_record_check_pending(fs->tls)
+					? IO_OK
+					: wait_fd(fs->fd, POLLIN, deadline);
 
 			if (r)
 				return r;
@@ -775,7 +782,8 @@ static int negotiate(FakeServer *fs, guint idx, const struct step *st)
 		case FAKE_OPT_LIST:
 			r = 0;
 			for (size_t i = 0; !r && e->exports && e->exports[i]; i += 2)
-				r = send_owned(fs, fake_rep_server(e->exports[i], e->exports[i + 1]));
+				r = send_owned(fs,
+					       fake_rep_server(e->exports[i], e->exports[i + 1]));
 			if (!r)
 				r = send_owned(fs, fake_rep_ack(opt));
 			break;
@@ -855,8 +863,8 @@ static int starttls(FakeServer *fs, guint idx, const char *psk_file)
 	do {
 		r = gnutls_handshake(fs->tls);
 		if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
-			int w = wait_fd(fs->fd, gnutls_record_get_direction(fs->tls) ? POLLOUT
-										: POLLIN,
+			int w = wait_fd(fs->fd,
+					gnutls_record_get_direction(fs->tls) ? POLLOUT : POLLIN,
 					deadline);
 
 			if (w) {

@@ -20,9 +20,9 @@ G_BEGIN_DECLS
 
 /* ---- Wire constants (NBD protocol, doc/proto.md) ----------------------- */
 
-#define FAKE_NBDMAGIC UINT64_C(0x4e42444d41474943)        /* "NBDMAGIC" */
+#define FAKE_NBDMAGIC UINT64_C(0x4e42444d41474943) /* "NBDMAGIC" */
 #define FAKE_OLDSTYLE_MAGIC UINT64_C(0x00420281861253)
-#define FAKE_IHAVEOPT UINT64_C(0x49484156454f5054)        /* "IHAVEOPT" */
+#define FAKE_IHAVEOPT UINT64_C(0x49484156454f5054) /* "IHAVEOPT" */
 #define FAKE_OPT_REPLY_MAGIC UINT64_C(0x3e889045565a9)
 #define FAKE_REQUEST_MAGIC UINT32_C(0x25609513)
 #define FAKE_SIMPLE_MAGIC UINT32_C(0x67446698)
@@ -143,7 +143,8 @@ static inline uint8_t fake_pattern_byte(uint64_t offset)
 
 /* ---- Builders ------------------------------------------------------------ */
 
-/* Oldstyle greeting: NBDMAGIC, oldstyle magic, size, u32 flags (gflags << 16 | eflags), 124 zeros. */
+/* Oldstyle greeting: NBDMAGIC, oldstyle magic, size, u32 flags (gflags << 16 | eflags), 124 zeros.
+ */
 FakeMsg *fake_greeting_oldstyle(uint64_t size, uint32_t flags);
 /* Newstyle greeting: NBDMAGIC, IHAVEOPT, u16 handshake flags (FIXED_NEWSTYLE => fixed newstyle). */
 FakeMsg *fake_greeting_newstyle(uint16_t hflags);
@@ -206,15 +207,17 @@ typedef struct {
 
 /* What fake_negotiate() serves.  fake_export_init() sets the defaults. */
 typedef struct {
-	gboolean greeting;        /* send a newstyle greeting with @hflags, read client flags; default TRUE */
-	uint16_t hflags;          /* default FIXED_NEWSTYLE | NO_ZEROES */
-	gboolean sr;              /* ACK STRUCTURED_REPLY (else ERR_UNSUP); default TRUE */
-	gboolean meta;            /* answer base:allocation in SET_META_CONTEXT; default TRUE */
-	uint32_t meta_id;         /* its context id; default 7 */
-	uint64_t size;            /* default 1 MiB */
-	uint16_t eflags;          /* default HAS_FLAGS|SEND_FLUSH|SEND_FUA|SEND_TRIM|SEND_WRITE_ZEROES|SEND_DF */
-	uint32_t block_min, block_pref, block_max;   /* sent in GO/INFO when block_min != 0 */
-	const char *const *exports;   /* NULL-terminated name, description pairs for LIST */
+	gboolean greeting; /* send a newstyle greeting with @hflags, read client flags; default TRUE
+			    */
+	uint16_t hflags;   /* default FIXED_NEWSTYLE | NO_ZEROES */
+	gboolean sr;	   /* ACK STRUCTURED_REPLY (else ERR_UNSUP); default TRUE */
+	gboolean meta;	   /* answer base:allocation in SET_META_CONTEXT; default TRUE */
+	uint32_t meta_id;  /* its context id; default 7 */
+	uint64_t size;	   /* default 1 MiB */
+	uint16_t eflags;   /* default
+			      HAS_FLAGS|SEND_FLUSH|SEND_FUA|SEND_TRIM|SEND_WRITE_ZEROES|SEND_DF */
+	uint32_t block_min, block_pref, block_max; /* sent in GO/INFO when block_min != 0 */
+	const char *const *exports; /* NULL-terminated name, description pairs for LIST */
 } FakeExport;
 
 void fake_export_init(FakeExport *e);
@@ -232,7 +235,7 @@ int fake_server_client_fd(FakeServer *fs);
 void fake_server_set_timeout(FakeServer *fs, guint ms);
 
 /* Steps. */
-void fake_send(FakeServer *fs, FakeMsg *m);                       /* consumes @m */
+void fake_send(FakeServer *fs, FakeMsg *m); /* consumes @m */
 void fake_send_raw(FakeServer *fs, const void *data, size_t len);
 /* Sends the first @n bytes of @m (consumed), then closes the connection. */
 void fake_send_partial_close(FakeServer *fs, FakeMsg *m, size_t n);

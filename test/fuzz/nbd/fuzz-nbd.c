@@ -69,10 +69,10 @@ static gpointer peer_main(gpointer opaque)
 {
 	struct peer *p = opaque;
 	gint64 deadline = g_get_monotonic_time() + PEER_DEADLINE_US;
-	size_t pos = 0;         /* next record header in data */
+	size_t pos = 0; /* next record header in data */
 	const uint8_t *out = NULL;
-	size_t out_len = 0;     /* unsent bytes of the current record */
-	uint64_t gate = 0;      /* messages needed before the next record */
+	size_t out_len = 0; /* unsent bytes of the current record */
+	uint64_t gate = 0;  /* messages needed before the next record */
 	gboolean shut = FALSE, have_gate = FALSE;
 	uint8_t sink[65536];
 
@@ -195,28 +195,28 @@ static void exercise(Nbdc *c)
 
 	nbdc_get_info(c, &info);
 	g_assert(info.size <= INT64_MAX);
-	show("read", nbdc_pread(c, buf[0], 4096, 0, 0));         /* cookie 1 */
+	show("read", nbdc_pread(c, buf[0], 4096, 0, 0)); /* cookie 1 */
 
-	s = show("block status", nbdc_aio_block_status(c, 8192, 0, 0, check_extent, completion_done,
-						       bs));   /* 2 */
+	s = show("block status",
+		 nbdc_aio_block_status(c, 8192, 0, 0, check_extent, completion_done, bs)); /* 2 */
 	e = wait_done(bs, s);
 	if (s == 0)
 		show("block status done", e);
 	/* The flush goes out while the write is unfinished, so that it is
 	 * sent (a flush with nothing to cover is not) even when the write fails. */
 	s3 = nbdc_aio_pwritev(c, &wv, 1, 0, NBDC_CMD_FLAG_FUA, completion_done, w3); /* 3 */
-	s4 = nbdc_aio_flush(c, completion_done, f4);                                 /* 4 */
+	s4 = nbdc_aio_flush(c, completion_done, f4);				     /* 4 */
 	e = wait_done(w3, s3);
 	show("write", s3 ? s3 : e);
 	e = wait_done(f4, s4);
 	show("flush", s4 ? s4 : e);
-	s5 = nbdc_aio_preadv(c, &iov[0], 1, 4096, 0, completion_done, r5);  /* 5 */
-	s6 = nbdc_aio_preadv(c, &iov[1], 1, 8192, 0, completion_done, r6);  /* 6 */
+	s5 = nbdc_aio_preadv(c, &iov[0], 1, 4096, 0, completion_done, r5); /* 5 */
+	s6 = nbdc_aio_preadv(c, &iov[1], 1, 8192, 0, completion_done, r6); /* 6 */
 	e5 = wait_done(r5, s5);
 	e6 = wait_done(r6, s6);
 	show("2 reads", e5 ? e5 : e6);
-	show("trim", nbdc_trim(c, 4096, 0, 0));                   /* 7 */
-	show("zero", nbdc_zero(c, 4096, 0, 0));                   /* 8 */
+	show("trim", nbdc_trim(c, 4096, 0, 0)); /* 7 */
+	show("zero", nbdc_zero(c, 4096, 0, 0)); /* 8 */
 	nbdc_is_alive(c);
 	nbdc_get_error(c);
 }

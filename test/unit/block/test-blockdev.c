@@ -426,7 +426,7 @@ static void test_sector_lock(void)
 	sector_lock_acquire(t, &a);
 	sector_lock_acquire(t, &b);
 	g_assert_cmpint(ga + gb, ==, 2);
-	sector_lock_acquire(t, &c);     /* exclusive 4 is in b */
+	sector_lock_acquire(t, &c); /* exclusive 4 is in b */
 	g_assert_cmpint(gc, ==, 0);
 	sector_lock_release(t, &b);
 	g_assert_cmpint(gc, ==, 1);
@@ -446,7 +446,8 @@ int main(int argc, char **argv)
 	g_test_add_func("/block/mem/empty", test_mem_empty);
 	g_test_add_data_func("/block/window/split/512", GUINT_TO_POINTER(512), test_window_split);
 	g_test_add_data_func("/block/window/split/4096", GUINT_TO_POINTER(4096), test_window_split);
-	g_test_add_data_func("/block/window/partial/512", GUINT_TO_POINTER(512), test_window_partial);
+	g_test_add_data_func("/block/window/partial/512", GUINT_TO_POINTER(512),
+			     test_window_partial);
 	g_test_add_data_func("/block/window/partial/4096", GUINT_TO_POINTER(4096),
 			     test_window_partial);
 	g_test_add_func("/block/window/block-status", test_window_block_status);

@@ -17,13 +17,22 @@ static void fill_random(GRand *r, uint8_t *p, size_t n)
 
 /* Every combination of head offset and length around sector boundaries,
  * on the root, on a window, and with a tiny max_request. */
-static void check_combos(Blockdev *dev, uint8_t *model, uint64_t base, uint64_t size,
-			 uint32_t ss, GRand *r)
+static void check_combos(Blockdev *dev, uint8_t *model, uint64_t base, uint64_t size, uint32_t ss,
+			 GRand *r)
 {
-	const uint64_t offs[] = { 0, 1, 7, ss / 2, ss - 1, ss, ss + 1, 2 * (uint64_t)ss - 3,
-				  3 * (uint64_t)ss };
-	const uint64_t lens[] = { 1, 2, ss / 2, ss - 1, ss, ss + 1, 2 * (uint64_t)ss - 1,
-				  2 * (uint64_t)ss, 2 * (uint64_t)ss + 1, 5 * (uint64_t)ss + 3 };
+	const uint64_t offs[] = {
+		0, 1, 7, ss / 2, ss - 1, ss, ss + 1, 2 * (uint64_t)ss - 3, 3 * (uint64_t)ss
+	};
+	const uint64_t lens[] = { 1,
+				  2,
+				  ss / 2,
+				  ss - 1,
+				  ss,
+				  ss + 1,
+				  2 * (uint64_t)ss - 1,
+				  2 * (uint64_t)ss,
+				  2 * (uint64_t)ss + 1,
+				  5 * (uint64_t)ss + 3 };
 	Blockdev *root = blockdev_get_root(dev);
 	g_autofree uint8_t *buf = g_malloc(8 * ss);
 	g_autofree uint8_t *rd = g_malloc(8 * ss + 2);
@@ -68,7 +77,8 @@ static void test_bytes_combos(gconstpointer data)
 {
 	uint32_t ss = GPOINTER_TO_UINT(data);
 	/* Odd sizes: a partial last sector. */
-	const uint64_t sizes[] = { 16 * (uint64_t)ss, 16 * (uint64_t)ss + 77, 3 * (uint64_t)ss + 1 };
+	const uint64_t sizes[] = { 16 * (uint64_t)ss, 16 * (uint64_t)ss + 77,
+				   3 * (uint64_t)ss + 1 };
 	g_autoptr(GRand) r = g_rand_new_with_seed(42);
 
 	for (size_t k = 0; k < G_N_ELEMENTS(sizes); k++) {
@@ -157,8 +167,8 @@ static void test_bytes_zero(gconstpointer data)
 
 				memset(model, 0xa5, size);
 				memset(blockdev_mem_data(dev), 0xa5, size);
-				g_assert_cmpint(blockdev_zero_bytes_sync(t, off, len,
-									 j % 2 ? BLOCKDEV_MAY_TRIM : 0),
+				g_assert_cmpint(blockdev_zero_bytes_sync(
+							t, off, len, j % 2 ? BLOCKDEV_MAY_TRIM : 0),
 						==, 0);
 				if (off < tsize)
 					memset(model + base + off, 0, MIN(len, tsize - off));
@@ -181,8 +191,8 @@ static void test_bytes_zero(gconstpointer data)
 
 struct conc {
 	Blockdev *dev;
-	Blockdev *win[2];             /* [0, half) and [half, end) */
-	uint64_t win_start[2];        /* bytes */
+	Blockdev *win[2];      /* [0, half) and [half, end) */
+	uint64_t win_start[2]; /* bytes */
 	uint64_t win_size[2];
 	uint64_t size;
 	uint8_t *model;
@@ -231,7 +241,8 @@ static gpointer writer_main(gpointer opaque)
 		} else {
 			res = blockdev_pwrite_bytes_sync(target, buf, n, toff, 0);
 			if (res != (ssize_t)n)
-				g_test_message("via %d off %" G_GUINT64_FORMAT " n %" G_GUINT64_FORMAT,
+				g_test_message("via %d off %" G_GUINT64_FORMAT
+					       " n %" G_GUINT64_FORMAT,
 					       via, off, n);
 			g_assert_cmpint(res, ==, (ssize_t)n);
 			memcpy(c->model + off, buf, n);
@@ -299,7 +310,8 @@ static void test_concurrency(gconstpointer data)
 	for (int i = 0; i < NWRITERS + NREADERS; i++) {
 		w[i].c = &c;
 		w[i].id = i < NWRITERS ? i : i - NWRITERS;
-		w[i].thread = g_thread_new("worker", i < NWRITERS ? writer_main : reader_main, &w[i]);
+		w[i].thread =
+			g_thread_new("worker", i < NWRITERS ? writer_main : reader_main, &w[i]);
 	}
 	for (int i = 0; i < NWRITERS; i++)
 		g_thread_join(w[i].thread);
@@ -309,8 +321,9 @@ static void test_concurrency(gconstpointer data)
 	if (memcmp(blockdev_mem_data(c.dev), c.model, c.size) != 0) {
 		for (uint64_t i = 0; i < c.size; i++)
 			if (blockdev_mem_data(c.dev)[i] != c.model[i])
-				g_test_message("seed %u: first difference at byte %" G_GUINT64_FORMAT,
-					       c.seed, i);
+				g_test_message(
+					"seed %u: first difference at byte %" G_GUINT64_FORMAT,
+					c.seed, i);
 		g_assert_not_reached();
 	}
 	for (int i = 0; i < NWRITERS; i++) {

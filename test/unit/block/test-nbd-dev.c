@@ -39,7 +39,8 @@ static void server_start(struct server *s, const char *const *args)
 	g_ptr_array_add(argv, NULL);
 	g_unlink(s->sock);
 	g_unlink(s->pidfile);
-	s->proc = g_subprocess_newv((const char *const *)argv->pdata, G_SUBPROCESS_FLAGS_NONE, &error);
+	s->proc = g_subprocess_newv((const char *const *)argv->pdata, G_SUBPROCESS_FLAGS_NONE,
+				    &error);
 	g_assert_no_error(error);
 	while (!g_file_test(s->pidfile, G_FILE_TEST_EXISTS)) {
 		g_assert_cmpint(g_get_monotonic_time(), <, deadline);
@@ -197,8 +198,10 @@ static void test_nbd_partial(void)
 
 static void test_nbd_sector_size(void)
 {
-	const char *args[] = { "--filter=blocksize-policy", "memory", "1001K",
-			       "blocksize-minimum=4096", "blocksize-error-policy=error", NULL };
+	const char *args[] = {
+		"--filter=blocksize-policy",	"memory", "1001K", "blocksize-minimum=4096",
+		"blocksize-error-policy=error", NULL
+	};
 	struct server s;
 	g_autoptr(GError) error = NULL;
 	g_autoptr(Blockdev) dev = NULL;
@@ -343,8 +346,8 @@ static void test_nbd_size_changed(void)
 
 /* Block status shares one opaque between the extent and done callbacks. */
 struct bs_collect {
-	struct completion *done;      /* the done callback's reference */
-	GArray *ext;                  /* uint64_t triples: offset, length, flags */
+	struct completion *done; /* the done callback's reference */
+	GArray *ext;		 /* uint64_t triples: offset, length, flags */
 };
 
 static void bs_collect_extent(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
@@ -412,7 +415,7 @@ static void test_nbd_block_status(void)
 #define CONC_SIZE (16 * 1024 + 300)
 
 struct conc {
-	Blockdev *dev, *win;          /* win: sectors [8, end) */
+	Blockdev *dev, *win; /* win: sectors [8, end) */
 	uint8_t *model;
 	guint32 seed;
 };

@@ -31,7 +31,7 @@ static void call_run(void *opaque)
 
 static void run_on(Loop *loop, loop_fn fn, void *opaque)
 {
-	struct call k = {fn, opaque, completion_new()};
+	struct call k = { fn, opaque, completion_new() };
 	gint64 r;
 
 	loop_post(loop, call_run, &k);
@@ -73,7 +73,7 @@ static void record(void *opaque)
 static void test_post_order(void)
 {
 	g_autoptr(LoopSet) ls = loop_set_ok(2, 1);
-	struct order o = {.seen = g_array_new(FALSE, FALSE, sizeof(int))};
+	struct order o = { .seen = g_array_new(FALSE, FALSE, sizeof(int)) };
 
 	g_assert_cmpuint(loop_set_size(ls), ==, 2);
 	g_mutex_init(&o.lock);
@@ -99,7 +99,7 @@ struct timers {
 };
 
 static struct timers *the_timers;
-static int ids[5] = {0, 1, 2, 3, 4};
+static int ids[5] = { 0, 1, 2, 3, 4 };
 
 static void timer_cb(void *opaque)
 {
@@ -116,7 +116,7 @@ static void start_timers(void *opaque)
 	struct timers *ts = opaque;
 	gint64 now = g_get_monotonic_time();
 	/* deadlines: 4 first, then 2, 0, 3; timer 1 is stopped */
-	gint64 at[5] = {30000, 20000, 20000 - 5000, 40000, 5000};
+	gint64 at[5] = { 30000, 20000, 20000 - 5000, 40000, 5000 };
 
 	for (int i = 0; i < 5; i++)
 		loop_timer_start(ts->loop, &ts->t[i], now + at[i], timer_cb, &ids[i]);
@@ -129,7 +129,7 @@ static void start_timers(void *opaque)
 static void test_timers(void)
 {
 	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
-	struct timers ts = {0};
+	struct timers ts = { 0 };
 	gint64 r;
 
 	ts.loop = loop_set_get(ls, 0);
@@ -142,7 +142,7 @@ static void test_timers(void)
 	g_assert_true(completion_wait_until(ts.all, t0 + WAIT_US, &r));
 	g_assert_cmpint(g_get_monotonic_time() - t0, >=, 35000);
 	g_assert_cmpuint(ts.fired->len, ==, 4);
-	int want[4] = {4, 2, 0, 3};
+	int want[4] = { 4, 2, 0, 3 };
 	for (int i = 0; i < 4; i++)
 		g_assert_cmpint(g_array_index(ts.fired, int, i), ==, want[i]);
 	completion_unref(ts.all);
@@ -188,7 +188,7 @@ static void nothing(void *opaque)
 static void test_defer(void)
 {
 	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
-	struct turn t = {0};
+	struct turn t = { 0 };
 
 	t.loop = loop_set_get(ls, 0);
 	run_on(t.loop, turn_post_many, &t);
@@ -232,8 +232,9 @@ static void add_watches(void *opaque)
 	struct socks *s = opaque;
 
 	for (int i = 0; i < 2; i++)
-		g_assert_cmpint(loop_watch_add(s->loop, &s->w[i], s->sv[i][0], EPOLLIN, sock_ready, s),
-				==, 0);
+		g_assert_cmpint(
+			loop_watch_add(s->loop, &s->w[i], s->sv[i][0], EPOLLIN, sock_ready, s), ==,
+			0);
 	/* Both readable before the loop waits again. */
 	for (int i = 0; i < 2; i++)
 		g_assert_cmpint(write(s->sv[i][1], "x", 1), ==, 1);
@@ -242,7 +243,7 @@ static void add_watches(void *opaque)
 static void test_watch_delete_ready(void)
 {
 	g_autoptr(LoopSet) ls = loop_set_ok(1, 1);
-	struct socks s = {0};
+	struct socks s = { 0 };
 	gint64 r;
 
 	s.loop = loop_set_get(ls, 0);
@@ -302,8 +303,9 @@ static void test_completion_deadline(void)
 
 	loop_set_run_blocking(ls, late, c);
 	g_assert_false(completion_wait_until(c, g_get_monotonic_time() + 1000, &r));
-	completion_unref(c); /* the callback still holds its reference */
-	/* loop_set_free joins the pool: the callback ran on a valid object. */
+	/* The callback still holds its reference; loop_set_free joins the
+	 * pool: the callback ran on a valid object. */
+	completion_unref(c);
 }
 
 /* ---- picking: a loop thread gets its own loop ---- */
@@ -323,7 +325,7 @@ static void do_pick(void *opaque)
 static void test_pick(void)
 {
 	g_autoptr(LoopSet) ls = loop_set_ok(3, 1);
-	struct pick p = {ls};
+	struct pick p = { ls };
 
 	for (guint i = 0; i < 3; i++) {
 		p.loop = loop_set_get(ls, i);
@@ -333,7 +335,7 @@ static void test_pick(void)
 		g_assert_true(loop_get_set(p.loop) == ls);
 	}
 	/* Off the loops: round robin over all three. */
-	Loop *seen[3] = {loop_set_pick(ls), loop_set_pick(ls), loop_set_pick(ls)};
+	Loop *seen[3] = { loop_set_pick(ls), loop_set_pick(ls), loop_set_pick(ls) };
 	g_assert_true(seen[0] != seen[1] && seen[1] != seen[2] && seen[0] != seen[2]);
 }
 
@@ -360,8 +362,9 @@ static void expect_setup(void *opaque)
 {
 	struct expect_ctx *x = opaque;
 	x->tid = gettid();
-	g_assert_cmpint(loop_watch_add(loop_current(), &x->w, x->fds[0], EPOLLIN, expect_readable, x),
-			==, 0);
+	g_assert_cmpint(
+		loop_watch_add(loop_current(), &x->w, x->fds[0], EPOLLIN, expect_readable, x), ==,
+		0);
 	loop_expect(loop_current());
 }
 

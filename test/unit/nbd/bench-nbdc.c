@@ -33,7 +33,7 @@
 
 static char *opt_socket, *opt_mode = "randread";
 static gint opt_bs = 4096, opt_qd = 32, opt_threads = 1, opt_secs = 5, opt_conns = 1;
-static gint64 opt_max; /* stop after this many requests per thread (0 = time only) */
+static gint64 opt_max;	  /* stop after this many requests per thread (0 = time only) */
 static gint opt_inflight; /* cfg.max_in_flight (0 = default) */
 static gboolean opt_verify, opt_lazy, opt_loops;
 
@@ -45,12 +45,12 @@ struct worker {
 	GThread *th;
 	GMutex m;
 	GCond cv;
-	gint inflight;	/* under @m */
+	gint inflight;	 /* under @m */
 	int *free_slots; /* stack of free slot indexes, under @m */
 	int nfree;
 	gboolean sleeping; /* under @m */
 	gint64 done, errs, issued;
-	Loop *loop;              /* -P: where its requests start */
+	Loop *loop; /* -P: where its requests start */
 	guint32 seed;
 	uint64_t size, pos;
 	char *buf;
@@ -122,8 +122,8 @@ static int submit(struct slot *sl)
 	struct worker *w = sl->w;
 
 	return strstr(opt_mode, "read")
-		   ? nbdc_aio_preadv(w->c, &sl->iov, 1, sl->off, 0, on_done, sl)
-		   : nbdc_aio_pwritev(w->c, &sl->iov, 1, sl->off, 0, on_done, sl);
+		       ? nbdc_aio_preadv(w->c, &sl->iov, 1, sl->off, 0, on_done, sl)
+		       : nbdc_aio_pwritev(w->c, &sl->iov, 1, sl->off, 0, on_done, sl);
 }
 
 /* -P: the next request of @sl's worker, on the calling loop. */
@@ -226,20 +226,26 @@ static double cpu_now(void)
 int main(int argc, char **argv)
 {
 	GOptionEntry entries[] = {
-	    {"socket", 'U', 0, G_OPTION_ARG_STRING, &opt_socket, "unix socket", "PATH"},
-	    {"mode", 'm', 0, G_OPTION_ARG_STRING, &opt_mode, "randread|randwrite|seqread|seqwrite", "M"},
-	    {"bs", 'b', 0, G_OPTION_ARG_INT, &opt_bs, "block size", "N"},
-	    {"qd", 'q', 0, G_OPTION_ARG_INT, &opt_qd, "queue depth per thread", "N"},
-	    {"threads", 't', 0, G_OPTION_ARG_INT, &opt_threads, "threads", "N"},
-	    {"seconds", 's', 0, G_OPTION_ARG_INT, &opt_secs, "run time", "N"},
-	    {"conns", 'c', 0, G_OPTION_ARG_INT, &opt_conns, "connections (0 = default)", "N"},
-	    {"max", 'n', 0, G_OPTION_ARG_INT64, &opt_max, "requests per thread (0 = no limit)", "N"},
-	    {"in-flight", 'i', 0, G_OPTION_ARG_INT, &opt_inflight, "max_in_flight per connection", "N"},
-	    {"verify", 'V', 0, G_OPTION_ARG_NONE, &opt_verify, "check reads of nbdkit pattern", NULL},
-	    {"lazy", 'L', 0, G_OPTION_ARG_NONE, &opt_lazy, "open as the daemon does (on demand)",
-	     NULL},
-	    {"loops", 'P', 0, G_OPTION_ARG_NONE, &opt_loops, "submit from the event loops", NULL},
-	    {NULL}};
+		{ "socket", 'U', 0, G_OPTION_ARG_STRING, &opt_socket, "unix socket", "PATH" },
+		{ "mode", 'm', 0, G_OPTION_ARG_STRING, &opt_mode,
+		  "randread|randwrite|seqread|seqwrite", "M" },
+		{ "bs", 'b', 0, G_OPTION_ARG_INT, &opt_bs, "block size", "N" },
+		{ "qd", 'q', 0, G_OPTION_ARG_INT, &opt_qd, "queue depth per thread", "N" },
+		{ "threads", 't', 0, G_OPTION_ARG_INT, &opt_threads, "threads", "N" },
+		{ "seconds", 's', 0, G_OPTION_ARG_INT, &opt_secs, "run time", "N" },
+		{ "conns", 'c', 0, G_OPTION_ARG_INT, &opt_conns, "connections (0 = default)", "N" },
+		{ "max", 'n', 0, G_OPTION_ARG_INT64, &opt_max, "requests per thread (0 = no limit)",
+		  "N" },
+		{ "in-flight", 'i', 0, G_OPTION_ARG_INT, &opt_inflight,
+		  "max_in_flight per connection", "N" },
+		{ "verify", 'V', 0, G_OPTION_ARG_NONE, &opt_verify, "check reads of nbdkit pattern",
+		  NULL },
+		{ "lazy", 'L', 0, G_OPTION_ARG_NONE, &opt_lazy,
+		  "open as the daemon does (on demand)", NULL },
+		{ "loops", 'P', 0, G_OPTION_ARG_NONE, &opt_loops, "submit from the event loops",
+		  NULL },
+		{ NULL }
+	};
 	g_autoptr(GOptionContext) ctx = g_option_context_new("- NBD core benchmark");
 	g_autoptr(GError) err = NULL;
 	struct nbdc_config cfg;
@@ -266,12 +272,13 @@ int main(int argc, char **argv)
 	}
 	Nbdc *c;
 	if (opt_lazy) {
-		const char *names[] = {""};
+		const char *names[] = { "" };
 		g_autoptr(GPtrArray) known = nbdc_probe_exports(&cfg, names, 1, FALSE, 1, &err);
 
 		if (!known || ((struct nbdc_export *)known->pdata[0])->error) {
-			g_printerr("%s\n", known ? ((struct nbdc_export *)known->pdata[0])->error->message
-					       : err->message);
+			g_printerr("%s\n",
+				   known ? ((struct nbdc_export *)known->pdata[0])->error->message
+					 : err->message);
 			return 1;
 		}
 		c = nbdc_open(&cfg, known->pdata[0], &err);

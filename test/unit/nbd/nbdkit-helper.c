@@ -36,7 +36,7 @@ struct nbdkit *nbdkit_start_fd(const char *const *args)
 	/* sv[1] is CLOEXEC, but dup2 onto 0/1 clears that on the copies. */
 	if (!g_spawn_async(NULL, (char **)argv->pdata, NULL,
 			   G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD |
-			       G_SPAWN_CHILD_INHERITS_STDIN,
+				   G_SPAWN_CHILD_INHERITS_STDIN,
 			   child_setup_fd, GINT_TO_POINTER(sv[1]), &k->pid, &err))
 		g_error("spawn nbdkit: %s", err->message);
 	close(sv[1]);
@@ -46,7 +46,8 @@ struct nbdkit *nbdkit_start_fd(const char *const *args)
 
 static int free_port(void)
 {
-	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	struct sockaddr_in sin = { .sin_family = AF_INET,
+				   .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(sin);
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 

@@ -64,7 +64,7 @@ static void test_connect_info(void)
 	struct nbdc_config cfg;
 	struct nbdkit *k;
 	struct nbdc_info info;
-	const char *args[] = {"memory", "1M", NULL};
+	const char *args[] = { "memory", "1M", NULL };
 
 	nbdc_config_init(&cfg);
 	Nbdc *c = connect_fd(&k, &cfg, args);
@@ -96,7 +96,7 @@ static void test_read_write(void)
 {
 	struct nbdc_config cfg;
 	struct nbdkit *k;
-	const char *args[] = {"memory", "1M", NULL};
+	const char *args[] = { "memory", "1M", NULL };
 	g_autofree uint8_t *buf = g_malloc(65536), *back = g_malloc(65536);
 
 	nbdc_config_init(&cfg);
@@ -146,7 +146,7 @@ static void test_unix_multiconn_async(void)
 {
 	struct nbdc_config cfg;
 	struct nbdc_info info;
-	const char *args[] = {"memory", "4M", NULL};
+	const char *args[] = { "memory", "4M", NULL };
 	struct nbdkit *k = nbdkit_start_unix(args);
 	g_autoptr(GError) err = NULL;
 	enum { N = 256, BS = 16384 };
@@ -172,7 +172,8 @@ static void test_unix_multiconn_async(void)
 		wv[i].iov_len = BS;
 		cs[i] = completion_new();
 		g_assert_cmpint(
-		    nbdc_aio_pwritev(c, &wv[i], 1, (uint64_t)i * BS, 0, completion_done, cs[i]), ==, 0);
+			nbdc_aio_pwritev(c, &wv[i], 1, (uint64_t)i * BS, 0, completion_done, cs[i]),
+			==, 0);
 	}
 	g_assert_cmpint(async_wait(cs, N), ==, 0);
 	g_assert_cmpint(nbdc_flush(c), ==, 0);
@@ -189,9 +190,9 @@ static void test_unix_multiconn_async(void)
 		rv[2 * i + 1].iov_base = rbuf + (size_t)i * BS + 1000;
 		rv[2 * i + 1].iov_len = BS - 1000;
 		cs[i] = completion_new();
-		g_assert_cmpint(
-		    nbdc_aio_preadv(c, &rv[2 * i], 2, (uint64_t)i * BS, 0, completion_done, cs[i]),
-		    ==, 0);
+		g_assert_cmpint(nbdc_aio_preadv(c, &rv[2 * i], 2, (uint64_t)i * BS, 0,
+						completion_done, cs[i]),
+				==, 0);
 	}
 	g_assert_cmpint(async_wait(cs, N), ==, 0);
 	g_assert_cmpmem(wbuf, N * BS, rbuf, N * BS);
@@ -263,7 +264,7 @@ static void connect_fails(const struct nbdc_config *cfg, int kind, const char *s
 
 static void test_tcp(void)
 {
-	const char *args[] = {"memory", "1M", NULL};
+	const char *args[] = { "memory", "1M", NULL };
 	struct nbdkit *k = nbdkit_start_tcp(args);
 	struct nbdc_config cfg;
 	struct nbdc_info info;
@@ -298,7 +299,8 @@ static void test_unknown_export(void)
 	cfg_unix(&cfg, k);
 	cfg.export_name = "zzz";
 	g_autofree char *want = g_strdup_printf(
-	    "nbd+unix:///zzz?socket=%s: export 'zzz': server does not know this export", k->socket);
+		"nbd+unix:///zzz?socket=%s: export 'zzz': server does not know this export",
+		k->socket);
 	connect_fails(&cfg, NBDC_ERROR_NO_EXPORT, want);
 	cfg.export_name = "a";
 	Nbdc *c = must_connect(&cfg);
@@ -411,7 +413,7 @@ static void test_server_errors(void)
 			       "error-pwrite-rate=100%", "error-pread=EIO", "error-pread-rate=100%",
 			       "error-trim=EPERM", "error-trim-rate=100%", NULL);
 	struct nbdc_config cfg;
-	char buf[4096] = {0};
+	char buf[4096] = { 0 };
 
 	for (int sr = 1; sr >= 0; sr--) {
 		cfg_unix(&cfg, k);
@@ -434,7 +436,7 @@ static void test_read_only(void)
 	struct nbdkit *k = kit("-r", "memory", "1M", NULL);
 	struct nbdc_config cfg;
 	struct nbdc_info info;
-	char buf[512] = {0};
+	char buf[512] = { 0 };
 
 	cfg_unix(&cfg, k);
 	Nbdc *c = must_connect(&cfg);
@@ -476,7 +478,7 @@ static void test_trim_zero_block_status(void)
 	struct nbdkit *k = kit("memory", "1M", NULL);
 	struct nbdc_config cfg;
 	g_autofree uint8_t *buf = g_malloc(65536);
-	struct extents e = {0};
+	struct extents e = { 0 };
 
 	cfg_unix(&cfg, k);
 	Nbdc *c = must_connect(&cfg);
@@ -527,7 +529,7 @@ static void test_block_status_big(void)
 {
 	struct nbdkit *k = kit("memory", "6G", NULL);
 	struct nbdc_config cfg;
-	struct extents e = {0};
+	struct extents e = { 0 };
 	char buf[4096];
 
 	cfg_unix(&cfg, k);
@@ -723,7 +725,7 @@ static void test_tls_psk(void)
 
 	g_assert_no_error(err);
 	g_assert_true(
-	    g_file_set_contents(psk, "alice:0123456789abcdef0123456789abcdef\n", -1, &err));
+		g_file_set_contents(psk, "alice:0123456789abcdef0123456789abcdef\n", -1, &err));
 	struct nbdkit *k = kit("--tls=require", arg, "memory", "1M", NULL);
 	cfg_unix(&cfg, k);
 	cfg.tls = TRUE;
@@ -770,7 +772,7 @@ static void sh(const char *cmd)
 {
 	g_autoptr(GError) err = NULL;
 	int status = 0;
-	const char *argv[] = {"/bin/sh", "-ec", cmd, NULL};
+	const char *argv[] = { "/bin/sh", "-ec", cmd, NULL };
 
 	g_assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
 				   G_SPAWN_STDOUT_TO_DEV_NULL | G_SPAWN_STDERR_TO_DEV_NULL, NULL,
@@ -785,28 +787,31 @@ static void test_tls_x509(void)
 	g_autoptr(GError) err = NULL;
 	g_autofree char *dir = g_dir_make_tmp("nbdc-x509-XXXXXX", &err);
 	g_autofree char *cmd = g_strdup_printf(
-	    "cd %s; mkdir srv cli other\n"
-	    "certtool --generate-privkey --key-type=ecdsa > ca-key.pem\n"
-	    "printf 'cn = Test CA\\nca\\ncert_signing_key\\nexpiration_days = 30\\n' > ca.info\n"
-	    "certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info "
-	    "--outfile srv/ca-cert.pem\n"
-	    "cp srv/ca-cert.pem cli/\n"
-	    "certtool --generate-privkey --key-type=ecdsa > srv/server-key.pem\n"
-	    "printf 'cn = localhost\\ndns_name = "
-	    "localhost\\ntls_www_server\\nsigning_key\\nexpiration_days = 30\\n' > s.info\n"
-	    "certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem "
-	    "--load-ca-privkey ca-key.pem "
-	    "--load-privkey srv/server-key.pem --template s.info --outfile srv/server-cert.pem\n"
-	    "certtool --generate-privkey --key-type=ecdsa > cli/client-key.pem\n"
-	    "printf 'cn = client\\ntls_www_client\\nsigning_key\\nexpiration_days = 30\\n' > "
-	    "c.info\n"
-	    "certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem "
-	    "--load-ca-privkey ca-key.pem "
-	    "--load-privkey cli/client-key.pem --template c.info --outfile cli/client-cert.pem\n"
-	    "certtool --generate-privkey --key-type=ecdsa > other-key.pem\n"
-	    "certtool --generate-self-signed --load-privkey other-key.pem --template ca.info "
-	    "--outfile other/ca-cert.pem\n",
-	    dir);
+		"cd %s; mkdir srv cli other\n"
+		"certtool --generate-privkey --key-type=ecdsa > ca-key.pem\n"
+		"printf 'cn = Test CA\\nca\\ncert_signing_key\\nexpiration_days = 30\\n' > "
+		"ca.info\n"
+		"certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info "
+		"--outfile srv/ca-cert.pem\n"
+		"cp srv/ca-cert.pem cli/\n"
+		"certtool --generate-privkey --key-type=ecdsa > srv/server-key.pem\n"
+		"printf 'cn = localhost\\ndns_name = "
+		"localhost\\ntls_www_server\\nsigning_key\\nexpiration_days = 30\\n' > s.info\n"
+		"certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem "
+		"--load-ca-privkey ca-key.pem "
+		"--load-privkey srv/server-key.pem --template s.info --outfile "
+		"srv/server-cert.pem\n"
+		"certtool --generate-privkey --key-type=ecdsa > cli/client-key.pem\n"
+		"printf 'cn = client\\ntls_www_client\\nsigning_key\\nexpiration_days = 30\\n' > "
+		"c.info\n"
+		"certtool --generate-certificate --load-ca-certificate srv/ca-cert.pem "
+		"--load-ca-privkey ca-key.pem "
+		"--load-privkey cli/client-key.pem --template c.info --outfile "
+		"cli/client-cert.pem\n"
+		"certtool --generate-privkey --key-type=ecdsa > other-key.pem\n"
+		"certtool --generate-self-signed --load-privkey other-key.pem --template ca.info "
+		"--outfile other/ca-cert.pem\n",
+		dir);
 	g_autofree char *srv = g_strdup_printf("--tls-certificates=%s/srv", dir);
 	g_autofree char *cli = g_strdup_printf("%s/cli", dir);
 	g_autofree char *other = g_strdup_printf("%s/other", dir);
@@ -847,7 +852,7 @@ static void test_tls_x509(void)
 static void test_multiconn_fallback(void)
 {
 	struct nbdkit *k =
-	    kit("--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable", NULL);
+		kit("--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable", NULL);
 	struct nbdc_config cfg;
 	struct nbdc_info info;
 
@@ -877,10 +882,10 @@ static void test_multiconn_fallback(void)
 
 static void test_server_death(void)
 {
-	struct nbdkit *k = kit(
-	    "eval", "get_size=echo 4M",
-	    "pread=if [ $4 -ge 2097152 ]; then kill -9 $PPID; sleep 1; fi; head -c $3 /dev/zero",
-	    NULL);
+	struct nbdkit *k = kit("eval", "get_size=echo 4M",
+			       "pread=if [ $4 -ge 2097152 ]; then kill -9 $PPID; sleep 1; fi; head "
+			       "-c $3 /dev/zero",
+			       NULL);
 	struct nbdc_config cfg;
 	g_autofree char *buf = g_malloc(65536);
 
@@ -955,7 +960,7 @@ static void test_callback_chain(void)
 {
 	struct nbdkit *k = kit("memory", "32M", NULL);
 	struct nbdc_config cfg;
-	struct chain ch = {0};
+	struct chain ch = { 0 };
 
 	cfg_unix(&cfg, k);
 	cfg.connections = 1;
@@ -992,15 +997,15 @@ static void test_disconnect_in_flight(void)
 		vs[i].iov_base = bufs[i];
 		vs[i].iov_len = 4096;
 		cs[i] = completion_new();
-		g_assert_cmpint(
-		    nbdc_aio_preadv(c, &vs[i], 1, (uint64_t)i * 4096, 0, completion_done, cs[i]),
-		    ==, 0);
+		g_assert_cmpint(nbdc_aio_preadv(c, &vs[i], 1, (uint64_t)i * 4096, 0,
+						completion_done, cs[i]),
+				==, 0);
 	}
 	nbdc_disconnect(c);
 	for (int i = 0; i < 8; i++) /* all finished before nbdc_disconnect returned */
 		g_assert_true(completion_is_done(cs[i]));
 	g_assert_cmpint(async_wait(cs, 8), ==, 0);
-	struct iovec v = {bufs[0], 4096};
+	struct iovec v = { bufs[0], 4096 };
 	g_assert_cmpint(nbdc_aio_preadv(c, &v, 1, 0, 0, completion_done, refused), ==, -ENOTCONN);
 	completion_done(refused, 0); /* refused: no callback will drop its reference */
 	completion_unref(refused);
@@ -1029,12 +1034,12 @@ static void flush_seen_done(void *opaque, int err)
  * on a loop (not inside the caller's call). */
 static int flush_from_loop(Nbdc *c)
 {
-	struct flush_seen f = {.caller = g_thread_self(), .done = completion_new()};
+	struct flush_seen f = { .caller = g_thread_self(), .done = completion_new() };
 	gint64 err = -1;
 
 	g_assert_cmpint(nbdc_aio_flush(c, flush_seen_done, &f), ==, 0);
-	g_assert_true(completion_wait_until(f.done, g_get_monotonic_time() + 30 * G_USEC_PER_SEC,
-					    &err));
+	g_assert_true(
+		completion_wait_until(f.done, g_get_monotonic_time() + 30 * G_USEC_PER_SEC, &err));
 	completion_unref(f.done);
 	g_assert_true(f.other_thread);
 	g_assert_true(f.on_loop);

@@ -25,10 +25,11 @@ int main(int argc, char **argv)
 	gboolean fuzz_input = FALSE;
 	g_auto(GStrv) files = NULL;
 	GOptionEntry options[] = {
-	    {"sector-size", 's', 0, G_OPTION_ARG_INT, &sector_size, "sector size", "N"},
-	    {"fuzz-input", 0, 0, G_OPTION_ARG_NONE, &fuzz_input, "FILE is a fuzz-part input", NULL},
-	    {G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &files, NULL, "IMAGE"},
-	    {NULL},
+		{ "sector-size", 's', 0, G_OPTION_ARG_INT, &sector_size, "sector size", "N" },
+		{ "fuzz-input", 0, 0, G_OPTION_ARG_NONE, &fuzz_input, "FILE is a fuzz-part input",
+		  NULL },
+		{ G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &files, NULL, "IMAGE" },
+		{ NULL },
 	};
 	g_autoptr(GOptionContext) ctx = g_option_context_new("IMAGE");
 	g_autoptr(GError) error = NULL;

@@ -26,7 +26,7 @@ void tg_guid(const char *text, uint8_t out[16])
 	int n = sscanf(text, "%2x%2x%2x%2x-%2x%2x-%2x%2x-%2x%2x-%2x%2x%2x%2x%2x%2x", &v[0], &v[1],
 		       &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
 		       &v[12], &v[13], &v[14], &v[15]);
-	static const int order[16] = {3, 2, 1, 0, 5, 4, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15};
+	static const int order[16] = { 3, 2, 1, 0, 5, 4, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15 };
 
 	g_assert_cmpint(n, ==, 16);
 	for (int i = 0; i < 16; i++)
@@ -114,7 +114,7 @@ uint64_t tg_gpt_write(uint8_t *disk, const struct tg_gpt *g, const struct tg_gpt
 		if (parts[i].name) {
 			glong len = 0;
 			g_autofree gunichar2 *u16 =
-			    g_utf8_to_utf16(parts[i].name, -1, NULL, &len, NULL);
+				g_utf8_to_utf16(parts[i].name, -1, NULL, &len, NULL);
 
 			g_assert(u16 && len <= 36);
 			for (glong k = 0; k < len; k++) {

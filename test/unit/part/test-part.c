@@ -88,7 +88,7 @@ static void test_mbr_primaries(void)
 {
 	const uint64_t n = 4096;
 	g_autofree uint8_t *d = disk_new(n * 512);
-	static const struct want w[] = {{1, 2048, 1000}, {3, 3048, 1048}};
+	static const struct want w[] = { { 1, 2048, 1000 }, { 3, 3048, 1048 } };
 
 	tg_mbr_entry(d, 1, 0x80, 0x83, 2048, 1000);
 	tg_mbr_entry(d, 2, 0, 0x00, 100, 100);	 /* type 0: empty */
@@ -111,7 +111,7 @@ static void test_mbr_beyond_device(void)
 {
 	const uint64_t n = 4096;
 	g_autofree uint8_t *d = disk_new(n * 512);
-	static const struct want w[] = {{1, 1, 100}, {4, 0, 1}};
+	static const struct want w[] = { { 1, 1, 100 }, { 4, 0, 1 } };
 
 	tg_mbr_entry(d, 1, 0, 0x83, 1, 100);
 	tg_mbr_entry(d, 2, 0, 0x83, 4000, 1001); /* last sector 5000 */
@@ -138,7 +138,7 @@ static void test_mbr_overflow(void)
 static void test_mbr_overlap(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct want w[] = {{1, 100, 200}, {2, 250, 100}, {3, 260, 10}};
+	static const struct want w[] = { { 1, 100, 200 }, { 2, 250, 100 }, { 3, 260, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x83, 100, 200);
 	tg_mbr_entry(d, 2, 0, 0x83, 250, 100);
@@ -172,12 +172,12 @@ static void test_mbr_logicals(void)
 	const uint64_t n = 8192;
 	g_autofree uint8_t *d = disk_new(n * 512);
 	/* Extended partition 4033..8191 (slot 3); EBRs at 4033, 6033, 7033. */
-	static const struct logical l[] = {{0, 63, 1000}, {2000, 1, 500}, {3000, 100, 100}};
+	static const struct logical l[] = { { 0, 63, 1000 }, { 2000, 1, 500 }, { 3000, 100, 100 } };
 	static const struct want w[] = {
-	    {1, 2048, 1000},
-	    {5, 4096, 1000},
-	    {6, 6034, 500},
-	    {7, 7133, 100},
+		{ 1, 2048, 1000 },
+		{ 5, 4096, 1000 },
+		{ 6, 6034, 500 },
+		{ 7, 7133, 100 },
 	};
 
 	tg_mbr_entry(d, 1, 0, 0x83, 2048, 1000);
@@ -193,9 +193,9 @@ static void test_mbr_multiple_extended(void)
 {
 	/* Two extended partitions: logical numbers continue across them. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical a[] = {{0, 1, 10}, {100, 1, 10}};
-	static const struct logical b[] = {{0, 2, 20}};
-	static const struct want w[] = {{5, 1001, 10}, {6, 1101, 10}, {7, 2002, 20}};
+	static const struct logical a[] = { { 0, 1, 10 }, { 100, 1, 10 } };
+	static const struct logical b[] = { { 0, 2, 20 } };
+	static const struct want w[] = { { 5, 1001, 10 }, { 6, 1101, 10 }, { 7, 2002, 20 } };
 
 	tg_mbr_entry(d, 2, 0, 0x05, 1000, 500);
 	tg_mbr_entry(d, 4, 0, 0x85, 2000, 500);
@@ -209,8 +209,8 @@ static void test_mbr_multiple_extended(void)
 static void test_ebr_backwards(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = {{0, 1, 10}, {100, 1, 10}, {200, 1, 10}};
-	static const struct want w[] = {{5, 1001, 10}, {6, 1101, 10}, {7, 1201, 10}};
+	static const struct logical l[] = { { 0, 1, 10 }, { 100, 1, 10 }, { 200, 1, 10 } };
+	static const struct want w[] = { { 5, 1001, 10 }, { 6, 1101, 10 }, { 7, 1201, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 3);
@@ -225,8 +225,8 @@ static void test_ebr_backwards(void)
 static void test_ebr_self_loop(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = {{0, 1, 10}, {100, 1, 10}};
-	static const struct want w[] = {{5, 1001, 10}, {6, 1101, 10}};
+	static const struct logical l[] = { { 0, 1, 10 }, { 100, 1, 10 } };
+	static const struct want w[] = { { 5, 1001, 10 }, { 6, 1101, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 2);
@@ -239,8 +239,8 @@ static void test_ebr_self_loop(void)
 static void test_ebr_no_signature(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = {{0, 1, 10}, {100, 1, 10}, {200, 1, 10}};
-	static const struct want w[] = {{5, 1001, 10}};
+	static const struct logical l[] = { { 0, 1, 10 }, { 100, 1, 10 }, { 200, 1, 10 } };
+	static const struct want w[] = { { 5, 1001, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 3);
@@ -253,8 +253,8 @@ static void test_ebr_no_signature(void)
 static void test_ebr_outside_extended(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = {{0, 1, 10}, {2000, 1, 10}};
-	static const struct want w[] = {{5, 1001, 10}};
+	static const struct logical l[] = { { 0, 1, 10 }, { 2000, 1, 10 } };
+	static const struct want w[] = { { 5, 1001, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000); /* sectors 1000..2999 */
 	write_chain(d, 512, 1000, l, 2);	 /* next EBR at 3000: outside */
@@ -270,9 +270,9 @@ static void test_logical_refused(void)
 	 * they keep their numbers and the chain goes on. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
 	static const struct logical l[] = {
-	    {0, 1, 5000}, {100, 0, 10}, {200, 1, 10}, {300, 1, 0}, {400, 1, 10},
+		{ 0, 1, 5000 }, { 100, 0, 10 }, { 200, 1, 10 }, { 300, 1, 0 }, { 400, 1, 10 },
 	};
-	static const struct want w[] = {{7, 1201, 10}, {8, 1401, 10}};
+	static const struct want w[] = { { 7, 1201, 10 }, { 8, 1401, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 2000);
 	write_chain(d, 512, 1000, l, 5);
@@ -291,7 +291,7 @@ static void test_ebr_max_links(void)
 	g_autofree struct logical *l = g_new0(struct logical, 200);
 
 	for (guint i = 0; i < 200; i++)
-		l[i] = (struct logical){i * 20, 1, 10};
+		l[i] = (struct logical){ i * 20, 1, 10 };
 	tg_mbr_entry(d, 1, 0, 0x05, 1000, 5000);
 	write_chain(d, 512, 1000, l, 200);
 	g_autoptr(PartTable) t = read_ok(512, d, n * 512);
@@ -304,7 +304,7 @@ static void test_ebr_empty_extended(void)
 {
 	/* A blank first EBR: an extended partition without logicals. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct want w[] = {{1, 10, 10}};
+	static const struct want w[] = { { 1, 10, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x83, 10, 10);
 	tg_mbr_entry(d, 2, 0, 0x05, 1000, 2000);
@@ -316,7 +316,7 @@ static void test_ebr_empty_extended(void)
 static void test_extended_beyond_device(void)
 {
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct logical l[] = {{0, 1, 10}};
+	static const struct logical l[] = { { 0, 1, 10 } };
 
 	tg_mbr_entry(d, 2, 0, 0x05, 1000, 4000);
 	write_chain(d, 512, 1000, l, 1);
@@ -329,8 +329,8 @@ static void test_mbr_4096(void)
 {
 	const uint64_t n = 1024;
 	g_autofree uint8_t *d = disk_new(n * 4096);
-	static const struct logical l[] = {{0, 1, 10}, {50, 1, 10}};
-	static const struct want w[] = {{1, 256, 100}, {5, 501, 10}, {6, 551, 10}};
+	static const struct logical l[] = { { 0, 1, 10 }, { 50, 1, 10 } };
+	static const struct want w[] = { { 1, 256, 100 }, { 5, 501, 10 }, { 6, 551, 10 } };
 
 	tg_mbr_entry(d, 1, 0, 0x83, 256, 100);
 	tg_mbr_entry(d, 2, 0, 0x05, 500, 524);
@@ -399,7 +399,7 @@ static void test_tiny_devices(void)
 	read_fails(4096, d, 4095, PART_ERROR_NO_TABLE, "not one whole 4096-byte sector");
 	{
 		/* One sector: an MBR works, its only possible partition is sector 0. */
-		static const struct want w[] = {{1, 0, 1}};
+		static const struct want w[] = { { 1, 0, 1 } };
 		g_autoptr(PartTable) t = read_ok(512, d, 512);
 
 		check_entries(t, w, 1);
@@ -422,10 +422,10 @@ static void test_inside_window(void)
 	/* A table inside a partition: read through a window, sectors relative
 	 * to the window; the window's end is the device's end. */
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 1000};
-	static const struct tg_gpt_part p[] = {{0, 34, 499}};
-	static const struct want w[] = {{1, 34, 466}};
-	static const struct want wm[] = {{1, 10, 90}};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 1000 };
+	static const struct tg_gpt_part p[] = { { 0, 34, 499 } };
+	static const struct want w[] = { { 1, 34, 466 } };
+	static const struct want wm[] = { { 1, 10, 90 } };
 
 	tg_gpt_write(d + 100 * 512, &g, p, 1);
 	tg_mbr_entry(d + 2000 * 512, 1, 0, 0x83, 10, 90);
@@ -465,12 +465,12 @@ static void test_io_error(void)
 /* The disk most damaged-GPT cases start from: a table made for 2048 sectors
  * of 512 bytes (on a disk of @disk_sectors) with one partition, entry 0 at
  * LBAs 100..199, which reads back as gpt_one_part.  Caller frees. */
-static const struct want gpt_one_part[] = {{1, 100, 100}};
+static const struct want gpt_one_part[] = { { 1, 100, 100 } };
 
 static uint8_t *gpt_one_part_disk(uint64_t disk_sectors)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	static const struct tg_gpt_part p[] = {{0, 100, 199}};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	static const struct tg_gpt_part p[] = { { 0, 100, 199 } };
 	uint8_t *d = disk_new(disk_sectors * 512);
 
 	tg_gpt_write(d, &g, p, 1);
@@ -478,18 +478,18 @@ static uint8_t *gpt_one_part_disk(uint64_t disk_sectors)
 }
 
 static const struct tg_gpt_part basic_parts[] = {
-    {0, 34, 1000, TG_ESP, "EFI system"},
-    {1, 1001, 1999, NULL,
-     "Donn\xc3\xa9"
-     "es \xf0\x9f\x92\xbe"},	 /* é, U+1F4BE */
-    {3, 2000, 2000, NULL, NULL}, /* one sector */
+	{ 0, 34, 1000, TG_ESP, "EFI system" },
+	{ 1, 1001, 1999, NULL,
+	  "Donn\xc3\xa9"
+	  "es \xf0\x9f\x92\xbe" },     /* é, U+1F4BE */
+	{ 3, 2000, 2000, NULL, NULL }, /* one sector */
 };
 
 static void test_gpt_basic(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096 };
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct want w[] = {{1, 34, 967}, {2, 1001, 999}, {4, 2000, 1}};
+	static const struct want w[] = { { 1, 34, 967 }, { 2, 1001, 999 }, { 4, 2000, 1 } };
 
 	tg_gpt_write(d, &g, basic_parts, 3);
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
@@ -516,10 +516,10 @@ static void test_gpt_basic(void)
 
 static void test_gpt_4096(void)
 {
-	const struct tg_gpt g = {.sector_size = 4096, .sectors = 1024};
+	const struct tg_gpt g = { .sector_size = 4096, .sectors = 1024 };
 	g_autofree uint8_t *d = disk_new(1024 * 4096);
-	static const struct tg_gpt_part p[] = {{0, 6, 255}, {1, 256, 1018}};
-	static const struct want w[] = {{1, 6, 250}, {2, 256, 763}};
+	static const struct tg_gpt_part p[] = { { 0, 6, 255 }, { 1, 256, 1018 } };
+	static const struct want w[] = { { 1, 6, 250 }, { 2, 256, 763 } };
 
 	g_assert_cmpuint(tg_gpt_first_usable(&g), ==, 6);
 	g_assert_cmpuint(tg_gpt_last_usable(&g), ==, 1018);
@@ -569,7 +569,7 @@ static void test_gpt_bad_backup(void)
 
 static void test_gpt_both_bad(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
 	g_autofree uint8_t *d = disk_new(2048 * 512);
 
 	tg_gpt_write(d, &g, NULL, 0);
@@ -624,10 +624,10 @@ static void test_gpt_primary_gone(void)
 {
 	/* Primary header zeroed: its alternate_lba cannot be trusted, the
 	 * backup is looked for at the last LBA. */
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{5, 1000, 1999}};
-	static const struct want w[] = {{6, 1000, 1000}};
+	static const struct tg_gpt_part p[] = { { 5, 1000, 1999 } };
+	static const struct want w[] = { { 6, 1000, 1000 } };
 
 	tg_gpt_write(d, &g, p, 1);
 	memset(d + 512, 0, 512);
@@ -640,19 +640,19 @@ static void test_gpt_primary_gone(void)
 
 static void test_gpt_entries_refused(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096 };
 	g_autofree uint8_t *d = disk_new(4096 * 512);
 	const uint64_t lu = tg_gpt_last_usable(&g); /* 4062 */
 	const struct tg_gpt_part p[] = {
-	    {0, 34, 99},       /* ok: first usable */
-	    {1, 33, 99},       /* before first usable */
-	    {2, 4000, lu + 1}, /* after last usable */
-	    {3, 5000, 6000},   /* past the end of the device */
-	    {4, 200, 199},     /* zero length: first > last */
-	    {5, 300, 100},     /* first > last */
-	    {6, 4000, lu},     /* ok: last usable */
+		{ 0, 34, 99 },	     /* ok: first usable */
+		{ 1, 33, 99 },	     /* before first usable */
+		{ 2, 4000, lu + 1 }, /* after last usable */
+		{ 3, 5000, 6000 },   /* past the end of the device */
+		{ 4, 200, 199 },     /* zero length: first > last */
+		{ 5, 300, 100 },     /* first > last */
+		{ 6, 4000, lu },     /* ok: last usable */
 	};
-	static const struct want w[] = {{1, 34, 66}, {7, 4000, 63}};
+	static const struct want w[] = { { 1, 34, 66 }, { 7, 4000, 63 } };
 
 	g_assert_cmpuint(lu, ==, 4062);
 	tg_gpt_write(d, &g, p, G_N_ELEMENTS(p));
@@ -668,10 +668,12 @@ static void test_gpt_entries_refused(void)
 
 static void test_gpt_overlap(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096 };
 	g_autofree uint8_t *d = disk_new(4096 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 999}, {1, 500, 1499}, {2, 1500, 1600}};
-	static const struct want w[] = {{1, 100, 900}, {2, 500, 1000}, {3, 1500, 101}};
+	static const struct tg_gpt_part p[] = { { 0, 100, 999 },
+						{ 1, 500, 1499 },
+						{ 2, 1500, 1600 } };
+	static const struct want w[] = { { 1, 100, 900 }, { 2, 500, 1000 }, { 3, 1500, 101 } };
 
 	tg_gpt_write(d, &g, p, 3);
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
@@ -688,7 +690,7 @@ static void expect_both_headers_refused(const struct tg_gpt *g, guint off, uint6
 {
 	const uint32_t ss = g->sector_size;
 	g_autofree uint8_t *d = disk_new(g->sectors * ss);
-	const uint64_t lbas[2] = {1, g->sectors - 1};
+	const uint64_t lbas[2] = { 1, g->sectors - 1 };
 
 	tg_gpt_write(d, g, NULL, 0);
 	for (int i = 0; i < 2; i++) {
@@ -729,8 +731,8 @@ static void expect_primary_refused(const struct tg_gpt *g, guint off, uint64_t v
 
 static void test_gpt_header_checks(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
-	const struct tg_gpt g4k = {.sector_size = 4096, .sectors = 256};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
+	const struct tg_gpt g4k = { .sector_size = 4096, .sectors = 256 };
 
 	expect_both_headers_refused(&g, 8, 0x00020000, 4, "header revision 0x00020000 is not 1.x");
 	expect_both_headers_refused(&g, 12, 91, 4, "header size 91 is not in 92..512");
@@ -761,10 +763,11 @@ static void test_gpt_entries_elsewhere(void)
 	/* The entry array where the header says (LBA 40, first usable 100),
 	 * 256-byte entries, 20 of them. */
 	const struct tg_gpt g = {
-	    .sector_size = 512, .sectors = 2048, .num_entries = 20, .entry_size = 256};
+		.sector_size = 512, .sectors = 2048, .num_entries = 20, .entry_size = 256
+	};
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{19, 100, 199, NULL, "last"}};
-	static const struct want w[] = {{20, 100, 100}};
+	static const struct tg_gpt_part p[] = { { 19, 100, 199, NULL, "last" } };
+	static const struct want w[] = { { 20, 100, 100 } };
 	uint8_t *h = d + 512;
 
 	tg_gpt_write(d, &g, p, 1);
@@ -783,7 +786,7 @@ static void test_gpt_entries_elsewhere(void)
 
 static void test_gpt_no_entries(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
 	g_autofree uint8_t *d = disk_new(2048 * 512);
 
 	tg_gpt_write(d, &g, NULL, 0);
@@ -814,15 +817,15 @@ static void test_gpt_hybrid_and_pmbr(void)
 
 static void test_gpt_names(void)
 {
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 2048};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 2048 };
 	g_autofree uint8_t *d = disk_new(2048 * 512);
-	static const struct tg_gpt_part p[] = {{0, 100, 199}, {1, 200, 299}};
+	static const struct tg_gpt_part p[] = { { 0, 100, 199 }, { 1, 200, 299 } };
 	uint8_t *e0 = d + 1024, *e1 = d + 1024 + 128;
 
 	tg_gpt_write(d, &g, p, 2);
 	/* Entry 1: 36 units, no NUL: "AB", a lone high surrogate, "C", a lone
 	 * low surrogate, then 'x' to the end. */
-	static const uint16_t u[] = {'A', 'B', 0xd800, 'C', 0xdc00};
+	static const uint16_t u[] = { 'A', 'B', 0xd800, 'C', 0xdc00 };
 	for (int i = 0; i < 36; i++) {
 		uint16_t c = i < 5 ? u[i] : 'x';
 
@@ -857,12 +860,12 @@ static void test_gpt_names(void)
 static void test_gpt_many_warnings(void)
 {
 	/* 1000 refused entries: 100 warnings kept, the rest counted. */
-	const struct tg_gpt g = {.sector_size = 512, .sectors = 4096, .num_entries = 1000};
+	const struct tg_gpt g = { .sector_size = 512, .sectors = 4096, .num_entries = 1000 };
 	g_autofree uint8_t *d = disk_new(4096 * 512);
 	g_autofree struct tg_gpt_part *p = g_new0(struct tg_gpt_part, 1000);
 
 	for (guint i = 0; i < 1000; i++)
-		p[i] = (struct tg_gpt_part){i, 3000, 2000};
+		p[i] = (struct tg_gpt_part){ i, 3000, 2000 };
 	tg_gpt_write(d, &g, p, 1000);
 	g_autoptr(PartTable) t = read_ok(512, d, 4096 * 512);
 	check_entries(t, NULL, 0);
