@@ -62,9 +62,11 @@ struct fs_chan {
 	struct loop_watch w;
 	uint8_t *buf; /* the next read's buffer, or NULL */
 	struct loop_task task;
-	struct completion *sync; /* attach/detach on the loop, waited for */
-	struct loop_timer retry; /* reading again after memory ran out */
-	gboolean starved;	 /* said so in the log */
+	struct completion *sync;   /* attach/detach on the loop, waited for */
+	struct loop_timer retry;   /* reading again after memory ran out */
+	gboolean starved;	   /* said so in the log */
+	struct loop_timer tidy;	   /* a quiet channel gives memory back */
+	guint64 nread, nread_tidy; /* requests read; and when @tidy was armed */
 };
 
 /* A FUSE request being answered: where its reply goes.  Small and copied by
@@ -233,6 +235,9 @@ int fs_notify_inval_entry(Fs *fs, fs_ino_t parent, const char *name);
 /* A request buffer of FUSEP_BUF_SIZE bytes (NULL when memory ran out),
  * and back (any thread). */
 uint8_t *fs_buf_get(Fs *fs);
+/* The daemon went quiet: the free request buffers and the heap's unused
+ * pages go back to the system (the heap on the pool: it may take a while). */
+void fs_bufs_tidy(Fs *fs);
 void fs_buf_put(Fs *fs, uint8_t *buf);
 /* The loops requests run on. */
 static inline LoopSet *fs_loops(Fs *fs)

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <linux/fuse.h>
+#include <malloc.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -41,6 +42,22 @@ void fs_buf_put(Fs *fs, uint8_t *buf)
 	}
 	g_mutex_unlock(&fs->buf_lock);
 	g_free(buf);
+}
+
+static void heap_trim(void *opaque)
+{
+	(void)opaque;
+	malloc_trim(0);
+}
+
+void fs_bufs_tidy(Fs *fs)
+{
+	g_mutex_lock(&fs->buf_lock);
+	GPtrArray *free_bufs = fs->free_bufs;
+	fs->free_bufs = g_ptr_array_new_with_free_func(g_free);
+	g_mutex_unlock(&fs->buf_lock);
+	g_ptr_array_unref(free_bufs);
+	loop_set_run_blocking(fs_loops(fs), heap_trim, NULL);
 }
 
 /* ---- Replies --------------------------------------------------------------- */

@@ -41,6 +41,9 @@
 
 #define READS_PER_TURN 16
 #define STARVED_RETRY_MS 10
+/* A channel that read no request for this long, with none in flight
+ * anywhere, gives the memory of the last burst back (fs_bufs_tidy). */
+#define TIDY_AFTER_MS 2000
 #define MAX_BACKGROUND 64
 #define CONGESTION_THRESHOLD 48
 
@@ -287,10 +290,29 @@ static void starve(struct fs_chan *ch)
 			 retry_reading, ch);
 }
 
+/* @ch's tidy timer: quiet since it was armed? */
+static void tidy(void *opaque)
+{
+	struct fs_chan *ch = opaque;
+	if (ch->nread != ch->nread_tidy) {
+		ch->nread_tidy = ch->nread;
+		loop_timer_start(ch->loop, &ch->tidy, g_get_monotonic_time() + TIDY_AFTER_MS * 1000,
+				 tidy, ch);
+	} else if (g_atomic_int_get(&ch->fs->inflight) == 0) {
+		fs_bufs_tidy(ch->fs);
+	}
+}
+
 static void on_readable(void *opaque, uint32_t events)
 {
 	struct fs_chan *ch = opaque;
 	Fs *fs = ch->fs;
+
+	if (!loop_timer_armed(&ch->tidy)) {
+		ch->nread_tidy = ch->nread;
+		loop_timer_start(ch->loop, &ch->tidy, g_get_monotonic_time() + TIDY_AFTER_MS * 1000,
+				 tidy, ch);
+	}
 
 	for (int i = 0; i < READS_PER_TURN; i++) {
 		if (ch->buf == NULL && (ch->buf = fs_buf_get(fs)) == NULL) {
@@ -306,10 +328,12 @@ static void on_readable(void *opaque, uint32_t events)
 				return;
 			if (errno != ENODEV)
 				g_warning("reading /dev/fuse: %s", g_strerror(errno));
+			loop_timer_stop(&ch->tidy);
 			loop_watch_del(&ch->w);
 			session_ended(fs);
 			return;
 		}
+		ch->nread++;
 		dispatch(ch, (size_t)n);
 	}
 }
@@ -327,6 +351,7 @@ static void chan_detach(void *opaque)
 {
 	struct fs_chan *ch = opaque;
 	loop_timer_stop(&ch->retry);
+	loop_timer_stop(&ch->tidy);
 	loop_watch_del(&ch->w);
 	completion_done(ch->sync, 0);
 }

@@ -5,10 +5,11 @@ opened skipped, the exports learnt over parallel control connections."""
 import errno
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nbdfs_test.data import direct_pread, read_file, timed
+from nbdfs_test.data import direct_pread, direct_pwrite, read_file, timed
 from nbdfs_test.polling import wait_for
 
 CPUS = os.cpu_count() or 1
@@ -29,12 +30,17 @@ def _export_dir(tmp_path, n, size=65536):
     return d
 
 
-def _threads(pid):
+def _status(pid, key):
+    """A number from /proc/PID/status (Threads, VmRSS in KiB, ...)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("Threads:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return None
+
+
+def _threads(pid):
+    return _status(pid, "Threads")
 
 
 def _sockets(pid):
@@ -95,6 +101,34 @@ def test_out_of_file_descriptors_fails_the_request_at_once(tmp_path, server, mou
     assert f"e{i:05d}" in log, log[-2000:]
     # the exports that have their connection go on
     assert direct_pread(m / "e00000", 0, 4096)[:12] == b"export 00000"
+    assert m.unmount() == 0
+
+
+def test_memory_of_a_burst_is_given_back(server, mount):
+    """128 MiB written with O_DIRECT in 1 MiB requests, 16 threads at once:
+    the buffers and the replay log grow, and a few seconds after the last
+    request the daemon's RSS is back near where it started."""
+    srv = server("memory", "256M")
+    m = mount(srv.uri(), foreground=True)
+    assert read_file(m / "disk", 0, 4096) == bytes(4096)
+    before = _status(m.pid, "VmRSS")
+    block = os.urandom(1 << 20)
+
+    def writer(k):
+        fd = os.open(m / "disk", os.O_WRONLY | os.O_DIRECT)
+        try:
+            for i in range(k, 128, 16):
+                assert direct_pwrite(None, i << 20, block, fd=fd) == len(block)
+        finally:
+            os.close(fd)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(writer, range(16)))
+    peak = _status(m.pid, "VmHWM")
+    assert peak > before + 16 * 1024, (before, peak)
+    wait_for(lambda: _status(m.pid, "VmRSS") < before + 12 * 1024, timeout=30,
+             what=f"RSS back near {before} KiB after a peak of {peak} KiB "
+                  f"(now {_status(m.pid, 'VmRSS')} KiB)")
+    assert direct_pread(m / "disk", 5 << 20, 4096) == block[:4096]
     assert m.unmount() == 0
 
 
