@@ -15,7 +15,7 @@ command -v clang-format >/dev/null || {
 	echo "format: clang-format is not installed (contrib/install-deps.sh)" >&2
 	exit 2
 }
-mapfile -t files < <(git ls-files -- 'src/*.[ch]' 'include/*.h' 'test/*.[ch]' 'contrib/*.[ch]')
+mapfile -t files < <(git ls-files --cached --others --exclude-standard -- 'src/*.[ch]' 'include/*.h' 'test/*.[ch]' 'contrib/*.[ch]')
 
 if [ "${1:-}" != --check ]; then
 	clang-format -i --style=file "${files[@]}"
