@@ -432,6 +432,9 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 			*msg = g_strdup("internal error: read buffer too short");
 			return -EPROTO;
 		}
+		size_t want = 0;
+		for (int i = 0; i < k; i++)
+			want += v[i].iov_len;
 		ssize_t n = nbdc_tr_readv(conn->t, v, k);
 		if (n == -EAGAIN)
 			return DRAINED;
@@ -445,6 +448,8 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 		}
 		conn->rx_rel += (uint64_t)n;
 		conn->rx_left -= (uint64_t)n;
+		if ((size_t)n < want && conn->rx_left > 0 && !conn->t->tls)
+			return DRAINED; /* the socket is empty: no read to see EAGAIN */
 	}
 	return 0;
 }
@@ -545,6 +550,11 @@ static gboolean mid_message(const struct nbdc_conn *conn)
 int nbdc_reply_read(struct nbdc_conn *conn, char **msg)
 {
 	size_t budget = READ_BUDGET;
+	/* A plaintext read that took less than it was offered emptied the
+	 * socket: the next would only see EAGAIN (one wasted recvmsg per
+	 * reply at queue depth 1).  Level-triggered: the loop calls again
+	 * when more arrives. */
+	gboolean emptied = FALSE;
 
 	for (;;) {
 		int r = parse(conn, msg);
@@ -560,7 +570,7 @@ int nbdc_reply_read(struct nbdc_conn *conn, char **msg)
 		/* TLS may hold decrypted bytes no poll announces: read on. */
 		if (r == DRAINED && !nbdc_tr_read_pending(conn->t))
 			return 0;
-		if (budget == 0)
+		if (budget == 0 || emptied)
 			return 0; /* level-triggered: the loop calls again */
 		ssize_t n = nbdc_rb_fill(conn);
 		if (n == -EAGAIN)
@@ -587,5 +597,6 @@ int nbdc_reply_read(struct nbdc_conn *conn, char **msg)
 			return n == -EPROTO ? -EPROTO : -ENOTCONN;
 		}
 		budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+		emptied = conn->rb.end < conn->rb.cap && !conn->t->tls;
 	}
 }
