@@ -519,7 +519,34 @@ void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
 void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err);
 /* Nothing is in flight any more. */
 void nbdc_export_idle_now(Nbdc *c);
-void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
+/* A doubly linked list of requests (prev/next) between *head and *tail:
+ * @req goes on the end. */
+static inline void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail,
+				   struct nbdc_req *req)
+{
+	req->next = NULL;
+	req->prev = *tail;
+	if (*tail)
+		(*tail)->next = req;
+	else
+		*head = req;
+	*tail = req;
+}
+
+/* The same list: @req (on it) comes off, its prev and next cleared. */
+static inline void nbdc_req_unlink(struct nbdc_req **head, struct nbdc_req **tail,
+				   struct nbdc_req *req)
+{
+	if (req->prev)
+		req->prev->next = req->next;
+	else
+		*head = req->next;
+	if (req->next)
+		req->next->prev = req->prev;
+	else
+		*tail = req->prev;
+	req->prev = req->next = NULL;
+}
 /* Under c->lock: parks @req until a connection is ready. */
 void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
 gboolean nbdc_has_usable_locked(const Nbdc *c);

@@ -121,27 +121,13 @@ void nbdc_send_fini(struct nbdc_conn *conn)
 
 static void inf_append(struct nbdc_conn *conn, struct nbdc_req *req)
 {
-	req->prev = conn->inf_tail;
-	req->next = NULL;
-	if (conn->inf_tail)
-		conn->inf_tail->next = req;
-	else
-		conn->inf_head = req;
-	conn->inf_tail = req;
+	nbdc_req_append(&conn->inf_head, &conn->inf_tail, req);
 	conn->inf_count++;
 }
 
 static void inf_remove(struct nbdc_conn *conn, struct nbdc_req *req)
 {
-	if (req->prev)
-		req->prev->next = req->next;
-	else
-		conn->inf_head = req->next;
-	if (req->next)
-		req->next->prev = req->prev;
-	else
-		conn->inf_tail = req->prev;
-	req->prev = req->next = NULL;
+	nbdc_req_unlink(&conn->inf_head, &conn->inf_tail, req);
 	conn->inf_count--;
 }
 
@@ -185,13 +171,7 @@ void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req)
 	nbd_encode_request(&hdr, req->flags, req->type, req->cookie, req->offset, req->len);
 	memcpy(req->hdr, &hdr, sizeof(hdr));
 	req->sent_us = 0;
-	req->prev = NULL;
-	req->next = NULL;
-	if (conn->txq_tail)
-		conn->txq_tail->next = req;
-	else
-		conn->txq_head = req;
-	conn->txq_tail = req;
+	nbdc_req_append(&conn->txq_head, &conn->txq_tail, req);
 	conn->tx_count++;
 	if (conn->cfg->debug)
 		nbdc_log(conn->cfg, NBDC_LOG_DEBUG,
