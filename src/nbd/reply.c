@@ -92,7 +92,9 @@ static int dest_iov(const struct nbdc_req *req, uint64_t rel, uint64_t len, stru
 	return k;
 }
 
-static void copy_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, size_t n)
+/* Fills @n bytes of @req's buffers from @rel on: from @src, or zeroes when
+ * @src is NULL. */
+static void fill_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, uint64_t n)
 {
 	struct iovec v[IOV_BATCH];
 
@@ -102,25 +104,12 @@ static void copy_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, si
 		if (k == 0)
 			return;
 		for (int i = 0; i < k; i++) {
-			memcpy(v[i].iov_base, src, v[i].iov_len);
-			src += v[i].iov_len;
-			rel += v[i].iov_len;
-			n -= v[i].iov_len;
-		}
-	}
-}
-
-static void zero_into(struct nbdc_req *req, uint64_t rel, uint64_t n)
-{
-	struct iovec v[IOV_BATCH];
-
-	while (n > 0) {
-		int k = dest_iov(req, rel, n, v, IOV_BATCH);
-
-		if (k == 0)
-			return;
-		for (int i = 0; i < k; i++) {
-			memset(v[i].iov_base, 0, v[i].iov_len);
+			if (src) {
+				memcpy(v[i].iov_base, src, v[i].iov_len);
+				src += v[i].iov_len;
+			} else {
+				memset(v[i].iov_base, 0, v[i].iov_len);
+			}
 			rel += v[i].iov_len;
 			n -= v[i].iov_len;
 		}
@@ -311,7 +300,7 @@ static char *chunk_payload(struct nbdc_conn *conn)
 			return VIOLATION("OFFSET_HOLE [%" G_GUINT64_FORMAT
 					 "+%u) outside the request",
 					 off, hl);
-		zero_into(req, off - req->offset, hl);
+		fill_into(req, off - req->offset, NULL, hl);
 		if (!cover(req, off - req->offset, hl) ||
 		    (++req->content_chunks > 1 && (req->flags & NBD_CMD_FLAG_DF)))
 			set_err(req, -EPROTO);
@@ -418,7 +407,7 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 		if (a > 0) {
 			size_t n = (size_t)MIN((uint64_t)a, conn->rx_left);
 
-			copy_into(req, conn->rx_rel, conn->rb.data + conn->rb.pos, n);
+			fill_into(req, conn->rx_rel, conn->rb.data + conn->rb.pos, n);
 			conn->rb.pos += n;
 			conn->rx_rel += n;
 			conn->rx_left -= n;
