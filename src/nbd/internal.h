@@ -348,6 +348,10 @@ struct nbdc_req *nbdc_table_lookup(const struct nbdc_conn *conn, uint64_t cookie
 gboolean nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
 /* Every request the connection holds, in order, unlinked (for death). */
 struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn);
+/* Up to @max iovecs for [rel, rel + len) of @req's buffers; returns the
+ * count (0 if @req's iov is shorter than the request: a caller bug). */
+int nbdc_req_iov(const struct nbdc_req *req, uint64_t rel, uint64_t len, struct iovec *out,
+		 int max);
 /* The request timeout: <0 when a request (or the stalled socket) is overdue
  * (@msg set); else *@next_due is when the next one is, or 0. */
 int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg);

@@ -65,33 +65,6 @@ void nbdc_reply_fini(struct nbdc_conn *conn)
 
 /* ---- the caller's buffers ---- */
 
-/* Up to @max iovecs for [rel, rel + len) of @req's buffers; returns the
- * count (0 if @req's iov is shorter than the request: a caller bug). */
-static int dest_iov(const struct nbdc_req *req, uint64_t rel, uint64_t len, struct iovec *out,
-		    int max)
-{
-	uint64_t skip = req->iov_off + rel;
-	int i = 0, k = 0;
-
-	while (i < req->iovcnt && skip >= req->iov[i].iov_len) {
-		skip -= req->iov[i].iov_len;
-		i++;
-	}
-	while (k < max && len > 0 && i < req->iovcnt) {
-		size_t take = (size_t)MIN((uint64_t)(req->iov[i].iov_len - skip), len);
-
-		if (take) {
-			out[k].iov_base = (char *)req->iov[i].iov_base + skip;
-			out[k].iov_len = take;
-			k++;
-		}
-		len -= take;
-		skip = 0;
-		i++;
-	}
-	return k;
-}
-
 /* Fills @n bytes of @req's buffers from @rel on: from @src, or zeroes when
  * @src is NULL. */
 static void fill_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, uint64_t n)
@@ -99,7 +72,7 @@ static void fill_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, ui
 	struct iovec v[IOV_BATCH];
 
 	while (n > 0) {
-		int k = dest_iov(req, rel, n, v, IOV_BATCH);
+		int k = nbdc_req_iov(req, rel, n, v, IOV_BATCH);
 
 		if (k == 0)
 			return;
@@ -416,7 +389,7 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 		if (conn->rx_left < RB_DIRECT_MIN)
 			return NEED_BYTES;
 		struct iovec v[IOV_BATCH];
-		int k = dest_iov(req, conn->rx_rel, conn->rx_left, v, IOV_BATCH);
+		int k = nbdc_req_iov(req, conn->rx_rel, conn->rx_left, v, IOV_BATCH);
 		if (k == 0) {
 			*msg = g_strdup("internal error: read buffer too short");
 			return -EPROTO;
