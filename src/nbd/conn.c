@@ -536,15 +536,10 @@ static void on_io(void *opaque, uint32_t events)
 
 /* ---- the inbox and closing (any thread) ---- */
 
-static void drain_inbox(void *opaque)
+/* On the loop: the requests taken from the inbox (@list, linked by next)
+ * join the send queue, in order. */
+static void queue_inbox(struct nbdc_conn *conn, struct nbdc_req *list)
 {
-	struct nbdc_conn *conn = opaque;
-
-	g_mutex_lock(&conn->inq_lock);
-	struct nbdc_req *list = conn->inq_head;
-	conn->inq_head = conn->inq_tail = NULL;
-	conn->inq_posted = FALSE;
-	g_mutex_unlock(&conn->inq_lock);
 	if (list)
 		send_soon(conn);
 	while (list) {
@@ -554,6 +549,18 @@ static void drain_inbox(void *opaque)
 		nbdc_send_queue(conn, list);
 		list = next;
 	}
+}
+
+static void drain_inbox(void *opaque)
+{
+	struct nbdc_conn *conn = opaque;
+
+	g_mutex_lock(&conn->inq_lock);
+	struct nbdc_req *list = conn->inq_head;
+	conn->inq_head = conn->inq_tail = NULL;
+	conn->inq_posted = FALSE;
+	g_mutex_unlock(&conn->inq_lock);
+	queue_inbox(conn, list);
 	nbdc_conn_unref(conn);
 }
 
@@ -572,12 +579,7 @@ gboolean nbdc_conn_submit(struct nbdc_conn *conn, struct nbdc_req *req)
 		g_mutex_unlock(&conn->inq_lock);
 		return FALSE;
 	}
-	req->next = NULL;
-	if (conn->inq_tail)
-		conn->inq_tail->next = req;
-	else
-		conn->inq_head = req;
-	conn->inq_tail = req;
+	nbdc_req_append(&conn->inq_head, &conn->inq_tail, req);
 	g_atomic_int_inc(&conn->load);
 	gboolean post = !conn->inq_posted;
 	conn->inq_posted = TRUE;
@@ -607,15 +609,7 @@ static void close_on_loop(void *opaque)
 		conn->inq_head = conn->inq_tail = NULL;
 		g_mutex_unlock(&conn->inq_lock);
 		conn->draining = TRUE;
-		if (list)
-			send_soon(conn);
-		while (list) {
-			struct nbdc_req *next = list->next;
-
-			list->next = NULL;
-			nbdc_send_queue(conn, list);
-			list = next;
-		}
+		queue_inbox(conn, list);
 		gboolean idle = !conn->txq_head && !conn->inf_head;
 		if (cr->how == NBDC_CLOSE_DROP || (cr->how == NBDC_CLOSE_ABANDON && !idle))
 			conn_fail(conn, -ENOTCONN, NULL);

@@ -284,17 +284,6 @@ static struct nbdc_conn *choose_locked(Nbdc *c, Loop *cur, struct nbdc_conn **gr
 
 /* ---- submitting ---- */
 
-void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req)
-{
-	req->next = NULL;
-	req->prev = *tail;
-	if (*tail)
-		(*tail)->next = req;
-	else
-		*head = req;
-	*tail = req;
-}
-
 /* Under c->lock: parks @req until a connection is ready. */
 void nbdc_park_locked(Nbdc *c, struct nbdc_req *req)
 {

@@ -348,6 +348,10 @@ struct nbdc_req *nbdc_table_lookup(const struct nbdc_conn *conn, uint64_t cookie
 gboolean nbdc_send_retire(struct nbdc_conn *conn, struct nbdc_req *req);
 /* Every request the connection holds, in order, unlinked (for death). */
 struct nbdc_req *nbdc_send_take_all(struct nbdc_conn *conn);
+/* Up to @max iovecs for [rel, rel + len) of @req's buffers; returns the
+ * count (0 if @req's iov is shorter than the request: a caller bug). */
+int nbdc_req_iov(const struct nbdc_req *req, uint64_t rel, uint64_t len, struct iovec *out,
+		 int max);
 /* The request timeout: <0 when a request (or the stalled socket) is overdue
  * (@msg set); else *@next_due is when the next one is, or 0. */
 int nbdc_send_check_timeout(struct nbdc_conn *conn, gint64 *next_due, char **msg);
@@ -519,7 +523,34 @@ void nbdc_export_finish(Nbdc *c, struct nbdc_req *req, int err);
 void nbdc_export_finish_all(Nbdc *c, struct nbdc_req *list, int err);
 /* Nothing is in flight any more. */
 void nbdc_export_idle_now(Nbdc *c);
-void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail, struct nbdc_req *req);
+/* A doubly linked list of requests (prev/next) between *head and *tail:
+ * @req goes on the end. */
+static inline void nbdc_req_append(struct nbdc_req **head, struct nbdc_req **tail,
+				   struct nbdc_req *req)
+{
+	req->next = NULL;
+	req->prev = *tail;
+	if (*tail)
+		(*tail)->next = req;
+	else
+		*head = req;
+	*tail = req;
+}
+
+/* The same list: @req (on it) comes off, its prev and next cleared. */
+static inline void nbdc_req_unlink(struct nbdc_req **head, struct nbdc_req **tail,
+				   struct nbdc_req *req)
+{
+	if (req->prev)
+		req->prev->next = req->next;
+	else
+		*head = req->next;
+	if (req->next)
+		req->next->prev = req->prev;
+	else
+		*tail = req->prev;
+	req->prev = req->next = NULL;
+}
 /* Under c->lock: parks @req until a connection is ready. */
 void nbdc_park_locked(Nbdc *c, struct nbdc_req *req);
 gboolean nbdc_has_usable_locked(const Nbdc *c);

@@ -124,6 +124,22 @@ static gboolean bs_more(const struct nbdc_op *op)
 
 static void submit_flush_piece(struct nbdc_op *op);
 
+/* The op's embedded request, cleared for its next piece of @type (the
+ * previous piece finished). */
+static struct nbdc_req *reuse_embedded(struct nbdc_op *op, uint16_t type)
+{
+	struct nbdc_req *req = &op->req;
+
+	if (req->ranges)
+		g_array_unref(req->ranges);
+	memset(req, 0, sizeof(*req));
+	req->op = op;
+	req->embedded = TRUE;
+	req->complete = piece_done;
+	req->type = type;
+	return req;
+}
+
 /* The last piece finished (on a loop, or in a posted task). */
 static void op_finish(struct nbdc_op *op)
 {
@@ -135,16 +151,9 @@ static void op_finish(struct nbdc_op *op)
 	if (bs_more(op)) {
 		/* The next block status request, from where the last reply's
 		 * extents ended: one in flight at a time keeps them in order. */
-		struct nbdc_req *req = &op->req;
-		uint16_t flags = req->flags;
+		uint16_t flags = op->req.flags;
+		struct nbdc_req *req = reuse_embedded(op, NBD_CMD_BLOCK_STATUS);
 
-		if (req->ranges)
-			g_array_unref(req->ranges);
-		memset(req, 0, sizeof(*req));
-		req->op = op;
-		req->embedded = TRUE;
-		req->complete = piece_done;
-		req->type = NBD_CMD_BLOCK_STATUS;
 		req->flags = flags;
 		req->extent = op->extent;
 		req->extent_opaque = op->opaque;
@@ -180,15 +189,8 @@ static void piece_done(struct nbdc_req *req, int err)
 
 static void submit_flush_piece(struct nbdc_op *op)
 {
-	struct nbdc_req *req = &op->req;
+	struct nbdc_req *req = reuse_embedded(op, NBD_CMD_FLUSH);
 
-	if (req->ranges)
-		g_array_unref(req->ranges);
-	memset(req, 0, sizeof(*req));
-	req->op = op;
-	req->embedded = TRUE;
-	req->complete = piece_done;
-	req->type = NBD_CMD_FLUSH;
 	op->pending = 1;
 	nbdc_export_submit(op->c, req);
 }

@@ -22,14 +22,7 @@ static struct nbdc_req *expire_locked(Nbdc *c, gint64 now, gboolean all)
 		next = r->next;
 		if (!all && r->wait_since_us + tmo > now)
 			continue;
-		if (r->prev)
-			r->prev->next = r->next;
-		else
-			c->parked_head = r->next;
-		if (r->next)
-			r->next->prev = r->prev;
-		else
-			c->parked_tail = r->prev;
+		nbdc_req_unlink(&c->parked_head, &c->parked_tail, r);
 		c->nparked--;
 		nbdc_req_append(&head, &tail, r);
 	}

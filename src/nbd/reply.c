@@ -65,62 +65,24 @@ void nbdc_reply_fini(struct nbdc_conn *conn)
 
 /* ---- the caller's buffers ---- */
 
-/* Up to @max iovecs for [rel, rel + len) of @req's buffers; returns the
- * count (0 if @req's iov is shorter than the request: a caller bug). */
-static int dest_iov(const struct nbdc_req *req, uint64_t rel, uint64_t len, struct iovec *out,
-		    int max)
-{
-	uint64_t skip = req->iov_off + rel;
-	int i = 0, k = 0;
-
-	while (i < req->iovcnt && skip >= req->iov[i].iov_len) {
-		skip -= req->iov[i].iov_len;
-		i++;
-	}
-	while (k < max && len > 0 && i < req->iovcnt) {
-		size_t take = (size_t)MIN((uint64_t)(req->iov[i].iov_len - skip), len);
-
-		if (take) {
-			out[k].iov_base = (char *)req->iov[i].iov_base + skip;
-			out[k].iov_len = take;
-			k++;
-		}
-		len -= take;
-		skip = 0;
-		i++;
-	}
-	return k;
-}
-
-static void copy_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, size_t n)
+/* Fills @n bytes of @req's buffers from @rel on: from @src, or zeroes when
+ * @src is NULL. */
+static void fill_into(struct nbdc_req *req, uint64_t rel, const uint8_t *src, uint64_t n)
 {
 	struct iovec v[IOV_BATCH];
 
 	while (n > 0) {
-		int k = dest_iov(req, rel, n, v, IOV_BATCH);
+		int k = nbdc_req_iov(req, rel, n, v, IOV_BATCH);
 
 		if (k == 0)
 			return;
 		for (int i = 0; i < k; i++) {
-			memcpy(v[i].iov_base, src, v[i].iov_len);
-			src += v[i].iov_len;
-			rel += v[i].iov_len;
-			n -= v[i].iov_len;
-		}
-	}
-}
-
-static void zero_into(struct nbdc_req *req, uint64_t rel, uint64_t n)
-{
-	struct iovec v[IOV_BATCH];
-
-	while (n > 0) {
-		int k = dest_iov(req, rel, n, v, IOV_BATCH);
-
-		if (k == 0)
-			return;
-		for (int i = 0; i < k; i++) {
-			memset(v[i].iov_base, 0, v[i].iov_len);
+			if (src) {
+				memcpy(v[i].iov_base, src, v[i].iov_len);
+				src += v[i].iov_len;
+			} else {
+				memset(v[i].iov_base, 0, v[i].iov_len);
+			}
 			rel += v[i].iov_len;
 			n -= v[i].iov_len;
 		}
@@ -311,7 +273,7 @@ static char *chunk_payload(struct nbdc_conn *conn)
 			return VIOLATION("OFFSET_HOLE [%" G_GUINT64_FORMAT
 					 "+%u) outside the request",
 					 off, hl);
-		zero_into(req, off - req->offset, hl);
+		fill_into(req, off - req->offset, NULL, hl);
 		if (!cover(req, off - req->offset, hl) ||
 		    (++req->content_chunks > 1 && (req->flags & NBD_CMD_FLAG_DF)))
 			set_err(req, -EPROTO);
@@ -418,7 +380,7 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 		if (a > 0) {
 			size_t n = (size_t)MIN((uint64_t)a, conn->rx_left);
 
-			copy_into(req, conn->rx_rel, conn->rb.data + conn->rb.pos, n);
+			fill_into(req, conn->rx_rel, conn->rb.data + conn->rb.pos, n);
 			conn->rb.pos += n;
 			conn->rx_rel += n;
 			conn->rx_left -= n;
@@ -427,7 +389,7 @@ static int read_payload(struct nbdc_conn *conn, char **msg)
 		if (conn->rx_left < RB_DIRECT_MIN)
 			return NEED_BYTES;
 		struct iovec v[IOV_BATCH];
-		int k = dest_iov(req, conn->rx_rel, conn->rx_left, v, IOV_BATCH);
+		int k = nbdc_req_iov(req, conn->rx_rel, conn->rx_left, v, IOV_BATCH);
 		if (k == 0) {
 			*msg = g_strdup("internal error: read buffer too short");
 			return -EPROTO;

@@ -121,27 +121,13 @@ void nbdc_send_fini(struct nbdc_conn *conn)
 
 static void inf_append(struct nbdc_conn *conn, struct nbdc_req *req)
 {
-	req->prev = conn->inf_tail;
-	req->next = NULL;
-	if (conn->inf_tail)
-		conn->inf_tail->next = req;
-	else
-		conn->inf_head = req;
-	conn->inf_tail = req;
+	nbdc_req_append(&conn->inf_head, &conn->inf_tail, req);
 	conn->inf_count++;
 }
 
 static void inf_remove(struct nbdc_conn *conn, struct nbdc_req *req)
 {
-	if (req->prev)
-		req->prev->next = req->next;
-	else
-		conn->inf_head = req->next;
-	if (req->next)
-		req->next->prev = req->prev;
-	else
-		conn->inf_tail = req->prev;
-	req->prev = req->next = NULL;
+	nbdc_req_unlink(&conn->inf_head, &conn->inf_tail, req);
 	conn->inf_count--;
 }
 
@@ -185,13 +171,7 @@ void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req)
 	nbd_encode_request(&hdr, req->flags, req->type, req->cookie, req->offset, req->len);
 	memcpy(req->hdr, &hdr, sizeof(hdr));
 	req->sent_us = 0;
-	req->prev = NULL;
-	req->next = NULL;
-	if (conn->txq_tail)
-		conn->txq_tail->next = req;
-	else
-		conn->txq_head = req;
-	conn->txq_tail = req;
+	nbdc_req_append(&conn->txq_head, &conn->txq_tail, req);
 	conn->tx_count++;
 	if (conn->cfg->debug)
 		nbdc_log(conn->cfg, NBDC_LOG_DEBUG,
@@ -201,26 +181,27 @@ void nbdc_send_queue(struct nbdc_conn *conn, struct nbdc_req *req)
 			 conn->index);
 }
 
-/* Appends @req's payload bytes [skip, len) to @v; returns the count used. */
-static int payload_iov(const struct nbdc_req *req, size_t skip, struct iovec *v, int max)
+/* Up to @max iovecs for [rel, rel + len) of @req's buffers; returns the
+ * count (0 if @req's iov is shorter than the request: a caller bug). */
+int nbdc_req_iov(const struct nbdc_req *req, uint64_t rel, uint64_t len, struct iovec *out, int max)
 {
-	uint64_t pos = req->iov_off + skip, left = req->len - skip;
-	int k = 0, i = 0;
+	uint64_t skip = req->iov_off + rel;
+	int i = 0, k = 0;
 
-	while (i < req->iovcnt && pos >= req->iov[i].iov_len) {
-		pos -= req->iov[i].iov_len;
+	while (i < req->iovcnt && skip >= req->iov[i].iov_len) {
+		skip -= req->iov[i].iov_len;
 		i++;
 	}
-	while (k < max && left > 0 && i < req->iovcnt) {
-		size_t take = (size_t)MIN((uint64_t)(req->iov[i].iov_len - pos), left);
+	while (k < max && len > 0 && i < req->iovcnt) {
+		size_t take = (size_t)MIN((uint64_t)(req->iov[i].iov_len - skip), len);
 
 		if (take) {
-			v[k].iov_base = (char *)req->iov[i].iov_base + pos;
-			v[k].iov_len = take;
+			out[k].iov_base = (char *)req->iov[i].iov_base + skip;
+			out[k].iov_len = take;
 			k++;
 		}
-		left -= take;
-		pos = 0;
+		len -= take;
+		skip = 0;
 		i++;
 	}
 	return k;
@@ -286,7 +267,8 @@ int nbdc_send_flush(struct nbdc_conn *conn, char **msg)
 				size_t pskip = skip > sizeof(struct nbd_request)
 						       ? skip - sizeof(struct nbd_request)
 						       : 0;
-				int got = payload_iov(r, pskip, v + k, SEND_IOV - k);
+				int got =
+					nbdc_req_iov(r, pskip, r->len - pskip, v + k, SEND_IOV - k);
 
 				for (int j = 0; j < got; j++)
 					bytes += v[k + j].iov_len;

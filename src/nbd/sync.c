@@ -183,7 +183,9 @@ static gboolean export_connect(Nbdc *c, GError **error)
 
 /* ---- teardown ---- */
 
-void nbdc_disconnect(Nbdc *c)
+/* Closes @c, which from now on reports "disconnected" unless it failed
+ * before. */
+static void close_disconnected(Nbdc *c, gint64 wait_us)
 {
 	if (!c)
 		return;
@@ -192,19 +194,17 @@ void nbdc_disconnect(Nbdc *c)
 	if (!c->error)
 		c->error = g_steal_pointer(&why);
 	g_mutex_unlock(&c->lock);
-	nbdc_export_close(c, loop_current() ? 0 : DISCONNECT_WAIT_US);
+	nbdc_export_close(c, wait_us);
+}
+
+void nbdc_disconnect(Nbdc *c)
+{
+	close_disconnected(c, loop_current() ? 0 : DISCONNECT_WAIT_US);
 }
 
 void nbdc_abandon(Nbdc *c)
 {
-	if (!c)
-		return;
-	g_autofree char *why = g_strdup_printf("%s: disconnected", c->display);
-	g_mutex_lock(&c->lock);
-	if (!c->error)
-		c->error = g_steal_pointer(&why);
-	g_mutex_unlock(&c->lock);
-	nbdc_export_close(c, 0);
+	close_disconnected(c, 0);
 }
 
 void nbdc_free(Nbdc *c)

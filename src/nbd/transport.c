@@ -72,46 +72,41 @@ static ssize_t raw_io(struct nbdc_transport *t, gboolean sending, const struct i
 	}
 }
 
-/* gnutls transport callbacks: the raw socket, non-blocking. */
-static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
+/* gnutls transport callbacks: the raw socket, non-blocking.  A failure is
+ * kept for the direction's error and handed to gnutls as -1 with errno. */
+static ssize_t tls_raw_io(struct nbdc_transport *t, gboolean sending, const struct iovec *iov,
+			  int iovcnt)
 {
-	struct nbdc_transport *t = ptr;
-	struct iovec v = { buf, len };
-	ssize_t n = raw_io(t, FALSE, &v, 1);
+	ssize_t n = raw_io(t, sending, iov, iovcnt);
 
 	if (n < 0) {
-		t->rd_errno = (int)-n;
+		if (sending)
+			t->wr_errno = (int)-n;
+		else
+			t->rd_errno = (int)-n;
 		gnutls_transport_set_errno(t->tls, (int)-n);
 		return -1;
 	}
 	return n;
+}
+
+static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
+{
+	struct iovec v = { buf, len };
+
+	return tls_raw_io(ptr, FALSE, &v, 1);
 }
 
 static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
 {
-	struct nbdc_transport *t = ptr;
 	struct iovec v = { (void *)buf, len };
-	ssize_t n = raw_io(t, TRUE, &v, 1);
 
-	if (n < 0) {
-		t->wr_errno = (int)-n;
-		gnutls_transport_set_errno(t->tls, (int)-n);
-		return -1;
-	}
-	return n;
+	return tls_raw_io(ptr, TRUE, &v, 1);
 }
 
 static ssize_t tls_pushv(gnutls_transport_ptr_t ptr, const giovec_t *iov, int iovcnt)
 {
-	struct nbdc_transport *t = ptr;
-	ssize_t n = raw_io(t, TRUE, (const struct iovec *)iov, iovcnt);
-
-	if (n < 0) {
-		t->wr_errno = (int)-n;
-		gnutls_transport_set_errno(t->tls, (int)-n);
-		return -1;
-	}
-	return n;
+	return tls_raw_io(ptr, TRUE, (const struct iovec *)iov, iovcnt);
 }
 
 gboolean nbdc_tr_start_tls(struct nbdc_transport *t, struct nbdc_tls_ctx *ctx, const char *display,

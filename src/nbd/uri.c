@@ -173,6 +173,22 @@ static gboolean set_once(char **field, char *val, const char *key, const char *u
 	return TRUE;
 }
 
+/* The field that the string-valued query parameter @key sets, or NULL. */
+static char **string_param(struct nbdc_uri *u, const char *key)
+{
+	if (strcmp(key, "socket") == 0)
+		return &u->socket_path;
+	if (strcmp(key, "tls-type") == 0)
+		return &u->tls_type;
+	if (strcmp(key, "tls-hostname") == 0)
+		return &u->tls_hostname;
+	if (strcmp(key, "tls-psk-file") == 0)
+		return &u->tls_psk_file;
+	if (strcmp(key, "tls-certificates") == 0)
+		return &u->tls_certificates;
+	return NULL;
+}
+
 static gboolean parse_query(struct nbdc_uri *u, const char *q, const char *uri, GError **error)
 {
 	g_auto(GStrv) parts = g_strsplit(q, "&", -1);
@@ -190,26 +206,17 @@ static gboolean parse_query(struct nbdc_uri *u, const char *q, const char *uri, 
 		char *val = pct_decode(eq + 1, strlen(eq + 1), uri, key, error);
 		if (!val)
 			return FALSE;
-		if (strcmp(key, "socket") == 0) {
-			if (!set_once(&u->socket_path, val, key, uri, error))
-				return FALSE;
-		} else if (strcmp(key, "tls-type") == 0) {
-			if (strcmp(val, "anon") && strcmp(val, "x509") && strcmp(val, "psk")) {
+		char **field = string_param(u, key);
+
+		if (field) {
+			if (field == &u->tls_type && strcmp(val, "anon") && strcmp(val, "x509") &&
+			    strcmp(val, "psk")) {
 				uri_fail(error, uri,
 					 "bad tls-type '%s' (expected anon, x509 or psk)", val);
 				g_free(val);
 				return FALSE;
 			}
-			if (!set_once(&u->tls_type, val, key, uri, error))
-				return FALSE;
-		} else if (strcmp(key, "tls-hostname") == 0) {
-			if (!set_once(&u->tls_hostname, val, key, uri, error))
-				return FALSE;
-		} else if (strcmp(key, "tls-psk-file") == 0) {
-			if (!set_once(&u->tls_psk_file, val, key, uri, error))
-				return FALSE;
-		} else if (strcmp(key, "tls-certificates") == 0) {
-			if (!set_once(&u->tls_certificates, val, key, uri, error))
+			if (!set_once(field, val, key, uri, error))
 				return FALSE;
 		} else if (strcmp(key, "tls-verify-peer") == 0) {
 			int v = -1;
