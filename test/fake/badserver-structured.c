@@ -6,20 +6,14 @@
 
 /* ---- S: bad chunks (a read of 4096 bytes at 4096 unless stated) --------- */
 
+static int read_4k_at_4k(Nbdc *c, void *arg)
+{
+	return read_guarded(c, 4096, 4096, 0);
+}
+
 static void read_expect(FakeMsg *m1, FakeMsg *m2, int want, enum after mode)
 {
-	Ctx t;
-
-	ctx_init(&t);
-	ctx_io(&t);
-	fake_send(t.fs, m1);
-	if (m2)
-		fake_send(t.fs, m2);
-	serve_followup(t.fs, mode);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 4096, 0), ==, want);
-	check_after(t.c, mode);
-	ctx_end(&t);
+	expect_reply(m1, m2, read_4k_at_4k, NULL, want, mode);
 }
 
 static void test_s1_data_before_request(void)

@@ -261,6 +261,23 @@ void serve_followup(FakeServer *fs, enum after mode)
 	fake_send(fs, fake_chunk_data(9, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 }
 
+void expect_reply(FakeMsg *m1, FakeMsg *m2, ctx_request request, void *arg, int want,
+		  enum after mode)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	ctx_io(&t);
+	fake_send(t.fs, m1);
+	if (m2)
+		fake_send(t.fs, m2);
+	serve_followup(t.fs, mode);
+	ctx_connect(&t);
+	g_assert_cmpint(request(t.c, arg), ==, want);
+	check_after(t.c, mode);
+	ctx_end(&t);
+}
+
 /* ---- Async helpers -------------------------------------------------------- */
 
 int done_wait(struct completion *c)

@@ -116,6 +116,14 @@ enum after {
 void check_after(Nbdc *c, enum after mode);
 void serve_followup(FakeServer *fs, enum after mode);
 
+/* A request run on the connected client; returns its result (0 or -errno). */
+typedef int (*ctx_request)(Nbdc *c, void *arg);
+/* The common case of one bad reply: the server answers the first request
+ * with @m1 then @m2 (consumed; @m2 may be NULL) and serves the follow-up of
+ * @mode; @request(@arg) must return @want, then @mode must hold. */
+void expect_reply(FakeMsg *m1, FakeMsg *m2, ctx_request request, void *arg, int want,
+		  enum after mode);
+
 /* ---- Async helpers -------------------------------------------------------- */
 
 /* Waits (10 s at most) for the one call of the callback of @c (struct
