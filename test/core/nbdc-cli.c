@@ -512,32 +512,58 @@ static uint8_t pattern_byte(uint64_t pos)
 	return (uint8_t)(word >> (8 * (7 - (pos & 7))));
 }
 
+/* Checks @n bytes read at @pos; says what is wrong and returns FALSE. */
+typedef gboolean (*chunk_check)(const uint8_t *buf, uint64_t pos, uint64_t n, const void *arg);
+
+/* [off, off + len) in CHUNK pieces: with @check, reads each piece and checks
+ * it; without, writes bytes of value @fill (with FUA under --fua).  Returns
+ * the command's exit status (io_fail() names @name and the failed piece). */
+static int io_chunks(Nbdc *c, const char *name, uint64_t off, uint64_t len, uint8_t fill,
+		     chunk_check check, const void *arg)
+{
+	g_autofree uint8_t *buf = g_malloc(CHUNK);
+
+	if (!check)
+		memset(buf, fill, CHUNK);
+	for (uint64_t done = 0; done < len;) {
+		uint64_t n = MIN(len - done, CHUNK);
+		int r = check ? nbdc_pread(c, buf, n, off + done, 0)
+			      : nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+
+		if (r < 0)
+			return io_fail(name, off + done, n, r);
+		if (check && !check(buf, off + done, n, arg))
+			return 1;
+		done += n;
+	}
+	return 0;
+}
+
+static gboolean check_pattern(const uint8_t *buf, uint64_t pos, uint64_t n, const void *arg)
+{
+	for (uint64_t i = 0; i < n; i++) {
+		if (buf[i] != pattern_byte(pos + i)) {
+			fprintf(stderr,
+				"nbdc-cli: verify-pattern: mismatch at %" PRIu64
+				": got 0x%02x, want 0x%02x\n",
+				pos + i, buf[i], pattern_byte(pos + i));
+			return FALSE;
+		}
+	}
+	return TRUE;
+}
+
 static int cmd_verify_pattern(struct ctx *x, char **a)
 {
-	uint64_t off, len, done = 0;
-	g_autofree uint8_t *buf = NULL;
+	uint64_t off, len;
 	Nbdc *c;
+	int r;
 
 	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
 		return 1;
-	buf = g_malloc(CHUNK);
-	while (done < len) {
-		uint64_t n = MIN(len - done, CHUNK);
-		int r = nbdc_pread(c, buf, n, off + done, 0);
-
-		if (r < 0)
-			return io_fail("verify-pattern", off + done, n, r);
-		for (uint64_t i = 0; i < n; i++) {
-			if (buf[i] != pattern_byte(off + done + i)) {
-				fprintf(stderr,
-					"nbdc-cli: verify-pattern: mismatch at %" PRIu64
-					": got 0x%02x, want 0x%02x\n",
-					off + done + i, buf[i], pattern_byte(off + done + i));
-				return 1;
-			}
-		}
-		done += n;
-	}
+	r = io_chunks(c, "verify-pattern", off, len, 0, check_pattern, NULL);
+	if (r)
+		return r;
 	printf("pattern ok %" PRIu64 " %" PRIu64 "\n", off, len);
 	fflush(stdout);
 	return 0;
@@ -557,54 +583,39 @@ static gboolean parse_byte(const char *s, uint8_t *b)
 
 static int cmd_fill(struct ctx *x, char **a)
 {
-	uint64_t off, len, done = 0;
+	uint64_t off, len;
 	uint8_t b;
-	g_autofree uint8_t *buf = NULL;
 	Nbdc *c;
 
 	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
 		return 1;
-	buf = g_malloc(CHUNK);
-	memset(buf, b, CHUNK);
-	while (done < len) {
-		uint64_t n = MIN(len - done, CHUNK);
-		int r = nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+	return io_chunks(c, "fill", off, len, b, NULL, NULL);
+}
 
-		if (r < 0)
-			return io_fail("fill", off + done, n, r);
-		done += n;
+static gboolean check_byte(const uint8_t *buf, uint64_t pos, uint64_t n, const void *arg)
+{
+	uint8_t b = *(const uint8_t *)arg;
+
+	for (uint64_t i = 0; i < n; i++) {
+		if (buf[i] != b) {
+			fprintf(stderr,
+				"nbdc-cli: expect: byte at %" PRIu64 " is 0x%02x, want 0x%02x\n",
+				pos + i, buf[i], b);
+			return FALSE;
+		}
 	}
-	return 0;
+	return TRUE;
 }
 
 static int cmd_expect(struct ctx *x, char **a)
 {
-	uint64_t off, len, done = 0;
+	uint64_t off, len;
 	uint8_t b;
-	g_autofree uint8_t *buf = NULL;
 	Nbdc *c;
 
 	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
 		return 1;
-	buf = g_malloc(CHUNK);
-	while (done < len) {
-		uint64_t n = MIN(len - done, CHUNK);
-		int r = nbdc_pread(c, buf, n, off + done, 0);
-
-		if (r < 0)
-			return io_fail("expect", off + done, n, r);
-		for (uint64_t i = 0; i < n; i++) {
-			if (buf[i] != b) {
-				fprintf(stderr,
-					"nbdc-cli: expect: byte at %" PRIu64
-					" is 0x%02x, want 0x%02x\n",
-					off + done + i, buf[i], b);
-				return 1;
-			}
-		}
-		done += n;
-	}
-	return 0;
+	return io_chunks(c, "expect", off, len, 0, check_byte, &b);
 }
 
 static int cmd_alive(struct ctx *x, char **a)
