@@ -397,10 +397,7 @@ static void test_p_read_only(void)
 	g_assert_cmpint(nbdc_trim(t.c, 4096, 0, 0), ==, -EROFS);
 	g_assert_cmpint(nbdc_zero(t.c, 4096, 0, 0), ==, -EROFS);
 	assert_alive(t.c);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_cmpuint(fake_server_capture(t.fs, 0)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 0);
 }
 
 /* 64 chunks of 64 bytes in a scrambled order. */

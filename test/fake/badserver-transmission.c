@@ -124,11 +124,7 @@ static void test_t5_reply_to_disc(void)
 	nbdc_disconnect(t.c);
 	g_assert_false(nbdc_is_alive(t.c));
 	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_true(fake_server_capture(t.fs, 1)->valid);
-	g_assert_cmpuint(fake_server_capture(t.fs, 1)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 1);
 }
 
 /* A simple reply to a READ although structured replies were negotiated. */
@@ -225,11 +221,7 @@ static void test_t9_eshutdown_soft_disconnect(void)
 	ctx_connect(&t);
 	g_assert_cmpint(nbdc_trim(t.c, 4096, 0, 0), ==, -ESHUTDOWN);
 	assert_dead(t.c);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_true(fake_server_capture(t.fs, 1)->valid);
-	g_assert_cmpuint(fake_server_capture(t.fs, 1)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 1);
 }
 
 /* A simple error reply to a READ carries no payload: the connection stays in sync. */

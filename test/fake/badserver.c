@@ -261,6 +261,15 @@ void serve_followup(FakeServer *fs, enum after mode)
 	fake_send(fs, fake_chunk_data(9, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 }
 
+void ctx_end_disc(Ctx *t, int slot)
+{
+	nbdc_free(g_steal_pointer(&t->c));
+	fake_server_finish(t->fs, NULL);
+	g_assert_true(fake_server_capture(t->fs, slot)->valid);
+	g_assert_cmpuint(fake_server_capture(t->fs, slot)->type, ==, FAKE_CMD_DISC);
+	ctx_end(t);
+}
+
 void expect_reply(FakeMsg *m1, FakeMsg *m2, ctx_request request, void *arg, int want,
 		  enum after mode)
 {

@@ -104,6 +104,9 @@ void assert_dead(Nbdc *c);
 void ctx_first_read_kills(Ctx *t, int err);
 /* The connection must still be alive. */
 void assert_alive(Nbdc *c);
+/* Frees the client, which must say goodbye: the script has read its
+ * NBD_CMD_DISC into @slot.  Then finishes the server and ends @t. */
+void ctx_end_disc(Ctx *t, int slot);
 
 /* What must hold of the connection after a failed request. */
 enum after {
