@@ -512,45 +512,47 @@ static uint8_t pattern_byte(uint64_t pos)
 	return (uint8_t)(word >> (8 * (7 - (pos & 7))));
 }
 
-/* Checks @n bytes read at @pos; says what is wrong and returns FALSE. */
-typedef gboolean (*chunk_check)(const uint8_t *buf, uint64_t pos, uint64_t n, const void *arg);
+/* The byte @name expects at @pos: the pattern when @byte < 0, else @byte;
+ * says what is wrong and returns FALSE when @got differs. */
+static gboolean check_byte(const char *name, uint64_t pos, uint8_t got, int byte)
+{
+	uint8_t want = byte < 0 ? pattern_byte(pos) : (uint8_t)byte;
 
-/* [off, off + len) in CHUNK pieces: with @check, reads each piece and checks
- * it; without, writes bytes of value @fill (with FUA under --fua).  Returns
- * the command's exit status (io_fail() names @name and the failed piece). */
-static int io_chunks(Nbdc *c, const char *name, uint64_t off, uint64_t len, uint8_t fill,
-		     chunk_check check, const void *arg)
+	if (got == want)
+		return TRUE;
+	if (byte < 0)
+		fprintf(stderr, "nbdc-cli: %s: mismatch at %" PRIu64 ": got 0x%02x, want 0x%02x\n",
+			name, pos, got, want);
+	else
+		fprintf(stderr, "nbdc-cli: %s: byte at %" PRIu64 " is 0x%02x, want 0x%02x\n", name,
+			pos, got, want);
+	return FALSE;
+}
+
+/* [off, off + len) in CHUNK pieces: with @write, writes bytes of value @byte
+ * (with FUA under --fua); else reads each piece and checks it (check_byte).
+ * Returns the command's exit status (io_fail() names @name and the piece). */
+static int io_chunks(Nbdc *c, const char *name, uint64_t off, uint64_t len, int byte,
+		     gboolean write)
 {
 	g_autofree uint8_t *buf = g_malloc(CHUNK);
 
-	if (!check)
-		memset(buf, fill, CHUNK);
+	if (write)
+		memset(buf, byte, CHUNK);
 	for (uint64_t done = 0; done < len;) {
 		uint64_t n = MIN(len - done, CHUNK);
-		int r = check ? nbdc_pread(c, buf, n, off + done, 0)
-			      : nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+		int r = write ? nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0)
+			      : nbdc_pread(c, buf, n, off + done, 0);
 
 		if (r < 0)
 			return io_fail(name, off + done, n, r);
-		if (check && !check(buf, off + done, n, arg))
-			return 1;
+		for (uint64_t i = 0; !write && i < n; i++) {
+			if (!check_byte(name, off + done + i, buf[i], byte))
+				return 1;
+		}
 		done += n;
 	}
 	return 0;
-}
-
-static gboolean check_pattern(const uint8_t *buf, uint64_t pos, uint64_t n, const void *arg)
-{
-	for (uint64_t i = 0; i < n; i++) {
-		if (buf[i] != pattern_byte(pos + i)) {
-			fprintf(stderr,
-				"nbdc-cli: verify-pattern: mismatch at %" PRIu64
-				": got 0x%02x, want 0x%02x\n",
-				pos + i, buf[i], pattern_byte(pos + i));
-			return FALSE;
-		}
-	}
-	return TRUE;
 }
 
 static int cmd_verify_pattern(struct ctx *x, char **a)
@@ -561,7 +563,7 @@ static int cmd_verify_pattern(struct ctx *x, char **a)
 
 	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
 		return 1;
-	r = io_chunks(c, "verify-pattern", off, len, 0, check_pattern, NULL);
+	r = io_chunks(c, "verify-pattern", off, len, -1, FALSE);
 	if (r)
 		return r;
 	printf("pattern ok %" PRIu64 " %" PRIu64 "\n", off, len);
@@ -581,7 +583,8 @@ static gboolean parse_byte(const char *s, uint8_t *b)
 	return TRUE;
 }
 
-static int cmd_fill(struct ctx *x, char **a)
+/* fill OFF LEN BYTE (@write) / expect OFF LEN BYTE. */
+static int do_bytes(struct ctx *x, char **a, gboolean write)
 {
 	uint64_t off, len;
 	uint8_t b;
@@ -589,33 +592,17 @@ static int cmd_fill(struct ctx *x, char **a)
 
 	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
 		return 1;
-	return io_chunks(c, "fill", off, len, b, NULL, NULL);
+	return io_chunks(c, write ? "fill" : "expect", off, len, b, write);
 }
 
-static gboolean check_byte(const uint8_t *buf, uint64_t pos, uint64_t n, const void *arg)
+static int cmd_fill(struct ctx *x, char **a)
 {
-	uint8_t b = *(const uint8_t *)arg;
-
-	for (uint64_t i = 0; i < n; i++) {
-		if (buf[i] != b) {
-			fprintf(stderr,
-				"nbdc-cli: expect: byte at %" PRIu64 " is 0x%02x, want 0x%02x\n",
-				pos + i, buf[i], b);
-			return FALSE;
-		}
-	}
-	return TRUE;
+	return do_bytes(x, a, TRUE);
 }
 
 static int cmd_expect(struct ctx *x, char **a)
 {
-	uint64_t off, len;
-	uint8_t b;
-	Nbdc *c;
-
-	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
-		return 1;
-	return io_chunks(c, "expect", off, len, 0, check_byte, &b);
+	return do_bytes(x, a, FALSE);
 }
 
 static int cmd_alive(struct ctx *x, char **a)
