@@ -20,6 +20,26 @@ def list_lines(res):
     return [line.split("\t") for line in res.text.splitlines() if line]
 
 
+def assert_list_unsupported(srv):
+    """Listing the exports of @srv fails with UNSUPPORTED (exit 2)."""
+    res = run_cli(srv.uri(), "list")
+    assert res.returncode == 2, res
+    assert kind(res, "UNSUPPORTED"), res
+
+
+def write_read_8k(srv, off, protocol):
+    """Writes 8 KiB of random data at @off and reads it back; the 1 MiB export
+    speaks @protocol.  Returns nbdc-cli's info."""
+    data = os.urandom(8192)
+    res = run_cli(srv.uri(), "info", "write", off, 8192, "read", off, 8192, input=data)
+    assert res.returncode == 0, res
+    i = res.info()
+    assert i["protocol"] == protocol
+    assert i["size"] == str(MiB)
+    assert res.stdout.endswith(data)
+    return i
+
+
 def test_list_200_exports(nbdkit):
     script = ('echo INTERLEAVED; for i in $(seq 1 200); do echo exp$i; '
               'echo "description of $i"; done')
@@ -74,17 +94,9 @@ def test_list_with_names_needing_escapes(nbdkit):
 
 def test_oldstyle(nbdkit):
     srv = nbdkit("-o", "memory", "1M")
-    data = os.urandom(8192)
-    res = run_cli(srv.uri(), "info", "write", 4096, 8192, "read", 4096, 8192, input=data)
-    assert res.returncode == 0, res
-    i = res.info()
-    assert i["protocol"] == "oldstyle"
-    assert i["size"] == str(MiB)
+    i = write_read_8k(srv, 4096, "oldstyle")
     assert i["structured_replies"] == "0"
-    assert res.stdout.endswith(data)
-    res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    assert_list_unsupported(srv)
 
 
 @pytest.mark.parametrize("mask", ["0", "2"])
@@ -92,16 +104,8 @@ def test_non_fixed_newstyle(nbdkit, mask):
     """--mask-handshake=0: non-fixed newstyle (=2: also NO_ZEROES): only
     EXPORT_NAME works; listing is impossible."""
     srv = nbdkit(f"--mask-handshake={mask}", "memory", "1M")
-    data = os.urandom(8192)
-    res = run_cli(srv.uri(), "info", "write", 0, 8192, "read", 0, 8192, input=data)
-    assert res.returncode == 0, res
-    i = res.info()
-    assert i["protocol"] == "newstyle"
-    assert i["size"] == str(MiB)
-    assert res.stdout.endswith(data)
-    res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    write_read_8k(srv, 0, "newstyle")
+    assert_list_unsupported(srv)
 
 
 def test_fixed_without_no_zeroes(nbdkit):
@@ -115,9 +119,7 @@ def test_list_refused(nbdkit):
     """exportname-list=error: nbdkit answers NBD_REP_ERR_PLATFORM, which nbd.h
     maps to UNSUPPORTED (exit 2); connecting still works."""
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=error")
-    res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    assert_list_unsupported(srv)
     res = run_cli(srv.uri(), "read", 0, 512)
     assert res.returncode == 0, res
 
