@@ -300,6 +300,24 @@ int done_wait(struct completion *c)
 	return (int)err;
 }
 
+void read_two(Nbdc *c, uint64_t off_a, size_t len_a, uint64_t off_b, size_t len_b, int *ra, int *rb)
+{
+	Buf a = buf_new(len_a), b = buf_new(len_b);
+	struct completion *da = completion_new(), *db = completion_new();
+	struct iovec va = { a.p, len_a }, vb = { b.p, len_b };
+
+	g_assert_cmpint(nbdc_aio_preadv(c, &va, 1, off_a, 0, completion_done, da), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(c, &vb, 1, off_b, 0, completion_done, db), ==, 0);
+	*ra = done_wait(da);
+	*rb = done_wait(db);
+	if (*ra == 0)
+		buf_check_pattern(&a, off_a, 0, len_a);
+	if (*rb == 0)
+		buf_check_pattern(&b, off_b, 0, len_b);
+	buf_free(&a);
+	buf_free(&b);
+}
+
 void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
 {
 	Extent x = { offset, length, flags };

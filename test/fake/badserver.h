@@ -135,6 +135,12 @@ void expect_reply(FakeMsg *m1, FakeMsg *m2, ctx_request request, void *arg, int 
  * the callback's err. */
 int done_wait(struct completion *c);
 
+/* Two async reads in flight at once, @len_a bytes at @off_a then @len_b at
+ * @off_b; waits for both and returns their results in @ra and @rb.  A read
+ * that succeeded must have read the pattern. */
+void read_two(Nbdc *c, uint64_t off_a, size_t len_a, uint64_t off_b, size_t len_b, int *ra,
+	      int *rb);
+
 typedef struct {
 	uint64_t off, len;
 	uint32_t flags;
