@@ -559,13 +559,11 @@ static int cmd_verify_pattern(struct ctx *x, char **a)
 {
 	uint64_t off, len;
 	Nbdc *c;
-	int r;
 
 	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
 		return 1;
-	r = io_chunks(c, "verify-pattern", off, len, -1, FALSE);
-	if (r)
-		return r;
+	if (io_chunks(c, "verify-pattern", off, len, -1, FALSE))
+		return 1;
 	printf("pattern ok %" PRIu64 " %" PRIu64 "\n", off, len);
 	fflush(stdout);
 	return 0;

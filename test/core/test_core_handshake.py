@@ -16,15 +16,28 @@ def kind(res, name):
     return re.search(rf"nbdc-cli: \w+: {name}: ", res.stderr) is not None
 
 
+def assert_kind(res, rc, name):
+    """nbdc-cli exited with @rc and reported the NbdcError kind @name."""
+    assert res.returncode == rc, res
+    assert kind(res, name), res
+
+
 def list_lines(res):
     return [line.split("\t") for line in res.text.splitlines() if line]
+
+
+def assert_export(uri, name, description):
+    """info on @uri names the export @name with @description."""
+    res = run_cli(uri, "info")
+    assert res.returncode == 0, res
+    assert res.info()["export_name"] == name
+    assert res.info()["description"] == description
 
 
 def assert_list_unsupported(srv):
     """Listing the exports of @srv fails with UNSUPPORTED (exit 2)."""
     res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    assert_kind(res, 2, "UNSUPPORTED")
 
 
 def write_read_8k(srv, off, protocol):
@@ -128,8 +141,7 @@ def test_unknown_export_go(nbdkit):
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true",
                  "exportname=a")
     res = run_cli(srv.uri("zzz"), "info")
-    assert res.returncode == 1, res
-    assert kind(res, "NO_EXPORT"), res
+    assert_kind(res, 1, "NO_EXPORT")
     assert "zzz" in res.stderr, "the message should name the export"
     res = run_cli(srv.uri("a"), "info")
     assert res.returncode == 0, res
@@ -142,8 +154,7 @@ def test_unknown_export_export_name_path(nbdkit):
     srv = nbdkit("--mask-handshake=0", "--filter=exportname", "memory", "1M",
                  "exportname-strict=true", "exportname=a")
     res = run_cli(srv.uri("zzz"), "info", timeout=60)
-    assert res.returncode == 1, res
-    assert kind(res, "NO_EXPORT"), res
+    assert_kind(res, 1, "NO_EXPORT")
     res = run_cli(srv.uri("a"), "info")
     assert res.returncode == 0, res
 
@@ -151,25 +162,19 @@ def test_unknown_export_export_name_path(nbdkit):
 def test_export_name_and_description(nbdkit):
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=explicit",
                  "exportname=disk1", "exportdesc=fixed:my disk")
-    res = run_cli(srv.uri("disk1"), "info")
-    assert res.returncode == 0, res
-    assert res.info()["export_name"] == "disk1"
-    assert res.info()["description"] == "my disk"
+    assert_export(srv.uri("disk1"), "disk1", "my disk")
 
 
 def test_unreachable(tmp_path):
     res = run_cli(f"nbd+unix:///?socket={tmp_path}/nothing.sock", "info")
-    assert res.returncode == 1, res
-    assert kind(res, "CONNECT"), res
+    assert_kind(res, 1, "CONNECT")
     res = run_cli(f"nbd+unix:///?socket={tmp_path}/nothing.sock", "list")
-    assert res.returncode == 1, res
-    assert kind(res, "CONNECT"), res
+    assert_kind(res, 1, "CONNECT")
 
 
 def test_bad_uri():
     res = run_cli("nbd+unix:///disk", "info")
-    assert res.returncode == 1, res
-    assert kind(res, "URI"), res
+    assert_kind(res, 1, "URI")
 
 
 def test_canonical_export_name(nbdkit):
@@ -177,7 +182,4 @@ def test_canonical_export_name(nbdkit):
     (NBD_INFO_NAME)."""
     srv = nbdkit("--filter=exportname", "memory", "1M", "default-export=disk1",
                  "exportname=disk1", "exportdesc=fixed:hello")
-    res = run_cli(srv.uri(""), "info")
-    assert res.returncode == 0, res
-    assert res.info()["export_name"] == "disk1"
-    assert res.info()["description"] == "hello"
+    assert_export(srv.uri(""), "disk1", "hello")
