@@ -277,6 +277,18 @@ static gboolean get_range(char **a, uint64_t *off, uint64_t *len)
 	return TRUE;
 }
 
+/* OFF LEN of @name, which holds LEN bytes in memory (at most MAX_BUFFER). */
+static gboolean get_buffer_range(char **a, const char *name, uint64_t *off, uint64_t *len)
+{
+	if (!get_range(a, off, len))
+		return FALSE;
+	if (*len > MAX_BUFFER) {
+		fprintf(stderr, "nbdc-cli: %s: length too large\n", name);
+		return FALSE;
+	}
+	return TRUE;
+}
+
 static int cmd_read(struct ctx *x, char **a)
 {
 	uint64_t off, len;
@@ -284,13 +296,7 @@ static int cmd_read(struct ctx *x, char **a)
 	Nbdc *c;
 	int r;
 
-	if (!get_range(a, &off, &len))
-		return 1;
-	if (len > MAX_BUFFER) {
-		fprintf(stderr, "nbdc-cli: read: length too large\n");
-		return 1;
-	}
-	if (!(c = get_handle(x)))
+	if (!get_buffer_range(a, "read", &off, &len) || !(c = get_handle(x)))
 		return 1;
 	buf = g_malloc(len ? len : 1);
 	r = nbdc_pread(c, buf, len, off, 0);
@@ -314,12 +320,8 @@ static int cmd_write(struct ctx *x, char **a)
 	Nbdc *c;
 	int r;
 
-	if (!get_range(a, &off, &len))
+	if (!get_buffer_range(a, "write", &off, &len))
 		return 1;
-	if (len > MAX_BUFFER) {
-		fprintf(stderr, "nbdc-cli: write: length too large\n");
-		return 1;
-	}
 	buf = g_malloc(len ? len : 1);
 	while (got < len) {
 		ssize_t n = read(STDIN_FILENO, buf + got, len - got);
