@@ -7,14 +7,14 @@ nbdfs_test.core, nbdfs_test.servers and nbdfs_test.tls.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 
 import pytest
 
 from nbdfs_test.core import Repl, run_cli
 from nbdfs_test.polling import kill_and_wait, stop_all, wait_for
-from nbdfs_test.servers import NbdServer, PidfileDaemon, free_tcp_port, wait_unix_socket
+from nbdfs_test.servers import (NbdServer, PidfileDaemon, free_tcp_port, wait_tcp_listening,
+                                wait_unix_socket)
 from nbdfs_test.tls import make_ca, make_cert
 
 
@@ -107,13 +107,7 @@ def nbd_server(tmp_path):
         d = PidfileDaemon(int(open(pidfile).read().strip()))
         daemons.append(d)
         if tcp:
-            def listening():
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                        return True
-                except OSError:
-                    return False
-            wait_for(listening, timeout=30, what="nbd-server to listen")
+            wait_tcp_listening("127.0.0.1", port, "nbd-server to listen")
         else:
             wait_unix_socket(sock, None, "nbd-server")
         srv = NbdServer(None, sock=None if tcp else sock, port=port, export=next(iter(exports)))

@@ -277,6 +277,18 @@ static gboolean get_range(char **a, uint64_t *off, uint64_t *len)
 	return TRUE;
 }
 
+/* OFF LEN of @name, which holds LEN bytes in memory (at most MAX_BUFFER). */
+static gboolean get_buffer_range(char **a, const char *name, uint64_t *off, uint64_t *len)
+{
+	if (!get_range(a, off, len))
+		return FALSE;
+	if (*len > MAX_BUFFER) {
+		fprintf(stderr, "nbdc-cli: %s: length too large\n", name);
+		return FALSE;
+	}
+	return TRUE;
+}
+
 static int cmd_read(struct ctx *x, char **a)
 {
 	uint64_t off, len;
@@ -284,13 +296,7 @@ static int cmd_read(struct ctx *x, char **a)
 	Nbdc *c;
 	int r;
 
-	if (!get_range(a, &off, &len))
-		return 1;
-	if (len > MAX_BUFFER) {
-		fprintf(stderr, "nbdc-cli: read: length too large\n");
-		return 1;
-	}
-	if (!(c = get_handle(x)))
+	if (!get_buffer_range(a, "read", &off, &len) || !(c = get_handle(x)))
 		return 1;
 	buf = g_malloc(len ? len : 1);
 	r = nbdc_pread(c, buf, len, off, 0);
@@ -314,12 +320,8 @@ static int cmd_write(struct ctx *x, char **a)
 	Nbdc *c;
 	int r;
 
-	if (!get_range(a, &off, &len))
+	if (!get_buffer_range(a, "write", &off, &len))
 		return 1;
-	if (len > MAX_BUFFER) {
-		fprintf(stderr, "nbdc-cli: write: length too large\n");
-		return 1;
-	}
 	buf = g_malloc(len ? len : 1);
 	while (got < len) {
 		ssize_t n = read(STDIN_FILENO, buf + got, len - got);
@@ -512,32 +514,58 @@ static uint8_t pattern_byte(uint64_t pos)
 	return (uint8_t)(word >> (8 * (7 - (pos & 7))));
 }
 
+/* The byte @name expects at @pos: the pattern when @byte < 0, else @byte;
+ * says what is wrong and returns FALSE when @got differs. */
+static gboolean check_byte(const char *name, uint64_t pos, uint8_t got, int byte)
+{
+	uint8_t want = byte < 0 ? pattern_byte(pos) : (uint8_t)byte;
+
+	if (got == want)
+		return TRUE;
+	if (byte < 0)
+		fprintf(stderr, "nbdc-cli: %s: mismatch at %" PRIu64 ": got 0x%02x, want 0x%02x\n",
+			name, pos, got, want);
+	else
+		fprintf(stderr, "nbdc-cli: %s: byte at %" PRIu64 " is 0x%02x, want 0x%02x\n", name,
+			pos, got, want);
+	return FALSE;
+}
+
+/* [off, off + len) in CHUNK pieces: with @write, writes bytes of value @byte
+ * (with FUA under --fua); else reads each piece and checks it (check_byte).
+ * Returns the command's exit status (io_fail() names @name and the piece). */
+static int io_chunks(Nbdc *c, const char *name, uint64_t off, uint64_t len, int byte,
+		     gboolean write)
+{
+	g_autofree uint8_t *buf = g_malloc(CHUNK);
+
+	if (write)
+		memset(buf, byte, CHUNK);
+	for (uint64_t done = 0; done < len;) {
+		uint64_t n = MIN(len - done, CHUNK);
+		int r = write ? nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0)
+			      : nbdc_pread(c, buf, n, off + done, 0);
+
+		if (r < 0)
+			return io_fail(name, off + done, n, r);
+		for (uint64_t i = 0; !write && i < n; i++) {
+			if (!check_byte(name, off + done + i, buf[i], byte))
+				return 1;
+		}
+		done += n;
+	}
+	return 0;
+}
+
 static int cmd_verify_pattern(struct ctx *x, char **a)
 {
-	uint64_t off, len, done = 0;
-	g_autofree uint8_t *buf = NULL;
+	uint64_t off, len;
 	Nbdc *c;
 
 	if (!get_range(a, &off, &len) || !(c = get_handle(x)))
 		return 1;
-	buf = g_malloc(CHUNK);
-	while (done < len) {
-		uint64_t n = MIN(len - done, CHUNK);
-		int r = nbdc_pread(c, buf, n, off + done, 0);
-
-		if (r < 0)
-			return io_fail("verify-pattern", off + done, n, r);
-		for (uint64_t i = 0; i < n; i++) {
-			if (buf[i] != pattern_byte(off + done + i)) {
-				fprintf(stderr,
-					"nbdc-cli: verify-pattern: mismatch at %" PRIu64
-					": got 0x%02x, want 0x%02x\n",
-					off + done + i, buf[i], pattern_byte(off + done + i));
-				return 1;
-			}
-		}
-		done += n;
-	}
+	if (io_chunks(c, "verify-pattern", off, len, -1, FALSE))
+		return 1;
 	printf("pattern ok %" PRIu64 " %" PRIu64 "\n", off, len);
 	fflush(stdout);
 	return 0;
@@ -555,56 +583,26 @@ static gboolean parse_byte(const char *s, uint8_t *b)
 	return TRUE;
 }
 
-static int cmd_fill(struct ctx *x, char **a)
+/* fill OFF LEN BYTE (@write) / expect OFF LEN BYTE. */
+static int do_bytes(struct ctx *x, char **a, gboolean write)
 {
-	uint64_t off, len, done = 0;
+	uint64_t off, len;
 	uint8_t b;
-	g_autofree uint8_t *buf = NULL;
 	Nbdc *c;
 
 	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
 		return 1;
-	buf = g_malloc(CHUNK);
-	memset(buf, b, CHUNK);
-	while (done < len) {
-		uint64_t n = MIN(len - done, CHUNK);
-		int r = nbdc_pwrite(c, buf, n, off + done, opt.fua ? NBDC_CMD_FLAG_FUA : 0);
+	return io_chunks(c, write ? "fill" : "expect", off, len, b, write);
+}
 
-		if (r < 0)
-			return io_fail("fill", off + done, n, r);
-		done += n;
-	}
-	return 0;
+static int cmd_fill(struct ctx *x, char **a)
+{
+	return do_bytes(x, a, TRUE);
 }
 
 static int cmd_expect(struct ctx *x, char **a)
 {
-	uint64_t off, len, done = 0;
-	uint8_t b;
-	g_autofree uint8_t *buf = NULL;
-	Nbdc *c;
-
-	if (!get_range(a, &off, &len) || !parse_byte(a[2], &b) || !(c = get_handle(x)))
-		return 1;
-	buf = g_malloc(CHUNK);
-	while (done < len) {
-		uint64_t n = MIN(len - done, CHUNK);
-		int r = nbdc_pread(c, buf, n, off + done, 0);
-
-		if (r < 0)
-			return io_fail("expect", off + done, n, r);
-		for (uint64_t i = 0; i < n; i++) {
-			if (buf[i] != b) {
-				fprintf(stderr,
-					"nbdc-cli: expect: byte at %" PRIu64
-					" is 0x%02x, want 0x%02x\n",
-					off + done + i, buf[i], b);
-				return 1;
-			}
-		}
-		done += n;
-	}
-	return 0;
+	return do_bytes(x, a, FALSE);
 }
 
 static int cmd_alive(struct ctx *x, char **a)

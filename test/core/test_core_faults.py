@@ -35,11 +35,9 @@ def test_error_filter_eio(nbdkit, repl, tmp_path, sr):
     ok, out = r.run("alive")
     assert ok and "alive=1" in out, out
     inject.unlink()
-    ok, out = r.run("read 4096 4096")
-    assert ok, r.stderr
+    out = r.ok("read 4096 4096")
     assert bytes.fromhex(out[0]) == pattern_bytes(4096, 4096)
-    ok, out = r.run("verify-pattern 0 1M")
-    assert ok, r.stderr
+    out = r.ok("verify-pattern 0 1M")
     r.close()
 
 
@@ -111,8 +109,7 @@ def test_server_killed_mid_transfer_eval(nbdkit, repl):
                  "pread=if [ $4 -ge 2097152 ]; then kill -9 $PPID; sleep 1; fi; "
                  "head -c $3 /dev/zero")
     r = repl(srv.uri(), opts=["--connections", "1"])
-    ok, out = r.run("read 0 4096")
-    assert ok, r.stderr
+    out = r.ok("read 0 4096")
     ok, _ = r.run("read 2097152 4096", timeout=60)
     assert not ok
     err = r.drain_stderr()
@@ -132,8 +129,7 @@ def test_server_killed_with_requests_in_flight(nbdkit, repl, tmp_path):
     srv = nbdkit("--filter=log", "--filter=delay", "memory", "1M", "delay-read=30",
                  f"logfile={log}")
     r = repl(srv.uri(), opts=["--connections", "1"])
-    ok, out = r.run("info")
-    assert ok, r.stderr
+    out = r.ok("info")
     r.send("aio-reads 4096 4 0 4096 8192 12288")
     wait_for(lambda: log.exists() and len(re.findall(r" Read id=", log.read_text())) >= 4,
              timeout=30, what="4 reads to reach the server")
@@ -256,25 +252,18 @@ def test_flush_with_nothing_written_is_immediate_with_the_server_gone(nbdkit, re
     log = tmp_path / "log"
     srv = nbdkit("--filter=log", "memory", "1M", f"logfile={log}")
     r = repl(srv.uri(), opts=["--reconnect-ms", "30000", "--connections", "2"])
-    ok, _ = r.run("read 0 4096")
-    assert ok, r.stderr
-    ok, _ = r.run("flush")                 # never wrote: nothing to flush
-    assert ok, r.stderr
+    r.ok("read 0 4096")
+    r.ok("flush")  # never wrote: nothing to flush
     assert flushes(log) == 0
-    ok, _ = r.run("fill 0 64k 7")          # a write: the next flush goes out
-    assert ok, r.stderr
-    ok, _ = r.run("flush")
-    assert ok, r.stderr
+    r.ok("fill 0 64k 7")  # a write: the next flush goes out
+    r.ok("flush")
     wait_for(lambda: flushes(log) == 1, timeout=10, what="the flush in the server's log")
-    ok, _ = r.run("read 0 4096")           # reads leave nothing to flush
-    assert ok, r.stderr
-    ok, _ = r.run("flush")
-    assert ok, r.stderr
+    r.ok("read 0 4096")  # reads leave nothing to flush
+    r.ok("flush")
     assert flushes(log) == 1
     srv.kill(signal.SIGKILL)
     t0 = time.monotonic()
-    ok, _ = r.run("flush", timeout=10)
-    assert ok, r.stderr
+    r.ok("flush", timeout=10)
     assert time.monotonic() - t0 < 1.0
     assert r.close() == 0
 
@@ -285,8 +274,7 @@ def test_flush_after_a_write_waits_for_the_server(nbdkit, repl, tmp_path):
     log = tmp_path / "log"
     srv = nbdkit("--filter=log", "memory", "1M", f"logfile={log}")
     r = repl(srv.uri(), opts=["--reconnect-ms", "1500"])
-    ok, _ = r.run("fill 0 4096 1")
-    assert ok, r.stderr
+    r.ok("fill 0 4096 1")
     srv.kill(signal.SIGKILL)
     t0 = time.monotonic()
     ok, _ = r.run("flush", timeout=20)
@@ -311,31 +299,38 @@ def _done(lines):
 ABANDON_MS = 200  # "promptly": well under any timeout, with room for a loaded CI host
 
 
+def _aio_reads(r, n):
+    """Starts @n background 4 KiB reads at offsets 0, 4096, ..."""
+    for i in range(n):
+        r.ok(f"aio-bg read {i * 4096} 4096")
+
+
+def _abandon(r, n, cmd="abandon"):
+    """Abandons the handle with @cmd and waits for the background requests:
+    there are @n, each failed with ENOTCONN within ABANDON_MS.  Returns
+    aio-wait's output lines and their _done() list."""
+    r.ok(cmd)
+    out = r.ok("aio-wait 10000", timeout=30)
+    done = _done(out)
+    assert [err for _, _, err, _ in done] == ["ENOTCONN"] * n, out
+    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    return out, done
+
+
 def test_abandon_fails_requests_on_a_silent_server_at_once(nbdkit, repl):
     """The server stops answering (SIGSTOP): requests in flight and queued
     behind max_in_flight all fail with ENOTCONN as soon as the handle is
     abandoned, each callback exactly once (nbdc-cli exits 4 otherwise)."""
     srv = nbdkit("memory", "1M")
     r = repl(srv.uri(), opts=["--connections", "1", "--max-in-flight", "4"])
-    ok, _ = r.run("read 0 512")
-    assert ok, r.stderr
+    r.ok("read 0 512")
     os.kill(srv.pid, signal.SIGSTOP)
     try:
-        for i in range(8):
-            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
-            assert ok, r.stderr
-        ok, _ = r.run("aio-bg write 65536 4096")
-        assert ok, r.stderr
-        ok, _ = r.run("abandon")
-        assert ok, r.stderr
-        ok, out = r.run("aio-wait 10000", timeout=30)
-        assert ok, (out, r.stderr)
+        _aio_reads(r, 8)
+        r.ok("aio-bg write 65536 4096")
+        _abandon(r, 9)
     finally:
         os.kill(srv.pid, signal.SIGCONT)
-    done = _done(out)
-    assert len(done) == 9, out
-    assert all(err == "ENOTCONN" for _, _, err, _ in done), out
-    assert max(ms for *_, ms in done) < ABANDON_MS, out
     assert r.close() == 0, r.stderr
 
 
@@ -345,24 +340,12 @@ def test_abandon_from_a_loop_fails_parked_requests_at_once(nbdkit, repl):
     from a loop thread (a completion callback)."""
     srv = nbdkit("memory", "1M")
     r = repl(srv.uri(), opts=["--reconnect-ms", "60000", "--quiet-log"])
-    ok, _ = r.run("read 0 512")
-    assert ok, r.stderr
+    r.ok("read 0 512")
     srv.kill(signal.SIGKILL)
-    for i in range(4):
-        ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
-        assert ok, r.stderr
-    ok, _ = r.run("aio-bg zero 0 4096")
-    assert ok, r.stderr
-    ok, _ = r.run("aio-bg flush 0 0")
-    assert ok, r.stderr
-    ok, _ = r.run("abandon-on-loop")
-    assert ok, r.stderr
-    ok, out = r.run("aio-wait 10000", timeout=30)
-    assert ok, (out, r.stderr)
-    done = _done(out)
-    assert len(done) == 6, out
-    assert all(err == "ENOTCONN" for _, _, err, _ in done), out
-    assert max(ms for *_, ms in done) < ABANDON_MS, out
+    _aio_reads(r, 4)
+    r.ok("aio-bg zero 0 4096")
+    r.ok("aio-bg flush 0 0")
+    _abandon(r, 6, cmd="abandon-on-loop")
     t0 = time.monotonic()
     assert r.close() == 0, r.stderr
     assert time.monotonic() - t0 < 2.0  # no connection left to wait for
@@ -376,22 +359,13 @@ def test_abandon_while_reconnecting_to_a_silent_server(nbdkit, repl):
     srv = nbdkit("memory", "1M")
     r = repl(srv.uri(), opts=["--connections", "1", "--timeout-ms", "300",
                               "--reconnect-ms", "60000"])
-    ok, _ = r.run("read 0 512")
-    assert ok, r.stderr
+    r.ok("read 0 512")
     os.kill(srv.pid, signal.SIGSTOP)
     try:
-        for i in range(3):
-            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
-            assert ok, r.stderr
+        _aio_reads(r, 3)
         wait_for(lambda: "reconnecting" in r.drain_stderr(), timeout=20,
                  what="the request timeout to drop the connection")
-        ok, _ = r.run("abandon")
-        assert ok, r.stderr
-        ok, out = r.run("aio-wait 10000", timeout=30)
-        assert ok, (out, r.stderr)
-        done = _done(out)
-        assert [err for _, _, err, _ in done] == ["ENOTCONN"] * 3, out
-        assert max(ms for *_, ms in done) < ABANDON_MS, out
+        _abandon(r, 3)
         t0 = time.monotonic()
         assert r.close() == 0, r.stderr
         assert time.monotonic() - t0 < 2.0  # the attempt ended with the abandon
@@ -404,24 +378,14 @@ def test_abandon_ends_a_disconnect_waiting_for_a_silent_server(nbdkit, repl):
     abandon from another thread meanwhile ends that wait at once."""
     srv = nbdkit("memory", "1M")
     r = repl(srv.uri(), opts=["--connections", "1"])
-    ok, _ = r.run("read 0 512")
-    assert ok, r.stderr
+    r.ok("read 0 512")
     os.kill(srv.pid, signal.SIGSTOP)
     try:
-        for i in range(3):
-            ok, _ = r.run(f"aio-bg read {i * 4096} 4096")
-            assert ok, r.stderr
-        ok, _ = r.run("disconnect-bg")
-        assert ok, r.stderr
-        ok, _ = r.run("abandon")
-        assert ok, r.stderr
-        ok, out = r.run("aio-wait 10000", timeout=30)
-        assert ok, (out, r.stderr)
+        _aio_reads(r, 3)
+        r.ok("disconnect-bg")
+        out, _ = _abandon(r, 3)
     finally:
         os.kill(srv.pid, signal.SIGCONT)
-    done = _done(out)
-    assert [err for _, _, err, _ in done] == ["ENOTCONN"] * 3, out
-    assert max(ms for *_, ms in done) < ABANDON_MS, out
     disc = [float(l.split("=")[1]) for l in out if l.startswith("disconnect ms=")]
     assert disc and disc[0] < ABANDON_MS, out
     assert r.close() == 0, r.stderr
@@ -435,14 +399,9 @@ def test_abandon_still_says_goodbye_on_idle_connections(nbdkit, repl):
     r = repl(srv.uri(), opts=["--connections", "3"])
     ok, out = r.run("info")
     assert ok and "connections=3" in out, (out, r.stderr)
-    ok, _ = r.run("aio-bg read 0 4096")
-    assert ok, r.stderr
-    ok, _ = r.run("abandon")
-    assert ok, r.stderr
-    ok, out = r.run("aio-wait 10000", timeout=30)
-    assert ok, (out, r.stderr)
-    assert [(k, e) for k, _, e, _ in _done(out)] == [("read", "ENOTCONN")], out
-    assert max(ms for *_, ms in _done(out)) < ABANDON_MS, out
+    r.ok("aio-bg read 0 4096")
+    out, done = _abandon(r, 1)
+    assert [(k, e) for k, _, e, _ in done] == [("read", "ENOTCONN")], out
     assert r.close() == 0, r.stderr
     srv.kill(signal.SIGKILL)
     err = srv.proc.stderr.read().decode(errors="replace")

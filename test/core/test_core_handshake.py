@@ -16,8 +16,41 @@ def kind(res, name):
     return re.search(rf"nbdc-cli: \w+: {name}: ", res.stderr) is not None
 
 
+def assert_kind(res, rc, name):
+    """nbdc-cli exited with @rc and reported the NbdcError kind @name."""
+    assert res.returncode == rc, res
+    assert kind(res, name), res
+
+
 def list_lines(res):
     return [line.split("\t") for line in res.text.splitlines() if line]
+
+
+def assert_export(uri, name, description):
+    """info on @uri names the export @name with @description."""
+    res = run_cli(uri, "info")
+    assert res.returncode == 0, res
+    assert res.info()["export_name"] == name
+    assert res.info()["description"] == description
+
+
+def assert_list_unsupported(srv):
+    """Listing the exports of @srv fails with UNSUPPORTED (exit 2)."""
+    res = run_cli(srv.uri(), "list")
+    assert_kind(res, 2, "UNSUPPORTED")
+
+
+def write_read_8k(srv, off, protocol):
+    """Writes 8 KiB of random data at @off and reads it back; the 1 MiB export
+    speaks @protocol.  Returns nbdc-cli's info."""
+    data = os.urandom(8192)
+    res = run_cli(srv.uri(), "info", "write", off, 8192, "read", off, 8192, input=data)
+    assert res.returncode == 0, res
+    i = res.info()
+    assert i["protocol"] == protocol
+    assert i["size"] == str(MiB)
+    assert res.stdout.endswith(data)
+    return i
 
 
 def test_list_200_exports(nbdkit):
@@ -74,17 +107,9 @@ def test_list_with_names_needing_escapes(nbdkit):
 
 def test_oldstyle(nbdkit):
     srv = nbdkit("-o", "memory", "1M")
-    data = os.urandom(8192)
-    res = run_cli(srv.uri(), "info", "write", 4096, 8192, "read", 4096, 8192, input=data)
-    assert res.returncode == 0, res
-    i = res.info()
-    assert i["protocol"] == "oldstyle"
-    assert i["size"] == str(MiB)
+    i = write_read_8k(srv, 4096, "oldstyle")
     assert i["structured_replies"] == "0"
-    assert res.stdout.endswith(data)
-    res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    assert_list_unsupported(srv)
 
 
 @pytest.mark.parametrize("mask", ["0", "2"])
@@ -92,16 +117,8 @@ def test_non_fixed_newstyle(nbdkit, mask):
     """--mask-handshake=0: non-fixed newstyle (=2: also NO_ZEROES): only
     EXPORT_NAME works; listing is impossible."""
     srv = nbdkit(f"--mask-handshake={mask}", "memory", "1M")
-    data = os.urandom(8192)
-    res = run_cli(srv.uri(), "info", "write", 0, 8192, "read", 0, 8192, input=data)
-    assert res.returncode == 0, res
-    i = res.info()
-    assert i["protocol"] == "newstyle"
-    assert i["size"] == str(MiB)
-    assert res.stdout.endswith(data)
-    res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    write_read_8k(srv, 0, "newstyle")
+    assert_list_unsupported(srv)
 
 
 def test_fixed_without_no_zeroes(nbdkit):
@@ -115,9 +132,7 @@ def test_list_refused(nbdkit):
     """exportname-list=error: nbdkit answers NBD_REP_ERR_PLATFORM, which nbd.h
     maps to UNSUPPORTED (exit 2); connecting still works."""
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=error")
-    res = run_cli(srv.uri(), "list")
-    assert res.returncode == 2, res
-    assert kind(res, "UNSUPPORTED"), res
+    assert_list_unsupported(srv)
     res = run_cli(srv.uri(), "read", 0, 512)
     assert res.returncode == 0, res
 
@@ -126,8 +141,7 @@ def test_unknown_export_go(nbdkit):
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-strict=true",
                  "exportname=a")
     res = run_cli(srv.uri("zzz"), "info")
-    assert res.returncode == 1, res
-    assert kind(res, "NO_EXPORT"), res
+    assert_kind(res, 1, "NO_EXPORT")
     assert "zzz" in res.stderr, "the message should name the export"
     res = run_cli(srv.uri("a"), "info")
     assert res.returncode == 0, res
@@ -140,8 +154,7 @@ def test_unknown_export_export_name_path(nbdkit):
     srv = nbdkit("--mask-handshake=0", "--filter=exportname", "memory", "1M",
                  "exportname-strict=true", "exportname=a")
     res = run_cli(srv.uri("zzz"), "info", timeout=60)
-    assert res.returncode == 1, res
-    assert kind(res, "NO_EXPORT"), res
+    assert_kind(res, 1, "NO_EXPORT")
     res = run_cli(srv.uri("a"), "info")
     assert res.returncode == 0, res
 
@@ -149,25 +162,19 @@ def test_unknown_export_export_name_path(nbdkit):
 def test_export_name_and_description(nbdkit):
     srv = nbdkit("--filter=exportname", "memory", "1M", "exportname-list=explicit",
                  "exportname=disk1", "exportdesc=fixed:my disk")
-    res = run_cli(srv.uri("disk1"), "info")
-    assert res.returncode == 0, res
-    assert res.info()["export_name"] == "disk1"
-    assert res.info()["description"] == "my disk"
+    assert_export(srv.uri("disk1"), "disk1", "my disk")
 
 
 def test_unreachable(tmp_path):
     res = run_cli(f"nbd+unix:///?socket={tmp_path}/nothing.sock", "info")
-    assert res.returncode == 1, res
-    assert kind(res, "CONNECT"), res
+    assert_kind(res, 1, "CONNECT")
     res = run_cli(f"nbd+unix:///?socket={tmp_path}/nothing.sock", "list")
-    assert res.returncode == 1, res
-    assert kind(res, "CONNECT"), res
+    assert_kind(res, 1, "CONNECT")
 
 
 def test_bad_uri():
     res = run_cli("nbd+unix:///disk", "info")
-    assert res.returncode == 1, res
-    assert kind(res, "URI"), res
+    assert_kind(res, 1, "URI")
 
 
 def test_canonical_export_name(nbdkit):
@@ -175,7 +182,4 @@ def test_canonical_export_name(nbdkit):
     (NBD_INFO_NAME)."""
     srv = nbdkit("--filter=exportname", "memory", "1M", "default-export=disk1",
                  "exportname=disk1", "exportdesc=fixed:hello")
-    res = run_cli(srv.uri(""), "info")
-    assert res.returncode == 0, res
-    assert res.info()["export_name"] == "disk1"
-    assert res.info()["description"] == "hello"
+    assert_export(srv.uri(""), "disk1", "hello")

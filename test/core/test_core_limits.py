@@ -9,8 +9,7 @@ import pytest
 
 from nbdfs_test.core import run_cli
 from nbdfs_test.data import pattern_bytes
-from nbdfs_test.polling import wait_for
-from nbdfs_test.servers import free_tcp_port
+from nbdfs_test.servers import free_tcp_port, wait_tcp_listening
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -176,13 +175,7 @@ def test_ipv6():
                              "pattern", "1M"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        def listening():
-            try:
-                with socket.create_connection(("::1", port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-        wait_for(listening, timeout=30, what="nbdkit on [::1]")
+        wait_tcp_listening("::1", port, "nbdkit on [::1]", connect_timeout=0.2)
         res = run_cli(f"nbd://[::1]:{port}/", "info", "verify-pattern", 0, 65536)
         assert res.returncode == 0, res
         assert res.info()["size"] == str(MiB)

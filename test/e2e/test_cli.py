@@ -195,16 +195,22 @@ def _psk(tmp_path, name, user="alice"):
     return str(path)
 
 
+def _refused_then_mounted(mount, uri, bad_opts, good_opts):
+    """Mounting @uri with -o @bad_opts fails at start-up; with -o @good_opts
+    it works."""
+    m = mount(uri, opts=["-o", bad_opts], check=False)
+    _assert_startup_failure(mount, m, uri)
+    ok = mount(uri, opts=["-o", good_opts])
+    assert ok.files() == ["disk"]
+
+
 def test_startup_tls_failure(nbdkit, mount, tmp_path):
     good = _psk(tmp_path, "good.psk")
     bad = _psk(tmp_path, "bad.psk")
     srv = nbdkit("--tls=require", f"--tls-psk={good}", "memory", "1M")
     uri = f"nbds+unix://alice@/?socket={srv.sock}"
-    m = mount(uri, opts=["-o", f"tls-psk={bad}"], check=False)
-    _assert_startup_failure(mount, m, uri)
-    # and the right key works
-    ok = mount(uri, opts=["-o", f"tls-psk={good}"])
-    assert ok.files() == ["disk"]
+    # the wrong key fails, and the right key works
+    _refused_then_mounted(mount, uri, f"tls-psk={bad}", f"tls-psk={good}")
 
 
 def test_startup_plaintext_to_tls_only_server(nbdkit, mount, tmp_path):
@@ -632,10 +638,8 @@ def test_tls_unverifiable_server_fails_unless_verify_off(nbdkit, mount, certs):
     srv = nbdkit("--tls=require", f"--tls-certificates={certs / 'server'}", "memory", "1M",
                  tcp=True)
     uri = f"nbds://localhost:{srv.port}/"
-    bad = mount(uri, opts=["-o", f"tls-certificates={certs / 'other'}"], check=False)
-    _assert_startup_failure(mount, bad, uri)
-    ok = mount(uri, opts=["-o", f"tls-certificates={certs / 'other'},tls-verify-peer=off"])
-    assert ok.files() == ["disk"]
+    _refused_then_mounted(mount, uri, f"tls-certificates={certs / 'other'}",
+                          f"tls-certificates={certs / 'other'},tls-verify-peer=off")
 
 
 def test_tls_psk_unix(nbdkit, mount, tmp_path):

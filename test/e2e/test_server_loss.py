@@ -17,10 +17,17 @@ from nbdfs_test.polling import wait_for, wait_pid_exit
 from nbdfs_test.threads import READS, Call, bounded
 
 
-def test_server_gone_read_fails_eio_after_timeout(random_export, mount):
-    srv, img, data = random_export(4 * MiB)
-    m = mount(srv.uri(), opts=["-o", "timeout=2"])
+def _mounted(random_export, mount, size, timeout):
+    """A random export of @size, mounted with -o timeout=@timeout; its first
+    4 KiB read back.  Returns (server, image, data, mount)."""
+    srv, img, data = random_export(size)
+    m = mount(srv.uri(), opts=["-o", f"timeout={timeout}"])
     assert direct_pread(m / "disk", 0, 4096) == data[:4096]
+    return srv, img, data, m
+
+
+def test_server_gone_read_fails_eio_after_timeout(random_export, mount):
+    srv, img, data, m = _mounted(random_export, mount, 4 * MiB, 2)
     t_kill = time.monotonic()
     srv.kill()
     r, e, dt = timed(lambda: direct_pread(m / "disk", MiB, 4096))
@@ -45,9 +52,7 @@ def test_server_gone_read_fails_eio_after_timeout(random_export, mount):
 
 
 def test_timeout_0_fails_at_once(random_export, mount):
-    srv, img, data = random_export(4 * MiB)
-    m = mount(srv.uri(), opts=["-o", "timeout=0"])
-    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
+    srv, img, data, m = _mounted(random_export, mount, 4 * MiB, 0)
     srv.kill()
     r, e, dt = timed(lambda: direct_pread(m / "disk", 2 * MiB, 4096))
     assert e == errno.EIO, (r, e)
@@ -55,10 +60,8 @@ def test_timeout_0_fails_at_once(random_export, mount):
 
 
 def test_server_back_in_time_pending_read_succeeds(server, random_export, mount):
-    srv, img, data = random_export(4 * MiB)
+    srv, img, data, m = _mounted(random_export, mount, 4 * MiB, 30)
     sock = srv.sock
-    m = mount(srv.uri(), opts=["-o", "timeout=30"])
-    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
     read = Call(direct_pread, m / "disk", 3 * MiB, 8192, name="the pending read").start()
     read.wait_blocked_in(*READS, timeout=20)
@@ -136,10 +139,8 @@ def test_server_gone_at_mount_fails_at_once(tmp_path, mount):
 
 
 def test_many_pending_requests_survive_a_restart(server, random_export, mount):
-    srv, img, data = random_export(8 * MiB)
+    srv, img, data, m = _mounted(random_export, mount, 8 * MiB, 30)
     sock = srv.sock
-    m = mount(srv.uri(), opts=["-o", "timeout=30"])
-    assert direct_pread(m / "disk", 0, 4096) == data[:4096]
     srv.kill()
     reads = [Call(direct_pread, m / "disk", MiB + i * 65536, 65536, name=f"read {i}").start()
              for i in range(8)]

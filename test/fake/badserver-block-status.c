@@ -34,21 +34,25 @@ static int block_status_wait(Nbdc *c, uint64_t count, uint64_t off, uint32_t fla
 	return r;
 }
 
+typedef struct {
+	uint64_t count, off;
+	uint32_t flags;
+	GArray *ext;
+} BsRequest;
+
+static int bs_request(Nbdc *c, void *arg)
+{
+	BsRequest *q = arg;
+
+	return block_status_wait(c, q->count, q->off, q->flags, q->ext);
+}
+
 static void bs_expect(FakeMsg *m1, FakeMsg *m2, uint64_t count, uint64_t off, uint32_t flags,
 		      int want, enum after mode, GArray *ext)
 {
-	Ctx t;
+	BsRequest q = { .count = count, .off = off, .flags = flags, .ext = ext };
 
-	ctx_init(&t);
-	ctx_io(&t);
-	fake_send(t.fs, m1);
-	if (m2)
-		fake_send(t.fs, m2);
-	serve_followup(t.fs, mode);
-	ctx_connect(&t);
-	g_assert_cmpint(block_status_wait(t.c, count, off, flags, ext), ==, want);
-	check_after(t.c, mode);
-	ctx_end(&t);
+	expect_reply(m1, m2, bs_request, &q, want, mode);
 }
 
 /* ---- B cases ------------------------------------------------------------ */
@@ -94,41 +98,39 @@ static void test_b_error_chunk(void)
 	g_assert_cmpuint(ext->len, ==, 0);
 }
 
-static void test_b1_too_short(void)
+/* A block status chunk of @type whose payload is the big-endian u32 words
+ * @w[@n]: the 8 KiB request fails with -EPROTO. */
+static void bs_bad_chunk(uint16_t type, const uint32_t *w, size_t n)
 {
 	FakeMsg *p = fake_msg_new();
 	g_autoptr(GArray) ext = g_array_new(FALSE, FALSE, sizeof(Extent));
 
-	fake_msg_u32(p, 7);
-	fake_msg_u32(p, 4096);
-	bs_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_BLOCK_STATUS, p), NULL, 8192, 0, 0,
-		  -EPROTO, EITHER, ext);
+	for (size_t i = 0; i < n; i++)
+		fake_msg_u32(p, w[i]);
+	bs_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, type, p), NULL, 8192, 0, 0, -EPROTO, EITHER,
+		  ext);
+}
+
+static void test_b1_too_short(void)
+{
+	static const uint32_t w[] = { 7, 4096 };
+
+	bs_bad_chunk(FAKE_CHUNK_BLOCK_STATUS, w, G_N_ELEMENTS(w));
 }
 
 static void test_b1_misaligned(void)
 {
-	FakeMsg *p = fake_msg_new();
-	g_autoptr(GArray) ext = g_array_new(FALSE, FALSE, sizeof(Extent));
+	static const uint32_t w[] = { 7, 4096, 0, 4096 }; /* 16 bytes: (16 - 4) % 8 != 0 */
 
-	fake_msg_u32(p, 7);
-	fake_msg_u32(p, 4096);
-	fake_msg_u32(p, 0);
-	fake_msg_u32(p, 4096); /* 16 bytes: (16 - 4) % 8 != 0 */
-	bs_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_BLOCK_STATUS, p), NULL, 8192, 0, 0,
-		  -EPROTO, EITHER, ext);
+	bs_bad_chunk(FAKE_CHUNK_BLOCK_STATUS, w, G_N_ELEMENTS(w));
 }
 
 static void test_b1_ext_type(void)
 {
-	FakeMsg *p = fake_msg_new();
-	g_autoptr(GArray) ext = g_array_new(FALSE, FALSE, sizeof(Extent));
+	/* context 7, count 1, then the u64 length 8192 and u64 flags 0 */
+	static const uint32_t w[] = { 7, 1, 0, 8192, 0, 0 };
 
-	fake_msg_u32(p, 7);
-	fake_msg_u32(p, 1);
-	fake_msg_u64(p, 8192);
-	fake_msg_u64(p, 0);
-	bs_expect(fake_chunk(0, FAKE_CHUNK_FLAG_DONE, FAKE_CHUNK_BLOCK_STATUS_EXT, p), NULL, 8192,
-		  0, 0, -EPROTO, EITHER, ext);
+	bs_bad_chunk(FAKE_CHUNK_BLOCK_STATUS_EXT, w, G_N_ELEMENTS(w));
 }
 
 static void test_b2_unknown_context(void)

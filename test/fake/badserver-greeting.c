@@ -335,10 +335,7 @@ static void test_h12_unaligned_request(void)
 	g_assert_cmpint(read_guarded(t.c, 1000, 0, 0), ==, -EINVAL);
 	g_assert_cmpint(nbdc_pwrite(t.c, "abc", 3, 0, 0), ==, -EINVAL);
 	assert_alive(t.c);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_cmpuint(fake_server_capture(t.fs, 0)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 0);
 }
 
 /* ---- Silence and refusals (H22, H23) ------------------------------------ */

@@ -6,20 +6,14 @@
 
 /* ---- S: bad chunks (a read of 4096 bytes at 4096 unless stated) --------- */
 
+static int read_4k_at_4k(Nbdc *c, void *arg)
+{
+	return read_guarded(c, 4096, 4096, 0);
+}
+
 static void read_expect(FakeMsg *m1, FakeMsg *m2, int want, enum after mode)
 {
-	Ctx t;
-
-	ctx_init(&t);
-	ctx_io(&t);
-	fake_send(t.fs, m1);
-	if (m2)
-		fake_send(t.fs, m2);
-	serve_followup(t.fs, mode);
-	ctx_connect(&t);
-	g_assert_cmpint(read_guarded(t.c, 4096, 4096, 0), ==, want);
-	check_after(t.c, mode);
-	ctx_end(&t);
+	expect_reply(m1, m2, read_4k_at_4k, NULL, want, mode);
 }
 
 static void test_s1_data_before_request(void)
@@ -320,9 +314,7 @@ static void test_p_error_offset(void)
 static void test_p_interleaved_chunks(void)
 {
 	Ctx t;
-	Buf a, b;
-	struct completion *da, *db;
-	struct iovec va, vb;
+	int ra, rb;
 
 	ctx_init(&t);
 	fake_negotiate(t.fs, &t.e, 0, 0);
@@ -333,20 +325,9 @@ static void test_p_interleaved_chunks(void)
 	fake_send(t.fs, fake_chunk_data(1, FAKE_CHUNK_FLAG_DONE, 2048, 2048));
 	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 2048));
 	ctx_connect(&t);
-	a = buf_new(4096);
-	b = buf_new(4096);
-	da = completion_new();
-	db = completion_new();
-	va = (struct iovec){ a.p, 4096 };
-	vb = (struct iovec){ b.p, 4096 };
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 0, 0, completion_done, da), ==, 0);
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 131072, 0, completion_done, db), ==, 0);
-	g_assert_cmpint(done_wait(da), ==, 0);
-	g_assert_cmpint(done_wait(db), ==, 0);
-	buf_check_pattern(&a, 0, 0, 4096);
-	buf_check_pattern(&b, 131072, 0, 4096);
-	buf_free(&a);
-	buf_free(&b);
+	read_two(t.c, 0, 4096, 131072, 4096, &ra, &rb);
+	g_assert_cmpint(ra, ==, 0);
+	g_assert_cmpint(rb, ==, 0);
 	ctx_end(&t);
 }
 
@@ -403,10 +384,7 @@ static void test_p_read_only(void)
 	g_assert_cmpint(nbdc_trim(t.c, 4096, 0, 0), ==, -EROFS);
 	g_assert_cmpint(nbdc_zero(t.c, 4096, 0, 0), ==, -EROFS);
 	assert_alive(t.c);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_cmpuint(fake_server_capture(t.fs, 0)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 0);
 }
 
 /* 64 chunks of 64 bytes in a scrambled order. */

@@ -81,18 +81,26 @@ static void tls_up(Ctx *t, const char *server_psk)
 	fake_starttls(t->fs, server_psk);
 }
 
+/* ctx_init, a TLS session with alice's key, then a negotiation inside it (no
+ * second greeting) up to @stop_option, captured in @slot (0: all of it). */
+static void tls_session(Ctx *t, uint32_t stop_option, int slot)
+{
+	FakeExport rest;
+
+	ctx_init(t);
+	tls_up(t, psk_file);
+	rest = t->e;
+	rest.greeting = FALSE;
+	fake_negotiate(t->fs, &rest, stop_option, slot);
+}
+
 /* The positive path: negotiation and a read inside TLS. */
 static void test_tls_ok(void)
 {
 	Ctx t;
-	FakeExport rest;
 	struct nbdc_info info;
 
-	ctx_init(&t);
-	tls_up(&t, psk_file);
-	rest = t.e;
-	rest.greeting = FALSE;
-	fake_negotiate(t.fs, &rest, 0, 0);
+	tls_session(&t, 0, 0);
 	fake_expect_request(t.fs, 0);
 	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 	ctx_connect(&t);
@@ -107,13 +115,8 @@ static void test_tls_ok(void)
 static void test_h19_starttls_reply_inside_tls(void)
 {
 	Ctx t;
-	FakeExport rest;
 
-	ctx_init(&t);
-	tls_up(&t, psk_file);
-	rest = t.e;
-	rest.greeting = FALSE;
-	fake_negotiate(t.fs, &rest, FAKE_OPT_STRUCTURED_REPLY, 2);
+	tls_session(&t, FAKE_OPT_STRUCTURED_REPLY, 2);
 	fake_send(t.fs, fake_rep_ack(FAKE_OPT_STARTTLS));
 	ctx_connect_fails(&t, NBDC_ERROR_HANDSHAKE);
 	fake_server_finish(t.fs, NULL);
@@ -136,14 +139,9 @@ static void test_h21_tls_unknown_psk_user(void)
 static void test_tls_t1_bad_reply_magic(void)
 {
 	Ctx t;
-	FakeExport rest;
 	g_autoptr(FakeMsg) m = fake_msg_new();
 
-	ctx_init(&t);
-	tls_up(&t, psk_file);
-	rest = t.e;
-	rest.greeting = FALSE;
-	fake_negotiate(t.fs, &rest, 0, 0);
+	tls_session(&t, 0, 0);
 	fake_expect_request(t.fs, 0);
 	fake_msg_u32(m, 0x12345678);
 	fake_msg_fill(m, 0, 12);
@@ -156,13 +154,8 @@ static void test_tls_t1_bad_reply_magic(void)
 static void test_tls_t10_close_mid_payload(void)
 {
 	Ctx t;
-	FakeExport rest;
 
-	ctx_init(&t);
-	tls_up(&t, psk_file);
-	rest = t.e;
-	rest.greeting = FALSE;
-	fake_negotiate(t.fs, &rest, 0, 0);
+	tls_session(&t, 0, 0);
 	fake_expect_request(t.fs, 0);
 	fake_send_partial_close(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096), 500);
 	ctx_first_read_kills(&t, -ENOTCONN);

@@ -75,10 +75,7 @@ static void test_t3_unknown_cookie_simple_error(void)
 static void test_t4_duplicate_reply(void)
 {
 	Ctx t;
-	Buf a, b;
-	struct completion *da, *db;
 	int ra, rb;
-	struct iovec va, vb;
 
 	ctx_init(&t);
 	fake_negotiate(t.fs, &t.e, 0, 0);
@@ -87,24 +84,9 @@ static void test_t4_duplicate_reply(void)
 	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 	fake_send(t.fs, fake_chunk_data(0, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 	ctx_connect(&t);
-	a = buf_new(4096);
-	b = buf_new(4096);
-	da = completion_new();
-	db = completion_new();
-	va = (struct iovec){ a.p, 4096 };
-	vb = (struct iovec){ b.p, 4096 };
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 0, 0, completion_done, da), ==, 0);
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 65536, 0, completion_done, db), ==, 0);
-	ra = done_wait(da);
-	rb = done_wait(db);
+	read_two(t.c, 0, 4096, 65536, 4096, &ra, &rb);
 	note("first %d, second %d", ra, rb);
 	g_assert_true((ra == 0 && rb == -EPROTO) || (ra == -EPROTO && rb == 0));
-	if (ra == 0)
-		buf_check_pattern(&a, 0, 0, 4096);
-	else
-		buf_check_pattern(&b, 65536, 0, 4096);
-	buf_free(&a);
-	buf_free(&b);
 	assert_dead(t.c);
 	ctx_end(&t);
 }
@@ -124,11 +106,7 @@ static void test_t5_reply_to_disc(void)
 	nbdc_disconnect(t.c);
 	g_assert_false(nbdc_is_alive(t.c));
 	g_assert_cmpint(read_guarded(t.c, 4096, 0, 0), ==, -ENOTCONN);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_true(fake_server_capture(t.fs, 1)->valid);
-	g_assert_cmpuint(fake_server_capture(t.fs, 1)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 1);
 }
 
 /* A simple reply to a READ although structured replies were negotiated. */
@@ -225,11 +203,7 @@ static void test_t9_eshutdown_soft_disconnect(void)
 	ctx_connect(&t);
 	g_assert_cmpint(nbdc_trim(t.c, 4096, 0, 0), ==, -ESHUTDOWN);
 	assert_dead(t.c);
-	nbdc_free(g_steal_pointer(&t.c));
-	fake_server_finish(t.fs, NULL);
-	g_assert_true(fake_server_capture(t.fs, 1)->valid);
-	g_assert_cmpuint(fake_server_capture(t.fs, 1)->type, ==, FAKE_CMD_DISC);
-	ctx_end(&t);
+	ctx_end_disc(&t, 1);
 }
 
 /* A simple error reply to a READ carries no payload: the connection stays in sync. */
@@ -333,9 +307,7 @@ static void test_t11_close_with_three_in_flight(void)
 static void test_t12_out_of_order(void)
 {
 	Ctx t;
-	Buf a, b;
-	struct completion *da, *db;
-	struct iovec va, vb;
+	int ra, rb;
 
 	ctx_init(&t);
 	t.e.sr = FALSE;
@@ -345,20 +317,9 @@ static void test_t12_out_of_order(void)
 	fake_send(t.fs, fake_simple_reply_data(1));
 	fake_send(t.fs, fake_simple_reply_data(0));
 	ctx_connect(&t);
-	a = buf_new(4096);
-	b = buf_new(8192);
-	da = completion_new();
-	db = completion_new();
-	va = (struct iovec){ a.p, 4096 };
-	vb = (struct iovec){ b.p, 8192 };
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &va, 1, 4096, 0, completion_done, da), ==, 0);
-	g_assert_cmpint(nbdc_aio_preadv(t.c, &vb, 1, 65536, 0, completion_done, db), ==, 0);
-	g_assert_cmpint(done_wait(da), ==, 0);
-	g_assert_cmpint(done_wait(db), ==, 0);
-	buf_check_pattern(&a, 4096, 0, 4096);
-	buf_check_pattern(&b, 65536, 0, 8192);
-	buf_free(&a);
-	buf_free(&b);
+	read_two(t.c, 4096, 4096, 65536, 8192, &ra, &rb);
+	g_assert_cmpint(ra, ==, 0);
+	g_assert_cmpint(rb, ==, 0);
 	assert_alive(t.c);
 	ctx_end(&t);
 }

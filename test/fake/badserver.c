@@ -261,6 +261,32 @@ void serve_followup(FakeServer *fs, enum after mode)
 	fake_send(fs, fake_chunk_data(9, FAKE_CHUNK_FLAG_DONE, 0, 4096));
 }
 
+void ctx_end_disc(Ctx *t, int slot)
+{
+	nbdc_free(g_steal_pointer(&t->c));
+	fake_server_finish(t->fs, NULL);
+	g_assert_true(fake_server_capture(t->fs, slot)->valid);
+	g_assert_cmpuint(fake_server_capture(t->fs, slot)->type, ==, FAKE_CMD_DISC);
+	ctx_end(t);
+}
+
+void expect_reply(FakeMsg *m1, FakeMsg *m2, ctx_request request, void *arg, int want,
+		  enum after mode)
+{
+	Ctx t;
+
+	ctx_init(&t);
+	ctx_io(&t);
+	fake_send(t.fs, m1);
+	if (m2)
+		fake_send(t.fs, m2);
+	serve_followup(t.fs, mode);
+	ctx_connect(&t);
+	g_assert_cmpint(request(t.c, arg), ==, want);
+	check_after(t.c, mode);
+	ctx_end(&t);
+}
+
 /* ---- Async helpers -------------------------------------------------------- */
 
 int done_wait(struct completion *c)
@@ -272,6 +298,24 @@ int done_wait(struct completion *c)
 	g_assert_true(fired);
 	completion_unref(c);
 	return (int)err;
+}
+
+void read_two(Nbdc *c, uint64_t off_a, size_t len_a, uint64_t off_b, size_t len_b, int *ra, int *rb)
+{
+	Buf a = buf_new(len_a), b = buf_new(len_b);
+	struct completion *da = completion_new(), *db = completion_new();
+	struct iovec va = { a.p, len_a }, vb = { b.p, len_b };
+
+	g_assert_cmpint(nbdc_aio_preadv(c, &va, 1, off_a, 0, completion_done, da), ==, 0);
+	g_assert_cmpint(nbdc_aio_preadv(c, &vb, 1, off_b, 0, completion_done, db), ==, 0);
+	*ra = done_wait(da);
+	*rb = done_wait(db);
+	if (*ra == 0)
+		buf_check_pattern(&a, off_a, 0, len_a);
+	if (*rb == 0)
+		buf_check_pattern(&b, off_b, 0, len_b);
+	buf_free(&a);
+	buf_free(&b);
 }
 
 void extent_cb(void *opaque, uint64_t offset, uint64_t length, uint32_t flags)

@@ -104,6 +104,9 @@ void assert_dead(Nbdc *c);
 void ctx_first_read_kills(Ctx *t, int err);
 /* The connection must still be alive. */
 void assert_alive(Nbdc *c);
+/* Frees the client, which must say goodbye: the script has read its
+ * NBD_CMD_DISC into @slot.  Then finishes the server and ends @t. */
+void ctx_end_disc(Ctx *t, int slot);
 
 /* What must hold of the connection after a failed request. */
 enum after {
@@ -116,6 +119,14 @@ enum after {
 void check_after(Nbdc *c, enum after mode);
 void serve_followup(FakeServer *fs, enum after mode);
 
+/* A request run on the connected client; returns its result (0 or -errno). */
+typedef int (*ctx_request)(Nbdc *c, void *arg);
+/* The common case of one bad reply: the server answers the first request
+ * with @m1 then @m2 (consumed; @m2 may be NULL) and serves the follow-up of
+ * @mode; @request(@arg) must return @want, then @mode must hold. */
+void expect_reply(FakeMsg *m1, FakeMsg *m2, ctx_request request, void *arg, int want,
+		  enum after mode);
+
 /* ---- Async helpers -------------------------------------------------------- */
 
 /* Waits (10 s at most) for the one call of the callback of @c (struct
@@ -123,6 +134,12 @@ void serve_followup(FakeServer *fs, enum after mode);
  * callback, a second call aborts), drops the waiter's reference, and returns
  * the callback's err. */
 int done_wait(struct completion *c);
+
+/* Two async reads in flight at once, @len_a bytes at @off_a then @len_b at
+ * @off_b; waits for both and returns their results in @ra and @rb.  A read
+ * that succeeded must have read the pattern. */
+void read_two(Nbdc *c, uint64_t off_a, size_t len_a, uint64_t off_b, size_t len_b, int *ra,
+	      int *rb);
 
 typedef struct {
 	uint64_t off, len;

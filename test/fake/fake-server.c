@@ -639,29 +639,55 @@ static void close_fd(FakeServer *fs)
 
 #define MAX_OPTION_DATA 65536u
 
-/* Reads one option into @cap.  Returns an io_res, or 1 for a bad magic/size. */
-static int read_option(FakeServer *fs, FakeCapture *cap, gint64 deadline)
+/* Big-endian integers at @p (unaligned). */
+static uint16_t get_be16(const guint8 *p)
 {
-	guint8 h[16];
-	uint64_t magic;
-	uint32_t v;
-	int r = io_read(fs, h, sizeof(h), deadline);
+	uint16_t v;
 
-	if (r)
-		return r;
-	memcpy(&magic, h, 8);
-	if (GUINT64_FROM_BE(magic) != FAKE_IHAVEOPT)
-		return 1;
-	memcpy(&v, h + 8, 4);
-	cap->option = GUINT32_FROM_BE(v);
-	memcpy(&v, h + 12, 4);
-	cap->option_len = GUINT32_FROM_BE(v);
-	if (cap->option_len > MAX_OPTION_DATA)
-		return 1;
+	memcpy(&v, p, 2);
+	return GUINT16_FROM_BE(v);
+}
+
+static uint32_t get_be32(const guint8 *p)
+{
+	uint32_t v;
+
+	memcpy(&v, p, 4);
+	return GUINT32_FROM_BE(v);
+}
+
+static uint64_t get_be64(const guint8 *p)
+{
+	uint64_t v;
+
+	memcpy(&v, p, 8);
+	return GUINT64_FROM_BE(v);
+}
+
+/* @cap holds a capture, its data empty so far. */
+static void capture_begin(FakeCapture *cap)
+{
 	cap->valid = TRUE;
 	if (!cap->data)
 		cap->data = g_byte_array_new();
 	g_byte_array_set_size(cap->data, 0);
+}
+
+/* Reads one option into @cap.  Returns an io_res, or 1 for a bad magic/size. */
+static int read_option(FakeServer *fs, FakeCapture *cap, gint64 deadline)
+{
+	guint8 h[16];
+	int r = io_read(fs, h, sizeof(h), deadline);
+
+	if (r)
+		return r;
+	if (get_be64(h) != FAKE_IHAVEOPT)
+		return 1;
+	cap->option = get_be32(h + 8);
+	cap->option_len = get_be32(h + 12);
+	if (cap->option_len > MAX_OPTION_DATA)
+		return 1;
+	capture_begin(cap);
 	return io_skip(fs, cap->option_len, cap->data, cap->option_len, deadline);
 }
 
@@ -669,30 +695,18 @@ static int read_request(FakeServer *fs, FakeCapture *cap, size_t payload_max)
 {
 	gint64 deadline = deadline_of(fs);
 	guint8 h[28];
-	uint32_t magic, len;
-	uint16_t v16;
-	uint64_t v64;
 	int r = io_read(fs, h, sizeof(h), deadline);
 
 	if (r)
 		return r;
-	memcpy(&magic, h, 4);
-	if (GUINT32_FROM_BE(magic) != FAKE_REQUEST_MAGIC)
+	if (get_be32(h) != FAKE_REQUEST_MAGIC)
 		return 1;
-	memcpy(&v16, h + 4, 2);
-	cap->flags = GUINT16_FROM_BE(v16);
-	memcpy(&v16, h + 6, 2);
-	cap->type = GUINT16_FROM_BE(v16);
-	memcpy(&v64, h + 8, 8);
-	cap->cookie = GUINT64_FROM_BE(v64);
-	memcpy(&v64, h + 16, 8);
-	cap->offset = GUINT64_FROM_BE(v64);
-	memcpy(&len, h + 24, 4);
-	cap->length = GUINT32_FROM_BE(len);
-	cap->valid = TRUE;
-	if (!cap->data)
-		cap->data = g_byte_array_new();
-	g_byte_array_set_size(cap->data, 0);
+	cap->flags = get_be16(h + 4);
+	cap->type = get_be16(h + 6);
+	cap->cookie = get_be64(h + 8);
+	cap->offset = get_be64(h + 16);
+	cap->length = get_be32(h + 24);
+	capture_begin(cap);
 	if (cap->type == FAKE_CMD_WRITE)
 		return io_skip(fs, MIN(cap->length, payload_max), cap->data, 1u << 20, deadline);
 	return IO_OK;
@@ -706,7 +720,6 @@ static int negotiate(FakeServer *fs, guint idx, const struct step *st)
 
 	if (e->greeting) {
 		guint8 cf[4];
-		uint32_t v;
 
 		r = send_owned(fs, fake_greeting_newstyle(e->hflags));
 		if (!r)
@@ -715,8 +728,7 @@ static int negotiate(FakeServer *fs, guint idx, const struct step *st)
 			fail(fs, idx, "negotiate: greeting: %s", io_res_name(r));
 			return r;
 		}
-		memcpy(&v, cf, 4);
-		fs->client_flags = GUINT32_FROM_BE(v);
+		fs->client_flags = get_be32(cf);
 	}
 	for (;;) {
 		FakeCapture tmp = { 0 };
@@ -902,10 +914,7 @@ static int run_step(FakeServer *fs, guint idx, struct step *st)
 		}
 		break;
 	case STEP_EXPECT_BYTES:
-		if (!cap->data)
-			cap->data = g_byte_array_new();
-		g_byte_array_set_size(cap->data, 0);
-		cap->valid = TRUE;
+		capture_begin(cap);
 		r = io_skip(fs, st->n, cap->data, st->n, deadline_of(fs));
 		break;
 	case STEP_EXPECT_CLIENT_FLAGS: {

@@ -117,6 +117,12 @@ class Repl:
         self.send(line)
         return self.result(timeout)
 
+    def ok(self, line, timeout=60):
+        """Runs @line, asserts it answered OK; returns its output lines."""
+        ok, out = self.run(line, timeout)
+        assert ok, (line, out, self.stderr)
+        return out
+
     @property
     def stderr(self):
         return self.errbuf.decode(errors="replace")

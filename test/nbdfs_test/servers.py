@@ -49,15 +49,27 @@ def die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
-def connectable(srv):
+def tcp_connectable(host, port, timeout=0.5):
     try:
-        if srv.sock:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(0.5)
-                s.connect(srv.sock)
-        else:
-            with socket.create_connection(("127.0.0.1", srv.port), timeout=0.5):
-                pass
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_tcp_listening(host, port, what, timeout=30, connect_timeout=0.5):
+    """Polls until a TCP connection to host:port succeeds (each attempt bounded
+    by connect_timeout); fails the test after timeout seconds."""
+    wait_for(lambda: tcp_connectable(host, port, connect_timeout), timeout=timeout, what=what)
+
+
+def connectable(srv):
+    if not srv.sock:
+        return tcp_connectable("127.0.0.1", srv.port)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(srv.sock)
         return True
     except OSError:
         return False

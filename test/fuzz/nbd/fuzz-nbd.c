@@ -15,7 +15,7 @@
  * bit 2 no structured replies, bit 3 no block status.
  *
  * Linked two ways: with clang -fsanitize=fuzzer as a libFuzzer target
- * (test/fuzz/nbd), and into test/unit/nbd/corpus-replay.c, which runs every
+ * (test/fuzz/nbd), and into test/unit/corpus-replay.c, which runs every
  * file of the seed corpus once (a regression test in every build).
  */
 #include "fuzz-nbd.h"

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* fuzz-nbd.h: the NBD fuzz target (fuzz-nbd.c, input format there), shared by
  * the libFuzzer build (test/fuzz/nbd) and the corpus replay test
- * (test/unit/nbd/corpus-replay.c). */
+ * (test/unit/corpus-replay.c). */
 #pragma once
 
 #include <glib.h>

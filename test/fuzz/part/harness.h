@@ -1,5 +1,5 @@
 /* harness.h: the partition fuzz target, shared by the libFuzzer entry point
- * (fuzz-part.c) and the corpus replay test (test/unit/part/corpus-replay.c). */
+ * (fuzz-part.c) and the corpus replay test (test/unit/corpus-replay.c). */
 #pragma once
 
 #include <stddef.h>
