@@ -11,6 +11,7 @@ import pytest
 from nbdfs_test.core import run_cli
 from nbdfs_test.data import pattern_bytes
 from nbdfs_test.polling import wait_for
+from nbdfs_test.servers import freeze
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -324,7 +325,7 @@ def test_abandon_fails_requests_on_a_silent_server_at_once(nbdkit, repl):
     srv = nbdkit("memory", "1M")
     r = repl(srv.uri(), opts=["--connections", "1", "--max-in-flight", "4"])
     r.ok("read 0 512")
-    os.kill(srv.pid, signal.SIGSTOP)
+    freeze(srv.pid)
     try:
         _aio_reads(r, 8)
         r.ok("aio-bg write 65536 4096")
@@ -360,7 +361,7 @@ def test_abandon_while_reconnecting_to_a_silent_server(nbdkit, repl):
     r = repl(srv.uri(), opts=["--connections", "1", "--timeout-ms", "300",
                               "--reconnect-ms", "60000"])
     r.ok("read 0 512")
-    os.kill(srv.pid, signal.SIGSTOP)
+    freeze(srv.pid)
     try:
         _aio_reads(r, 3)
         wait_for(lambda: "reconnecting" in r.drain_stderr(), timeout=20,
@@ -379,7 +380,7 @@ def test_abandon_ends_a_disconnect_waiting_for_a_silent_server(nbdkit, repl):
     srv = nbdkit("memory", "1M")
     r = repl(srv.uri(), opts=["--connections", "1"])
     r.ok("read 0 512")
-    os.kill(srv.pid, signal.SIGSTOP)
+    freeze(srv.pid)
     try:
         _aio_reads(r, 3)
         r.ok("disconnect-bg")

@@ -30,7 +30,8 @@ from nbdfs_test.fsync_writer import FsyncWriter
 from nbdfs_test.mounts import (CleanupStack, Mount, cleanup_mount, detach_loop, find_daemon_pids,
                                is_mounted, need_fuse, need_root, umount_loop)
 from nbdfs_test.polling import kill_and_wait, ppid, run, wait_for, wait_pid_exit
-from nbdfs_test.servers import LoggedServer, NbdLog, connectable, die_with_parent, free_tcp_port
+from nbdfs_test.servers import (LoggedServer, NbdLog, connectable, die_with_parent, free_tcp_port,
+                                freeze)
 
 
 # --------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def stopped(e2e_stack):
 
     def stop(proc):
         procs.append(proc)
-        os.kill(proc.pid, signal.SIGSTOP)
+        freeze(proc.pid)
 
     def cont(proc):
         os.kill(proc.pid, signal.SIGCONT)

@@ -38,6 +38,26 @@ class NbdServer:
         return kill_and_wait(self.proc, sig)
 
 
+def _all_stopped(pid):
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                # "pid (comm) S ...": comm may hold spaces and parentheses
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def freeze(pid, timeout=10):
+    """SIGSTOPs a server we started and waits until every one of its threads
+    is stopped: the signal is delivered asynchronously, and a thread still
+    running could answer a request sent just after the kill."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: _all_stopped(pid), timeout=timeout, what=f"pid {pid} to stop (SIGSTOP)")
+
+
 def free_tcp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
