@@ -56,6 +56,8 @@ void fs_bufs_tidy(Fs *fs)
 	GPtrArray *free_bufs = fs->free_bufs;
 	fs->free_bufs = g_ptr_array_new_with_free_func(g_free);
 	g_mutex_unlock(&fs->buf_lock);
+	g_debug("quiet: %u free request buffers and the heap's unused pages go back",
+		free_bufs->len);
 	g_ptr_array_unref(free_bufs);
 	loop_set_run_blocking(fs_loops(fs), heap_trim, NULL);
 }
